@@ -1,0 +1,62 @@
+"""``configure()`` and ``shutdown()`` for apps launched without ``opentelemetry-instrument``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+
+from opentelemetry.instrumentation.environment_variables import OTEL_PYTHON_DISABLED_INSTRUMENTATIONS
+
+from . import _sdk
+
+_log = logging.getLogger("cfk_otel")
+
+
+def configure() -> None:
+    """Set up traces, metrics and logs from the environment, once per process.
+
+    A second call is a no-op (logged at debug level). Raises
+    :class:`~cfk_otel.ConfigurationError` only when ``CFK_OTEL_STRICT=true`` and a
+    variable is invalid.
+
+    >>> import cfk_otel
+    >>> cfk_otel.configure()  # doctest: +SKIP
+    """
+    from ._distro import CfkConfigurator  # noqa: PLC0415  (keeps `import cfk_otel` light)
+
+    if _sdk.STATE.started or _sdk.STATE.deferred:
+        _log.debug("cfk_otel.configure() was already called; ignoring")
+        return
+    _sdk.prepare()  # raises ConfigurationError here, in strict mode, rather than exiting
+    _sdk.STATE.configurator_selected = True
+    CfkConfigurator().configure()
+    _instrument_libraries()
+
+
+def _instrument_libraries() -> None:
+    # The instrumentations opentelemetry-instrument would load for this service.
+    disabled = {n.strip() for n in os.environ.get(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS, "").split(",")}
+    candidates = (
+        ("asyncpg", "asyncpg", "opentelemetry.instrumentation.asyncpg", "AsyncPGInstrumentor"),
+        ("redis", "redis", "opentelemetry.instrumentation.redis", "RedisInstrumentor"),
+        ("cfk_uvicorn", "uvicorn", "cfk_otel._uvicorn", "UvicornInstrumentor"),
+    )
+    for name, library, module, cls in candidates:
+        if name in disabled or "*" in disabled or importlib.util.find_spec(library) is None:
+            continue
+        try:
+            instrumentor = getattr(importlib.import_module(module), cls)()
+            if not instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.instrument()
+        except Exception:
+            _log.warning("cfk_otel: could not instrument %s", library, exc_info=True)
+
+
+def shutdown(timeout: float | None = None) -> bool:
+    """Flush and stop telemetry within ``timeout`` seconds (default ``CFK_OTEL_SHUTDOWN_TIMEOUT``).
+
+    Returns True when everything was flushed in time. Also runs at interpreter exit.
+    """
+    return _sdk.shutdown(timeout)

@@ -1,0 +1,165 @@
+"""The ASGI middleware: one server span and two metric records per request.
+
+Pure ASGI and deliberately lean (it runs on every request): one span per request
+rather than one per ``send``/``receive`` message, attributes set once at the end, the
+route template resolved from what the framework's router left in the scope.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+from opentelemetry import context, metrics, propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ._routes import UNMATCHED, RouteResolver
+from ._version import __version__
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Seconds; includes the thresholds the alerts and dashboards use (0.1, 0.5, 1, 2).
+DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
+    """Reads propagation headers straight from the ASGI header list."""
+
+    def get(self, carrier: list[tuple[bytes, bytes]], key: str) -> list[str] | None:
+        wanted = key.encode("latin-1")
+        values = [v.decode("latin-1") for k, v in carrier if k == wanted]
+        return values or None
+
+    def keys(self, carrier: list[tuple[bytes, bytes]]) -> list[str]:
+        return [k.decode("latin-1") for k, _ in carrier]
+
+
+_GETTER: Final = _HeaderGetter()
+
+
+class TelemetryMiddleware:
+    """Wraps an ASGI app with a server span and the request metrics.
+
+    >>> app = TelemetryMiddleware(my_starlette_app)  # doctest: +SKIP
+
+    Lifespan and other non-HTTP scopes pass through untouched. The providers default to
+    the global ones that :func:`cfk_otel.configure` (or ``opentelemetry-instrument``) set.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self.app = app
+        self._routes = RouteResolver(app)
+        self._tracer = trace.get_tracer("cfk_otel", __version__, tracer_provider)
+        meter = metrics.get_meter("cfk_otel", __version__, meter_provider)
+        self._requests = meter.create_counter(
+            "http_requests_total", unit="1", description="Total HTTP requests by method, path, status"
+        )
+        self._duration = meter.create_histogram(
+            "http_request_duration_seconds",
+            unit="s",
+            description="Request duration by method, path",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":  # noqa: PLR1714  (cheaper than a set here)
+            await self.app(scope, receive, send)
+            return
+
+        start = time.perf_counter()
+        method = scope.get("method", "GET") if kind == "http" else "GET"
+        method = method if method in _METHODS else "_OTHER"
+        root_path = scope.get("root_path", "")
+        parent = propagate.extract(scope.get("headers") or [], getter=_GETTER)
+        span = self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+        token = context.attach(trace.set_span_in_context(span, parent))
+        status = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            mtype = message["type"]
+            if mtype == "http.response.start":
+                status = message["status"]
+            elif mtype == "websocket.accept":
+                status = 101
+            elif mtype == "websocket.close" and not status:
+                status = 403
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            if not status:
+                status = 500
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            route = self._routes.template(scope, root_path, status)
+            self._finish(span, scope, kind, method, route, status, error)
+            context.detach(token)
+            if kind == "http":
+                labels = {"method": method, "path": route, "status": str(status)}
+                self._requests.add(1, labels)
+                self._duration.record(elapsed, {"method": method, "path": route})
+
+    @staticmethod
+    def _finish(
+        span: trace.Span,
+        scope: Scope,
+        kind: str,
+        method: str,
+        route: str,
+        status: int,
+        error: BaseException | None,
+    ) -> None:
+        if not span.is_recording():
+            span.end()
+            return
+        if route != UNMATCHED:
+            span.update_name(f"{method} {route}" if kind == "http" else f"WEBSOCKET {route}")
+            span.set_attribute("http.route", route)
+        server = scope.get("server")
+        client = scope.get("client")
+        attributes: dict[str, Any] = {
+            "http.request.method": method,
+            "url.path": scope.get("path", ""),
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
+        }
+        if status:
+            attributes["http.response.status_code"] = status
+        if server:
+            attributes["server.address"] = server[0]
+            if server[1] is not None:
+                attributes["server.port"] = server[1]
+        if client:
+            attributes["client.address"] = client[0]
+        for key, value in scope.get("headers") or ():
+            if key == b"user-agent":
+                attributes["user_agent.original"] = value.decode("latin-1")
+                break
+        span.set_attributes(attributes)
+        if error is not None:
+            span.record_exception(error)
+            span.set_attribute("error.type", type(error).__qualname__)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+        elif status >= 500:
+            span.set_attribute("error.type", str(status))
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()

@@ -1,0 +1,72 @@
+"""The entry points ``opentelemetry-instrument`` loads: distro, configurator, selection check."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from opentelemetry.instrumentation.distro import BaseDistro
+from opentelemetry.instrumentation.environment_variables import OTEL_PYTHON_CONFIGURATOR, OTEL_PYTHON_DISTRO
+from opentelemetry.sdk._configuration import _OTelSDKConfigurator
+
+from . import _sdk
+from ._settings import ConfigurationError
+
+NAME = "cfk_otel"
+
+
+class CfkDistro(BaseDistro):  # type: ignore[misc]
+    """Sets the defaults our configurator and the SDK read, before either runs."""
+
+    def _configure(self, **kwargs: Any) -> None:
+        _sdk.STATE.distro_selected = True
+        # With another configurator installed, the first one found would win; ours must.
+        os.environ.setdefault(OTEL_PYTHON_CONFIGURATOR, NAME)
+        try:
+            _sdk.prepare()
+        except ConfigurationError:
+            pass  # the configurator reports it and stops the process
+
+
+class CfkConfigurator(_OTelSDKConfigurator):  # type: ignore[misc]
+    """Builds the SDK through the standard configurator, with our resource."""
+
+    def _configure(self, **kwargs: Any) -> None:
+        _sdk.STATE.configurator_selected = True
+        parent = super()._configure
+
+        def initialize(resource_attributes: dict[str, Any]) -> None:
+            parent(**kwargs, resource_attributes=resource_attributes)
+
+        try:
+            _sdk.start(initialize)
+        except ConfigurationError as exc:
+            _refuse_to_start(str(exc))
+
+
+def check_selected() -> None:
+    """``opentelemetry_post_instrument`` hook: say so when another distro took over."""
+    state = _sdk.STATE
+    if state.distro_selected and state.configurator_selected:
+        return
+    missing = [
+        f"{var}={NAME}"
+        for var, ok in ((OTEL_PYTHON_DISTRO, state.distro_selected), (OTEL_PYTHON_CONFIGURATOR, state.configurator_selected))
+        if not ok
+    ]
+    message = (
+        "cfk_otel: another OpenTelemetry distro or configurator was loaded instead of cfk_otel; "
+        f"set {' and '.join(missing)} to select it"
+    )
+    if _sdk.settings().strict:
+        _refuse_to_start(message)
+    print(message, file=sys.stderr, flush=True)
+
+
+def _refuse_to_start(message: str) -> None:
+    # This runs inside ``sitecustomize``: an exception would be swallowed by
+    # opentelemetry-instrument (starting the app without telemetry) or turn into a
+    # "Fatal Python error" traceback. Strict mode means a clean, explained exit.
+    print(message, file=sys.stderr, flush=True)
+    os._exit(78)  # EX_CONFIG

@@ -1,0 +1,191 @@
+"""The process-wide telemetry state: set up once, shut down within a bound.
+
+``opentelemetry-instrument`` reaches :func:`start` through our configurator;
+``cfk_otel.configure()`` reaches it directly. Either way the SDK's own
+``_OTelSDKConfigurator`` builds the providers (so ``OTEL_CONFIG_FILE`` and the rest of
+the standard variables keep working) and this module keeps the handles.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import _logs, metrics, trace
+from opentelemetry.environment_variables import (
+    OTEL_LOGS_EXPORTER,
+    OTEL_METRICS_EXPORTER,
+    OTEL_TRACES_EXPORTER,
+)
+
+from . import _settings
+from ._logs import LEVELS, OtlpHandler
+from ._resource import build_attributes
+
+_log = logging.getLogger("cfk_otel")
+
+
+@dataclass
+class _State:
+    settings: _settings.Settings | None = None
+    started: bool = False
+    deferred: bool = False
+    shut_down: bool = False
+    distro_selected: bool = False
+    configurator_selected: bool = False
+    resource_attributes: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+STATE = _State()
+
+
+def settings() -> _settings.Settings:
+    """The settings of this process, parsed on first use (never raises)."""
+    if STATE.settings is None:
+        try:
+            return prepare()
+        except _settings.ConfigurationError as exc:
+            return dataclasses.replace(_settings.load({}), problems=tuple(exc.problems))
+    return STATE.settings
+
+
+def prepare() -> _settings.Settings:
+    """Parse the environment and leave it as the SDK must read it. Runs once.
+
+    Each rejected variable gets one line on stderr and is removed, so that the
+    OpenTelemetry SDK, which reads several of them itself, falls back to the same
+    documented default, and workers that inherit the environment do not report it again.
+    The exporter variables get our defaults (the SDK's own default is no exporter).
+    """
+    if STATE.settings is not None:
+        return STATE.settings
+    current = _settings.load()  # raises ConfigurationError in strict mode
+    STATE.settings = current
+    for problem in current.problems:
+        print(problem, file=sys.stderr, flush=True)
+        os.environ.pop(problem.variable, None)
+    for variable, names in (
+        (OTEL_TRACES_EXPORTER, current.traces_exporters),
+        (OTEL_METRICS_EXPORTER, current.metrics_exporters),
+        (OTEL_LOGS_EXPORTER, current.logs_exporters),
+    ):
+        os.environ.setdefault(variable, ",".join(names) or "none")
+    return current
+
+
+def _defer_to_fork(current: _settings.Settings) -> bool:
+    """Whether to wait for the worker fork before starting exporters and their threads.
+
+    gunicorn imports the app in forked workers: exporters and their threads (and gRPC
+    channels, which do not survive a fork) must be created there, each worker with its
+    own ``service.instance.id``.
+    """
+    if current.defer_init == "true":
+        return True
+    if current.defer_init == "false":
+        return False
+    return os.path.basename(sys.argv[0]).startswith("gunicorn") if sys.argv else False
+
+
+def start(initialize: Callable[[dict[str, Any]], None]) -> None:
+    """Run the SDK set-up once for this process.
+
+    ``initialize`` receives the resource attributes and builds the providers (the SDK
+    configurator's ``_configure``). Raises ``ConfigurationError`` in strict mode.
+    """
+    with STATE.lock:
+        if STATE.started or STATE.deferred:
+            _log.debug("cfk_otel is already configured; ignoring the second call")
+            return
+        current = prepare()
+        if current.sdk_disabled:
+            STATE.started = True
+            return
+        if _defer_to_fork(current):
+            STATE.deferred = True
+            os.register_at_fork(after_in_child=lambda: _start_in_child(initialize))
+            return
+        _initialize(initialize, current)
+
+
+def _start_in_child(initialize: Callable[[dict[str, Any]], None]) -> None:
+    # Runs in the forked worker, before any request: the fresh lock, a new instance id.
+    STATE.lock = threading.Lock()
+    STATE.deferred = False
+    try:
+        _initialize(initialize, settings())
+    except Exception:  # never take a worker down because telemetry failed
+        _log.exception("cfk_otel: telemetry set-up failed in the worker; continuing without it")
+
+
+def _initialize(initialize: Callable[[dict[str, Any]], None], current: _settings.Settings) -> None:
+    STATE.resource_attributes = build_attributes(current)
+    initialize(dict(STATE.resource_attributes))
+    STATE.started = True
+    _attach_log_handler(current)
+    # atexit runs last-registered first, so this bounded shutdown runs before the SDK's own
+    # unbounded per-provider handlers, which then find nothing left to do.
+    atexit.register(shutdown)
+
+
+def _attach_log_handler(current: _settings.Settings) -> None:
+    root = logging.getLogger()
+    level = LEVELS[current.log_level]
+    root.setLevel(level)
+    if current.logs_exporters and not any(isinstance(h, OtlpHandler) for h in root.handlers):
+        root.addHandler(OtlpHandler(_logs.get_logger_provider(), level))
+
+
+def shutdown(timeout: float | None = None) -> bool:
+    """Flush and stop every provider, all within ``timeout`` seconds (default from settings).
+
+    Returns True when everything finished in time. Safe to call more than once.
+    """
+    with STATE.lock:
+        if STATE.shut_down or not STATE.started:
+            return True
+        STATE.shut_down = True
+    budget = settings().shutdown_timeout if timeout is None else timeout
+    deadline = time.monotonic() + budget
+    millis = int(budget * 1000)
+
+    def call(provider: object, *args: Any) -> Callable[[], None]:
+        method = getattr(provider, "shutdown", None)
+        return (lambda: method(*args)) if callable(method) else (lambda: None)
+
+    jobs = [
+        call(trace.get_tracer_provider()),
+        call(metrics.get_meter_provider(), millis),
+        call(_logs.get_logger_provider()),
+    ]
+    # Providers shut down in parallel daemon threads: a collector that is down costs the
+    # budget once, not once per signal, and an exporter stuck in a retry cannot hold the
+    # process past the deadline.
+    threads = [threading.Thread(target=_guarded(job), name="cfk-otel-shutdown", daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    finished = not any(t.is_alive() for t in threads)
+    if not finished:
+        _log.warning("cfk_otel: telemetry shutdown exceeded %.1fs; unsent data was dropped", budget)
+    return finished
+
+
+def _guarded(job: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            job()
+        except Exception:
+            _log.debug("cfk_otel: provider shutdown failed", exc_info=True)
+
+    return run

@@ -1,0 +1,524 @@
+"""Every environment variable cfk_otel reads, declared once and parsed once.
+
+Each :class:`Variable` carries its default, the values it accepts and one line of
+documentation; the README's table is checked against :data:`VARIABLES` by the test
+suite, and ``cfk-otel env`` prints it.
+
+A bad value never stops the app unless ``CFK_OTEL_STRICT=true``: :func:`load` returns
+the problems next to settings that use the documented default instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
+from urllib.parse import unquote, urlsplit
+
+T = TypeVar("T")
+
+LOG_LEVELS: Final = ("debug", "info", "warn", "error", "fatal")
+LOG_FORMATS: Final = ("json", "pretty")
+OTLP_PROTOCOLS: Final = ("grpc", "http/protobuf")
+EXPORTERS: Final = ("otlp", "console", "none")
+SAMPLERS: Final = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+_TRUE: Final = frozenset({"true", "1", "yes", "on"})
+_FALSE: Final = frozenset({"false", "0", "no", "off", ""})
+
+
+class InvalidValue(ValueError):
+    """Raised by a parser; the message says what is accepted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variable(Generic[T]):
+    """One environment variable: its name, default, accepted values and meaning."""
+
+    name: str
+    default: T
+    parse: Callable[[str], T]
+    accepted: str
+    doc: str
+    secret: bool = False
+
+    def default_text(self) -> str:
+        if self.default is None or self.default == "":
+            return "(unset)"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        if isinstance(self.default, tuple):
+            return ",".join(self.default)
+        return str(self.default)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A variable whose value was rejected."""
+
+    variable: str
+    value: str
+    accepted: str
+    default: str
+
+    @property
+    def reason(self) -> str:
+        return f"{self.variable}={self.value!r} is not valid (accepted: {self.accepted})"
+
+    def __str__(self) -> str:
+        return f"cfk_otel: {self.reason}; using the default {self.default}"
+
+
+class ConfigurationError(RuntimeError):
+    """Raised by :func:`load` in strict mode when any variable is invalid."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p.reason}" for p in problems)
+        super().__init__(f"cfk_otel refuses to start (CFK_OTEL_STRICT=true):\n{lines}")
+
+
+# --- parsers ---------------------------------------------------------------------------
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _optional_text(value: str) -> str | None:
+    return value.strip() or None
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise InvalidValue
+
+
+def _choice(*choices: str, aliases: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    table = {c: c for c in choices} | dict(aliases or {})
+
+    def parse(value: str) -> str:
+        try:
+            return table[value.strip().lower()]
+        except KeyError:
+            raise InvalidValue from None
+
+    return parse
+
+
+def _exporters(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
+    if not names or any(n not in EXPORTERS for n in names):
+        raise InvalidValue
+    if "none" in names and len(names) > 1:
+        raise InvalidValue
+    return () if names == ("none",) else names
+
+
+def _rate(value: str) -> float | None:
+    if not value.strip():
+        return None
+    try:
+        rate = float(value)
+    except ValueError:
+        raise InvalidValue from None
+    if not 0.0 <= rate <= 1.0:
+        raise InvalidValue
+    return rate
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise InvalidValue from None
+        if not (math.isfinite(seconds) and low < seconds <= high):
+            raise InvalidValue
+        return seconds
+
+    return parse
+
+
+def _url(value: str) -> str | None:
+    v = value.strip()
+    if not v:
+        return None
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        raise InvalidValue from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidValue
+    return v
+
+
+def _dsn(value: str) -> str | None:
+    v = value.strip()
+    if not v:
+        return None
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not parts.username:
+        raise InvalidValue
+    if not parts.path.strip("/"):
+        raise InvalidValue
+    return v
+
+
+# --- the declaration --------------------------------------------------------------------
+
+SERVICE_NAME = Variable(
+    "SERVICE_NAME", "cf-kanban", _text, "any text", "Service name for traces, metrics and logs."
+)
+OTEL_SERVICE_NAME = Variable(
+    "OTEL_SERVICE_NAME",
+    "",
+    _text,
+    "any text",
+    "Standard name of the service; wins over SERVICE_NAME when both are set.",
+)
+SERVICE_VERSION = Variable(
+    "SERVICE_VERSION",
+    "",
+    _text,
+    "any text",
+    "Service version; defaults to the part after '@' in SENTRY_RELEASE, else 'unknown'.",
+)
+SERVICE_ENVIRONMENT = Variable(
+    "SERVICE_ENVIRONMENT",
+    "",
+    _text,
+    "any text",
+    "Deployment environment; defaults to SENTRY_ENVIRONMENT, then DD_ENV, then 'production'.",
+)
+LOG_LEVEL = Variable(
+    "LOG_LEVEL",
+    "info",
+    _choice(*LOG_LEVELS, aliases={"warning": "warn", "critical": "fatal"}),
+    "debug, info, warn, error, fatal",
+    "Lowest level written.",
+)
+LOG_FORMAT = Variable(
+    "LOG_FORMAT", "json", _choice(*LOG_FORMATS), "json, pretty", "json for aggregation, pretty for a terminal."
+)
+SENTRY_DSN = Variable(
+    "SENTRY_DSN",
+    None,
+    _dsn,
+    "a Sentry DSN (https://KEY@HOST/PROJECT)",
+    "Sentry project DSN; unset means nothing is sent to Sentry.",
+    secret=True,
+)
+SENTRY_ENVIRONMENT = Variable(
+    "SENTRY_ENVIRONMENT", "", _text, "any text", "Sentry environment; defaults to the service environment."
+)
+SENTRY_RELEASE = Variable(
+    "SENTRY_RELEASE", "", _text, "any text", "Sentry release, e.g. cf-kanban@1.0.0."
+)
+SENTRY_TRACES_SAMPLE_RATE = Variable(
+    "SENTRY_TRACES_SAMPLE_RATE",
+    None,
+    _rate,
+    "a number from 0 to 1",
+    "Share of transactions Sentry keeps.",
+)
+SENTRY_PROFILES_SAMPLE_RATE = Variable(
+    "SENTRY_PROFILES_SAMPLE_RATE",
+    None,
+    _rate,
+    "a number from 0 to 1",
+    "Share of sampled transactions Sentry profiles.",
+)
+OTEL_SDK_DISABLED = Variable(
+    "OTEL_SDK_DISABLED", False, _bool, "true, false", "Turns all telemetry off."
+)
+OTEL_EXPORTER_OTLP_ENDPOINT = Variable(
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    None,
+    _url,
+    "an http:// or https:// URL",
+    "Collector address (default http://localhost:4317 for grpc, :4318 for http/protobuf).",
+)
+OTEL_EXPORTER_OTLP_PROTOCOL = Variable(
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "grpc",
+    _choice(*OTLP_PROTOCOLS),
+    "grpc, http/protobuf",
+    "OTLP transport for all three signals.",
+)
+OTEL_EXPORTER_OTLP_HEADERS = Variable(
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "",
+    _text,
+    "key=value pairs separated by commas",
+    "Extra headers sent with every OTLP request (e.g. authorization).",
+    secret=True,
+)
+OTEL_TRACES_EXPORTER = Variable(
+    "OTEL_TRACES_EXPORTER",
+    ("otlp",),
+    _exporters,
+    "otlp, console, none (comma-separated)",
+    "Where spans go.",
+)
+OTEL_METRICS_EXPORTER = Variable(
+    "OTEL_METRICS_EXPORTER",
+    ("otlp",),
+    _exporters,
+    "otlp, console, none (comma-separated)",
+    "Where metrics are pushed (the /api/metrics scrape endpoint is separate).",
+)
+OTEL_LOGS_EXPORTER = Variable(
+    "OTEL_LOGS_EXPORTER",
+    ("otlp",),
+    _exporters,
+    "otlp, console, none (comma-separated)",
+    "Where log records are pushed.",
+)
+OTEL_TRACES_SAMPLER = Variable(
+    "OTEL_TRACES_SAMPLER",
+    "parentbased_always_on",
+    _choice(*SAMPLERS),
+    ", ".join(SAMPLERS),
+    "Head sampler for traces.",
+)
+OTEL_TRACES_SAMPLER_ARG = Variable(
+    "OTEL_TRACES_SAMPLER_ARG",
+    None,
+    _rate,
+    "a number from 0 to 1",
+    "Ratio for the traceidratio samplers.",
+)
+OTEL_RESOURCE_ATTRIBUTES = Variable(
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "",
+    _text,
+    "key=value pairs separated by commas",
+    "Extra resource attributes; the explicit variables above win over the same key here.",
+)
+OTEL_PYTHON_DISABLED_INSTRUMENTATIONS = Variable(
+    "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",
+    "",
+    _text,
+    "instrumentation names separated by commas (cfk_uvicorn, asyncpg, redis, ...)",
+    "Instrumentations opentelemetry-instrument must not load.",
+)
+CFK_OTEL_STRICT = Variable(
+    "CFK_OTEL_STRICT",
+    False,
+    _bool,
+    "true, false",
+    "Refuse to start when any variable here is invalid, instead of using its default.",
+)
+CFK_OTEL_SHUTDOWN_TIMEOUT = Variable(
+    "CFK_OTEL_SHUTDOWN_TIMEOUT",
+    3.0,
+    _seconds(0.0, 30.0),
+    "seconds, more than 0 and at most 30",
+    "Upper bound on flushing telemetry at exit, for all signals together.",
+)
+CFK_OTEL_DEFER_INIT = Variable(
+    "CFK_OTEL_DEFER_INIT",
+    "auto",
+    _choice("auto", "true", "false"),
+    "auto, true, false",
+    "Start the SDK in each forked worker instead of the parent (auto: under gunicorn).",
+)
+K8S_POD_NAME = Variable(
+    "K8S_POD_NAME", "", _text, "any text", "Pod name from the downward API (resource k8s.pod.name)."
+)
+K8S_POD_UID = Variable(
+    "K8S_POD_UID", "", _text, "any text", "Pod UID from the downward API (resource k8s.pod.uid)."
+)
+K8S_NAMESPACE_NAME = Variable(
+    "K8S_NAMESPACE_NAME", "", _text, "any text", "Namespace from the downward API (k8s.namespace.name)."
+)
+K8S_NODE_NAME = Variable(
+    "K8S_NODE_NAME", "", _text, "any text", "Node name from the downward API (resource k8s.node.name)."
+)
+DD_ENV = Variable("DD_ENV", "", _text, "any text", "Datadog's environment tag; a fallback for the environment.")
+
+VARIABLES: Final[tuple[Variable[Any], ...]] = (
+    SERVICE_NAME,
+    OTEL_SERVICE_NAME,
+    SERVICE_VERSION,
+    SERVICE_ENVIRONMENT,
+    LOG_LEVEL,
+    LOG_FORMAT,
+    SENTRY_DSN,
+    SENTRY_ENVIRONMENT,
+    SENTRY_RELEASE,
+    SENTRY_TRACES_SAMPLE_RATE,
+    SENTRY_PROFILES_SAMPLE_RATE,
+    OTEL_SDK_DISABLED,
+    OTEL_EXPORTER_OTLP_ENDPOINT,
+    OTEL_EXPORTER_OTLP_PROTOCOL,
+    OTEL_EXPORTER_OTLP_HEADERS,
+    OTEL_TRACES_EXPORTER,
+    OTEL_METRICS_EXPORTER,
+    OTEL_LOGS_EXPORTER,
+    OTEL_TRACES_SAMPLER,
+    OTEL_TRACES_SAMPLER_ARG,
+    OTEL_RESOURCE_ATTRIBUTES,
+    OTEL_PYTHON_DISABLED_INSTRUMENTATIONS,
+    CFK_OTEL_STRICT,
+    CFK_OTEL_SHUTDOWN_TIMEOUT,
+    CFK_OTEL_DEFER_INIT,
+    K8S_POD_NAME,
+    K8S_POD_UID,
+    K8S_NAMESPACE_NAME,
+    K8S_NODE_NAME,
+    DD_ENV,
+)
+
+# Per-signal protocol overrides the SDK honours; validated like the shared one.
+_SIGNAL_PROTOCOLS: Final = tuple(
+    Variable(
+        f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL",
+        "",
+        _choice(*OTLP_PROTOCOLS),
+        "grpc, http/protobuf",
+        f"OTLP transport for {signal.lower()} only.",
+    )
+    for signal in ("TRACES", "METRICS", "LOGS")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The parsed environment. Build it with :func:`load`."""
+
+    service_name: str
+    service_version: str
+    environment: str
+    log_level: str
+    log_format: str
+    sentry_dsn: str | None
+    sentry_environment: str
+    sentry_release: str | None
+    sentry_traces_sample_rate: float | None
+    sentry_profiles_sample_rate: float | None
+    sdk_disabled: bool
+    otlp_endpoint: str | None
+    otlp_protocol: str
+    traces_exporters: tuple[str, ...]
+    metrics_exporters: tuple[str, ...]
+    logs_exporters: tuple[str, ...]
+    sampler: str
+    sampler_arg: float | None
+    strict: bool
+    shutdown_timeout: float
+    defer_init: str
+    k8s_pod_name: str
+    k8s_pod_uid: str
+    k8s_namespace: str
+    k8s_node_name: str
+    problems: tuple[Problem, ...] = field(default=())
+
+
+def _resource_attributes(value: str) -> dict[str, str]:
+    """``OTEL_RESOURCE_ATTRIBUTES`` as the SDK reads it (percent-decoded key=value pairs)."""
+    pairs = (item.split("=", 1) for item in value.split(",") if "=" in item)
+    return {unquote(k).strip(): unquote(v).strip() for k, v in pairs}
+
+
+def _read(var: Variable[T], env: Mapping[str, str], problems: list[Problem]) -> T:
+    raw = env.get(var.name)
+    if raw is None:
+        return var.default
+    try:
+        return var.parse(raw)
+    except InvalidValue:
+        shown = "<redacted>" if var.secret else raw
+        problems.append(Problem(var.name, shown, var.accepted, var.default_text()))
+        return var.default
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Parse ``env`` (default: ``os.environ``) into :class:`Settings`.
+
+    Invalid values become their defaults and are listed in ``Settings.problems``;
+    with ``CFK_OTEL_STRICT=true`` they raise :class:`ConfigurationError` instead.
+
+    >>> load({"LOG_LEVEL": "warning"}).log_level
+    'warn'
+    """
+    env = os.environ if env is None else env
+    problems: list[Problem] = []
+
+    def read(var: Variable[T]) -> T:
+        return _read(var, env, problems)
+
+    resource = _resource_attributes(read(OTEL_RESOURCE_ATTRIBUTES))
+    service_name = (
+        read(OTEL_SERVICE_NAME) or read(SERVICE_NAME) or resource.get("service.name") or SERVICE_NAME.default
+    )
+    sentry_release = read(SENTRY_RELEASE) or None
+    version = read(SERVICE_VERSION) or resource.get("service.version", "")
+    if not version and sentry_release and "@" in sentry_release:
+        version = sentry_release.rsplit("@", 1)[1]
+    environment = (
+        read(SERVICE_ENVIRONMENT)
+        or resource.get("deployment.environment.name")
+        or read(SENTRY_ENVIRONMENT)
+        or read(DD_ENV)
+        or "production"
+    )
+
+    sampler = read(OTEL_TRACES_SAMPLER)
+    sampler_arg = read(OTEL_TRACES_SAMPLER_ARG)
+    for var in _SIGNAL_PROTOCOLS:
+        read(var)
+
+    settings = Settings(
+        service_name=service_name,
+        service_version=version or "unknown",
+        environment=environment,
+        log_level=read(LOG_LEVEL),
+        log_format=read(LOG_FORMAT),
+        sentry_dsn=read(SENTRY_DSN),
+        sentry_environment=read(SENTRY_ENVIRONMENT) or environment,
+        sentry_release=sentry_release,
+        sentry_traces_sample_rate=read(SENTRY_TRACES_SAMPLE_RATE),
+        sentry_profiles_sample_rate=read(SENTRY_PROFILES_SAMPLE_RATE),
+        sdk_disabled=read(OTEL_SDK_DISABLED),
+        otlp_endpoint=read(OTEL_EXPORTER_OTLP_ENDPOINT),
+        otlp_protocol=read(OTEL_EXPORTER_OTLP_PROTOCOL),
+        traces_exporters=read(OTEL_TRACES_EXPORTER),
+        metrics_exporters=read(OTEL_METRICS_EXPORTER),
+        logs_exporters=read(OTEL_LOGS_EXPORTER),
+        sampler=sampler,
+        sampler_arg=sampler_arg,
+        strict=read(CFK_OTEL_STRICT),
+        shutdown_timeout=read(CFK_OTEL_SHUTDOWN_TIMEOUT),
+        defer_init=read(CFK_OTEL_DEFER_INIT),
+        k8s_pod_name=read(K8S_POD_NAME),
+        k8s_pod_uid=read(K8S_POD_UID),
+        k8s_namespace=read(K8S_NAMESPACE_NAME),
+        k8s_node_name=read(K8S_NODE_NAME),
+        problems=tuple(problems),
+    )
+    if problems and settings.strict:
+        raise ConfigurationError(problems)
+    return settings
+
+
+def markdown_table() -> str:
+    """The README's table of variables, generated from :data:`VARIABLES`."""
+    rows = ["| Variable | Default | Accepted | Meaning |", "|---|---|---|---|"]
+    for var in VARIABLES:
+        rows.append(f"| `{var.name}` | `{var.default_text()}` | {var.accepted} | {var.doc} |")
+    return "\n".join(rows)

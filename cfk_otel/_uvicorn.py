@@ -1,0 +1,83 @@
+"""Zero-code ASGI: wrap the application uvicorn loads, in every worker it starts.
+
+uvicorn's ``Config.load`` imports the app (also under gunicorn's ``UvicornWorker`` and
+in each ``--workers`` process), so wrapping its result covers every launch style
+without touching the app. ``Server.shutdown`` is wrapped too: after a SIGTERM uvicorn
+re-raises the signal once it has stopped, which ends the process without running
+``atexit`` handlers, so telemetry is flushed (within its bound) right there.
+
+Disable with ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=cfk_uvicorn``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+from . import _sdk
+from ._asgi import TelemetryMiddleware
+
+_log = logging.getLogger("cfk_otel")
+_ORIGINAL = "_cfk_original"
+
+
+def _wrap_load(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(original)
+    def load(config: Any) -> None:
+        original(config)
+        try:
+            if not isinstance(config.loaded_app, TelemetryMiddleware):
+                config.loaded_app = TelemetryMiddleware(config.loaded_app)
+        except Exception:  # the app must start even if wrapping fails
+            _log.exception("cfk_otel: could not wrap the ASGI app; serving it without telemetry")
+
+    return load
+
+
+def _wrap_shutdown(
+    original: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    @functools.wraps(original)
+    async def shutdown(server: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            await original(server, *args, **kwargs)
+        finally:
+            await asyncio.to_thread(_sdk.shutdown)
+
+    return shutdown
+
+
+_PATCHES = (("uvicorn.config", "Config", "load", _wrap_load), ("uvicorn.server", "Server", "shutdown", _wrap_shutdown))
+
+
+class UvicornInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Patches uvicorn's ``Config.load`` and ``Server.shutdown``."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("uvicorn >= 0.30",)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        import importlib  # noqa: PLC0415
+
+        for module, cls_name, method, wrap in _PATCHES:
+            cls = getattr(importlib.import_module(module), cls_name)
+            if _ORIGINAL + method in cls.__dict__:
+                continue
+            original = cls.__dict__[method]
+            setattr(cls, _ORIGINAL + method, original)
+            setattr(cls, method, wrap(original))
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        import importlib  # noqa: PLC0415
+
+        for module, cls_name, method, _ in _PATCHES:
+            cls = getattr(importlib.import_module(module), cls_name)
+            original = cls.__dict__.get(_ORIGINAL + method)
+            if original is not None:
+                setattr(cls, method, original)
+                delattr(cls, _ORIGINAL + method)

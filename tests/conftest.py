@@ -1,0 +1,160 @@
+"""Shared fixtures: real services, an OTLP receiver, and apps launched as a user would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cfk_otel.testing import OtlpReceiver
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+BIN = Path(sys.executable).parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    """A missing service fails the run in CI and skips the test on a developer's machine."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: missing services are failures)")
+    pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class Services:
+    database_url: str
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+def services() -> Services:
+    """PostgreSQL and Redis from Debian's packages, started on loopback by scripts/services."""
+    try:
+        out = subprocess.run(
+            [str(ROOT / "scripts" / "services"), "start"], capture_output=True, text=True, timeout=300, check=True
+        ).stdout
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        unavailable(f"PostgreSQL/Redis could not be started: {exc}")
+    values = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if "=" in line)
+    return Services(values["DATABASE_URL"], values["REDIS_URL"])
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as r:
+        yield r
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningApp:
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+    exited_in: float | None = field(default=None)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 15.0) -> float:
+        """SIGTERM, then wait; returns the seconds it took to exit."""
+        if self.process.poll() is None:
+            start = time.monotonic()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"app did not exit within {timeout}s of SIGTERM\n{self.output()}") from None
+            self.exited_in = time.monotonic() - start
+        return self.exited_in or 0.0
+
+
+def launch(
+    tmp_path: Path,
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    wait_path: str = "/hello",
+    ready_timeout: float = 30.0,
+) -> RunningApp:
+    """Start ``command`` (already including the port) and wait until it serves ``wait_path``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SENTRY_", "CFK_OTEL"))}
+    full_env.update(
+        {
+            "PYTHONPATH": str(APPS),
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_BLRP_SCHEDULE_DELAY": "200",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            "PYTHONWARNINGS": "ignore::DeprecationWarning",
+        }
+    )
+    full_env.update(env)
+    log_path = tmp_path / f"app-{port}.log"
+    with log_path.open("w") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=APPS)
+    app = RunningApp(process, port, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"app exited with {process.returncode} before serving:\n{app.output()}")
+        try:
+            with urllib.request.urlopen(app.url + wait_path, timeout=1):
+                return app
+        except urllib.error.HTTPError:
+            return app
+        except OSError:
+            time.sleep(0.1)
+    app.terminate()
+    raise AssertionError(f"app did not serve {wait_path} within {ready_timeout}s:\n{app.output()}")
+
+
+def uvicorn_command(target: str, port: int, *extra: str, instrument: bool = True) -> list[str]:
+    base = [str(BIN / "opentelemetry-instrument")] if instrument else []
+    return [*base, str(BIN / "uvicorn"), target, "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+@pytest.fixture
+def run_app(tmp_path: Path) -> Iterator[object]:
+    """Launch apps; every app still running at the end of the test is terminated."""
+    started: list[RunningApp] = []
+
+    def start(command: list[str], env: dict[str, str], port: int, **kwargs: object) -> RunningApp:
+        app = launch(tmp_path, command, env, port, **kwargs)  # type: ignore[arg-type]
+        started.append(app)
+        return app
+
+    yield start
+    for app in started:
+        if app.process.poll() is None:
+            app.process.kill()
+            app.process.wait()
