@@ -31,7 +31,7 @@ def configure() -> None:
         return
     _sdk.prepare()  # raises ConfigurationError here, in strict mode, rather than exiting
     _sdk.STATE.configurator_selected = True
-    CfkConfigurator().configure()
+    CfkConfigurator().configure()  # type: ignore[no-untyped-call]
     _instrument_libraries()
 
 

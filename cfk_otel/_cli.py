@@ -71,7 +71,9 @@ def doctor(env: Mapping[str, str], timeout: float = 2.0) -> int:
 
     if settings.sdk_disabled:
         print("telemetry is disabled (OTEL_SDK_DISABLED=true)")
-    elif any("otlp" in e for e in (settings.traces_exporters, settings.metrics_exporters, settings.logs_exporters)):
+    elif any(
+        "otlp" in e for e in (settings.traces_exporters, settings.metrics_exporters, settings.logs_exporters)
+    ):
         failure = _check_endpoint(settings, timeout)
         if failure:
             problems.append(failure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any
@@ -23,13 +24,11 @@ class CfkDistro(BaseDistro):  # type: ignore[misc]
         _sdk.STATE.distro_selected = True
         # With another configurator installed, the first one found would win; ours must.
         os.environ.setdefault(OTEL_PYTHON_CONFIGURATOR, NAME)
-        try:
+        with contextlib.suppress(ConfigurationError):  # the configurator reports it and exits
             _sdk.prepare()
-        except ConfigurationError:
-            pass  # the configurator reports it and stops the process
 
 
-class CfkConfigurator(_OTelSDKConfigurator):  # type: ignore[misc]
+class CfkConfigurator(_OTelSDKConfigurator):
     """Builds the SDK through the standard configurator, with our resource."""
 
     def _configure(self, **kwargs: Any) -> None:
@@ -37,7 +36,7 @@ class CfkConfigurator(_OTelSDKConfigurator):  # type: ignore[misc]
         parent = super()._configure
 
         def initialize(resource_attributes: dict[str, Any]) -> None:
-            parent(**kwargs, resource_attributes=resource_attributes)
+            parent(**kwargs, resource_attributes=resource_attributes)  # type: ignore[no-untyped-call]
 
         try:
             _sdk.start(initialize)
@@ -52,7 +51,10 @@ def check_selected() -> None:
         return
     missing = [
         f"{var}={NAME}"
-        for var, ok in ((OTEL_PYTHON_DISTRO, state.distro_selected), (OTEL_PYTHON_CONFIGURATOR, state.configurator_selected))
+        for var, ok in (
+            (OTEL_PYTHON_DISTRO, state.distro_selected),
+            (OTEL_PYTHON_CONFIGURATOR, state.configurator_selected),
+        )
         if not ok
     ]
     message = (

@@ -23,7 +23,9 @@ from ._settings import Settings
 _CONTAINER_ID = re.compile(r"(?:^|[/:-])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
 
 
-def container_id(cgroup: Path = Path("/proc/self/cgroup"), mountinfo: Path = Path("/proc/self/mountinfo")) -> str:
+def container_id(
+    cgroup: Path = Path("/proc/self/cgroup"), mountinfo: Path = Path("/proc/self/mountinfo")
+) -> str:
     """The container id read from cgroup v1, else from cgroup v2's mount table; '' if none."""
     for path in (cgroup, mountinfo):
         try:

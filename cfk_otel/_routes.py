@@ -10,7 +10,7 @@ reach a label.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, Final
 
 UNMATCHED: Final = "unmatched"
@@ -61,7 +61,7 @@ class RouteResolver:
         # cannot be reused while the entry lives.
         self._cache: MutableMapping[tuple[int, str], tuple[object, str]] = {}
 
-    def template(self, scope: dict[str, Any], root_path: str, status: int) -> str:
+    def template(self, scope: Mapping[str, Any], root_path: str, status: int) -> str:
         route = scope.get("route")
         if route is None:
             return UNMATCHED

@@ -212,7 +212,11 @@ LOG_LEVEL = Variable(
     "Lowest level written.",
 )
 LOG_FORMAT = Variable(
-    "LOG_FORMAT", "json", _choice(*LOG_FORMATS), "json, pretty", "json for aggregation, pretty for a terminal."
+    "LOG_FORMAT",
+    "json",
+    _choice(*LOG_FORMATS),
+    "json, pretty",
+    "json for log aggregation, pretty for a terminal.",
 )
 SENTRY_DSN = Variable(
     "SENTRY_DSN",
@@ -225,9 +229,7 @@ SENTRY_DSN = Variable(
 SENTRY_ENVIRONMENT = Variable(
     "SENTRY_ENVIRONMENT", "", _text, "any text", "Sentry environment; defaults to the service environment."
 )
-SENTRY_RELEASE = Variable(
-    "SENTRY_RELEASE", "", _text, "any text", "Sentry release, e.g. cf-kanban@1.0.0."
-)
+SENTRY_RELEASE = Variable("SENTRY_RELEASE", "", _text, "any text", "Sentry release, e.g. cf-kanban@1.0.0.")
 SENTRY_TRACES_SAMPLE_RATE = Variable(
     "SENTRY_TRACES_SAMPLE_RATE",
     None,
@@ -242,9 +244,7 @@ SENTRY_PROFILES_SAMPLE_RATE = Variable(
     "a number from 0 to 1",
     "Share of sampled transactions Sentry profiles.",
 )
-OTEL_SDK_DISABLED = Variable(
-    "OTEL_SDK_DISABLED", False, _bool, "true, false", "Turns all telemetry off."
-)
+OTEL_SDK_DISABLED = Variable("OTEL_SDK_DISABLED", False, _bool, "true, false", "Turns all telemetry off.")
 OTEL_EXPORTER_OTLP_ENDPOINT = Variable(
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     None,
@@ -267,21 +267,21 @@ OTEL_EXPORTER_OTLP_HEADERS = Variable(
     "Extra headers sent with every OTLP request (e.g. authorization).",
     secret=True,
 )
-OTEL_TRACES_EXPORTER = Variable(
+OTEL_TRACES_EXPORTER: Variable[tuple[str, ...]] = Variable(
     "OTEL_TRACES_EXPORTER",
     ("otlp",),
     _exporters,
     "otlp, console, none (comma-separated)",
     "Where spans go.",
 )
-OTEL_METRICS_EXPORTER = Variable(
+OTEL_METRICS_EXPORTER: Variable[tuple[str, ...]] = Variable(
     "OTEL_METRICS_EXPORTER",
     ("otlp",),
     _exporters,
     "otlp, console, none (comma-separated)",
     "Where metrics are pushed (the /api/metrics scrape endpoint is separate).",
 )
-OTEL_LOGS_EXPORTER = Variable(
+OTEL_LOGS_EXPORTER: Variable[tuple[str, ...]] = Variable(
     "OTEL_LOGS_EXPORTER",
     ("otlp",),
     _exporters,
@@ -349,7 +349,9 @@ K8S_NAMESPACE_NAME = Variable(
 K8S_NODE_NAME = Variable(
     "K8S_NODE_NAME", "", _text, "any text", "Node name from the downward API (resource k8s.node.name)."
 )
-DD_ENV = Variable("DD_ENV", "", _text, "any text", "Datadog's environment tag; a fallback for the environment.")
+DD_ENV = Variable(
+    "DD_ENV", "", _text, "any text", "Datadog's environment tag; a fallback for the environment."
+)
 
 VARIABLES: Final[tuple[Variable[Any], ...]] = (
     SERVICE_NAME,

@@ -52,7 +52,10 @@ def _wrap_shutdown(
     return shutdown
 
 
-_PATCHES = (("uvicorn.config", "Config", "load", _wrap_load), ("uvicorn.server", "Server", "shutdown", _wrap_shutdown))
+_PATCHES = (
+    ("uvicorn.config", "Config", "load", _wrap_load),
+    ("uvicorn.server", "Server", "shutdown", _wrap_shutdown),
+)
 
 
 class UvicornInstrumentor(BaseInstrumentor):  # type: ignore[misc]

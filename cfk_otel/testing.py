@@ -217,27 +217,27 @@ class OtlpReceiver:
             return iter(list(self.spans))
 
 
-class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self._r = receiver
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802  (gRPC method name)
+    def Export(self, request: Any, context: Any) -> Any:
         return _grpc_export(self._r, request, context, trace_service_pb2.ExportTraceServiceResponse)
 
 
-class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):  # type: ignore[misc]
+class _MetricsServicer(metrics_service_pb2_grpc.MetricsServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self._r = receiver
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def Export(self, request: Any, context: Any) -> Any:
         return _grpc_export(self._r, request, context, metrics_service_pb2.ExportMetricsServiceResponse)
 
 
-class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):  # type: ignore[misc]
+class _LogsServicer(logs_service_pb2_grpc.LogsServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self._r = receiver
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def Export(self, request: Any, context: Any) -> Any:
         return _grpc_export(self._r, request, context, logs_service_pb2.ExportLogsServiceResponse)
 
 
@@ -249,7 +249,7 @@ def _grpc_export(receiver: OtlpReceiver, request: Any, context: Any, response: A
     return response()
 
 
-_HTTP_TYPES = {
+_HTTP_TYPES: dict[str, Any] = {
     "/v1/traces": trace_service_pb2.ExportTraceServiceRequest,
     "/v1/metrics": metrics_service_pb2.ExportMetricsServiceRequest,
     "/v1/logs": logs_service_pb2.ExportLogsServiceRequest,
@@ -258,7 +258,7 @@ _HTTP_TYPES = {
 
 def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802  (http.server's method name)
+        def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             kind = _HTTP_TYPES.get(self.path.split("?", 1)[0].rstrip("/").removeprefix("/otlp"))
@@ -282,15 +282,15 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                 self._reply(400)
                 return
             receiver._accept(request, {k.lower(): v for k, v in self.headers.items()})
-            self._reply(200, kind.__name__.replace("Request", "Response"))
+            self._reply(200)
 
-        def _reply(self, status: int, _response: str = "") -> None:
+        def _reply(self, status: int) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
     return Handler

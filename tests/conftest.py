@@ -42,7 +42,11 @@ def services() -> Services:
     """PostgreSQL and Redis from Debian's packages, started on loopback by scripts/services."""
     try:
         out = subprocess.run(
-            [str(ROOT / "scripts" / "services"), "start"], capture_output=True, text=True, timeout=300, check=True
+            [str(ROOT / "scripts" / "services"), "start"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
         ).stdout
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         unavailable(f"PostgreSQL/Redis could not be started: {exc}")
@@ -94,7 +98,9 @@ class RunningApp:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"app did not exit within {timeout}s of SIGTERM\n{self.output()}") from None
+                raise AssertionError(
+                    f"app did not exit within {timeout}s of SIGTERM\n{self.output()}"
+                ) from None
             self.exited_in = time.monotonic() - start
         return self.exited_in or 0.0
 
@@ -121,7 +127,9 @@ def launch(
     full_env.update(env)
     log_path = tmp_path / f"app-{port}.log"
     with log_path.open("w") as log:  # the child keeps its own descriptor
-        process = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=APPS)
+        process = subprocess.Popen(
+            command, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=APPS
+        )
     app = RunningApp(process, port, log_path)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:

@@ -48,7 +48,13 @@ def test_starlette_spans_metrics_logs_and_resource(run_app, receiver: OtlpReceiv
         K8S_NODE_NAME="node-1",
     )
     app = run_app(uvicorn_command("starlette_app:app", port), env, port)
-    for path in ("/hello", "/api/tickets/7", "/api/v1/boards/1/cards/2", "/orgs/acme/cards/3", "/no/such/path"):
+    for path in (
+        "/hello",
+        "/api/tickets/7",
+        "/api/v1/boards/1/cards/2",
+        "/orgs/acme/cards/3",
+        "/no/such/path",
+    ):
         app.get(path)
 
     expected = {
@@ -81,7 +87,9 @@ def test_starlette_spans_metrics_logs_and_resource(run_app, receiver: OtlpReceiv
     assert resource["host.name"]
     assert resource["process.pid"] == app.process.pid
 
-    assert receiver.wait_for(lambda: {"http_requests_total", "http_request_duration_seconds"} <= {m.name for m in receiver.metrics})
+    assert receiver.wait_for(
+        lambda: {"http_requests_total", "http_request_duration_seconds"} <= {m.name for m in receiver.metrics}
+    )
     # The app's own logging call arrives as an OTLP log record, correlated with its span.
     assert receiver.wait_for(lambda: any(r.body == "ticket 7 requested" for r in receiver.logs))
     record = next(r for r in receiver.logs if r.body == "ticket 7 requested")
@@ -148,8 +156,9 @@ def test_asyncpg_and_redis_are_children_of_the_request(
     def children() -> list[str]:
         return [s.name for s in receiver.spans if s.parent_span_id == server.span_id]
 
-    assert receiver.wait_for(lambda: any(n.startswith("SELECT") for n in children())
-                             and {"SET", "GET"} <= set(children())), children()
+    assert receiver.wait_for(
+        lambda: any(n.startswith("SELECT") for n in children()) and {"SET", "GET"} <= set(children())
+    ), children()
     for span in receiver.spans:
         if span.parent_span_id == server.span_id:
             assert span.trace_id == server.trace_id
@@ -164,7 +173,9 @@ def _instances_seen(app, receiver: OtlpReceiver, path: str) -> set[str]:
     ids: set[str] = set()
     for _ in range(300):
         assert app.get(path)[0] == 200
-        ids = {s.resource["service.instance.id"] for s in receiver.spans if s.attributes.get("url.path") == path}
+        ids = {
+            s.resource["service.instance.id"] for s in receiver.spans if s.attributes.get("url.path") == path
+        }
         if len(ids) >= 2:
             break
     return ids
@@ -198,7 +209,9 @@ def test_gunicorn_uvicorn_worker_is_fork_safe(run_app, receiver: OtlpReceiver) -
     ids = _instances_seen(app, receiver, "/api/tickets/5")
     assert len(ids) == 2, ids
     # Metrics and logs flow from the workers too: exporter threads survived the fork.
-    assert receiver.wait_for(lambda: len({m.resource["service.instance.id"] for m in receiver.metrics} & ids) == 2)
+    assert receiver.wait_for(
+        lambda: len({m.resource["service.instance.id"] for m in receiver.metrics} & ids) == 2
+    )
     assert receiver.wait_for(lambda: any(r.body == "ticket 5 requested" for r in receiver.logs))
     assert app.terminate() < 10
 
@@ -246,7 +259,8 @@ def test_invalid_values_are_reported_and_defaulted(run_app, receiver: OtlpReceiv
     for line in (
         "OTEL_EXPORTER_OTLP_PROTOCOL='carrier-pigeon' is not valid (accepted: grpc, http/protobuf); "
         "using the default grpc",
-        "LOG_LEVEL='verbose' is not valid (accepted: debug, info, warn, error, fatal); using the default info",
+        "LOG_LEVEL='verbose' is not valid (accepted: debug, info, warn, error, fatal); "
+        "using the default info",
         "SENTRY_TRACES_SAMPLE_RATE='1.5' is not valid (accepted: a number from 0 to 1); "
         "using the default (unset)",
     ):
@@ -256,14 +270,21 @@ def test_invalid_values_are_reported_and_defaulted(run_app, receiver: OtlpReceiv
 def test_strict_mode_refuses_to_start(tmp_path: Path) -> None:
     port = free_port()
     with pytest.raises(AssertionError, match="exited with 78") as info:
-        launch(tmp_path, uvicorn_command("starlette_app:app", port), {"CFK_OTEL_STRICT": "true", "LOG_LEVEL": "loud"}, port)
+        launch(
+            tmp_path,
+            uvicorn_command("starlette_app:app", port),
+            {"CFK_OTEL_STRICT": "true", "LOG_LEVEL": "loud"},
+            port,
+        )
     assert "LOG_LEVEL='loud' is not valid" in str(info.value)
     assert "refuses to start" in str(info.value)
 
 
 def test_sdk_disabled_sends_nothing(run_app, receiver: OtlpReceiver) -> None:
     port = free_port()
-    app = run_app(uvicorn_command("starlette_app:app", port), otlp_env(receiver, OTEL_SDK_DISABLED="true"), port)
+    app = run_app(
+        uvicorn_command("starlette_app:app", port), otlp_env(receiver, OTEL_SDK_DISABLED="true"), port
+    )
     assert app.get("/hello")[0] == 200
     assert not receiver.wait_for(lambda: bool(receiver.spans or receiver.metrics), timeout=2)
 
