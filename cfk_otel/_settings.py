@@ -466,7 +466,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
 
     resource = _resource_attributes(read(OTEL_RESOURCE_ATTRIBUTES))
     service_name = (
-        read(OTEL_SERVICE_NAME) or read(SERVICE_NAME) or resource.get("service.name") or SERVICE_NAME.default
+        read(OTEL_SERVICE_NAME)
+        or (read(SERVICE_NAME) if SERVICE_NAME.name in env else "")
+        or resource.get("service.name")
+        or SERVICE_NAME.default
     )
     sentry_release = read(SENTRY_RELEASE) or None
     version = read(SERVICE_VERSION) or resource.get("service.version", "")

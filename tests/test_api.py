@@ -1,0 +1,56 @@
+"""cfk_otel/_api.py: configure() and shutdown() without opentelemetry-instrument."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from cfk_otel.testing import OtlpReceiver
+from tests.conftest import ROOT
+
+SCRIPT = textwrap.dedent(
+    """
+    import logging, sys
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    import cfk_otel
+    from opentelemetry import trace
+
+    cfk_otel.configure()
+    cfk_otel.configure()
+    with trace.get_tracer("manual").start_as_current_span("manual-work"):
+        logging.getLogger("manual").warning("inside the span")
+    print("flushed", cfk_otel.shutdown(), flush=True)
+    print("again", cfk_otel.shutdown(), flush=True)
+    """
+)
+
+
+def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=full, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_configure_is_idempotent_and_exports(receiver: OtlpReceiver) -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "SERVICE_NAME": "manual-app",
+        "LOG_LEVEL": "debug",
+    }
+    result = run(env)
+    assert result.returncode == 0, result.stderr
+    assert "flushed True" in result.stdout
+    assert "again True" in result.stdout
+    assert "cfk_otel.configure() was already called; ignoring" in result.stderr
+    span = receiver.wait_for_span(lambda s: s.name == "manual-work")
+    assert span.resource["service.name"] == "manual-app"
+    assert receiver.wait_for(lambda: any(r.body == "inside the span" for r in receiver.logs))
+
+
+def test_configure_raises_in_strict_mode() -> None:
+    result = run({"CFK_OTEL_STRICT": "true", "OTEL_TRACES_SAMPLER": "sometimes"})
+    assert result.returncode == 1
+    assert "cfk_otel.ConfigurationError" in result.stderr or "ConfigurationError" in result.stderr
+    assert "OTEL_TRACES_SAMPLER='sometimes' is not valid" in result.stderr

@@ -1,0 +1,247 @@
+"""cfk_otel/_asgi.py and _routes.py, in process, with providers injected."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from fastapi import APIRouter, FastAPI
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from cfk_otel import TelemetryMiddleware
+
+
+async def ok(request: Any) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+async def fail(request: Any) -> PlainTextResponse:
+    raise ValueError("nope")
+
+
+async def ws_handler(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text("hi")
+    await websocket.close()
+
+
+def starlette_app() -> Starlette:
+    inner = Starlette(routes=[Route("/items/{item_id}", ok)])
+    return Starlette(
+        routes=[
+            Route("/", ok),
+            Route("/tickets/{ticket_id}", ok, methods=["GET"]),
+            Route("/fail", fail),
+            WebSocketRoute("/ws", ws_handler),
+            Mount("/api", routes=[Mount("/v2", routes=[Route("/boards/{board_id}", ok)])]),
+            Mount("/orgs/{org}", routes=[Route("/cards/{card_id}", ok)]),
+            Mount("/sub", app=inner),
+        ]
+    )
+
+
+@dataclass
+class Harness:
+    client: TestClient
+    spans: InMemorySpanExporter
+    reader: InMemoryMetricReader
+
+    def finished(self) -> list[ReadableSpan]:
+        return list(self.spans.get_finished_spans())
+
+    def points(self, name: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        if data is None:
+            return []
+        return [
+            point
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == name
+            for point in metric.data.data_points
+        ]
+
+
+def harness(app: Any) -> Iterator[Harness]:
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    wrapped = TelemetryMiddleware(app, tracer_provider=tracer_provider, meter_provider=meter_provider)
+    with TestClient(wrapped, raise_server_exceptions=False) as client:
+        yield Harness(client, spans, reader)
+    meter_provider.shutdown()
+    tracer_provider.shutdown()
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    yield from harness(starlette_app())
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "route"),
+    [
+        ("/", "GET /", "/"),
+        ("/tickets/42", "GET /tickets/{ticket_id}", "/tickets/{ticket_id}"),
+        ("/api/v2/boards/7", "GET /api/v2/boards/{board_id}", "/api/v2/boards/{board_id}"),
+        ("/orgs/acme/cards/9", "GET /orgs/{org}/cards/{card_id}", "/orgs/{org}/cards/{card_id}"),
+        ("/sub/items/3", "GET /sub/items/{item_id}", "/sub/items/{item_id}"),
+    ],
+)
+def test_span_named_by_route_template(h: Harness, path: str, name: str, route: str) -> None:
+    assert h.client.get(path).status_code == 200
+    [span] = h.finished()
+    assert span.name == name
+    assert span.attributes is not None
+    assert span.attributes["http.route"] == route
+    assert span.attributes["url.path"] == path
+    [requests] = h.points("http_requests_total")
+    assert dict(requests.attributes) == {"method": "GET", "path": route, "status": "200"}
+
+
+@pytest.mark.parametrize("path", ["/nowhere", "/api/v2/nothing", "/orgs/acme/nothing", "/sub/none"])
+def test_unmatched_paths_share_one_name(h: Harness, path: str) -> None:
+    assert h.client.get(path).status_code == 404
+    [span] = h.finished()
+    assert span.name == "GET"
+    assert span.attributes is not None
+    assert "http.route" not in span.attributes
+    [requests] = h.points("http_requests_total")
+    assert requests.attributes["path"] == "unmatched"
+
+
+def test_method_not_allowed_keeps_the_route(h: Harness) -> None:
+    assert h.client.post("/tickets/1").status_code == 405
+    [requests] = h.points("http_requests_total")
+    assert dict(requests.attributes) == {"method": "POST", "path": "/tickets/{ticket_id}", "status": "405"}
+
+
+def test_unknown_methods_are_folded(h: Harness) -> None:
+    h.client.request("BREW", "/")
+    [requests] = h.points("http_requests_total")
+    assert requests.attributes["method"] == "_OTHER"
+
+
+async def _request(app: Any, path: str) -> None:
+    # A bare ASGI call: TestClient's thread hop per request would dominate this test.
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "scheme": "http",
+        "server": ("test", 80),
+        "client": None,
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app(scope, receive, send)
+
+
+def test_cardinality_is_bounded(h: Harness) -> None:
+    rng = random.Random(7)
+    paths = []
+    for i in range(10_000):
+        segment = "".join(rng.choices(string.ascii_letters + string.digits + "%/.-", k=12))
+        paths.append(
+            rng.choice([f"/{segment}", f"/tickets/{segment}", f"/orgs/{segment}/cards/{i}", f"/x/{i}"])
+        )
+
+    async def run() -> None:
+        for path in paths:
+            await _request(h.client.app, path)
+
+    asyncio.run(run())
+    points = h.points("http_requests_total")
+    assert sum(p.value for p in points) == 10_000
+    assert {p.attributes["path"] for p in points} == {
+        "/tickets/{ticket_id}",
+        "/orgs/{org}/cards/{card_id}",
+        "unmatched",
+    }
+    assert len(points) <= 6, points  # those three paths times a few status codes (200, 307, 404)
+    assert len(h.points("http_request_duration_seconds")) <= 3
+
+
+def test_exception_is_recorded_and_reraised(h: Harness) -> None:
+    assert h.client.get("/fail").status_code == 500
+    [span] = h.finished()
+    assert span.status.status_code.name == "ERROR"
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == "ValueError"
+    assert span.attributes["http.response.status_code"] == 500
+    assert [e.name for e in span.events] == ["exception"]
+    [requests] = h.points("http_requests_total")
+    assert requests.attributes["status"] == "500"
+
+
+def test_duration_histogram_labels_and_buckets(h: Harness) -> None:
+    h.client.get("/tickets/1")
+    [point] = h.points("http_request_duration_seconds")
+    assert dict(point.attributes) == {"method": "GET", "path": "/tickets/{ticket_id}"}
+    assert {0.1, 0.5, 1.0, 2.0} <= set(point.explicit_bounds)
+    assert point.count == 1
+    assert 0 < point.sum < 1  # seconds, not milliseconds
+
+
+def test_incoming_trace_context_is_continued(h: Harness) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    h.client.get("/", headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    [span] = h.finished()
+    assert format(span.context.trace_id, "032x") == trace_id
+    assert span.parent is not None
+    assert format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
+
+
+def test_websocket_span(h: Harness) -> None:
+    with h.client.websocket_connect("/ws") as ws:
+        assert ws.receive_text() == "hi"
+    [span] = h.finished()
+    assert span.name == "WEBSOCKET /ws"
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == 101
+    assert h.points("http_requests_total") == []  # websockets are not HTTP requests
+
+
+def test_fastapi_router_and_lifespan() -> None:
+    events: list[str] = []
+    router = APIRouter(prefix="/api/tickets")
+
+    @router.get("/{ticket_id}")
+    async def get_ticket(ticket_id: int) -> dict[str, int]:
+        return {"id": ticket_id}
+
+    app = FastAPI(on_startup=[lambda: events.append("up")], on_shutdown=[lambda: events.append("down")])
+    app.include_router(router)
+    for h in harness(app):
+        assert h.client.get("/api/tickets/5").json() == {"id": 5}
+        [span] = h.finished()
+        assert span.name == "GET /api/tickets/{ticket_id}"
+    assert events == ["up", "down"]
