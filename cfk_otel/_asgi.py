@@ -7,6 +7,7 @@ route template resolved from what the framework's router left in the scope.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
@@ -26,6 +27,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Seconds; includes the thresholds the alerts and dashboards use (0.1, 0.5, 1, 2).
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+_log = logging.getLogger("cfk_otel")
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
@@ -61,6 +63,7 @@ class TelemetryMiddleware:
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         self.app = app
+        self._warned = False
         self._routes = RouteResolver(app)
         self._tracer = trace.get_tracer("cfk_otel", __version__, tracer_provider)
         meter = metrics.get_meter("cfk_otel", __version__, meter_provider)
@@ -109,14 +112,18 @@ class TelemetryMiddleware:
                 status = 500
             raise
         finally:
-            elapsed = time.perf_counter() - start
-            route = self._routes.template(scope, root_path, status)
-            self._finish(span, scope, kind, method, route, status, error)
             context.detach(token)
-            if kind == "http":
-                labels = {"method": method, "path": route, "status": str(status)}
-                self._requests.add(1, labels)
-                self._duration.record(elapsed, {"method": method, "path": route})
+            try:
+                elapsed = time.perf_counter() - start
+                route = self._routes.template(scope, root_path, status)
+                self._finish(span, scope, kind, method, route, status, error)
+                if kind == "http":
+                    self._requests.add(1, {"method": method, "path": route, "status": str(status)})
+                    self._duration.record(elapsed, {"method": method, "path": route})
+            except Exception:  # telemetry must never fail a request
+                if not self._warned:
+                    self._warned = True
+                    _log.warning("cfk_otel: recording a request failed; continuing", exc_info=True)
 
     @staticmethod
     def _finish(

@@ -245,3 +245,23 @@ def test_fastapi_router_and_lifespan() -> None:
         [span] = h.finished()
         assert span.name == "GET /api/tickets/{ticket_id}"
     assert events == ["up", "down"]
+
+
+def test_a_failing_route_lookup_never_fails_the_request(caplog: pytest.LogCaptureFixture) -> None:
+    class Hostile:
+        path_format = property(lambda self: 1 / 0)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        scope["route"] = Hostile()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"fine"})
+
+    for hh in harness(app):
+        assert hh.client.get("/").text == "fine"
+        assert hh.client.get("/").text == "fine"
+    assert caplog.text.count("recording a request failed") == 1
