@@ -39,9 +39,9 @@ test: venv services lint
 demo: venv services
 	$(BIN)/python examples/quickstart/demo.py $(DEMO_ARGS)
 
-# The README's table of environment variables, generated from cfk_otel/_settings.py.
+# Rewrites the README's table of environment variables from cfk_otel/_settings.py.
 env-table: venv
-	@$(BIN)/cfk-otel env
+	$(BIN)/python scripts/update-env-table README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

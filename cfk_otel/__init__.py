@@ -8,6 +8,7 @@ with :class:`TelemetryMiddleware`.
 from __future__ import annotations
 
 from ._api import configure, shutdown
+from ._app import instrument_app
 from ._asgi import TelemetryMiddleware
 from ._settings import ConfigurationError
 from ._version import __version__
@@ -17,5 +18,6 @@ __all__ = [
     "TelemetryMiddleware",
     "__version__",
     "configure",
+    "instrument_app",
     "shutdown",
 ]

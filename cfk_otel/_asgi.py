@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, Final
 
 from opentelemetry import context, metrics, propagate, trace
@@ -61,8 +61,14 @@ class TelemetryMiddleware:
         *,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        endpoints: Mapping[str, ASGIApp] | None = None,
+        endpoint_telemetry: bool = False,
     ) -> None:
         self.app = app
+        # Paths the distro serves itself (/api/metrics, health); by default they are
+        # answered before any span or metric is recorded.
+        self._endpoints = dict(endpoints or {})
+        self._endpoint_telemetry = endpoint_telemetry
         self._warned = False
         self._routes = RouteResolver(app)
         self._tracer = trace.get_tracer("cfk_otel", __version__, tracer_provider)
@@ -82,7 +88,20 @@ class TelemetryMiddleware:
         if kind != "http" and kind != "websocket":  # noqa: PLR1714  (cheaper than a set here)
             await self.app(scope, receive, send)
             return
+        if self._endpoints and kind == "http":
+            endpoint = self._endpoints.get(scope["path"])
+            if endpoint is not None:
+                if self._endpoint_telemetry:
+                    await self._traced(endpoint, scope, receive, send, fixed_route=scope["path"])
+                else:
+                    await endpoint(scope, receive, send)
+                return
+        await self._traced(self.app, scope, receive, send)
 
+    async def _traced(
+        self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, fixed_route: str | None = None
+    ) -> None:
+        kind = scope["type"]
         start = time.perf_counter()
         method = scope.get("method", "GET") if kind == "http" else "GET"
         method = method if method in _METHODS else "_OTHER"
@@ -105,7 +124,7 @@ class TelemetryMiddleware:
 
         error: BaseException | None = None
         try:
-            await self.app(scope, receive, send_wrapper)
+            await app(scope, receive, send_wrapper)
         except BaseException as exc:
             error = exc
             if not status:
@@ -115,7 +134,7 @@ class TelemetryMiddleware:
             context.detach(token)
             try:
                 elapsed = time.perf_counter() - start
-                route = self._routes.template(scope, root_path, status)
+                route = fixed_route or self._routes.template(scope, root_path, status)
                 self._finish(span, scope, kind, method, route, status, error)
                 if kind == "http":
                     self._requests.add(1, {"method": method, "path": route, "status": str(status)})

@@ -178,6 +178,33 @@ def _dsn(value: str) -> str | None:
     return v
 
 
+def _path(value: str) -> str:
+    v = value.strip()
+    if not v.startswith("/") or any(c in v for c in " ?#") or "//" in v:
+        raise InvalidValue
+    return v.rstrip("/") or "/"
+
+
+def _database_url(value: str) -> str | None:
+    v = value.strip()
+    if not v:
+        return None
+    parts = urlsplit(v)
+    if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or "host=" in parts.query):
+        raise InvalidValue
+    return v
+
+
+def _redis_url(value: str) -> str | None:
+    v = value.strip()
+    if not v:
+        return None
+    parts = urlsplit(v)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise InvalidValue
+    return v
+
+
 # --- the declaration --------------------------------------------------------------------
 
 SERVICE_NAME = Variable(
@@ -352,6 +379,69 @@ K8S_NODE_NAME = Variable(
 DD_ENV = Variable(
     "DD_ENV", "", _text, "any text", "Datadog's environment tag; a fallback for the environment."
 )
+METRICS_ENABLED = Variable(
+    "METRICS_ENABLED", True, _bool, "true, false", "Serve the Prometheus scrape endpoint from the app."
+)
+METRICS_PATH = Variable(
+    "METRICS_PATH", "/api/metrics", _path, "an absolute URL path", "Path of the Prometheus scrape endpoint."
+)
+METRICS_BEARER_TOKEN = Variable(
+    "METRICS_BEARER_TOKEN",
+    None,
+    _optional_text,
+    "any text",
+    "When set, scrapes must send 'Authorization: Bearer <token>'.",
+    secret=True,
+)
+HEALTH_ENABLED = Variable(
+    "HEALTH_ENABLED", True, _bool, "true, false", "Serve the health endpoints from the app."
+)
+HEALTH_PATH = Variable(
+    "HEALTH_PATH", "/api/health", _path, "an absolute URL path", "Full health report (200/503)."
+)
+HEALTH_LIVE_PATH = Variable(
+    "HEALTH_LIVE_PATH", "/api/health/live", _path, "an absolute URL path", "Liveness probe path."
+)
+HEALTH_READY_PATH = Variable(
+    "HEALTH_READY_PATH", "/api/health/ready", _path, "an absolute URL path", "Readiness probe path."
+)
+HEALTH_CHECK_TIMEOUT = Variable(
+    "HEALTH_CHECK_TIMEOUT",
+    1.0,
+    _seconds(0.0, 30.0),
+    "seconds, more than 0 and at most 30",
+    "Time limit of each health check.",
+)
+HEALTH_CACHE_TTL = Variable(
+    "HEALTH_CACHE_TTL",
+    2.0,
+    _seconds(-1e-9, 300.0),
+    "seconds, 0 to 300",
+    "How long health results are reused, so probe storms cannot hammer dependencies.",
+)
+HEALTH_TELEMETRY = Variable(
+    "HEALTH_TELEMETRY",
+    False,
+    _bool,
+    "true, false",
+    "Count and trace requests to the health and metrics endpoints too.",
+)
+DATABASE_URL = Variable(
+    "DATABASE_URL",
+    None,
+    _database_url,
+    "a postgresql:// URL",
+    "PostgreSQL for the built-in database health check.",
+    secret=True,
+)
+REDIS_URL = Variable(
+    "REDIS_URL",
+    None,
+    _redis_url,
+    "a redis://, rediss:// or unix:// URL",
+    "Redis for the built-in Redis health check.",
+    secret=True,
+)
 
 VARIABLES: Final[tuple[Variable[Any], ...]] = (
     SERVICE_NAME,
@@ -384,6 +474,18 @@ VARIABLES: Final[tuple[Variable[Any], ...]] = (
     K8S_NAMESPACE_NAME,
     K8S_NODE_NAME,
     DD_ENV,
+    METRICS_ENABLED,
+    METRICS_PATH,
+    METRICS_BEARER_TOKEN,
+    HEALTH_ENABLED,
+    HEALTH_PATH,
+    HEALTH_LIVE_PATH,
+    HEALTH_READY_PATH,
+    HEALTH_CHECK_TIMEOUT,
+    HEALTH_CACHE_TTL,
+    HEALTH_TELEMETRY,
+    DATABASE_URL,
+    REDIS_URL,
 )
 
 # Per-signal protocol overrides the SDK honours; validated like the shared one.
@@ -428,6 +530,18 @@ class Settings:
     k8s_pod_uid: str
     k8s_namespace: str
     k8s_node_name: str
+    metrics_enabled: bool
+    metrics_path: str
+    metrics_bearer_token: str | None
+    health_enabled: bool
+    health_path: str
+    health_live_path: str
+    health_ready_path: str
+    health_check_timeout: float
+    health_cache_ttl: float
+    health_telemetry: bool
+    database_url: str | None
+    redis_url: str | None
     problems: tuple[Problem, ...] = field(default=())
 
 
@@ -514,6 +628,18 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         k8s_pod_uid=read(K8S_POD_UID),
         k8s_namespace=read(K8S_NAMESPACE_NAME),
         k8s_node_name=read(K8S_NODE_NAME),
+        metrics_enabled=read(METRICS_ENABLED),
+        metrics_path=read(METRICS_PATH),
+        metrics_bearer_token=read(METRICS_BEARER_TOKEN),
+        health_enabled=read(HEALTH_ENABLED),
+        health_path=read(HEALTH_PATH),
+        health_live_path=read(HEALTH_LIVE_PATH),
+        health_ready_path=read(HEALTH_READY_PATH),
+        health_check_timeout=read(HEALTH_CHECK_TIMEOUT),
+        health_cache_ttl=read(HEALTH_CACHE_TTL),
+        health_telemetry=read(HEALTH_TELEMETRY),
+        database_url=read(DATABASE_URL),
+        redis_url=read(REDIS_URL),
         problems=tuple(problems),
     )
     if problems and settings.strict:

@@ -20,7 +20,7 @@ from typing import Any
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from . import _sdk
-from ._asgi import TelemetryMiddleware
+from ._app import instrument_app
 
 _log = logging.getLogger("cfk_otel")
 _ORIGINAL = "_cfk_original"
@@ -31,8 +31,7 @@ def _wrap_load(original: Callable[[Any], None]) -> Callable[[Any], None]:
     def load(config: Any) -> None:
         original(config)
         try:
-            if not isinstance(config.loaded_app, TelemetryMiddleware):
-                config.loaded_app = TelemetryMiddleware(config.loaded_app)
+            config.loaded_app = instrument_app(config.loaded_app)
         except Exception:  # the app must start even if wrapping fails
             _log.exception("cfk_otel: could not wrap the ASGI app; serving it without telemetry")
 

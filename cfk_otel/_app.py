@@ -1,0 +1,24 @@
+"""``instrument_app``: the middleware with the distro's own endpoints, from the settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _health, _sdk
+from ._asgi import ASGIApp, TelemetryMiddleware
+
+
+def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
+    """Wrap ``app`` with telemetry and serve the health and metrics endpoints.
+
+    This is what ``opentelemetry-instrument`` does to the app uvicorn loads; call it
+    yourself only when serving the app some other way.
+
+    >>> app = instrument_app(app)  # doctest: +SKIP
+    """
+    if isinstance(app, TelemetryMiddleware):
+        return app
+    settings = _sdk.settings()
+    endpoints: dict[str, Any] = {}
+    endpoints.update(_health.build_endpoints(settings))
+    return TelemetryMiddleware(app, endpoints=endpoints, endpoint_telemetry=settings.health_telemetry)
