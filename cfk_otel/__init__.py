@@ -10,14 +10,40 @@ from __future__ import annotations
 from ._api import configure, shutdown
 from ._app import instrument_app
 from ._asgi import TelemetryMiddleware
+from ._metrics import (
+    Counter,
+    Gauge,
+    Histogram,
+    Timer,
+    agent_finished,
+    agent_started,
+    http_request_duration,
+    record_ticket_transition,
+    register_counter,
+    register_gauge,
+    register_histogram,
+    set_active_agents,
+)
 from ._settings import ConfigurationError
 from ._version import __version__
 
 __all__ = [
     "ConfigurationError",
+    "Counter",
+    "Gauge",
+    "Histogram",
     "TelemetryMiddleware",
+    "Timer",
     "__version__",
+    "agent_finished",
+    "agent_started",
     "configure",
+    "http_request_duration",
     "instrument_app",
+    "record_ticket_transition",
+    "register_counter",
+    "register_gauge",
+    "register_histogram",
+    "set_active_agents",
     "shutdown",
 ]

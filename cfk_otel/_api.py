@@ -42,6 +42,8 @@ def _instrument_libraries() -> None:
         ("asyncpg", "asyncpg", "opentelemetry.instrumentation.asyncpg", "AsyncPGInstrumentor"),
         ("redis", "redis", "opentelemetry.instrumentation.redis", "RedisInstrumentor"),
         ("cfk_uvicorn", "uvicorn", "cfk_otel._uvicorn", "UvicornInstrumentor"),
+        ("cfk_asyncpg", "asyncpg", "cfk_otel._db", "AsyncpgTimingInstrumentor"),
+        ("cfk_redis", "redis", "cfk_otel._db", "RedisTimingInstrumentor"),
     )
     for name, library, module, cls in candidates:
         if name in disabled or "*" in disabled or importlib.util.find_spec(library) is None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from . import _health, _sdk
 from ._asgi import ASGIApp, TelemetryMiddleware
+from ._prometheus import MetricsEndpoint
 
 
 def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
@@ -20,5 +21,8 @@ def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
         return app
     settings = _sdk.settings()
     endpoints: dict[str, Any] = {}
+    if settings.metrics_enabled:
+        scrape = MetricsEndpoint(lambda: _sdk.STATE.scrape, settings.metrics_bearer_token)
+        endpoints[settings.metrics_path] = scrape
     endpoints.update(_health.build_endpoints(settings))
     return TelemetryMiddleware(app, endpoints=endpoints, endpoint_telemetry=settings.health_telemetry)

@@ -16,6 +16,7 @@ from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from . import _metrics
 from ._routes import UNMATCHED, RouteResolver
 from ._version import __version__
 
@@ -25,8 +26,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Seconds; includes the thresholds the alerts and dashboards use (0.1, 0.5, 1, 2).
-DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 _log = logging.getLogger("cfk_otel")
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
@@ -72,16 +71,10 @@ class TelemetryMiddleware:
         self._warned = False
         self._routes = RouteResolver(app)
         self._tracer = trace.get_tracer("cfk_otel", __version__, tracer_provider)
-        meter = metrics.get_meter("cfk_otel", __version__, meter_provider)
-        self._requests = meter.create_counter(
-            "http_requests_total", unit="1", description="Total HTTP requests by method, path, status"
-        )
-        self._duration = meter.create_histogram(
-            "http_request_duration_seconds",
-            unit="s",
-            description="Request duration by method, path",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
+        self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
+        # The raw instruments: labels are built right here, no validation per request.
+        self._requests = self.metrics.http_requests._instrument
+        self._duration = self.metrics.http_request_duration._instrument
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -117,7 +110,10 @@ class TelemetryMiddleware:
             if mtype == "http.response.start":
                 status = message["status"]
             elif mtype == "websocket.accept":
+                await send(message)
                 status = 101
+                self.metrics.websocket_connections.inc()
+                return
             elif mtype == "websocket.close" and not status:
                 status = 403
             await send(message)
@@ -132,6 +128,8 @@ class TelemetryMiddleware:
             raise
         finally:
             context.detach(token)
+            if status == 101:  # every way a websocket ends comes through here, exactly once
+                self.metrics.websocket_connections.dec()
             try:
                 elapsed = time.perf_counter() - start
                 route = fixed_route or self._routes.template(scope, root_path, status)
@@ -139,6 +137,10 @@ class TelemetryMiddleware:
                 if kind == "http":
                     self._requests.add(1, {"method": method, "path": route, "status": str(status)})
                     self._duration.record(elapsed, {"method": method, "path": route})
+                if error is not None:
+                    self.metrics.errors.inc({"type": type(error).__qualname__, "severity": "error"})
+                elif status >= 500:
+                    self.metrics.errors.inc({"type": f"http_{status}", "severity": "error"})
             except Exception:  # telemetry must never fail a request
                 if not self._warned:
                     self._warned = True

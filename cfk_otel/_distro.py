@@ -35,8 +35,8 @@ class CfkConfigurator(_OTelSDKConfigurator):
         _sdk.STATE.configurator_selected = True
         parent = super()._configure
 
-        def initialize(resource_attributes: dict[str, Any]) -> None:
-            parent(**kwargs, resource_attributes=resource_attributes)  # type: ignore[no-untyped-call]
+        def initialize(resource_attributes: dict[str, Any], extra: dict[str, Any]) -> None:
+            parent(**kwargs, **extra, resource_attributes=resource_attributes)  # type: ignore[no-untyped-call]
 
         try:
             _sdk.start(initialize)

@@ -25,9 +25,11 @@ from opentelemetry.environment_variables import (
     OTEL_METRICS_EXPORTER,
     OTEL_TRACES_EXPORTER,
 )
+from prometheus_client import CollectorRegistry
 
 from . import _settings
 from ._logs import LEVELS, OtlpHandler
+from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
 
 _log = logging.getLogger("cfk_otel")
@@ -42,6 +44,7 @@ class _State:
     distro_selected: bool = False
     configurator_selected: bool = False
     resource_attributes: dict[str, Any] = field(default_factory=dict)
+    scrape: Scrape | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -73,6 +76,7 @@ def prepare() -> _settings.Settings:
     for problem in current.problems:
         print(problem, file=sys.stderr, flush=True)
         os.environ.pop(problem.variable, None)
+    join_process_group()
     for variable, names in (
         (OTEL_TRACES_EXPORTER, current.traces_exporters),
         (OTEL_METRICS_EXPORTER, current.metrics_exporters),
@@ -96,11 +100,15 @@ def _defer_to_fork(current: _settings.Settings) -> bool:
     return os.path.basename(sys.argv[0]).startswith("gunicorn") if sys.argv else False
 
 
-def start(initialize: Callable[[dict[str, Any]], None]) -> None:
+Initialize = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+def start(initialize: Initialize) -> None:
     """Run the SDK set-up once for this process.
 
-    ``initialize`` receives the resource attributes and builds the providers (the SDK
-    configurator's ``_configure``). Raises ``ConfigurationError`` in strict mode.
+    ``initialize`` receives the resource attributes and the extra keyword arguments for
+    the SDK configurator, and builds the providers. Raises ``ConfigurationError`` in
+    strict mode.
     """
     with STATE.lock:
         if STATE.started or STATE.deferred:
@@ -117,7 +125,7 @@ def start(initialize: Callable[[dict[str, Any]], None]) -> None:
         _initialize(initialize, current)
 
 
-def _start_in_child(initialize: Callable[[dict[str, Any]], None]) -> None:
+def _start_in_child(initialize: Initialize) -> None:
     # Runs in the forked worker, before any request: the fresh lock, a new instance id.
     STATE.lock = threading.Lock()
     STATE.deferred = False
@@ -127,9 +135,17 @@ def _start_in_child(initialize: Callable[[dict[str, Any]], None]) -> None:
         _log.exception("cfk_otel: telemetry set-up failed in the worker; continuing without it")
 
 
-def _initialize(initialize: Callable[[dict[str, Any]], None], current: _settings.Settings) -> None:
+def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     STATE.resource_attributes = build_attributes(current)
-    initialize(dict(STATE.resource_attributes))
+    extra: dict[str, Any] = {}
+    registry = None
+    if current.metrics_enabled:
+        registry = CollectorRegistry(auto_describe=True)
+        extra["metric_exporter_names"] = ["cfk_prometheus"]
+        extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
+    initialize(dict(STATE.resource_attributes), extra)
+    if registry is not None:
+        STATE.scrape = Scrape(registry, group_directory())
     STATE.started = True
     _attach_log_handler(current)
     # atexit runs last-registered first, so this bounded shutdown runs before the SDK's own
@@ -162,6 +178,8 @@ def shutdown(timeout: float | None = None) -> bool:
         method = getattr(provider, "shutdown", None)
         return (lambda: method(*args)) if callable(method) else (lambda: None)
 
+    if STATE.scrape is not None:
+        STATE.scrape.stop()  # the last numbers of this worker, for the group's scrapes
     jobs = [
         call(trace.get_tracer_provider()),
         call(metrics.get_meter_provider(), millis),

@@ -426,6 +426,13 @@ HEALTH_TELEMETRY = Variable(
     "true, false",
     "Count and trace requests to the health and metrics endpoints too.",
 )
+SLOW_QUERY_THRESHOLD = Variable(
+    "SLOW_QUERY_THRESHOLD",
+    1.0,
+    _seconds(0.0, 3600.0),
+    "seconds, more than 0",
+    "A database query slower than this logs a warning and adds a span event.",
+)
 DATABASE_URL = Variable(
     "DATABASE_URL",
     None,
@@ -484,6 +491,7 @@ VARIABLES: Final[tuple[Variable[Any], ...]] = (
     HEALTH_CHECK_TIMEOUT,
     HEALTH_CACHE_TTL,
     HEALTH_TELEMETRY,
+    SLOW_QUERY_THRESHOLD,
     DATABASE_URL,
     REDIS_URL,
 )
@@ -540,6 +548,7 @@ class Settings:
     health_check_timeout: float
     health_cache_ttl: float
     health_telemetry: bool
+    slow_query_threshold: float
     database_url: str | None
     redis_url: str | None
     problems: tuple[Problem, ...] = field(default=())
@@ -638,6 +647,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         health_check_timeout=read(HEALTH_CHECK_TIMEOUT),
         health_cache_ttl=read(HEALTH_CACHE_TTL),
         health_telemetry=read(HEALTH_TELEMETRY),
+        slow_query_threshold=read(SLOW_QUERY_THRESHOLD),
         database_url=read(DATABASE_URL),
         redis_url=read(REDIS_URL),
         problems=tuple(problems),

@@ -1,0 +1,395 @@
+"""The document's metric catalogue and its custom-metrics API, on the OpenTelemetry SDK.
+
+Every metric is recorded once, through an OpenTelemetry instrument, and read out
+twice: scraped at ``/api/metrics`` and pushed over OTLP. Names and labels are
+validated when a metric is registered, never on the hot path: a recording call with
+the wrong labels keeps the documented ones (missing ones empty) and warns once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Final, ParamSpec, TypeVar, overload
+
+from opentelemetry import metrics
+
+from ._version import __version__
+
+_log = logging.getLogger("cfk_otel")
+_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+# Seconds; include the thresholds the alerts and dashboards use (0.1, 0.5, 1, 2).
+DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Database and Redis calls are faster than requests: finer low buckets, same alert thresholds.
+CLIENT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+Labels = Mapping[str, object] | None
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M", bound="_Metric")
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, description: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.description = description
+        self.labels = labels
+        self._warned = False
+
+    def _attributes(self, labels: Labels) -> dict[str, str]:
+        if not labels:
+            if self.labels:
+                self._misuse(f"expects labels {list(self.labels)}, got none")
+            return dict.fromkeys(self.labels, "")
+        attrs = {k: str(labels.get(k, "")) for k in self.labels}
+        if len(labels) != len(self.labels) or any(k not in labels for k in self.labels):
+            self._misuse(f"expects labels {list(self.labels)}, got {sorted(labels)}")
+        return attrs
+
+    def _misuse(self, problem: str) -> None:
+        if not self._warned:
+            self._warned = True
+            _log.warning("cfk_otel: metric %s %s; recording with the documented labels", self.name, problem)
+
+    def shape(self) -> tuple[object, ...]:
+        return (self.kind, self.labels)
+
+
+class Counter(_Metric):
+    """A monotonically increasing count.
+
+    >>> usage = register_counter("my_feature_usage", "Feature usage count", ["feature"])
+    >>> usage.inc({"feature": "bulk-update"})
+    """
+
+    kind = "counter"
+
+    def __init__(self, meter: metrics.Meter, name: str, description: str, labels: tuple[str, ...]) -> None:
+        super().__init__(name, description, labels)
+        self._instrument = meter.create_counter(name, description=description)
+
+    def inc(self, labels: Labels = None, value: float = 1.0) -> None:
+        if value < 0:
+            self._misuse(f"cannot decrease (inc by {value})")
+            return
+        self._instrument.add(value, self._attributes(labels))
+
+
+class Gauge(_Metric):
+    """A value that goes up and down; ``set`` works per label set, in this process.
+
+    Across workers, gauges are summed (right for counts such as connections).
+
+    >>> agents = register_gauge("queue_depth", "Jobs waiting", ["queue"])
+    >>> agents.set(3, {"queue": "email"})
+    """
+
+    kind = "gauge"
+
+    def __init__(self, meter: metrics.Meter, name: str, description: str, labels: tuple[str, ...]) -> None:
+        super().__init__(name, description, labels)
+        self._instrument = meter.create_up_down_counter(name, description=description)
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, labels: Labels = None, value: float = 1.0) -> None:
+        attrs = self._attributes(labels)
+        with self._lock:
+            key = tuple(attrs.values())
+            self._values[key] = self._values.get(key, 0.0) + value
+        self._instrument.add(value, attrs)
+
+    def dec(self, labels: Labels = None, value: float = 1.0) -> None:
+        self.inc(labels, -value)
+
+    def set(self, value: float, labels: Labels = None) -> None:
+        attrs = self._attributes(labels)
+        with self._lock:
+            key = tuple(attrs.values())
+            delta = value - self._values.get(key, 0.0)
+            self._values[key] = value
+        self._instrument.add(delta, attrs)
+
+
+class Histogram(_Metric):
+    """A distribution of observed values (seconds, for timers).
+
+    >>> latency = register_histogram("export_seconds", "Export time", ["format"], buckets=[0.1, 1, 10])
+    >>> with latency.start_timer({"format": "csv"}):
+    ...     export()  # doctest: +SKIP
+    """
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        meter: metrics.Meter,
+        name: str,
+        description: str,
+        labels: tuple[str, ...],
+        buckets: tuple[float, ...],
+        unit: str = "",
+    ) -> None:
+        super().__init__(name, description, labels)
+        self.buckets = buckets
+        self._instrument = meter.create_histogram(
+            name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+        )
+
+    def observe(self, value: float, labels: Labels = None) -> None:
+        self._instrument.record(value, self._attributes(labels))
+
+    def start_timer(self, labels: Labels = None) -> Timer:
+        """Start timing now; call the result (or leave its ``with`` block) to record seconds."""
+        return Timer(self, labels)
+
+    def shape(self) -> tuple[object, ...]:
+        return (self.kind, self.labels, self.buckets)
+
+
+class Timer:
+    """Records elapsed seconds into a histogram once.
+
+    Call it to stop (``end = h.start_timer(labels); ...; seconds = end()``), use it as a
+    context manager, or as a decorator on sync and async functions (each call timed).
+    """
+
+    def __init__(self, histogram: Histogram, labels: Labels) -> None:
+        self._histogram = histogram
+        self._labels = labels
+        self._start = time.perf_counter()
+        self._done = False
+
+    def end(self) -> float:
+        elapsed = time.perf_counter() - self._start
+        if not self._done:
+            self._done = True
+            self._histogram.observe(elapsed, self._labels)
+        return elapsed
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        self._done = False
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.end()
+
+    @overload
+    def __call__(self) -> float: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, fn: Callable[P, R] | None = None) -> float | Callable[P, R]:
+        if fn is None:
+            return self.end()
+        histogram, labels = self._histogram, self._labels
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def timed_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with Timer(histogram, labels):
+                    return await fn(*args, **kwargs)
+
+            return timed_async  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def timed(*args: P.args, **kwargs: P.kwargs) -> R:
+            with Timer(histogram, labels):
+                return fn(*args, **kwargs)
+
+        return timed
+
+
+class Metrics:
+    """A registry of named metrics on one meter, with the document's catalogue built in.
+
+    ``cfk_otel``'s module-level helpers use one instance bound to the global meter
+    provider; tests and embedders can build their own with an explicit provider.
+    """
+
+    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        self._meter = metrics.get_meter("cfk_otel", __version__, meter_provider)
+        self._registry: dict[str, _Metric] = {}
+        self._lock = threading.Lock()
+        self.http_requests = self.register_counter(
+            "http_requests_total", "Total HTTP requests by method, path, status", ["method", "path", "status"]
+        )
+        self.http_request_duration = self.register_histogram(
+            "http_request_duration_seconds",
+            "Request duration by method, path",
+            ["method", "path"],
+            DURATION_BUCKETS,
+            unit="s",
+        )
+        self.websocket_connections = self.register_gauge(
+            "websocket_connections_active", "Active WebSocket connections", []
+        )
+        self.database_query_duration = self.register_histogram(
+            "database_query_duration_seconds",
+            "Database query latency",
+            ["operation"],
+            CLIENT_BUCKETS,
+            unit="s",
+        )
+        self.redis_operation_duration = self.register_histogram(
+            "redis_operation_duration_seconds",
+            "Redis operation latency",
+            ["command"],
+            CLIENT_BUCKETS,
+            unit="s",
+        )
+        self.active_agents = self.register_gauge("active_agents_count", "Active AI agents by type", ["type"])
+        self.ticket_transitions = self.register_counter(
+            "ticket_transitions_total", "Ticket state transitions", ["from", "to"]
+        )
+        self.errors = self.register_counter(
+            "errors_total", "Error count by type and severity", ["type", "severity"]
+        )
+
+    def register_counter(self, name: str, description: str, labels: Iterable[str] = ()) -> Counter:
+        """Register (or get back) a counter. Raises ``ValueError`` on a conflicting shape."""
+        names = _label_names(name, labels)
+        return self._register(
+            name, (Counter.kind, names), lambda: Counter(self._meter, name, description, names)
+        )
+
+    def register_gauge(self, name: str, description: str, labels: Iterable[str] = ()) -> Gauge:
+        """Register (or get back) a gauge. Raises ``ValueError`` on a conflicting shape."""
+        names = _label_names(name, labels)
+        return self._register(name, (Gauge.kind, names), lambda: Gauge(self._meter, name, description, names))
+
+    def register_histogram(
+        self,
+        name: str,
+        description: str,
+        labels: Iterable[str] = (),
+        buckets: Sequence[float] | None = None,
+        *,
+        unit: str = "",
+    ) -> Histogram:
+        """Register (or get back) a histogram; ``buckets`` are upper bounds, increasing."""
+        names = _label_names(name, labels)
+        bounds = tuple(float(b) for b in (DURATION_BUCKETS if buckets is None else buckets))
+        if not bounds or any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
+            raise ValueError(f"metric {name!r}: buckets must be increasing and non-empty, got {list(bounds)}")
+        return self._register(
+            name,
+            (Histogram.kind, names, bounds),
+            lambda: Histogram(self._meter, name, description, names, bounds, unit),
+        )
+
+    def _register(self, name: str, shape: tuple[object, ...], build: Callable[[], M]) -> M:
+        with self._lock:
+            existing = self._registry.get(name)
+            if existing is None:
+                metric = build()
+                self._registry[name] = metric
+                return metric
+        # The same shape means the same class.
+        if existing.shape() != shape:
+            raise ValueError(
+                f"metric {name!r} is already registered as {_describe(existing.shape())}; "
+                f"cannot register it again as {_describe(shape)}"
+            )
+        return existing  # type: ignore[return-value]
+
+
+def _label_names(name: str, labels: Iterable[str]) -> tuple[str, ...]:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"invalid metric name {name!r}: use letters, digits, '_' and ':', no leading digit")
+    if isinstance(labels, str):
+        raise TypeError(f"metric {name!r}: labels must be a list of names, not the string {labels!r}")
+    names = tuple(labels)
+    for label in names:
+        if not isinstance(label, str) or not _LABEL.match(label) or label.startswith("__"):
+            raise ValueError(f"metric {name!r}: invalid label name {label!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"metric {name!r}: duplicate label names in {list(names)}")
+    return names
+
+
+def _describe(shape: tuple[object, ...]) -> str:
+    kind, labels, *rest = shape
+    text = f"a {kind} with labels {list(labels)}"  # type: ignore[call-overload]
+    return text + (f" and buckets {list(rest[0])}" if rest else "")  # type: ignore[call-overload]
+
+
+_default: Metrics | None = None
+_default_lock = threading.Lock()
+
+
+def default() -> Metrics:
+    """The process's metrics, on the global meter provider (created on first use)."""
+    global _default  # noqa: PLW0603  (the one process-wide registry, like prometheus_client's REGISTRY)
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Metrics()
+    return _default
+
+
+def register_counter(name: str, description: str, labels: Iterable[str] = ()) -> Counter:
+    """Register a counter in the process registry (see :class:`Counter`)."""
+    return default().register_counter(name, description, labels)
+
+
+def register_gauge(name: str, description: str, labels: Iterable[str] = ()) -> Gauge:
+    """Register a gauge in the process registry (see :class:`Gauge`)."""
+    return default().register_gauge(name, description, labels)
+
+
+def register_histogram(
+    name: str, description: str, labels: Iterable[str] = (), buckets: Sequence[float] | None = None
+) -> Histogram:
+    """Register a histogram in the process registry (see :class:`Histogram`)."""
+    return default().register_histogram(name, description, labels, buckets)
+
+
+def set_active_agents(agent_type: str, count: float) -> None:
+    """Set ``active_agents_count{type}``; see also :func:`agent_started` / :func:`agent_finished`."""
+    default().active_agents.set(count, {"type": agent_type})
+
+
+def agent_started(agent_type: str) -> None:
+    """One more active agent of this type."""
+    default().active_agents.inc({"type": agent_type})
+
+
+def agent_finished(agent_type: str) -> None:
+    """One active agent of this type fewer."""
+    default().active_agents.dec({"type": agent_type})
+
+
+def record_ticket_transition(from_state: str, to_state: str) -> None:
+    """Count a ticket moving between states in ``ticket_transitions_total{from,to}``."""
+    default().ticket_transitions.inc({"from": from_state, "to": to_state})
+
+
+def count_error(error_type: str, severity: str = "error") -> None:
+    """Count an error in ``errors_total{type,severity}``."""
+    default().errors.inc({"type": error_type, "severity": severity})
+
+
+class _LazyHistogram:
+    """``http_request_duration`` importable at module level before the SDK starts."""
+
+    def observe(self, value: float, labels: Labels = None) -> None:
+        default().http_request_duration.observe(value, labels)
+
+    def start_timer(self, labels: Labels = None) -> Timer:
+        return default().http_request_duration.start_timer(labels)
+
+
+http_request_duration: Final = _LazyHistogram()

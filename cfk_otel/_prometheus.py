@@ -1,0 +1,195 @@
+"""``/api/metrics``: the Prometheus scrape endpoint, summed across a process group's workers.
+
+The SDK's ``PrometheusMetricReader`` (registered through the configurator as the
+``cfk_prometheus`` metric exporter) translates the OpenTelemetry data into a
+``prometheus_client`` registry that this module owns. With several workers
+(``uvicorn --workers N``, gunicorn), each worker also writes its own exposition to a
+shared directory every :data:`SHARE_INTERVAL` seconds, and whichever worker is scraped
+sums its live numbers with the others' files: one scrape shows the whole app, with no
+extra per-worker labels. Counters of workers that have exited keep counting (so totals
+never go backwards); gauges only count live workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as text_format
+from prometheus_client.core import Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from ._asgi import Message, Receive, Scope, Send
+
+_log = logging.getLogger("cfk_otel")
+
+GROUP_ENV: Final = "CFK_OTEL_PROCESS_GROUP"
+SHARE_INTERVAL: Final = 2.0
+
+
+class ScrapeReader(PrometheusMetricReader):
+    """The SDK's Prometheus reader, as the ``cfk_prometheus`` metric exporter entry point."""
+
+
+def reader_arguments(registry: CollectorRegistry) -> dict[str, Any]:
+    # No target_info metric and no otel_scope_* labels: the scrape shows exactly the
+    # document's names and labels.
+    return {"disable_target_info": True, "scope_info_enabled": False, "registry": registry}
+
+
+def join_process_group() -> None:
+    """Mark this process as a group leader unless it inherited a group from its parent.
+
+    Called once at start-up, before any worker is spawned or forked, so every worker
+    inherits the leader's marker.
+    """
+    os.environ.setdefault(GROUP_ENV, f"{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def group_directory() -> Path | None:
+    """The shared directory when this process is a worker of a group, else None."""
+    group = os.environ.get(GROUP_ENV, "")
+    leader = group.split("-", 1)[0]
+    if not leader.isdigit() or int(leader) == os.getpid():
+        return None
+    return Path(tempfile.gettempdir()) / "cfk-otel-metrics" / group
+
+
+class Scrape:
+    """Renders the scrape body; in a worker group, also shares this worker's numbers."""
+
+    def __init__(self, registry: CollectorRegistry, directory: Path | None = None) -> None:
+        self._registry = registry
+        self._directory = directory
+        self._stop = threading.Event()
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._file = directory / f"{os.getpid()}.prom"
+            threading.Thread(target=self._share_forever, name="cfk-otel-metrics-share", daemon=True).start()
+
+    def render(self, openmetrics_format: bool) -> tuple[bytes, str]:
+        source: Any = self._registry if self._directory is None else _Merged(self._registry, self._directory)
+        if openmetrics_format:
+            return openmetrics.generate_latest(source), openmetrics.CONTENT_TYPE_LATEST  # type: ignore[no-untyped-call]
+        return text_format.generate_latest(source), text_format.CONTENT_TYPE_LATEST
+
+    def share_now(self) -> None:
+        if self._directory is None:
+            return
+        temporary = self._file.with_suffix(".tmp")
+        temporary.write_bytes(text_format.generate_latest(self._registry))
+        temporary.replace(self._file)  # atomic: a reader never sees half a file
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.share_now()
+        except OSError:
+            _log.debug("cfk_otel: could not write the final metrics share", exc_info=True)
+
+    def _share_forever(self) -> None:
+        while not self._stop.wait(SHARE_INTERVAL):
+            try:
+                self.share_now()
+            except Exception:
+                _log.debug("cfk_otel: could not share this worker's metrics", exc_info=True)
+
+
+class _Merged:
+    """A ``collect()``-able view summing this worker's registry and the others' files."""
+
+    def __init__(self, registry: CollectorRegistry, directory: Path) -> None:
+        self._registry = registry
+        self._directory = directory
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        totals: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        own = f"{os.getpid()}.prom"
+        sources: list[Iterable[Metric]] = [self._registry.collect()]
+        for path in sorted(self._directory.glob("*.prom")):
+            if path.name == own:
+                continue
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            alive = _alive(path.stem)
+            sources.append([f for f in text_string_to_metric_families(text) if alive or f.type != "gauge"])
+        for source in sources:
+            for family in source:
+                families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                sums = totals.setdefault(family.name, {})
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    sums[key] = sums.get(key, 0.0) + sample.value
+        for name, family in families.items():
+            for (sample_name, labels), value in totals[name].items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family
+
+
+def _alive(pid_text: str) -> bool:
+    try:
+        os.kill(int(pid_text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class MetricsEndpoint:
+    """The ASGI app behind ``/api/metrics`` (optionally behind a bearer token)."""
+
+    def __init__(self, scrape: Callable[[], Scrape | None], bearer_token: str | None = None) -> None:
+        # Looked up per scrape: under gunicorn the SDK starts after the app is built.
+        self._scrape = scrape
+        self._expected = f"Bearer {bearer_token}".encode() if bearer_token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or ())
+        if scope.get("method") not in ("GET", "HEAD"):
+            await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+            return
+        if self._expected is not None and not hmac.compare_digest(
+            headers.get(b"authorization", b""), self._expected
+        ):
+            await _respond(send, 401, b"unauthorized\n", [(b"www-authenticate", b'Bearer realm="metrics"')])
+            return
+        wants_openmetrics = b"application/openmetrics-text" in headers.get(b"accept", b"")
+        scrape = self._scrape()
+        if scrape is None:
+            await _respond(send, 503, b"metrics are not configured (OTEL_SDK_DISABLED?)\n", [])
+            return
+        try:
+            body, content_type = await asyncio.to_thread(scrape.render, wants_openmetrics)
+        except Exception:
+            _log.warning("cfk_otel: rendering /api/metrics failed", exc_info=True)
+            await _respond(send, 500, b"metrics unavailable\n", [])
+            return
+        if scope.get("method") == "HEAD":
+            body = b""
+        await _respond(send, 200, body, [(b"content-type", content_type.encode())])
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-length", str(len(body)).encode()), *headers],
+    }
+    if not any(k == b"content-type" for k, _ in headers):
+        start["headers"].append((b"content-type", b"text/plain; charset=utf-8"))
+    await send(start)
+    await send({"type": "http.response.body", "body": body})

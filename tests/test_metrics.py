@@ -1,0 +1,163 @@
+"""cfk_otel/_metrics.py: the custom-metrics API on an injected meter provider."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from cfk_otel._metrics import Metrics
+
+
+@pytest.fixture
+def reader() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+def m(reader: InMemoryMetricReader) -> Iterator[Metrics]:
+    provider = MeterProvider(metric_readers=[reader])
+    yield Metrics(provider)
+    provider.shutdown()
+
+
+def points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+    data = reader.get_metrics_data()
+    found = {}
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name == name:
+                    for p in metric.data.data_points:
+                        found[tuple(sorted(p.attributes.items()))] = p
+    return found
+
+
+def test_counter(m: Metrics, reader: InMemoryMetricReader) -> None:
+    c = m.register_counter("my_feature_usage", "Feature usage count", ["feature"])
+    c.inc({"feature": "bulk-update"})
+    c.inc({"feature": "bulk-update"}, value=2)
+    [p] = points(reader, "my_feature_usage").values()
+    assert p.value == 3
+
+
+def test_gauge_set_inc_dec(m: Metrics, reader: InMemoryMetricReader) -> None:
+    g = m.register_gauge("queue_depth", "Jobs waiting", ["queue"])
+    g.set(5, {"queue": "a"})
+    g.inc({"queue": "a"})
+    g.dec({"queue": "a"}, 2)
+    g.set(7, {"queue": "b"})
+    g.set(1, {"queue": "b"})
+    values = {k: p.value for k, p in points(reader, "queue_depth").items()}
+    assert values == {(("queue", "a"),): 4, (("queue", "b"),): 1}
+
+
+def test_histogram_buckets_and_timer(m: Metrics, reader: InMemoryMetricReader) -> None:
+    h = m.register_histogram("export_seconds", "Export time", ["format"], buckets=[0.1, 1, 10])
+    h.observe(0.5, {"format": "csv"})
+    end = h.start_timer({"format": "csv"})
+    seconds = end()
+    assert 0 <= seconds < 1
+    assert end() >= seconds  # a second call returns the time but records nothing more
+    with h.start_timer({"format": "csv"}) as timer:
+        pass
+    assert isinstance(timer.end(), float)
+    [p] = points(reader, "export_seconds").values()
+    assert list(p.explicit_bounds) == [0.1, 1, 10]
+    assert p.count == 3
+
+
+def test_timer_decorates_sync_and_async(m: Metrics, reader: InMemoryMetricReader) -> None:
+    h = m.register_histogram("job_seconds", "Job time", ["job"])
+
+    @h.start_timer({"job": "sync"})
+    def work(x: int) -> int:
+        return x * 2
+
+    @h.start_timer({"job": "async"})
+    async def work_async(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 3
+
+    assert work(2) == 4
+    assert work(3) == 6
+    assert asyncio.run(work_async(2)) == 6
+    counts = {dict(k)["job"]: p.count for k, p in points(reader, "job_seconds").items()}
+    assert counts == {"sync": 2, "async": 1}
+
+
+def test_http_request_duration_is_the_catalogue_histogram(m: Metrics, reader: InMemoryMetricReader) -> None:
+    end = m.http_request_duration.start_timer({"method": "GET", "path": "/api/tickets"})
+    end()
+    [p] = points(reader, "http_request_duration_seconds").values()
+    assert {0.1, 0.5, 1.0, 2.0} <= set(p.explicit_bounds)
+
+
+def test_same_shape_returns_the_same_metric(m: Metrics) -> None:
+    first = m.register_counter("jobs", "Jobs", ["kind"])
+    assert m.register_counter("jobs", "Jobs again", ("kind",)) is first
+    h = m.register_histogram("lat", "Latency", [], buckets=[1, 2])
+    assert m.register_histogram("lat", "Latency", [], buckets=(1.0, 2.0)) is h
+
+
+@pytest.mark.parametrize(
+    ("register", "message"),
+    [
+        (lambda m: m.register_gauge("jobs", "Jobs", ["kind"]), "already registered as a counter"),
+        (lambda m: m.register_counter("jobs", "Jobs", ["other"]), "with labels \\['kind'\\]"),
+        (lambda m: m.register_histogram("lat", "L", [], buckets=[1, 3]), "buckets \\[1.0, 2.0\\]"),
+        (lambda m: m.register_counter("http_requests_total", "x", ["path"]), "already registered"),
+    ],
+)
+def test_conflicting_shape_raises(m: Metrics, register: Any, message: str) -> None:
+    m.register_counter("jobs", "Jobs", ["kind"])
+    m.register_histogram("lat", "Latency", [], buckets=[1, 2])
+    with pytest.raises(ValueError, match=message):
+        register(m)
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "error"),
+    [
+        ("2fast", [], "invalid metric name"),
+        ("has-dash", [], "invalid metric name"),
+        ("", [], "invalid metric name"),
+        ("ok", ["bad-label"], "invalid label name"),
+        ("ok", ["__reserved"], "invalid label name"),
+        ("ok", ["a", "a"], "duplicate label names"),
+    ],
+)
+def test_invalid_names_are_rejected_at_registration(
+    m: Metrics, name: str, labels: list[str], error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        m.register_counter(name, "d", labels)
+
+
+def test_labels_as_a_string_are_rejected(m: Metrics) -> None:
+    with pytest.raises(TypeError, match="list of names"):
+        m.register_counter("ok", "d", "feature")
+
+
+@pytest.mark.parametrize("buckets", [[], [1, 1], [2, 1]])
+def test_bad_buckets_are_rejected(m: Metrics, buckets: list[float]) -> None:
+    with pytest.raises(ValueError, match="increasing"):
+        m.register_histogram("h", "d", [], buckets=buckets)
+
+
+def test_wrong_labels_on_use_never_raise(
+    m: Metrics, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = m.register_counter("jobs", "Jobs", ["kind"])
+    c.inc({"kind": "a", "extra": "dropped"})
+    c.inc()
+    c.inc({"kind": "a"}, value=-1)  # counters never go down
+    assert {k: p.value for k, p in points(reader, "jobs").items()} == {
+        (("kind", "a"),): 1,
+        (("kind", ""),): 1,
+    }
+    assert caplog.text.count("metric jobs") == 1  # warned once
