@@ -7,12 +7,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cfk-installed
 
-.PHONY: help venv services services-stop lint test demo env-table clean
+.PHONY: help venv services services-stop lint test demo env-table collector clean
 
 help:
 	@echo "make demo    run the example app under opentelemetry-instrument and summarise its telemetry"
 	@echo "make test    lint, type-check and run the whole test suite against real services"
 	@echo "make lint    ruff and mypy only"
+	@echo "make collector   build (or reuse) the otelcol-cfk collector binary"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,11 @@ test: venv services lint
 
 demo: venv services
 	$(BIN)/python examples/quickstart/demo.py $(DEMO_ARGS)
+
+# Our OpenTelemetry Collector distribution, built with the Collector Builder and cached
+# by the manifest's hash (an unchanged manifest is not rebuilt); see collector/BUILD-NOTES.md.
+collector:
+	collector/build.sh
 
 # Rewrites the README's table of environment variables from cfk_otel/_settings.py.
 env-table: venv
