@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _health, _sdk
-from ._asgi import ASGIApp, TelemetryMiddleware
+from ._asgi import ASGIApp, RequestObserver, TelemetryMiddleware
 from ._prometheus import MetricsEndpoint
 
 
@@ -25,4 +25,7 @@ def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
         scrape = MetricsEndpoint(lambda: _sdk.STATE.scrape, settings.metrics_bearer_token)
         endpoints[settings.metrics_path] = scrape
     endpoints.update(_health.build_endpoints(settings))
-    return TelemetryMiddleware(app, endpoints=endpoints, endpoint_telemetry=settings.health_telemetry)
+    observers: list[RequestObserver] = []
+    return TelemetryMiddleware(
+        app, endpoints=endpoints, endpoint_telemetry=settings.health_telemetry, observers=observers
+    )

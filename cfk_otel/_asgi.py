@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from opentelemetry import context, metrics, propagate, trace
@@ -45,6 +46,23 @@ class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
 _GETTER: Final = _HeaderGetter()
 
 
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What an observer learns about one finished request or websocket session."""
+
+    scope: Scope
+    kind: str  # "http" or "websocket"
+    method: str
+    route: str  # the route template, or "unmatched"
+    status: int  # 101 for an accepted websocket, 500 for an unhandled exception
+    duration: float  # seconds
+    error: BaseException | None
+    span_context: trace.SpanContext
+
+
+RequestObserver = Callable[[RequestInfo], None]
+
+
 class TelemetryMiddleware:
     """Wraps an ASGI app with a server span and the request metrics.
 
@@ -62,8 +80,11 @@ class TelemetryMiddleware:
         meter_provider: metrics.MeterProvider | None = None,
         endpoints: Mapping[str, ASGIApp] | None = None,
         endpoint_telemetry: bool = False,
+        observers: Sequence[RequestObserver] = (),
     ) -> None:
         self.app = app
+        # Called once per finished request or websocket (request log line, error reports).
+        self._observers = tuple(observers)
         # Paths the distro serves itself (/api/metrics, health); by default they are
         # answered before any span or metric is recorded.
         self._endpoints = dict(endpoints or {})
@@ -131,20 +152,36 @@ class TelemetryMiddleware:
             if status == 101:  # every way a websocket ends comes through here, exactly once
                 self.metrics.websocket_connections.dec()
             try:
-                elapsed = time.perf_counter() - start
                 route = fixed_route or self._routes.template(scope, root_path, status)
-                self._finish(span, scope, kind, method, route, status, error)
-                if kind == "http":
-                    self._requests.add(1, {"method": method, "path": route, "status": str(status)})
-                    self._duration.record(elapsed, {"method": method, "path": route})
-                if error is not None:
-                    self.metrics.errors.inc({"type": type(error).__qualname__, "severity": "error"})
-                elif status >= 500:
-                    self.metrics.errors.inc({"type": f"http_{status}", "severity": "error"})
+                self._record(span, scope, kind, method, route, status, time.perf_counter() - start, error)
             except Exception:  # telemetry must never fail a request
                 if not self._warned:
                     self._warned = True
                     _log.warning("cfk_otel: recording a request failed; continuing", exc_info=True)
+
+    def _record(
+        self,
+        span: trace.Span,
+        scope: Scope,
+        kind: str,
+        method: str,
+        route: str,
+        status: int,
+        elapsed: float,
+        error: BaseException | None,
+    ) -> None:
+        self._finish(span, scope, kind, method, route, status, error)
+        if kind == "http":
+            self._requests.add(1, {"method": method, "path": route, "status": str(status)})
+            self._duration.record(elapsed, {"method": method, "path": route})
+        if error is not None:
+            self.metrics.errors.inc({"type": type(error).__qualname__, "severity": "error"})
+        elif status >= 500:
+            self.metrics.errors.inc({"type": f"http_{status}", "severity": "error"})
+        if self._observers:
+            info = RequestInfo(scope, kind, method, route, status, elapsed, error, span.get_span_context())
+            for observer in self._observers:
+                observer(info)
 
     @staticmethod
     def _finish(
