@@ -10,6 +10,15 @@ from __future__ import annotations
 from ._api import configure, shutdown
 from ._app import instrument_app
 from ._asgi import TelemetryMiddleware
+from ._health import (
+    HealthCheckResult,
+    HealthRegistry,
+    health_app,
+    health_registry,
+    mark_shutting_down,
+    register_health_check,
+)
+from ._logs import Logger, get_logger, logger
 from ._metrics import (
     Counter,
     Gauge,
@@ -31,18 +40,27 @@ __all__ = [
     "ConfigurationError",
     "Counter",
     "Gauge",
+    "HealthCheckResult",
+    "HealthRegistry",
     "Histogram",
+    "Logger",
     "TelemetryMiddleware",
     "Timer",
     "__version__",
     "agent_finished",
     "agent_started",
     "configure",
+    "get_logger",
+    "health_app",
+    "health_registry",
     "http_request_duration",
     "instrument_app",
+    "logger",
+    "mark_shutting_down",
     "record_ticket_transition",
     "register_counter",
     "register_gauge",
+    "register_health_check",
     "register_histogram",
     "set_active_agents",
     "shutdown",

@@ -6,6 +6,7 @@ from typing import Any
 
 from . import _health, _sdk
 from ._asgi import ASGIApp, RequestObserver, TelemetryMiddleware
+from ._logs import request_observer
 from ._prometheus import MetricsEndpoint
 
 
@@ -26,6 +27,9 @@ def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
         endpoints[settings.metrics_path] = scrape
     endpoints.update(_health.build_endpoints(settings))
     observers: list[RequestObserver] = []
+    request_log = request_observer(settings)
+    if request_log is not None:
+        observers.append(request_log)
     return TelemetryMiddleware(
         app, endpoints=endpoints, endpoint_telemetry=settings.health_telemetry, observers=observers
     )

@@ -17,6 +17,7 @@ from typing import Any, Final
 import wrapt
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from . import _metrics, _sdk
 
@@ -122,6 +123,8 @@ def _report_slow(query: object, seconds: float) -> None:
 async def _time_asyncpg(
     wrapped: Callable[..., Awaitable[Any]], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
+    if not is_instrumentation_enabled():  # e.g. the health checks' own probes
+        return await wrapped(*args, **kwargs)
     start = time.perf_counter()
     try:
         return await wrapped(*args, **kwargs)
@@ -150,6 +153,8 @@ def _time_redis(pipeline: bool) -> Callable[..., Any]:
     def timed(
         wrapped: Callable[..., Any], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
         start = time.perf_counter()
         try:
             return wrapped(*args, **kwargs)
@@ -166,6 +171,8 @@ def _time_redis_async(pipeline: bool) -> Callable[..., Awaitable[Any]]:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
         start = time.perf_counter()
         try:
             return await wrapped(*args, **kwargs)

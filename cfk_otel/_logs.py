@@ -1,17 +1,35 @@
-"""Bridge from the standard ``logging`` module to OpenTelemetry log records (OTLP).
+"""Structured logs: the document's JSON lines on stdout and the same records over OTLP.
 
-The SDK's own ``LoggingHandler`` is deprecated; this handler is the small part of it we
-need. Records from the OpenTelemetry SDK and exporters themselves are never bridged:
-an exporter that logs its own failure must not feed itself.
+Everything that logs in the process goes through the root logger, which cfk_otel owns:
+one stdout handler (JSON, or ``LOG_FORMAT=pretty`` for a terminal) and one OTLP
+handler, both filtered by ``LOG_LEVEL``. uvicorn's and gunicorn's own handlers are
+removed so their records come out once, in the same shape; uvicorn's access log is
+replaced by one request line per HTTP request (see :func:`request_observer`).
+
+The app-facing API is :data:`logger` (and :func:`get_logger`), with the document's
+methods and child loggers that carry context.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import random
+import sys
+import time
 import traceback
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import IO, Any, Final
 
-from opentelemetry._logs import Logger, LoggerProvider, SeverityNumber
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry._logs import Logger as OtelLogger
+from opentelemetry._logs import LoggerProvider, SeverityNumber
+
+from ._asgi import RequestInfo, RequestObserver
+from ._redact import redact
+from ._settings import Settings
 
 LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -20,6 +38,7 @@ LEVELS: Final = {
     "error": logging.ERROR,
     "fatal": logging.CRITICAL,
 }
+_BY_SEVERITY: Final = sorted(((v, k) for k, v in LEVELS.items()), reverse=True)
 _SEVERITY: Final = {
     logging.DEBUG: (SeverityNumber.DEBUG, "DEBUG"),
     logging.INFO: (SeverityNumber.INFO, "INFO"),
@@ -27,16 +46,236 @@ _SEVERITY: Final = {
     logging.ERROR: (SeverityNumber.ERROR, "ERROR"),
     logging.CRITICAL: (SeverityNumber.FATAL, "FATAL"),
 }
+MAX_MESSAGE: Final = 16_384
+_TRUNCATED: Final = "…[truncated {} chars]"
+# Exporters logging their own failures must never feed themselves.
 _OWN_LOGGERS: Final = ("opentelemetry", "grpc", "urllib3")
+# Standard LogRecord attributes; anything else on a record came from ``extra=`` and is context.
+_RESERVED: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "cfk_context",
+    "cfk_span",
+}
+_SERVER_LOGGERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn", "gunicorn.error")
+_ACCESS_LOGGERS: Final = ("uvicorn.access", "gunicorn.access")
+
+
+def level_name(levelno: int) -> str:
+    """The document's level for a ``logging`` level (custom levels round down)."""
+    for threshold, name in _BY_SEVERITY:
+        if levelno >= threshold:
+            return name
+    return "debug"
+
+
+def _timestamp(created: float) -> str:
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _truncate(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return message[:MAX_MESSAGE] + _TRUNCATED.format(len(message) - MAX_MESSAGE)
+
+
+def _context_of(record: logging.LogRecord) -> dict[str, Any]:
+    bound: Mapping[str, Any] | None = getattr(record, "cfk_context", None)
+    context = dict(bound) if bound else {}
+    for key, value in record.__dict__.items():
+        if key not in _RESERVED and key not in context:
+            context[key] = value
+    return context
+
+
+def _span_context(record: logging.LogRecord) -> trace.SpanContext | None:
+    explicit = getattr(record, "cfk_span", None)
+    span_context = explicit if explicit is not None else trace.get_current_span().get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    isoformat = getattr(value, "isoformat", None)
+    if callable(isoformat):
+        return isoformat()
+    return repr(value)
+
+
+def _json(value: object) -> str:
+    return json.dumps(
+        value, default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    )
+
+
+def _dumps(document: dict[str, Any]) -> str:
+    try:
+        return _json(document)
+    except (ValueError, TypeError, RecursionError):
+        # A circular structure, NaN, or a __repr__ that raises: keep the line, value by value.
+        safe: dict[str, Any] = {}
+        for key, value in document.items():
+            try:
+                _json(value)
+                safe[str(key)] = value
+            except Exception:
+                safe[str(key)] = _safe_repr(value)
+        return _json(safe)
+
+
+def _safe_repr(value: object) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__qualname__}>"
+
+
+def _error_fields(exc_info: Any) -> dict[str, str] | None:
+    if not exc_info or exc_info[0] is None:
+        return None
+    exc_type, exc, tb = exc_info
+    return {
+        "type": exc_type.__qualname__,
+        "message": _truncate(_safe_str(exc)),
+        "stack": "".join(traceback.format_exception(exc_type, exc, tb)),
+    }
+
+
+def _message(record: logging.LogRecord) -> str:
+    try:
+        message = record.getMessage()
+    except Exception:  # bad %-arguments: keep both parts rather than lose the line
+        message = f"{_safe_repr(record.msg)} % {_safe_repr(record.args)}"
+    return _truncate(message.rstrip("\n"))
+
+
+def _safe_str(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:
+        return _safe_repr(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: the document's fields, then the context.
+
+    ``timestamp`` (UTC, milliseconds, ``Z``), ``level``, ``message``, ``service``,
+    ``environment``, ``version``, the context, ``trace_id``/``span_id`` when a span is
+    active, ``error`` when an exception is attached, and Datadog's ``dd.*`` fields when
+    ``DD_LOGS_INJECTION=true``. Secret-looking keys are ``[REDACTED]`` at any depth.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self._service = settings.service_name
+        self._environment = settings.environment
+        self._version = settings.service_version
+        self._dd = (
+            {"dd.service": settings.dd_service, "dd.env": settings.dd_env, "dd.version": settings.dd_version}
+            if settings.dd_logs_injection
+            else None
+        )
+
+    def document(self, record: logging.LogRecord) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "timestamp": _timestamp(record.created),
+            "level": level_name(record.levelno),
+            "message": _message(record),
+            "service": self._service,
+            "environment": self._environment,
+            "version": self._version,
+        }
+        for key, value in redact(_context_of(record)).items():
+            document.setdefault(str(key), value)
+        if not hasattr(record, "cfk_context") and "logger" not in document:
+            document["logger"] = record.name
+        span_context = _span_context(record)
+        if span_context is not None:
+            document["trace_id"] = format(span_context.trace_id, "032x")
+            document["span_id"] = format(span_context.span_id, "016x")
+        error = _error_fields(record.exc_info)
+        if error is not None:
+            document["error"] = error
+        if self._dd is not None:
+            document.update(self._dd)
+            if span_context is not None:
+                # Datadog correlates on the low 64 bits, in decimal.
+                document["dd.trace_id"] = str(span_context.trace_id & 0xFFFFFFFFFFFFFFFF)
+                document["dd.span_id"] = str(span_context.span_id)
+        return document
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _dumps(self.document(record))
+
+
+_COLOURS: Final = {
+    "debug": "\x1b[2m",
+    "info": "\x1b[32m",
+    "warn": "\x1b[33m",
+    "error": "\x1b[31m",
+    "fatal": "\x1b[1;41m",
+}
+_FIXED: Final = (
+    "timestamp",
+    "level",
+    "message",
+    "service",
+    "environment",
+    "version",
+    "trace_id",
+    "span_id",
+    "error",
+)
+
+
+class PrettyFormatter(JsonFormatter):
+    """``LOG_FORMAT=pretty``: one readable, coloured line per record, for a terminal."""
+
+    def __init__(self, settings: Settings, colour: bool = True) -> None:
+        super().__init__(settings)
+        self._colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = self.document(record)
+        level = doc["level"]
+        context = " ".join(f"{k}={_compact(v)}" for k, v in doc.items() if k not in _FIXED)
+        head = f"{doc['timestamp'][11:23]} {level.upper():<5}"
+        if self._colour:
+            head = f"{_COLOURS[level]}{head}\x1b[0m"
+        line = f"{head} {doc['message']}" + (f"  {context}" if context else "")
+        if "trace_id" in doc:
+            line += f"  trace={doc['trace_id'][:16]}"
+        error = doc.get("error")
+        if error:
+            line += "\n" + error["stack"].rstrip()
+        return line
+
+
+def _compact(value: object) -> str:
+    return value if isinstance(value, str) and " " not in value else _dumps({"v": value})[5:-1]
+
+
+def _attribute(value: object) -> Any:
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return _dumps({"v": value})[5:-1]
 
 
 class OtlpHandler(logging.Handler):
-    """Emits every ``logging`` record as an OpenTelemetry log record."""
+    """Emits every ``logging`` record as an OpenTelemetry log record, once."""
 
     def __init__(self, provider: LoggerProvider, level: int = logging.NOTSET) -> None:
         super().__init__(level)
         self._provider = provider
-        self._loggers: dict[str, Logger] = {}
+        self._loggers: dict[str, OtelLogger] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_OWN_LOGGERS):
@@ -46,22 +285,184 @@ class OtlpHandler(logging.Handler):
             if logger is None:
                 logger = self._loggers.setdefault(record.name, self._provider.get_logger(record.name))
             number, text = _SEVERITY.get(record.levelno, (SeverityNumber.UNSPECIFIED, record.levelname))
-            attributes: dict[str, Any] = {
-                "code.file.path": record.pathname,
-                "code.function.name": record.funcName,
-                "code.line.number": record.lineno,
-            }
-            if record.exc_info and record.exc_info[0] is not None:
-                exc_type, exc, tb = record.exc_info
-                attributes["exception.type"] = exc_type.__qualname__
-                attributes["exception.message"] = str(exc)
-                attributes["exception.stacktrace"] = "".join(traceback.format_exception(exc_type, exc, tb))
+            attributes = {str(k): _attribute(v) for k, v in redact(_context_of(record)).items()}
+            attributes["code.file.path"] = record.pathname
+            attributes["code.function.name"] = record.funcName
+            attributes["code.line.number"] = record.lineno
+            error = _error_fields(record.exc_info)
+            if error is not None:
+                attributes["exception.type"] = error["type"]
+                attributes["exception.message"] = error["message"]
+                attributes["exception.stacktrace"] = error["stack"]
+            explicit = getattr(record, "cfk_span", None)
+            ctx = (
+                trace.set_span_in_context(trace.NonRecordingSpan(explicit)) if explicit is not None else None
+            )
             logger.emit(
                 timestamp=int(record.created * 1e9),
+                context=ctx or otel_context.get_current(),
                 severity_number=number,
                 severity_text=text,
-                body=record.getMessage(),
+                body=_message(record),
                 attributes=attributes,
             )
         except Exception:  # a log line must never raise into the app
             self.handleError(record)
+
+
+class _StdoutHandler(logging.StreamHandler[IO[str]]):
+    """stdout, looked up per record so that test runners' capture and redirections work."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(sys.stdout)
+        self.setLevel(level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+_OURS: Final = "_cfk_otel_handler"
+
+
+def configure_logging(settings: Settings, provider: LoggerProvider | None) -> None:
+    """Own the root logger: our handlers only, at ``LOG_LEVEL``. Safe to call again.
+
+    Called at start-up and again after uvicorn applies its own logging configuration.
+    """
+    level = LEVELS[settings.log_level]
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handlers: list[logging.Handler] = []
+    if settings.log_output in ("stdout", "both"):
+        stream = _StdoutHandler(level)
+        stream.setFormatter(
+            PrettyFormatter(settings, colour=True)
+            if settings.log_format == "pretty"
+            else JsonFormatter(settings)
+        )
+        handlers.append(stream)
+    if provider is not None and settings.log_output in ("otlp", "both") and settings.logs_exporters:
+        handlers.append(OtlpHandler(provider, level))
+    for handler in handlers:
+        setattr(handler, _OURS, True)
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name in _SERVER_LOGGERS:
+        server_logger = logging.getLogger(name)
+        for handler in list(server_logger.handlers):
+            server_logger.removeHandler(handler)
+        server_logger.propagate = True
+    for name in _ACCESS_LOGGERS:
+        # Replaced by our request line: one line per request, not two.
+        logging.getLogger(name).disabled = True
+    logging.captureWarnings(True)
+
+
+class Logger:
+    """The document's logger: a message plus keyword context, one JSON line each.
+
+    >>> from cfk_otel import logger
+    >>> logger.info("User logged in", userId="user-123", ip="10.0.0.1")
+    >>> request_logger = logger.create_child_logger(requestId="r-1")
+    >>> request_logger.warn("Rate limit approaching", remaining=5)
+
+    Child loggers are immutable: context bound for one request cannot leak into another.
+    ``fatal`` logs at the highest severity and does **not** exit the process.
+    """
+
+    __slots__ = ("_context", "_logger")
+
+    def __init__(self, name: str = "cfk_otel.app", context: Mapping[str, Any] | None = None) -> None:
+        self._logger = logging.getLogger(name)
+        self._context: Mapping[str, Any] = dict(context or {})
+
+    def _log(self, level: int, message: str, exc: BaseException | None, context: dict[str, Any]) -> None:
+        if not self._logger.isEnabledFor(level):
+            return
+        merged = {**self._context, **context} if self._context else context
+        try:
+            self._logger.log(level, message, exc_info=exc, extra={"cfk_context": merged}, stacklevel=3)
+        except Exception:  # logging must never raise into the app
+            logging.getLogger("cfk_otel").debug("cfk_otel: a log call failed", exc_info=True)
+
+    def debug(self, message: str, **context: Any) -> None:
+        self._log(logging.DEBUG, message, None, context)
+
+    def info(self, message: str, **context: Any) -> None:
+        self._log(logging.INFO, message, None, context)
+
+    def warn(self, message: str, **context: Any) -> None:
+        self._log(logging.WARNING, message, None, context)
+
+    warning = warn
+
+    def error(self, message: str, exc: BaseException | None = None, **context: Any) -> None:
+        """Log an error; with ``exc``, its type, message and stack are recorded too."""
+        self._log(logging.ERROR, message, exc if isinstance(exc, BaseException) else None, context)
+
+    def fatal(self, message: str, exc: BaseException | None = None, **context: Any) -> None:
+        """Log at the highest severity. The process keeps running: exiting is the caller's call."""
+        self._log(logging.CRITICAL, message, exc if isinstance(exc, BaseException) else None, context)
+
+    def log_request(self, method: str, path: str, status: int, duration_ms: float, **context: Any) -> None:
+        """One line for a finished request: ``POST /api/tickets 201 45ms``.
+
+        Level follows the status: 5xx error, 4xx warn, else info.
+        """
+        level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+        fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms, **context}
+        self._log(level, f"{method} {path} {status} {duration_ms:g}ms", None, fields)
+
+    def create_child_logger(self, **context: Any) -> Logger:
+        """A logger whose lines all carry ``context`` on top of this one's."""
+        return Logger(self._logger.name, {**self._context, **context})
+
+    bind = create_child_logger
+
+
+def get_logger(name: str | None = None, **context: Any) -> Logger:
+    """A :class:`Logger` for ``name`` (default: the app logger), with optional context."""
+    return Logger(name or "cfk_otel.app", context)
+
+
+logger: Final = Logger()
+_requests: Final = Logger("cfk_otel.requests")
+
+
+def request_observer(settings: Settings) -> RequestObserver | None:
+    """The request line written for each HTTP request, or None when switched off."""
+    if not settings.log_requests:
+        return None
+    rate = settings.log_requests_sample_rate
+
+    def observe(info: RequestInfo) -> None:
+        if info.kind != "http":
+            return
+        if info.status < 400 and rate < 1.0 and random.random() >= rate:  # noqa: S311  (sampling, not crypto)
+            return
+        span = info.span_context
+        level = (
+            logging.ERROR if info.status >= 500 else logging.WARNING if info.status >= 400 else logging.INFO
+        )
+        if not _requests._logger.isEnabledFor(level):
+            return
+        duration_ms = round(info.duration * 1000, 3)
+        path = info.scope.get("path", "")
+        _requests._logger.log(
+            level,
+            f"{info.method} {path} {info.status} {duration_ms:g}ms",
+            extra={
+                "cfk_context": {
+                    "method": info.method,
+                    "path": path,
+                    "route": info.route,
+                    "status": info.status,
+                    "duration_ms": duration_ms,
+                },
+                "cfk_span": span if span.is_valid else None,
+            },
+        )
+
+    return observe

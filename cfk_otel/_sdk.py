@@ -28,7 +28,7 @@ from opentelemetry.environment_variables import (
 from prometheus_client import CollectorRegistry
 
 from . import _settings
-from ._logs import LEVELS, OtlpHandler
+from ._logs import configure_logging
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
 
@@ -117,9 +117,11 @@ def start(initialize: Initialize) -> None:
         current = prepare()
         if current.sdk_disabled:
             STATE.started = True
+            apply_logging()  # JSON lines on stdout do not depend on the SDK
             return
         if _defer_to_fork(current):
             STATE.deferred = True
+            apply_logging()
             os.register_at_fork(after_in_child=lambda: _start_in_child(initialize))
             return
         _initialize(initialize, current)
@@ -147,18 +149,17 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
     STATE.started = True
-    _attach_log_handler(current)
+    apply_logging()
     # atexit runs last-registered first, so this bounded shutdown runs before the SDK's own
     # unbounded per-provider handlers, which then find nothing left to do.
     atexit.register(shutdown)
 
 
-def _attach_log_handler(current: _settings.Settings) -> None:
-    root = logging.getLogger()
-    level = LEVELS[current.log_level]
-    root.setLevel(level)
-    if current.logs_exporters and not any(isinstance(h, OtlpHandler) for h in root.handlers):
-        root.addHandler(OtlpHandler(_logs.get_logger_provider(), level))
+def apply_logging() -> None:
+    """(Re)apply our logging set-up; OTLP only once the SDK runs in this process."""
+    current = settings()
+    exporting = STATE.started and not STATE.deferred and not current.sdk_disabled
+    configure_logging(current, _logs.get_logger_provider() if exporting else None)
 
 
 def shutdown(timeout: float | None = None) -> bool:

@@ -245,6 +245,40 @@ LOG_FORMAT = Variable(
     "json, pretty",
     "json for log aggregation, pretty for a terminal.",
 )
+LOG_OUTPUT = Variable(
+    "LOG_OUTPUT",
+    "both",
+    _choice("stdout", "otlp", "both"),
+    "stdout, otlp, both",
+    "Where log records go: JSON lines on stdout (kubectl logs), OTLP to the collector, or both.",
+)
+LOG_REQUESTS = Variable(
+    "LOG_REQUESTS",
+    True,
+    _bool,
+    "true, false",
+    "One log line per HTTP request (replaces uvicorn's access log).",
+)
+LOG_REQUESTS_SAMPLE_RATE: Variable[float | None] = Variable(
+    "LOG_REQUESTS_SAMPLE_RATE",
+    1.0,
+    _rate,
+    "a number from 0 to 1",
+    "Share of request lines kept for responses below 400; 4xx and 5xx are always logged.",
+)
+DD_LOGS_INJECTION = Variable(
+    "DD_LOGS_INJECTION",
+    False,
+    _bool,
+    "true, false",
+    "Add Datadog's dd.trace_id, dd.span_id, dd.service, dd.env and dd.version to each line.",
+)
+DD_SERVICE = Variable(
+    "DD_SERVICE", "", _text, "any text", "dd.service in log lines; defaults to the service name."
+)
+DD_VERSION = Variable(
+    "DD_VERSION", "", _text, "any text", "dd.version in log lines; defaults to the version."
+)
 SENTRY_DSN = Variable(
     "SENTRY_DSN",
     None,
@@ -457,6 +491,12 @@ VARIABLES: Final[tuple[Variable[Any], ...]] = (
     SERVICE_ENVIRONMENT,
     LOG_LEVEL,
     LOG_FORMAT,
+    LOG_OUTPUT,
+    LOG_REQUESTS,
+    LOG_REQUESTS_SAMPLE_RATE,
+    DD_LOGS_INJECTION,
+    DD_SERVICE,
+    DD_VERSION,
     SENTRY_DSN,
     SENTRY_ENVIRONMENT,
     SENTRY_RELEASE,
@@ -518,6 +558,13 @@ class Settings:
     environment: str
     log_level: str
     log_format: str
+    log_output: str
+    log_requests: bool
+    log_requests_sample_rate: float
+    dd_logs_injection: bool
+    dd_service: str
+    dd_env: str
+    dd_version: str
     sentry_dsn: str | None
     sentry_environment: str
     sentry_release: str | None
@@ -552,6 +599,10 @@ class Settings:
     database_url: str | None
     redis_url: str | None
     problems: tuple[Problem, ...] = field(default=())
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _resource_attributes(value: str) -> dict[str, str]:
@@ -617,6 +668,13 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         environment=environment,
         log_level=read(LOG_LEVEL),
         log_format=read(LOG_FORMAT),
+        log_output=read(LOG_OUTPUT),
+        log_requests=read(LOG_REQUESTS),
+        log_requests_sample_rate=_or(read(LOG_REQUESTS_SAMPLE_RATE), 1.0),
+        dd_logs_injection=read(DD_LOGS_INJECTION),
+        dd_service=read(DD_SERVICE) or service_name,
+        dd_env=read(DD_ENV) or environment,
+        dd_version=read(DD_VERSION) or version or "unknown",
         sentry_dsn=read(SENTRY_DSN),
         sentry_environment=read(SENTRY_ENVIRONMENT) or environment,
         sentry_release=sentry_release,

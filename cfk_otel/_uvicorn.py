@@ -4,7 +4,9 @@ uvicorn's ``Config.load`` imports the app (also under gunicorn's ``UvicornWorker
 in each ``--workers`` process), so wrapping its result covers every launch style
 without touching the app. ``Server.shutdown`` is wrapped too: after a SIGTERM uvicorn
 re-raises the signal once it has stopped, which ends the process without running
-``atexit`` handlers, so telemetry is flushed (within its bound) right there.
+``atexit`` handlers, so telemetry is flushed (within its bound) right there. And
+``Server.handle_exit``, uvicorn's SIGTERM/SIGINT handler, first marks the process as
+shutting down, so that readiness answers 503 while uvicorn drains its connections.
 
 Disable with ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=cfk_uvicorn``.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from . import _sdk
+from . import _health, _sdk
 from ._app import instrument_app
 
 _log = logging.getLogger("cfk_otel")
@@ -51,14 +53,41 @@ def _wrap_shutdown(
     return shutdown
 
 
+def _wrap_handle_exit(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def handle_exit(server: Any, *args: Any, **kwargs: Any) -> None:
+        # A signal handler: only set a flag here (no locks, no logging).
+        _health.mark_shutting_down()
+        original(server, *args, **kwargs)
+
+    return handle_exit
+
+
+def _wrap_configure_logging(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(original)
+    def configure_logging(config: Any) -> None:
+        original(config)
+        # uvicorn just applied its own dictConfig: take the root logger back so its
+        # records come out once, in our format.
+        try:
+            _sdk.apply_logging()
+        except Exception:
+            _log.exception("cfk_otel: could not re-apply logging after uvicorn's")
+
+    return configure_logging
+
+
 _PATCHES = (
+    ("uvicorn.config", "Config", "configure_logging", _wrap_configure_logging),
     ("uvicorn.config", "Config", "load", _wrap_load),
     ("uvicorn.server", "Server", "shutdown", _wrap_shutdown),
+    ("uvicorn.server", "Server", "handle_exit", _wrap_handle_exit),
 )
 
 
 class UvicornInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """Patches uvicorn's ``Config.load`` and ``Server.shutdown``."""
+    """Patches uvicorn's ``Config.configure_logging``, ``Config.load``, ``Server.shutdown`` and
+    ``Server.handle_exit``."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("uvicorn >= 0.30",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -43,7 +44,12 @@ def test_configure_is_idempotent_and_exports(receiver: OtlpReceiver) -> None:
     assert result.returncode == 0, result.stderr
     assert "flushed True" in result.stdout
     assert "again True" in result.stdout
-    assert "cfk_otel.configure() was already called; ignoring" in result.stderr
+    # cfk_otel owns the root logger: the app's lines, ours included, are JSON on stdout.
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert any(line["message"] == "cfk_otel.configure() was already called; ignoring" for line in lines)
+    [warning] = [line for line in lines if line["message"] == "inside the span"]
+    assert warning["level"] == "warn"
+    assert warning["logger"] == "manual"
     span = receiver.wait_for_span(lambda s: s.name == "manual-work")
     assert span.resource["service.name"] == "manual-app"
     assert receiver.wait_for(lambda: any(r.body == "inside the span" for r in receiver.logs))

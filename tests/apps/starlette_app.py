@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -21,6 +22,12 @@ async def hello(request):
 async def ticket(request):
     log.info("ticket %s requested", request.path_params["ticket_id"])
     return JSONResponse({"id": request.path_params["ticket_id"], "pid": os.getpid()})
+
+
+async def warn(request):
+    warnings.warn("deprecated call", DeprecationWarning, stacklevel=1)
+    log.debug("debug detail")
+    return PlainTextResponse("warned")
 
 
 async def boom(request):
@@ -76,6 +83,7 @@ routes = [
     Route("/hello", hello),
     Route("/api/tickets/{ticket_id}", ticket),
     Route("/boom", boom),
+    Route("/warn", warn),
     Route("/db", db),
     Route("/state", state),
     Route("/created", created, methods=["POST"]),

@@ -1,0 +1,477 @@
+"""Sentry, with OpenTelemetry as the one tracer. Imported only when ``SENTRY_DSN`` is set.
+
+- **No second tracer.** Sentry's framework integrations (Starlette, FastAPI, asyncpg,
+  redis, httpx, ...) and its own request tracing stay off; every event carries the
+  current OpenTelemetry trace and span ids in ``contexts.trace``, so an issue links to
+  its trace.
+- **One event per failure.** An exception is reported once, whoever reports it first
+  (our middleware observer, ``capture_error``, a ``logging`` call with ``exc_info``):
+  later events for the same exception object are dropped. uvicorn's "Exception in ASGI
+  application" line and the distro's own request line are therefore never a second event.
+- **A scope per request.** :class:`RequestScopes` gives each HTTP request and WebSocket
+  session its own Sentry isolation scope, so users, tags and breadcrumbs set while
+  serving one request never reach another's events.
+- **Nothing secret leaves.** Every event is scrubbed with the shared key rule of
+  :mod:`cfk_otel._redact`, at any depth, and credentials are cut out of text (URLs with
+  user info such as DSNs, ``Bearer`` tokens, ``password=...``). No IP addresses, cookies
+  or request bodies are collected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping
+from http import HTTPStatus
+from typing import Any, Final
+
+import sentry_sdk
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, format_span_id, format_trace_id
+from sentry_sdk.integrations.dedupe import DedupeIntegration
+from sentry_sdk.integrations.excepthook import ExcepthookIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
+from sentry_sdk.integrations.modules import ModulesIntegration
+from sentry_sdk.integrations.threading import ThreadingIntegration
+from sentry_sdk.scope import Scope as SentryScope
+from sentry_sdk.scope import use_isolation_scope
+from sentry_sdk.types import Event, Hint
+from sentry_sdk.utils import event_from_exception
+
+from . import _errors
+from ._asgi import ASGIApp, Message, Receive, RequestInfo, Scope, Send
+from ._redact import REDACTED, is_secret_key
+from ._routes import UNMATCHED, RouteResolver
+from ._settings import Settings
+
+_log = logging.getLogger("cfk_otel.errors")
+
+# Server close codes that mean the server failed (RFC 6455: 1011 internal error, 1014 bad
+# gateway). Others are normal, client faults or the client going away: not reported.
+ABNORMAL_CLOSE_CODES: Final = frozenset({1011, 1014})
+# Lines about requests we report ourselves (or that carry client addresses).
+_IGNORED_LOGGERS: Final = ("cfk_otel.requests", "uvicorn.access", "gunicorn.access")
+# The only request headers sent: none of them identifies or authenticates anyone.
+_HEADERS: Final = frozenset({b"host", b"user-agent", b"accept", b"content-type", b"content-length"})
+_SCOPE_KEY: Final = "cfk_otel.sentry"
+_REPORTED: Final = "__cfk_otel_reported__"
+_LOOP_HANDLER: Final = "_cfk_otel_sentry"
+_MAX_DEPTH: Final = 64
+_URL_USERINFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@'\"<>]+@")
+_AUTH_SCHEME: Final = re.compile(r"(?i)\b(bearer|basic|digest)\s+[a-z0-9._~+/=\-]{4,}")
+_KEY_VALUE: Final = re.compile(r"""([A-Za-z_][\w.\-]{0,63})(["']?\s*[:=]\s*["']?)([^\s"',;&)}\]]+)""")
+_processor_added = False
+
+
+def init(settings: Settings) -> bool:
+    """Start the Sentry client from the settings. Returns True once it runs."""
+    global _processor_added  # noqa: PLW0603  (one global processor per process)
+    profiles = settings.sentry_profiles_sample_rate
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn,
+        environment=settings.sentry_environment,
+        release=settings.sentry_release or _release(settings),
+        # Only what we choose: no framework, database or HTTP-client integration tracing
+        # requests a second time, no outgoing sentry-trace headers, no argv (secrets).
+        default_integrations=False,
+        auto_enabling_integrations=False,
+        integrations=[
+            DedupeIntegration(),
+            ExcepthookIntegration(),
+            ModulesIntegration(),
+            ThreadingIntegration(propagate_scope=False),
+            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR, sentry_logs_level=None),
+        ],
+        traces_sample_rate=None,  # OpenTelemetry traces; see docs/sentry.md
+        profile_session_sample_rate=profiles,
+        profile_lifecycle="manual",
+        before_send=before_send,
+        max_breadcrumbs=50,
+        shutdown_timeout=2.0,
+    )
+    for name in _IGNORED_LOGGERS:
+        ignore_logger(name)
+    if not _processor_added:
+        sentry_sdk.get_global_scope().add_event_processor(_link_trace)
+        _processor_added = True
+    if profiles:
+        sentry_sdk.profiler.start_profiler()  # runs only in the sampled share of processes
+    return True
+
+
+def _release(settings: Settings) -> str | None:
+    if settings.service_version and settings.service_version != "unknown":
+        return f"{settings.service_name}@{settings.service_version}"
+    return None
+
+
+def close(timeout: float) -> None:
+    """Stop the profiler, send what is queued within ``timeout`` seconds, drop the client."""
+    with _guard("stopping the profiler"):
+        sentry_sdk.profiler.stop_profiler()  # sends its last chunk
+    with _guard("flushing Sentry"):
+        sentry_sdk.get_client().close(timeout=max(0.0, timeout - 0.1))
+    sentry_sdk.get_global_scope().set_client(None)
+
+
+# --- the public API's Sentry side ----------------------------------------------------------
+
+
+def capture_error(
+    error: BaseException, level: str, tags: Mapping[str, object] | None, extra: Mapping[str, object] | None
+) -> str | None:
+    with _guard("capture_error"), sentry_sdk.new_scope() as scope:
+        scope.set_level(level)  # type: ignore[arg-type]
+        for key, value in (tags or {}).items():
+            scope.set_tag(str(key), str(value))
+        for key, value in (extra or {}).items():
+            scope.set_extra(str(key), value)
+        return sentry_sdk.capture_exception(error)
+    return None
+
+
+def capture_message(message: str, level: str, data: Mapping[str, object]) -> str | None:
+    with _guard("capture_message"), sentry_sdk.new_scope() as scope:
+        for key, value in data.items():
+            scope.set_extra(str(key), value)
+        return sentry_sdk.capture_message(message, level=level)  # type: ignore[arg-type]
+    return None
+
+
+def set_user(user: Mapping[str, object] | None) -> None:
+    with _guard("set_user"):
+        sentry_sdk.set_user(dict(user) if user else None)
+
+
+def capture_slow_query(sql: str, seconds: float) -> None:
+    from ._db import sql_operation  # noqa: PLC0415  (only slow queries need it)
+
+    first_line = sql.strip().splitlines()[0][:120] if sql.strip() else "?"
+    sentry_sdk.capture_event(
+        {
+            "message": f"Slow query ({seconds:.3f}s): {first_line}",
+            "level": "warning",
+            "logger": "cfk_otel.db",
+            "fingerprint": ["slow-query", sql],
+            "tags": {"db.operation.name": sql_operation(sql)},
+            # The statement only: its arguments are never recorded (user data, secrets).
+            "extra": {"db.query.text": sql, "duration_s": round(seconds, 3)},
+        }
+    )
+
+
+# --- one event per failure, nothing secret ------------------------------------------------
+
+
+def before_send(event: Event, hint: Hint) -> Event | None:
+    """Drop events about an exception already reported; scrub the rest."""
+    exc_info = hint.get("exc_info")
+    error = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+    if error is not None and getattr(error, _REPORTED, False):
+        return None
+    scrubbed: Event = scrub(event)
+    if error is not None:
+        with contextlib.suppress(AttributeError, TypeError):  # exceptions with __slots__
+            setattr(error, _REPORTED, True)
+    return scrubbed
+
+
+def scrub(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` with secrets withheld, at any depth.
+
+    Keys follow the shared rule (:func:`cfk_otel._redact.is_secret_key`); ``(key, value)``
+    pairs such as header lists count as keys; text loses URL credentials, ``Bearer``
+    tokens and ``secret=value`` pairs.
+
+    >>> scrub({"extra": {"headers": [["Authorization", "Bearer x"]], "dsn": "https://k@h/1"}})
+    {'extra': {'headers': [['Authorization', '[REDACTED]']], 'dsn': '[REDACTED]'}}
+    """
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, Mapping):
+        if depth >= _MAX_DEPTH:
+            return REDACTED
+        return {k: REDACTED if is_secret_key(k) else scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if depth >= _MAX_DEPTH:
+            return REDACTED
+        if len(value) == 2 and isinstance(value[0], str) and is_secret_key(value[0]):
+            return [value[0], REDACTED]
+        return [scrub(v, depth + 1) for v in value]
+    return value
+
+
+def scrub_text(text: str) -> str:
+    """Text without credentials.
+
+    >>> scrub_text("connect postgresql://app:pw@db/cfk?sslmode=require token=abc failed")
+    'connect postgresql://[REDACTED]@db/cfk?sslmode=require token=[REDACTED] failed'
+    """
+    if "://" in text and "@" in text:
+        text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
+    if " " in text:
+        text = _AUTH_SCHEME.sub(rf"\1 {REDACTED}", text)
+    if "=" in text or ":" in text:
+        text = _KEY_VALUE.sub(_hide_value, text)
+    return text
+
+
+def _hide_value(match: re.Match[str]) -> str:
+    key, sep, value = match.groups()
+    if value == REDACTED or not is_secret_key(key):
+        return match.group(0)
+    return f"{key}{sep}{REDACTED}"
+
+
+def _link_trace(event: Event, hint: Hint) -> Event:
+    # Every event points at the OpenTelemetry span current where it was captured.
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event.setdefault("contexts", {})["trace"] = {
+            "trace_id": format_trace_id(span_context.trace_id),
+            "span_id": format_span_id(span_context.span_id),
+        }
+    return event
+
+
+# --- per request: an isolation scope, and the reports when it ends -------------------------
+
+
+class _RequestState:
+    __slots__ = ("close_code", "close_reason", "scope")
+
+    def __init__(self, scope: SentryScope) -> None:
+        self.scope = scope
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+
+class _RequestEvents:
+    """Event processor of one request's scope: what the request was, never who sent it."""
+
+    __slots__ = ("asgi", "root_path", "routes")
+
+    def __init__(self, asgi: Scope, root_path: str, routes: RouteResolver) -> None:
+        self.asgi = asgi
+        self.root_path = root_path
+        self.routes = routes
+
+    def __call__(self, event: Event, hint: Hint) -> Event:
+        asgi = self.asgi
+        method = asgi.get("method", "GET")
+        if "request" not in event:
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in asgi.get("headers") or ()
+                if k in _HEADERS
+            }
+            host = headers.get("host", "")
+            event["request"] = {
+                "method": method,
+                "url": f"{asgi.get('scheme', 'http')}://{host}{asgi.get('path', '')}",  # no query string
+                "headers": headers,
+            }
+        if not event.get("transaction"):
+            route = self.routes.template(asgi, self.root_path, 0)
+            if route != UNMATCHED:
+                event["transaction"] = route
+                event["transaction_info"] = {"source": "route"}
+        event.setdefault("tags", {}).setdefault("http.method", method)
+        return event
+
+
+class RequestScopes:
+    """ASGI wrapper: a Sentry isolation scope per HTTP request and WebSocket session.
+
+    Installed by :func:`cfk_otel.instrument_app` inside the telemetry middleware when
+    Sentry is on. It also watches WebSocket close codes, and hooks the event loop's
+    exception handler the first time it runs, for background tasks that fail.
+
+    >>> app = RequestScopes(starlette_app)  # doctest: +SKIP
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app  # followed by the route resolver, like any middleware
+        self._routes = RouteResolver(app)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            with _guard("hooking the loop's exception handler"):
+                watch_background_tasks(loop)
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":  # noqa: PLR1714
+            await self.app(scope, receive, send)
+            return
+        with sentry_sdk.isolation_scope() as isolation:
+            isolation.clear_breadcrumbs()  # only this request's
+            isolation.add_event_processor(_RequestEvents(scope, scope.get("root_path", ""), self._routes))
+            state = _RequestState(isolation)
+            scope[_SCOPE_KEY] = state
+            if kind == "websocket":
+                send = _watch_close(send, state)
+            await self.app(scope, receive, send)
+
+
+def _watch_close(send: Send, state: _RequestState) -> Send:
+    async def send_wrapper(message: Message) -> None:
+        if message["type"] == "websocket.close":
+            state.close_code = message.get("code") or 1000
+            state.close_reason = message.get("reason") or ""
+        await send(message)
+
+    return send_wrapper
+
+
+class ErrorObserver:
+    """Reports each finished request that failed, once, with its route, method and status.
+
+    - an unhandled exception (HTTP or WebSocket): an ``error`` event with its stack;
+    - a 5xx response without one: an ``error`` event ``HTTP 503 Service Unavailable``;
+    - a 4xx response, when its status is in ``SENTRY_CAPTURE_4XX``: a ``warning``;
+    - a WebSocket the app closed with 1011 or 1014: an ``error``.
+
+    Events carry the request span's trace and span ids. Exceptions and 5xx are counted in
+    ``errors_total`` by the middleware already; the 4xx and close reports are counted here.
+    """
+
+    def __init__(self, capture_4xx: frozenset[int]) -> None:
+        self._capture_4xx = capture_4xx
+
+    def __call__(self, info: RequestInfo) -> None:
+        try:
+            self._observe(info)
+        except Exception:
+            _errors._warn_once("observer", "cfk_otel: reporting a request to Sentry failed", exc_info=True)
+
+    def _observe(self, info: RequestInfo) -> None:
+        state = info.scope.get(_SCOPE_KEY)
+        if not isinstance(state, _RequestState):
+            state = None
+        error = info.error
+        if error is not None:
+            if isinstance(error, Exception):  # not cancellations or exits
+                self._report(info, state, error=error)
+            return
+        status = info.status
+        if info.kind == "http":
+            if status >= 500:
+                self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="error")
+            elif status in self._capture_4xx:
+                self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="warning")
+                _errors._count(f"http_{status}", "warning")
+        elif state is not None and state.close_code in ABNORMAL_CLOSE_CODES:
+            code = state.close_code
+            reason = f": {state.close_reason}" if state.close_reason else ""
+            self._report(info, state, message=f"WebSocket closed with {code}{reason}", level="error")
+            _errors._count(f"websocket_{code}", "error")
+
+    @staticmethod
+    def _report(
+        info: RequestInfo,
+        state: _RequestState | None,
+        *,
+        error: BaseException | None = None,
+        message: str = "",
+        level: str = "error",
+    ) -> None:
+        # The request's span is no longer current here: make it so for _link_trace.
+        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(info.span_context)))
+        try:
+            with _isolation(state), sentry_sdk.new_scope() as scope:
+                scope.set_transaction_name(info.route, source="route")
+                scope.set_tag("http.method", info.method)
+                scope.set_tag("http.route", info.route)
+                scope.set_tag("http.status_code", str(info.status))
+                scope.set_tag("request.kind", info.kind)
+                if error is not None:
+                    event, hint = event_from_exception(
+                        error,
+                        client_options=sentry_sdk.get_client().options,
+                        mechanism={"type": f"cfk_otel.{info.kind}", "handled": False},
+                    )
+                    sentry_sdk.capture_event(event, hint=hint)
+                else:
+                    fingerprint = [info.kind, info.method, info.route, str(info.status), message]
+                    sentry_sdk.capture_event({"message": message, "level": level, "fingerprint": fingerprint})  # type: ignore[typeddict-item]
+        finally:
+            otel_context.detach(token)
+
+
+def _isolation(state: _RequestState | None) -> contextlib.AbstractContextManager[object]:
+    return use_isolation_scope(state.scope) if state is not None else contextlib.nullcontext()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+# --- background tasks ----------------------------------------------------------------------
+
+
+def watch_background_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Report exceptions the loop would otherwise only log ("Task exception was never retrieved").
+
+    The previous handler (or the default, which logs) still runs afterwards.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, _LOOP_HANDLER, False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        with _guard("reporting a background task"):
+            _report_background(context)
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    setattr(handler, _LOOP_HANDLER, True)
+    loop.set_exception_handler(handler)
+
+
+def _report_background(context: Mapping[str, Any]) -> None:
+    error = context.get("exception")
+    if not isinstance(error, Exception) or getattr(error, _REPORTED, False):
+        return
+    task = context.get("task") or context.get("future")
+    # The handler runs wherever the task happened to be collected, possibly inside another
+    # request: report from the task's own context (Python 3.12+) or from an empty one,
+    # never from whichever request is current.
+    get_context: Callable[[], contextvars.Context] | None = getattr(task, "get_context", None)
+    run_in = get_context() if callable(get_context) else contextvars.Context()
+    name = task.get_name() if isinstance(task, asyncio.Task) else ""
+    try:
+        run_in.run(_capture_background, error, str(context.get("message", "")), name)
+    except RuntimeError:  # that context is running right now
+        contextvars.Context().run(_capture_background, error, str(context.get("message", "")), name)
+    _errors._count(type(error).__qualname__, "error")
+
+
+def _capture_background(error: Exception, message: str, task_name: str) -> None:
+    with sentry_sdk.new_scope() as scope:
+        scope.set_tag("asyncio.task", task_name or "unnamed")
+        scope.set_extra("asyncio.message", message)
+        event, hint = event_from_exception(
+            error,
+            client_options=sentry_sdk.get_client().options,
+            mechanism={"type": "asyncio", "handled": False},
+        )
+        sentry_sdk.capture_event(event, hint=hint)
+
+
+@contextlib.contextmanager
+def _guard(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:  # Sentry must never break the app
+        _errors._warn_once(what, "cfk_otel: %s failed", what, exc_info=True)

@@ -1,0 +1,270 @@
+"""cfk_otel/_logs.py: the document's JSON lines, child loggers, redaction, correlation."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from cfk_otel._logs import MAX_MESSAGE, JsonFormatter, Logger, PrettyFormatter, configure_logging, get_logger
+from cfk_otel._settings import Settings, load
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return load(
+        {"SERVICE_NAME": "cf-kanban", "SERVICE_ENVIRONMENT": "production", "SERVICE_VERSION": "1.0.0"}
+    )
+
+
+class Capture:
+    def __init__(self, name: str, formatter: logging.Formatter, level: int = logging.DEBUG) -> None:
+        self.stream = io.StringIO()
+        self.std = logging.getLogger(name)
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(formatter)
+        self.std.addHandler(self.handler)
+        self.std.setLevel(level)
+        self.std.propagate = False
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
+
+    def close(self) -> None:
+        self.std.removeHandler(self.handler)
+        self.std.propagate = True
+
+
+@pytest.fixture
+def capture(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Capture]:
+    c = Capture(f"test.{request.node.name}", JsonFormatter(settings))
+    yield c
+    c.close()
+
+
+def test_document_fields_in_order(capture: Capture) -> None:
+    log = get_logger(capture.std.name)
+    log.info("User created ticket", userId="user-123", ticketId="ticket-456", duration=45)
+    [line] = capture.lines()
+    assert list(line)[:6] == ["timestamp", "level", "message", "service", "environment", "version"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["timestamp"])
+    assert line == {
+        "timestamp": line["timestamp"],
+        "level": "info",
+        "message": "User created ticket",
+        "service": "cf-kanban",
+        "environment": "production",
+        "version": "1.0.0",
+        "userId": "user-123",
+        "ticketId": "ticket-456",
+        "duration": 45,
+    }
+
+
+def test_levels_and_filtering(capture: Capture) -> None:
+    capture.std.setLevel(logging.WARNING)
+    log = get_logger(capture.std.name)
+    log.debug("d")
+    log.info("i")
+    log.warn("w")
+    log.warning("w2")
+    log.error("e")
+    log.fatal("f")  # does not exit
+    assert [(x["level"], x["message"]) for x in capture.lines()] == [
+        ("warn", "w"),
+        ("warn", "w2"),
+        ("error", "e"),
+        ("fatal", "f"),
+    ]
+
+
+def test_error_records_the_exception(capture: Capture) -> None:
+    try:
+        raise ValueError("bad ticket")
+    except ValueError as exc:
+        get_logger(capture.std.name).error("Failed to create ticket", exc, ticketData={"title": "x"})
+    [line] = capture.lines()
+    assert line["error"]["type"] == "ValueError"
+    assert line["error"]["message"] == "bad ticket"
+    assert "raise ValueError" in line["error"]["stack"]
+    assert line["ticketData"] == {"title": "x"}
+
+
+def test_child_loggers_merge_and_do_not_leak(capture: Capture) -> None:
+    root = get_logger(capture.std.name)
+    child = root.create_child_logger(requestId="r-1", userId="u-1")
+    grandchild = child.bind(step="validate", userId="u-2")
+    grandchild.info("deep")
+    child.info("child")
+    root.info("root")
+    deep, mid, top = capture.lines()
+    assert (deep["requestId"], deep["userId"], deep["step"]) == ("r-1", "u-2", "validate")
+    assert (mid["requestId"], mid["userId"]) == ("r-1", "u-1")
+    assert "step" not in mid
+    assert "requestId" not in top
+
+
+def test_concurrent_tasks_keep_their_own_context(capture: Capture) -> None:
+    async def handle(n: int) -> None:
+        log = get_logger(capture.std.name).create_child_logger(requestId=f"r-{n}")
+        for step in range(5):
+            await asyncio.sleep(0)
+            log.info("step", step=step, n=n)
+
+    async def main() -> None:
+        await asyncio.gather(*(handle(n) for n in range(50)))
+
+    asyncio.run(main())
+    lines = capture.lines()
+    assert len(lines) == 250
+    assert all(line["requestId"] == f"r-{line['n']}" for line in lines)
+
+
+def test_secrets_are_redacted_at_any_depth(capture: Capture) -> None:
+    get_logger(capture.std.name).info(
+        "login",
+        password="hunter2",
+        user={"name": "ann", "api_key": "k-123", "devices": [{"token": "t-1", "id": 7}]},
+        headers={"Authorization": "Bearer abc", "Cookie": "sid=1", "Accept": "json"},
+        sentry_dsn="https://key@sentry.example/1",
+    )
+    [line] = capture.lines()
+    text = json.dumps(line)
+    for secret in ("hunter2", "k-123", "t-1", "Bearer abc", "sid=1", "key@sentry"):
+        assert secret not in text
+    assert line["user"]["devices"][0] == {"token": "[REDACTED]", "id": 7}
+    assert line["headers"]["Accept"] == "json"
+
+
+def test_bad_values_never_raise(capture: Capture) -> None:
+    class Unprintable:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    log = get_logger(capture.std.name)
+    log.info("odd values", obj=object(), s={1, 2}, nan=float("nan"), circular=loop, bad=Unprintable())
+    log.info("x" * (MAX_MESSAGE + 10))
+    first, second = capture.lines()
+    assert first["obj"].startswith("<object object")
+    assert first["s"] == [1, 2]
+    assert first["nan"] == "nan"
+    assert "unrepresentable" in first["bad"]
+    assert second["message"].endswith("…[truncated 10 chars]")
+    assert len(second["message"]) < MAX_MESSAGE + 30
+
+
+def test_stdlib_records_and_their_extras(capture: Capture, settings: Settings) -> None:
+    capture.std.info("%s tickets", 3, extra={"board": "b-1"})
+    [first] = capture.lines()
+    assert (first["message"], first["board"], first["logger"]) == ("3 tickets", "b-1", capture.std.name)
+    # A formatting mistake in the app keeps the line rather than raising.
+    record = logging.LogRecord("app", logging.INFO, __file__, 1, "bad %d format", ("x",), None)
+    assert "bad %d format" in json.loads(JsonFormatter(settings).format(record))["message"]
+
+
+def test_trace_ids_of_the_active_span(capture: Capture) -> None:
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("work") as span:
+        get_logger(capture.std.name).info("inside")
+    get_logger(capture.std.name).info("outside")
+    inside, outside = capture.lines()
+    ctx = span.get_span_context()
+    assert inside["trace_id"] == format(ctx.trace_id, "032x")
+    assert inside["span_id"] == format(ctx.span_id, "016x")
+    assert "trace_id" not in outside
+
+
+def test_datadog_fields(request: pytest.FixtureRequest) -> None:
+    settings = load(
+        {"DD_LOGS_INJECTION": "true", "SERVICE_NAME": "svc", "DD_ENV": "prod", "SERVICE_VERSION": "2"}
+    )
+    c = Capture(f"test.{request.node.name}", JsonFormatter(settings))
+    try:
+        with TracerProvider().get_tracer("t").start_as_current_span("work") as span:
+            get_logger(c.std.name).info("hi")
+        [line] = c.lines()
+    finally:
+        c.close()
+    ctx = span.get_span_context()
+    assert line["dd.trace_id"] == str(ctx.trace_id & (2**64 - 1))
+    assert line["dd.span_id"] == str(ctx.span_id)
+    assert (line["dd.service"], line["dd.env"], line["dd.version"]) == ("svc", "prod", "2")
+
+
+def test_log_request_line(capture: Capture) -> None:
+    log = get_logger(capture.std.name)
+    log.log_request("POST", "/api/tickets", 201, 45, userId="u-1")
+    log.log_request("GET", "/api/tickets/9", 404, 3.5)
+    log.log_request("GET", "/api/fail", 500, 12)
+    created, missing, failed = capture.lines()
+    assert created["message"] == "POST /api/tickets 201 45ms"
+    assert (created["method"], created["path"], created["status"], created["duration_ms"]) == (
+        "POST",
+        "/api/tickets",
+        201,
+        45,
+    )
+    assert created["userId"] == "u-1"
+    assert [created["level"], missing["level"], failed["level"]] == ["info", "warn", "error"]
+
+
+def test_pretty_format(settings: Settings, request: pytest.FixtureRequest) -> None:
+    stream = io.StringIO()
+    std = logging.getLogger(f"test.{request.node.name}")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(PrettyFormatter(settings, colour=True))
+    std.addHandler(handler)
+    std.setLevel(logging.INFO)
+    std.propagate = False
+    try:
+        Logger(std.name).warn("Rate limit approaching", userId="u 1", remaining=5)
+    finally:
+        std.removeHandler(handler)
+    line = stream.getvalue()
+    assert line.count("\n") == 1
+    assert "\x1b[33m" in line
+    assert "WARN" in line
+    assert 'Rate limit approaching  userId="u 1" remaining=5' in line
+
+
+@pytest.fixture
+def restore_root() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    server = {
+        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate)
+        for n in ("uvicorn", "uvicorn.error")
+    }
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, (h, propagate) in server.items():
+        logging.getLogger(name).handlers[:] = h
+        logging.getLogger(name).propagate = propagate
+    logging.getLogger("uvicorn.access").disabled = False
+    logging.captureWarnings(False)
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_configure_logging_owns_the_root(capsys: pytest.CaptureFixture[str]) -> None:
+    logging.getLogger("uvicorn.error").addHandler(logging.StreamHandler())
+    logging.getLogger("uvicorn.error").propagate = False
+    configure_logging(load({"LOG_LEVEL": "warn", "LOG_OUTPUT": "stdout"}), None)
+    logging.getLogger("uvicorn.error").warning("from uvicorn")
+    logging.getLogger("uvicorn.error").info("filtered")
+    logging.getLogger("uvicorn.access").warning("never: replaced by our request line")
+    logging.getLogger("anything").error("from the app")
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["logger"], x["message"]) for x in lines] == [
+        ("uvicorn.error", "from uvicorn"),
+        ("anything", "from the app"),
+    ]
