@@ -42,6 +42,7 @@ def _instrument_libraries() -> None:
         ("asyncpg", "asyncpg", "opentelemetry.instrumentation.asyncpg", "AsyncPGInstrumentor"),
         ("redis", "redis", "opentelemetry.instrumentation.redis", "RedisInstrumentor"),
         ("cfk_uvicorn", "uvicorn", "cfk_otel._uvicorn", "UvicornInstrumentor"),
+        ("cfk_gunicorn", "gunicorn", "cfk_otel._uvicorn", "GunicornLoggingInstrumentor"),
         ("cfk_asyncpg", "asyncpg", "cfk_otel._db", "AsyncpgTimingInstrumentor"),
         ("cfk_redis", "redis", "cfk_otel._db", "RedisTimingInstrumentor"),
     )

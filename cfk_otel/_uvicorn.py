@@ -85,6 +85,40 @@ _PATCHES = (
 )
 
 
+def _wrap_gunicorn_setup(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def setup(glogger: Any, *args: Any, **kwargs: Any) -> None:
+        original(glogger, *args, **kwargs)
+        try:
+            _sdk.apply_logging()  # gunicorn's master and workers log through our root too
+        except Exception:
+            _log.exception("cfk_otel: could not re-apply logging after gunicorn's")
+
+    return setup
+
+
+class GunicornLoggingInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Patches ``gunicorn.glogging.Logger.setup`` so gunicorn's lines come out as ours."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("gunicorn >= 20",)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        from gunicorn.glogging import Logger  # noqa: PLC0415
+
+        if _ORIGINAL + "setup" not in Logger.__dict__:
+            setattr(Logger, _ORIGINAL + "setup", Logger.setup)
+            Logger.setup = _wrap_gunicorn_setup(Logger.setup)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        from gunicorn.glogging import Logger  # noqa: PLC0415
+
+        original = Logger.__dict__.get(_ORIGINAL + "setup")
+        if original is not None:
+            Logger.setup = original
+            delattr(Logger, _ORIGINAL + "setup")
+
+
 class UvicornInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Patches uvicorn's ``Config.configure_logging``, ``Config.load``, ``Server.shutdown`` and
     ``Server.handle_exit``."""

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from cfk_otel.testing import OtlpReceiver
-from tests.conftest import Services, free_port, uvicorn_command
+from tests.conftest import BIN, Services, free_port, uvicorn_command
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -259,12 +259,25 @@ def test_endpoint_path_is_configurable_and_can_be_switched_off(run_app) -> None:
     assert app.get("/api/metrics")[0] == 404
 
 
-def test_two_workers_add_up(run_app) -> None:
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
+def test_two_workers_add_up(run_app, server: str) -> None:
     port = free_port()
     env = {"OTEL_METRICS_EXPORTER": "none", "OTEL_TRACES_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"}
-    app = run_app(
-        uvicorn_command("metrics_app:app", port, "--workers", "2"), env, port, wait_path="/api/tickets/0"
-    )
+    if server == "uvicorn":
+        command = uvicorn_command("metrics_app:app", port, "--workers", "2")
+    else:
+        command = [
+            str(BIN / "opentelemetry-instrument"),
+            str(BIN / "gunicorn"),
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "metrics_app:app",
+        ]
+    app = run_app(command, env, port, wait_path="/api/tickets/0")
     sent = 120
     for i in range(sent):
         assert app.get(f"/api/tickets/{i}")[0] == 200

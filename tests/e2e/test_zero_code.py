@@ -214,6 +214,10 @@ def test_gunicorn_uvicorn_worker_is_fork_safe(run_app, receiver: OtlpReceiver) -
     )
     assert receiver.wait_for(lambda: any(r.body == "ticket 5 requested" for r in receiver.logs))
     assert app.terminate() < 10
+    # gunicorn's own lines (master and workers) come out as JSON like everything else.
+    lines = [x for x in app.output().splitlines() if x and not x.startswith("lifespan:")]
+    assert all(x.startswith("{") for x in lines), [x for x in lines if not x.startswith("{")][:5]
+    assert any('"logger":"gunicorn.error"' in x and "Booting worker" in x for x in lines)
 
 
 def test_collector_down_costs_the_app_nothing(run_app, tmp_path: Path) -> None:
