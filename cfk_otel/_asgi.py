@@ -94,7 +94,7 @@ class TelemetryMiddleware:
         self._tracer = trace.get_tracer("cfk_otel", __version__, tracer_provider)
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
         # The raw instruments: labels are built right here, no validation per request.
-        self._requests = self.metrics.http_requests._instrument
+        self._requests = self.metrics.http_requests
         self._duration = self.metrics.http_request_duration._instrument
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -172,7 +172,7 @@ class TelemetryMiddleware:
     ) -> None:
         self._finish(span, scope, kind, method, route, status, error)
         if kind == "http":
-            self._requests.add(1, {"method": method, "path": route, "status": str(status)})
+            self._requests.add_by_key((method, route, str(status)), 1.0)
             self._duration.record(elapsed, {"method": method, "path": route})
         if error is not None:
             self.metrics.errors.inc({"type": type(error).__qualname__, "severity": "error"})

@@ -32,6 +32,9 @@ DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5
 CLIENT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
 Labels = Mapping[str, object] | None
+# Like the SDK's default cardinality limit: past it, new label sets share one overflow series.
+MAX_SERIES: Final = 2000
+OVERFLOW: Final = "overflow"
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound="_Metric")
@@ -65,7 +68,46 @@ class _Metric:
         return (self.kind, self.labels)
 
 
-class Counter(_Metric):
+class _Observed(_Metric):
+    """Values kept here, read by the SDK through an asynchronous instrument.
+
+    Recording costs one dict update under a lock, instead of the SDK's per-measurement
+    attribute cleaning and hashing for every reader (about 15 us each on SDK 1.45):
+    counters and gauges sit on the request path. The SDK sees the cumulative values at
+    every collection, so Prometheus and OTLP export them as usual.
+    """
+
+    def __init__(self, name: str, description: str, labels: tuple[str, ...]) -> None:
+        super().__init__(name, description, labels)
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, labels: Labels) -> tuple[str, ...]:
+        if labels is not None and len(labels) == len(self.labels):
+            try:  # the common, correct call: no dict built at all
+                return tuple([str(labels[k]) for k in self.labels])
+            except KeyError:
+                pass
+        return tuple(self._attributes(labels).values())
+
+    def add_by_key(self, key: tuple[str, ...], value: float) -> None:
+        """Add to the series whose label values are ``key``, in label order (the hot path)."""
+        with self._lock:
+            current = self._values.get(key)
+            if current is None and len(self._values) >= MAX_SERIES:
+                self._misuse(f"has more than {MAX_SERIES} label sets")
+                key = (OVERFLOW,) * len(self.labels)
+                current = self._values.get(key)
+            self._values[key] = (current or 0.0) + value
+
+    def _observe(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        with self._lock:
+            items = list(self._values.items())
+        names = self.labels
+        return [metrics.Observation(value, dict(zip(names, key, strict=True))) for key, value in items]
+
+
+class Counter(_Observed):
     """A monotonically increasing count.
 
     >>> usage = register_counter("my_feature_usage", "Feature usage count", ["feature"])
@@ -76,16 +118,16 @@ class Counter(_Metric):
 
     def __init__(self, meter: metrics.Meter, name: str, description: str, labels: tuple[str, ...]) -> None:
         super().__init__(name, description, labels)
-        self._instrument = meter.create_counter(name, description=description)
+        meter.create_observable_counter(name, callbacks=[self._observe], description=description)
 
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
         if value < 0:
             self._misuse(f"cannot decrease (inc by {value})")
             return
-        self._instrument.add(value, self._attributes(labels))
+        self.add_by_key(self._key(labels), value)
 
 
-class Gauge(_Metric):
+class Gauge(_Observed):
     """A value that goes up and down; ``set`` works per label set, in this process.
 
     Across workers, gauges are summed (right for counts such as connections).
@@ -98,27 +140,19 @@ class Gauge(_Metric):
 
     def __init__(self, meter: metrics.Meter, name: str, description: str, labels: tuple[str, ...]) -> None:
         super().__init__(name, description, labels)
-        self._instrument = meter.create_up_down_counter(name, description=description)
-        self._values: dict[tuple[str, ...], float] = {}
-        self._lock = threading.Lock()
+        meter.create_observable_up_down_counter(name, callbacks=[self._observe], description=description)
 
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
-        attrs = self._attributes(labels)
-        with self._lock:
-            key = tuple(attrs.values())
-            self._values[key] = self._values.get(key, 0.0) + value
-        self._instrument.add(value, attrs)
+        self.add_by_key(self._key(labels), value)
 
     def dec(self, labels: Labels = None, value: float = 1.0) -> None:
-        self.inc(labels, -value)
+        self.add_by_key(self._key(labels), -value)
 
     def set(self, value: float, labels: Labels = None) -> None:
-        attrs = self._attributes(labels)
+        key = self._key(labels)
         with self._lock:
-            key = tuple(attrs.values())
-            delta = value - self._values.get(key, 0.0)
-            self._values[key] = value
-        self._instrument.add(delta, attrs)
+            if key in self._values or len(self._values) < MAX_SERIES:
+                self._values[key] = value
 
 
 class Histogram(_Metric):

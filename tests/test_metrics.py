@@ -161,3 +161,14 @@ def test_wrong_labels_on_use_never_raise(
         (("kind", ""),): 1,
     }
     assert caplog.text.count("metric jobs") == 1  # warned once
+
+
+def test_label_sets_beyond_the_limit_share_one_overflow_series(
+    m: Metrics, reader: InMemoryMetricReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cfk_otel._metrics.MAX_SERIES", 3)
+    c = m.register_counter("ids", "Per id", ["id"])
+    for i in range(10):
+        c.inc({"id": str(i)})
+    values = {dict(k)["id"]: p.value for k, p in points(reader, "ids").items()}
+    assert values == {"0": 1, "1": 1, "2": 1, "overflow": 7}
