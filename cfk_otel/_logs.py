@@ -70,10 +70,17 @@ def level_name(levelno: int) -> str:
     return "debug"
 
 
+_last_second: list[Any] = [-1, ""]  # (epoch second, its formatted prefix): one strftime per second
+
+
 def _timestamp(created: float) -> str:
     seconds = int(created)
     millis = int((created - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    cached_second, prefix = _last_second
+    if seconds != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second[:] = [seconds, prefix]
+    return f"{prefix}.{millis:03d}Z"
 
 
 def _truncate(message: str) -> str:

@@ -33,6 +33,7 @@ _SECRET_PARTS: Final = (
 )
 _SECRET_KEY: Final = re.compile("|".join(re.escape(p) for p in _SECRET_PARTS))
 _cache: dict[str, bool] = {}
+_SCALARS: Final = frozenset({str, int, float, bool, type(None), bytes})
 
 
 def is_secret_key(key: object) -> bool:
@@ -60,12 +61,15 @@ def redact(value: Any, depth: int = 0) -> Any:
     >>> redact({"user": "ann", "db": {"password": "x"}})
     {'user': 'ann', 'db': {'password': '[REDACTED]'}}
     """
-    if depth > _MAX_DEPTH:
+    if depth > _MAX_DEPTH or type(value) in _SCALARS:
         return value
     if isinstance(value, Mapping):
         out: dict[Any, Any] | None = None
         for key, item in value.items():
-            new = REDACTED if is_secret_key(key) else redact(item, depth + 1)
+            if is_secret_key(key):
+                new = REDACTED
+            else:
+                new = item if type(item) in _SCALARS else redact(item, depth + 1)
             if new is not item and out is None:
                 out = dict(value)
             if out is not None:

@@ -268,3 +268,25 @@ def test_configure_logging_owns_the_root(capsys: pytest.CaptureFixture[str]) -> 
         ("uvicorn.error", "from uvicorn"),
         ("anything", "from the app"),
     ]
+
+
+def test_request_lines_are_sampled_but_errors_kept(settings: Settings) -> None:
+    from opentelemetry.trace import INVALID_SPAN_CONTEXT
+
+    from cfk_otel._asgi import RequestInfo
+    from cfk_otel._logs import request_observer
+
+    c = Capture("cfk_otel.requests", JsonFormatter(settings))
+    try:
+        assert request_observer(load({"LOG_REQUESTS": "false"})) is None
+        observe = request_observer(load({"LOG_REQUESTS_SAMPLE_RATE": "0"}))
+        assert observe is not None
+        for status in (200, 201, 302, 404, 500):
+            scope = {"path": f"/s/{status}"}
+            observe(RequestInfo(scope, "http", "GET", "/s/{n}", status, 0.01, None, INVALID_SPAN_CONTEXT))
+        observe(RequestInfo({"path": "/ws"}, "websocket", "GET", "/ws", 101, 1.0, None, INVALID_SPAN_CONTEXT))
+        lines = c.lines()
+    finally:
+        c.close()
+    assert [line["status"] for line in lines] == [404, 500]
+    assert lines[0]["route"] == "/s/{n}"
