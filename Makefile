@@ -7,12 +7,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cfk-installed
 
-.PHONY: help venv services services-stop lint test demo env-table collector clean
+.PHONY: help venv services services-stop lint test demo bench env-table collector clean
 
 help:
 	@echo "make demo    run the example app under opentelemetry-instrument and summarise its telemetry"
 	@echo "make test    lint, type-check and run the whole test suite against real services"
 	@echo "make lint    ruff and mypy only"
+	@echo "make bench   the overhead benchmark; writes docs/benchmarks.md"
 	@echo "make collector   build (or reuse) the otelcol-cfk collector binary"
 
 $(STAMP): pyproject.toml
@@ -30,8 +31,8 @@ services-stop:
 	@scripts/services stop
 
 lint: venv
-	$(BIN)/ruff check cfk_otel tests examples
-	$(BIN)/ruff format --check cfk_otel tests examples
+	$(BIN)/ruff check cfk_otel tests examples scripts
+	$(BIN)/ruff format --check cfk_otel tests examples scripts
 	$(BIN)/mypy
 
 test: venv services lint
@@ -39,6 +40,19 @@ test: venv services lint
 
 demo: venv services
 	$(BIN)/python examples/quickstart/demo.py $(DEMO_ARGS)
+
+# The overhead benchmark (docs/benchmarks.md). Its own venv: the upstream baseline needs
+# the stock opentelemetry-distro, which must not sit beside cfk_otel in the test venv.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.cfk-installed: pyproject.toml
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q -e '.[test]' 'opentelemetry-distro>=0.66b1,<0.67'
+	@touch $@
+
+bench: $(BENCH_VENV)/.cfk-installed services
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	$(BENCH_VENV)/bin/python scripts/bench.py $(BENCH_ARGS)
 
 # Our OpenTelemetry Collector distribution, built with the Collector Builder and cached
 # by the manifest's hash (an unchanged manifest is not rebuilt); see collector/BUILD-NOTES.md.
@@ -50,4 +64,4 @@ env-table: venv
 	$(BIN)/python scripts/update-env-table README.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""``make bench``: what telemetry costs the app, as ratios against the bare app in one run.
+
+Scenarios, interleaved round by round so drift hits them all alike:
+  bare                  uvicorn app:app, no telemetry
+  upstream              opentelemetry-instrument with the stock distro and the stock
+                        OpenTelemetryMiddleware, OTLP traces + metrics + logs
+  cfk_otel              opentelemetry-instrument with cfk_otel, all three signals, 100% sampling
+  cfk_otel_down         the same with the collector down (connection refused)
+
+Two routes: /hello and /boards/{id} (a PostgreSQL query plus a Redis call, about 1 ms).
+The server is pinned to CPU 0, wrk and the OTLP receiver to CPU 1. Reported: throughput
+and its ratio to bare, server CPU per request, p50/p99 latency at a fixed offered load,
+peak RSS; for cfk_otel_down also RSS over a minute of load and the SIGTERM exit time.
+Writes docs/benchmarks.json and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_DIR = ROOT / "examples" / "bench"
+BIN = Path(sys.executable).parent
+TICKS = os.sysconf("SC_CLK_TCK")
+ROUTES = {"hello": "/hello", "work": "/boards/7"}
+RATES = {"hello": 400, "work": 200}  # fixed offered load for the latency runs, requests/s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def services_env() -> dict[str, str]:
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "services"), "start"], capture_output=True, text=True, check=True
+    )
+    return dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+def scenario(name: str, port: int, otlp: str, closed: str) -> tuple[list[str], dict[str, str]]:
+    uvicorn = [str(BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    instrument = [str(BIN / "opentelemetry-instrument")]
+    common = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_SERVICE_NAME": "bench"}
+    if name == "bare":
+        return [*uvicorn, "app:app", "--no-access-log"], {}
+    if name == "upstream":
+        env = {
+            **common,
+            "OTEL_PYTHON_DISTRO": "distro",
+            "OTEL_PYTHON_CONFIGURATOR": "configurator",
+            "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "cfk_uvicorn,cfk_asyncpg,cfk_redis,cfk_gunicorn",
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_LOGS_EXPORTER": "otlp",
+            "OTEL_PYTHON_LOGGING_AUTO_INSTRUMENTATION_ENABLED": "true",
+        }
+        return [*instrument, *uvicorn, "app_stock:app", "--no-access-log"], env
+    env = {**common, "OTEL_PYTHON_DISTRO": "cfk_otel", "OTEL_PYTHON_CONFIGURATOR": "cfk_otel"}
+    if name == "cfk_otel_down":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = closed
+    return [*instrument, *uvicorn, "app:app"], env
+
+
+class Server:
+    def __init__(self, command: list[str], env: dict[str, str], port: int) -> None:
+        self.port = port
+        self.process = subprocess.Popen(
+            ["taskset", "-c", "0", *command],
+            cwd=APP_DIR,
+            env={**os.environ, **env, "PYTHONPATH": str(APP_DIR)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError(f"server did not start: {command}")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def memory_kib(self, field: str) -> int:
+        match = re.search(
+            rf"^{field}:\s+(\d+) kB", Path(f"/proc/{self.process.pid}/status").read_text(), re.M
+        )
+        return int(match.group(1)) if match else 0
+
+    def stop(self) -> float:
+        start = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return time.monotonic() - start
+
+
+def wrk(url: str, seconds: int) -> float:
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", "-c32", f"-d{seconds}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return float(match.group(1)) if match else 0.0
+
+
+async def _fixed_rate(port: int, path: str, rate: int, seconds: float, connections: int = 8) -> list[float]:
+    """Latencies (s) measured from each request's scheduled time: no coordinated omission."""
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    latencies: list[float] = []
+    start = time.perf_counter()
+    total = int(rate * seconds)
+
+    async def worker(index: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for n in range(index, total, connections):
+            due = start + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - due)
+        writer.close()
+
+    await asyncio.gather(*(worker(i) for i in range(connections)))
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_once(name: str, route: str, otlp: str, closed: str, seconds: int) -> dict[str, Any]:
+    port = free_port()
+    command, env = scenario(name, port, otlp, closed)
+    server = Server(command, env, port)
+    url = f"http://127.0.0.1:{port}{ROUTES[route]}"
+    try:
+        wrk(url, 2)  # warm-up
+        cpu_before = server.cpu_seconds()
+        rps = wrk(url, seconds)
+        cpu = server.cpu_seconds() - cpu_before
+        latencies = asyncio.run(_fixed_rate(port, ROUTES[route], RATES[route], 5))
+        rss = server.memory_kib("VmHWM")
+    finally:
+        exit_seconds = server.stop()
+    return {
+        "rps": rps,
+        "cpu_us_per_request": cpu / max(rps * seconds, 1) * 1e6,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "peak_rss_mib": rss / 1024,
+        "sigterm_exit_s": exit_seconds,
+    }
+
+
+def soak_collector_down(closed: str, seconds: int) -> dict[str, Any]:
+    """A minute of load with the collector down: RSS samples and the SIGTERM exit time."""
+    port = free_port()
+    command, env = scenario("cfk_otel_down", port, closed, closed)
+    server = Server(command, env, port)
+    load = subprocess.Popen(
+        ["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{seconds}s", f"http://127.0.0.1:{port}/hello"],
+        stdout=subprocess.DEVNULL,
+    )
+    samples = []
+    try:
+        for _ in range(seconds // 5):
+            time.sleep(5)
+            samples.append(server.memory_kib("VmRSS") / 1024)
+        load.wait(30)
+    finally:
+        exit_seconds = server.stop()
+    return {"rss_mib_every_5s": [round(s, 1) for s in samples], "sigterm_exit_s": exit_seconds}
+
+
+def machine() -> dict[str, str]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` on {result['date']}: {result['machine']['cpu']}, "
+        f"{result['machine']['cores']} cores, Python {result['machine']['python']}. "
+        f"Median of {result['rounds']} interleaved rounds; server pinned to one core.",
+        "",
+        "| route | scenario | req/s | vs bare | CPU µs/req | added µs/req | p50 ms | p99 ms | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for route, scenarios in result["results"].items():
+        bare = scenarios["bare"]
+        for name, r in scenarios.items():
+            cpu, added = r["cpu_us_per_request"], r["cpu_us_per_request"] - bare["cpu_us_per_request"]
+            ratio = r["rps"] / bare["rps"]
+            lines.append(
+                f"| {route} | {name} | {r['rps']:.0f} | {ratio:.2f} | {cpu:.0f} | {added:.0f} | "
+                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['peak_rss_mib']:.0f} |"
+            )
+    soak = result.get("collector_down_soak")
+    if soak:
+        lines += [
+            "",
+            f"Collector down, {result['soak_seconds']} s of load: RSS every 5 s (MiB) "
+            f"{soak['rss_mib_every_5s']}; SIGTERM exit {soak['sigterm_exit_s']:.2f} s.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--soak-seconds", type=int, default=60)
+    parser.add_argument("--scenarios", default="bare,upstream,cfk_otel,cfk_otel_down")
+    parser.add_argument("--routes", default="hello,work")
+    args = parser.parse_args()
+    os.environ.update(services_env())
+
+    receiver_process = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "1",
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom cfk_otel.testing import OtlpReceiver\n"
+            "r = OtlpReceiver().start()\nprint(r.grpc_port, flush=True)\ntime.sleep(86400)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert receiver_process.stdout is not None
+    otlp = f"http://127.0.0.1:{receiver_process.stdout.readline().strip()}"
+    closed = f"http://127.0.0.1:{free_port()}"
+    names = args.scenarios.split(",")
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    try:
+        for round_ in range(args.rounds):
+            for route in args.routes.split(","):
+                for name in names:
+                    r = run_once(name, route, otlp, closed, args.seconds)
+                    runs.setdefault(route, {}).setdefault(name, []).append(r)
+                    print(
+                        f"round {round_ + 1} {route:5} {name:15} {r['rps']:8.0f} req/s "
+                        f"{r['cpu_us_per_request']:6.0f} µs CPU/req p99 {r['p99_ms']:.2f} ms",
+                        flush=True,
+                    )
+        soak = soak_collector_down(closed, args.soak_seconds) if "cfk_otel_down" in names else None
+    finally:
+        receiver_process.kill()
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "rounds": args.rounds,
+        "soak_seconds": args.soak_seconds,
+        "results": {
+            route: {
+                name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in by_name.items()
+            }
+            for route, by_name in runs.items()
+        },
+        "collector_down_soak": soak,
+    }
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "benchmarks.json").write_text(json.dumps(result, indent=2) + "\n")
+    (docs / "benchmarks.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
