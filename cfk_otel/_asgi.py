@@ -93,7 +93,8 @@ class TelemetryMiddleware:
         self._routes = RouteResolver(app)
         self._tracer = trace.get_tracer("cfk_otel", __version__, tracer_provider)
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
-        # The raw instruments: labels are built right here, no validation per request.
+        # Hot-path handles: the counter's add-by-key and the SDK histogram itself, with
+        # labels built right here rather than validated per request.
         self._requests = self.metrics.http_requests
         self._duration = self.metrics.http_request_duration._instrument
 
