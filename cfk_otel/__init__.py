@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._api import configure, shutdown
 from ._app import instrument_app
 from ._asgi import TelemetryMiddleware
+from ._errors import capture_error, capture_message, set_user
 from ._health import (
     HealthCheckResult,
     HealthRegistry,
@@ -49,6 +50,8 @@ __all__ = [
     "__version__",
     "agent_finished",
     "agent_started",
+    "capture_error",
+    "capture_message",
     "configure",
     "get_logger",
     "health_app",
@@ -63,5 +66,6 @@ __all__ = [
     "register_health_check",
     "register_histogram",
     "set_active_agents",
+    "set_user",
     "shutdown",
 ]

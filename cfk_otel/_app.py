@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _health, _sdk
+from . import _errors, _health, _sdk
 from ._asgi import ASGIApp, RequestObserver, TelemetryMiddleware
 from ._logs import request_observer
 from ._prometheus import MetricsEndpoint
@@ -30,6 +30,7 @@ def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
     request_log = request_observer(settings)
     if request_log is not None:
         observers.append(request_log)
+    app = _errors.instrument(app, observers)  # Sentry: a scope per request, error reports
     return TelemetryMiddleware(
         app, endpoints=endpoints, endpoint_telemetry=settings.health_telemetry, observers=observers
     )

@@ -19,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
-from . import _metrics, _sdk
+from . import _errors, _metrics, _sdk
 
 _log = logging.getLogger("cfk_otel.db")
 
@@ -118,6 +118,7 @@ def _report_slow(query: object, seconds: float) -> None:
     trace.get_current_span().add_event(
         "slow_query", {"db.query.text": sql, "db.operation.name": sql_operation(query), "duration_s": seconds}
     )
+    _errors.report_slow_query(sql, seconds)  # a Sentry warning when Sentry is on
 
 
 async def _time_asyncpg(

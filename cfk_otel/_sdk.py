@@ -27,7 +27,7 @@ from opentelemetry.environment_variables import (
 )
 from prometheus_client import CollectorRegistry
 
-from . import _settings
+from . import _errors, _settings
 from ._logs import configure_logging
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -145,6 +145,7 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         registry = CollectorRegistry(auto_describe=True)
         extra["metric_exporter_names"] = ["cfk_prometheus"]
         extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
+    _errors.start(current)  # Sentry; before the providers: SENTRY_TRACES_SAMPLE_RATE may set the sampler
     initialize(dict(STATE.resource_attributes), extra)
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
@@ -185,6 +186,7 @@ def shutdown(timeout: float | None = None) -> bool:
         call(trace.get_tracer_provider()),
         call(metrics.get_meter_provider(), millis),
         call(_logs.get_logger_provider()),
+        lambda: _errors.close(budget),  # Sentry's queue, within the same bound
     ]
     # Providers shut down in parallel daemon threads: a collector that is down costs the
     # budget once, not once per signal, and an exporter stuck in a retry cannot hold the

@@ -6,8 +6,10 @@
   its trace.
 - **One event per failure.** An exception is reported once, whoever reports it first
   (our middleware observer, ``capture_error``, a ``logging`` call with ``exc_info``):
-  later events for the same exception object are dropped. uvicorn's "Exception in ASGI
-  application" line and the distro's own request line are therefore never a second event.
+  later events for the same exception object are dropped; uvicorn's error logger and the
+  distro's request line, which only repeat what the observer reports, are ignored.
+- **Bounded cost.** At most :data:`EVENT_BURST` events at once, :data:`EVENTS_PER_SECOND`
+  on average: an error storm cannot spend the app's CPU on building events.
 - **A scope per request.** :class:`RequestScopes` gives each HTTP request and WebSocket
   session its own Sentry isolation scope, so users, tags and breadcrumbs set while
   serving one request never reach another's events.
@@ -24,6 +26,8 @@ import contextlib
 import contextvars
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any, Final
@@ -53,8 +57,13 @@ _log = logging.getLogger("cfk_otel.errors")
 # Server close codes that mean the server failed (RFC 6455: 1011 internal error, 1014 bad
 # gateway). Others are normal, client faults or the client going away: not reported.
 ABNORMAL_CLOSE_CODES: Final = frozenset({1011, 1014})
-# Lines about requests we report ourselves (or that carry client addresses).
-_IGNORED_LOGGERS: Final = ("cfk_otel.requests", "uvicorn.access", "gunicorn.access")
+# Lines about failures we report ourselves (uvicorn's "Exception in ASGI application", the
+# request line of a 5xx) or that carry client addresses (access logs).
+_IGNORED_LOGGERS: Final = ("uvicorn.error", "cfk_otel.requests", "uvicorn.access", "gunicorn.access")
+# An error storm must not cost the app its capacity: building an event takes milliseconds of
+# CPU on the request's thread, so at most this many are built (errors_total counts them all).
+EVENTS_PER_SECOND: Final = 10.0
+EVENT_BURST: Final = 100.0
 # The only request headers sent: none of them identifies or authenticates anyone.
 _HEADERS: Final = frozenset({b"host", b"user-agent", b"accept", b"content-type", b"content-length"})
 _SCOPE_KEY: Final = "cfk_otel.sentry"
@@ -67,9 +76,51 @@ _KEY_VALUE: Final = re.compile(r"""([A-Za-z_][\w.\-]{0,63})(["']?\s*[:=]\s*["']?
 _processor_added = False
 
 
+class Budget:
+    """A token bucket: ``burst`` events at once, ``rate`` a second on average.
+
+    >>> budget = Budget(rate=1.0, burst=2.0)
+    >>> budget.take(), budget.take(), budget.take()
+    (True, True, False)
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+
+budget = Budget(EVENTS_PER_SECOND, EVENT_BURST)
+
+
+def _within_budget() -> bool:
+    if budget.take():
+        return True
+    _errors._warn_once(
+        "budget",
+        "cfk_otel: more than %d Sentry events in a burst; dropping some (errors_total counts them all)",
+        int(EVENT_BURST),
+    )
+    return False
+
+
 def init(settings: Settings) -> bool:
     """Start the Sentry client from the settings. Returns True once it runs."""
-    global _processor_added  # noqa: PLW0603  (one global processor per process)
+    global _processor_added, budget  # noqa: PLW0603  (one processor and one budget per process)
+    budget = Budget(EVENTS_PER_SECOND, EVENT_BURST)
     profiles = settings.sentry_profiles_sample_rate
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
@@ -91,6 +142,9 @@ def init(settings: Settings) -> bool:
         profile_lifecycle="manual",
         before_send=before_send,
         max_breadcrumbs=50,
+        # Stack frames without their local variables: they are where secrets hide under
+        # names no rule can guess, and serializing them doubles the cost of an event.
+        include_local_variables=False,
         shutdown_timeout=2.0,
     )
     for name in _IGNORED_LOGGERS:
@@ -124,6 +178,9 @@ def close(timeout: float) -> None:
 def capture_error(
     error: BaseException, level: str, tags: Mapping[str, object] | None, extra: Mapping[str, object] | None
 ) -> str | None:
+    if not _within_budget():
+        _mark_reported(error)
+        return None
     with _guard("capture_error"), sentry_sdk.new_scope() as scope:
         scope.set_level(level)  # type: ignore[arg-type]
         for key, value in (tags or {}).items():
@@ -135,6 +192,8 @@ def capture_error(
 
 
 def capture_message(message: str, level: str, data: Mapping[str, object]) -> str | None:
+    if not _within_budget():
+        return None
     with _guard("capture_message"), sentry_sdk.new_scope() as scope:
         for key, value in data.items():
             scope.set_extra(str(key), value)
@@ -150,6 +209,8 @@ def set_user(user: Mapping[str, object] | None) -> None:
 def capture_slow_query(sql: str, seconds: float) -> None:
     from ._db import sql_operation  # noqa: PLC0415  (only slow queries need it)
 
+    if not _within_budget():
+        return
     first_line = sql.strip().splitlines()[0][:120] if sql.strip() else "?"
     sentry_sdk.capture_event(
         {
@@ -175,9 +236,13 @@ def before_send(event: Event, hint: Hint) -> Event | None:
         return None
     scrubbed: Event = scrub(event)
     if error is not None:
-        with contextlib.suppress(AttributeError, TypeError):  # exceptions with __slots__
-            setattr(error, _REPORTED, True)
+        _mark_reported(error)
     return scrubbed
+
+
+def _mark_reported(error: BaseException) -> None:
+    with contextlib.suppress(AttributeError, TypeError):  # exceptions with __slots__
+        setattr(error, _REPORTED, True)
 
 
 def scrub(value: Any, depth: int = 0) -> Any:
@@ -192,17 +257,15 @@ def scrub(value: Any, depth: int = 0) -> Any:
     """
     if isinstance(value, str):
         return scrub_text(value)
+    if not isinstance(value, Mapping | list | tuple):
+        return value
+    if depth >= _MAX_DEPTH:
+        return REDACTED
     if isinstance(value, Mapping):
-        if depth >= _MAX_DEPTH:
-            return REDACTED
         return {k: REDACTED if is_secret_key(k) else scrub(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        if depth >= _MAX_DEPTH:
-            return REDACTED
-        if len(value) == 2 and isinstance(value[0], str) and is_secret_key(value[0]):
-            return [value[0], REDACTED]
-        return [scrub(v, depth + 1) for v in value]
-    return value
+    if len(value) == 2 and isinstance(value[0], str) and is_secret_key(value[0]):
+        return [value[0], REDACTED]
+    return [scrub(v, depth + 1) for v in value]
 
 
 def scrub_text(text: str) -> str:
@@ -275,12 +338,14 @@ class _RequestEvents:
                 "url": f"{asgi.get('scheme', 'http')}://{host}{asgi.get('path', '')}",  # no query string
                 "headers": headers,
             }
+        tags = event.setdefault("tags", {})
+        tags.setdefault("http.method", method)
         if not event.get("transaction"):
             route = self.routes.template(asgi, self.root_path, 0)
             if route != UNMATCHED:
                 event["transaction"] = route
                 event["transaction_info"] = {"source": "route"}
-        event.setdefault("tags", {}).setdefault("http.method", method)
+                tags.setdefault("http.route", route)
         return event
 
 
@@ -307,7 +372,14 @@ class RequestScopes:
                 watch_background_tasks(loop)
         kind = scope["type"]
         if kind != "http" and kind != "websocket":  # noqa: PLR1714
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, send)
+            except Exception as exc:  # a start-up or shutdown failure: uvicorn.error is ignored
+                if kind == "lifespan":
+                    with _guard("reporting a lifespan failure"):
+                        _capture_unhandled(exc, "cfk_otel.lifespan")
+                        _errors._count(type(exc).__qualname__, "error")
+                raise
             return
         with sentry_sdk.isolation_scope() as isolation:
             isolation.clear_breadcrumbs()  # only this request's
@@ -381,6 +453,8 @@ class ErrorObserver:
         message: str = "",
         level: str = "error",
     ) -> None:
+        if error is None and not _within_budget():
+            return
         # The request's span is no longer current here: make it so for _link_trace.
         token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(info.span_context)))
         try:
@@ -391,12 +465,7 @@ class ErrorObserver:
                 scope.set_tag("http.status_code", str(info.status))
                 scope.set_tag("request.kind", info.kind)
                 if error is not None:
-                    event, hint = event_from_exception(
-                        error,
-                        client_options=sentry_sdk.get_client().options,
-                        mechanism={"type": f"cfk_otel.{info.kind}", "handled": False},
-                    )
-                    sentry_sdk.capture_event(event, hint=hint)
+                    _capture_unhandled(error, f"cfk_otel.{info.kind}")
                 else:
                     fingerprint = [info.kind, info.method, info.route, str(info.status), message]
                     sentry_sdk.capture_event({"message": message, "level": level, "fingerprint": fingerprint})  # type: ignore[typeddict-item]
@@ -461,12 +530,20 @@ def _capture_background(error: Exception, message: str, task_name: str) -> None:
     with sentry_sdk.new_scope() as scope:
         scope.set_tag("asyncio.task", task_name or "unnamed")
         scope.set_extra("asyncio.message", message)
-        event, hint = event_from_exception(
-            error,
-            client_options=sentry_sdk.get_client().options,
-            mechanism={"type": "asyncio", "handled": False},
-        )
-        sentry_sdk.capture_event(event, hint=hint)
+        _capture_unhandled(error, "asyncio")
+
+
+def _capture_unhandled(error: BaseException, mechanism: str) -> None:
+    """An exception nobody handled (Sentry's ``handled: false``), once, within the budget."""
+    if getattr(error, _REPORTED, False):
+        return  # already reported, e.g. logged with exc_info before it was re-raised
+    if not _within_budget():
+        _mark_reported(error)
+        return
+    event, hint = event_from_exception(
+        error, client_options=sentry_sdk.get_client().options, mechanism={"type": mechanism, "handled": False}
+    )
+    sentry_sdk.capture_event(event, hint=hint)
 
 
 @contextlib.contextmanager

@@ -139,6 +139,37 @@ def _rate(value: str) -> float | None:
     return rate
 
 
+def _status_codes(low: int, high: int) -> Callable[[str], str]:
+    """``none``, ``all`` or a list of codes in [low, high], normalised (sorted, no spaces)."""
+
+    def parse(value: str) -> str:
+        v = value.strip().lower()
+        if v in ("none", "all"):
+            return v
+        try:
+            codes = {int(c) for c in v.split(",") if c.strip()}
+        except ValueError:
+            raise InvalidValue from None
+        if not codes or any(not low <= c <= high for c in codes):
+            raise InvalidValue
+        return ",".join(str(c) for c in sorted(codes))
+
+    return parse
+
+
+def status_set(value: str, low: int = 400, high: int = 499) -> frozenset[int]:
+    """The codes a normalised ``none``/``all``/list value stands for.
+
+    >>> sorted(status_set("401,429")), len(status_set("all")), status_set("none")
+    ([401, 429], 100, frozenset())
+    """
+    if value == "none":
+        return frozenset()
+    if value == "all":
+        return frozenset(range(low, high + 1))
+    return frozenset(int(c) for c in value.split(","))
+
+
 def _seconds(low: float, high: float) -> Callable[[str], float]:
     def parse(value: str) -> float:
         try:
@@ -296,14 +327,22 @@ SENTRY_TRACES_SAMPLE_RATE = Variable(
     None,
     _rate,
     "a number from 0 to 1",
-    "Share of transactions Sentry keeps.",
+    "Share of traces kept: sets the OpenTelemetry sampler (parentbased_traceidratio) "
+    "when OTEL_TRACES_SAMPLER is unset; traces reach Sentry through the collector.",
 )
 SENTRY_PROFILES_SAMPLE_RATE = Variable(
     "SENTRY_PROFILES_SAMPLE_RATE",
     None,
     _rate,
     "a number from 0 to 1",
-    "Share of sampled transactions Sentry profiles.",
+    "Share of worker processes running Sentry's continuous profiler (needs SENTRY_DSN).",
+)
+SENTRY_CAPTURE_4XX = Variable(
+    "SENTRY_CAPTURE_4XX",
+    "none",
+    _status_codes(400, 499),
+    "none, all, or status codes separated by commas (e.g. 401,403,429)",
+    "4xx responses reported to Sentry as warnings (5xx are always reported as errors).",
 )
 OTEL_SDK_DISABLED = Variable("OTEL_SDK_DISABLED", False, _bool, "true, false", "Turns all telemetry off.")
 OTEL_EXPORTER_OTLP_ENDPOINT = Variable(
@@ -502,6 +541,7 @@ VARIABLES: Final[tuple[Variable[Any], ...]] = (
     SENTRY_RELEASE,
     SENTRY_TRACES_SAMPLE_RATE,
     SENTRY_PROFILES_SAMPLE_RATE,
+    SENTRY_CAPTURE_4XX,
     OTEL_SDK_DISABLED,
     OTEL_EXPORTER_OTLP_ENDPOINT,
     OTEL_EXPORTER_OTLP_PROTOCOL,
@@ -570,6 +610,7 @@ class Settings:
     sentry_release: str | None
     sentry_traces_sample_rate: float | None
     sentry_profiles_sample_rate: float | None
+    sentry_capture_4xx: frozenset[int]
     sdk_disabled: bool
     otlp_endpoint: str | None
     otlp_protocol: str
@@ -659,6 +700,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
 
     sampler = read(OTEL_TRACES_SAMPLER)
     sampler_arg = read(OTEL_TRACES_SAMPLER_ARG)
+    sentry_traces_rate = read(SENTRY_TRACES_SAMPLE_RATE)
+    if sentry_traces_rate is not None and OTEL_TRACES_SAMPLER.name not in env:
+        # OpenTelemetry is the one tracer: Sentry's share of traces is the sampler's (docs/sentry.md).
+        sampler, sampler_arg = "parentbased_traceidratio", sentry_traces_rate
     for var in _SIGNAL_PROTOCOLS:
         read(var)
 
@@ -678,8 +723,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         sentry_dsn=read(SENTRY_DSN),
         sentry_environment=read(SENTRY_ENVIRONMENT) or environment,
         sentry_release=sentry_release,
-        sentry_traces_sample_rate=read(SENTRY_TRACES_SAMPLE_RATE),
+        sentry_traces_sample_rate=sentry_traces_rate,
         sentry_profiles_sample_rate=read(SENTRY_PROFILES_SAMPLE_RATE),
+        sentry_capture_4xx=status_set(read(SENTRY_CAPTURE_4XX)),
         sdk_disabled=read(OTEL_SDK_DISABLED),
         otlp_endpoint=read(OTEL_EXPORTER_OTLP_ENDPOINT),
         otlp_protocol=read(OTEL_EXPORTER_OTLP_PROTOCOL),

@@ -12,6 +12,7 @@ real collector) at it and assert on the spans, metrics and logs that arrived:
 from __future__ import annotations
 
 import gzip
+import json
 import threading
 import time
 import zlib
@@ -294,3 +295,203 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+# --- Sentry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SentryEnvelope:
+    """One envelope as Sentry's ingest would receive it: headers and ``(item header, payload)``."""
+
+    headers: dict[str, Any]
+    items: list[tuple[dict[str, Any], bytes]]
+    request_headers: dict[str, str]
+    received_at: float
+
+    def payloads(self, item_type: str) -> list[dict[str, Any]]:
+        """The JSON payloads of the items of one type (``event``, ``profile_chunk``, ...)."""
+        return [json.loads(payload) for header, payload in self.items if header.get("type") == item_type]
+
+
+def parse_envelope(body: bytes) -> tuple[dict[str, Any], list[tuple[dict[str, Any], bytes]]]:
+    r"""Split a Sentry envelope (already decompressed) into its header and items.
+
+    >>> parse_envelope(b'{"event_id":"1"}\n{"type":"event"}\n{"level":"error"}\n')
+    ({'event_id': '1'}, [({'type': 'event'}, b'{"level":"error"}')])
+    """
+    end = body.find(b"\n")
+    end = len(body) if end < 0 else end
+    headers = json.loads(body[:end] or b"{}")
+    items: list[tuple[dict[str, Any], bytes]] = []
+    pos = end + 1
+    while pos < len(body):  # every turn moves pos forward
+        end = body.find(b"\n", pos)
+        end = len(body) if end < 0 else end
+        line = body[pos:end]
+        pos = end + 1
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        length = item.get("length")
+        if isinstance(length, int):
+            payload = body[pos : pos + length]
+            pos += length + (1 if body[pos + length : pos + length + 1] == b"\n" else 0)
+        else:
+            end = body.find(b"\n", pos)
+            end = len(body) if end < 0 else end
+            payload = body[pos:end]
+            pos = end + 1
+        items.append((item, payload))
+    return headers, items
+
+
+class SentryReceiver:
+    """A stand-in for Sentry's ingest on 127.0.0.1: keeps the envelopes the real SDK sends.
+
+    Point an app at :attr:`dsn`, then assert on the events (decoded JSON) it received:
+
+    >>> with SentryReceiver() as sentry:  # doctest: +SKIP
+    ...     env = {"SENTRY_DSN": sentry.dsn}
+    ...     ...
+    ...     [event] = sentry.wait_for_events(1)
+    ...     assert event["level"] == "error"
+
+    ``delay`` (seconds before answering) and ``status`` can be changed at any time to
+    make it slow or failing; envelopes are kept as soon as they are read either way.
+    """
+
+    def __init__(self, project_id: int = 42, public_key: str = "publickey") -> None:
+        self.project_id = project_id
+        self.public_key = public_key
+        self.envelopes: list[SentryEnvelope] = []
+        self.malformed = 0
+        self.delay = 0.0
+        self.status = 200
+        self.port = 0
+        self._lock = threading.Condition()
+        self._http: ThreadingHTTPServer | None = None
+
+    def start(self) -> SentryReceiver:
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _sentry_handler(self))
+        self._http.daemon_threads = True
+        self.port = self._http.server_address[1]
+        threading.Thread(target=self._http.serve_forever, name="sentry-ingest", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    def __enter__(self) -> SentryReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def dsn(self) -> str:
+        return f"http://{self.public_key}@127.0.0.1:{self.port}/{self.project_id}"
+
+    def clear(self) -> None:
+        with self._lock:
+            self.envelopes.clear()
+
+    def _accept(self, envelope: SentryEnvelope) -> None:
+        with self._lock:
+            self.envelopes.append(envelope)
+            self._lock.notify_all()
+
+    def payloads(self, item_type: str) -> list[dict[str, Any]]:
+        """Every payload of one item type received so far, in order."""
+        with self._lock:
+            return [p for envelope in self.envelopes for p in envelope.payloads(item_type)]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The error and message events received so far."""
+        return self.payloads("event")
+
+    def wait_for_events(
+        self, count: int, match: Callable[[dict[str, Any]], bool] | None = None, timeout: float = 15.0
+    ) -> list[dict[str, Any]]:
+        """Wait until ``count`` matching events arrived; returns all matching ones."""
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            found[:] = [e for e in self.payloads("event") if match is None or match(e)]
+            return len(found) >= count
+
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not check():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    messages = [_event_title(e) for e in self.payloads("event")]
+                    raise AssertionError(f"{len(found)} of {count} events within {timeout}s; got {messages}")
+                self._lock.wait(remaining)
+        return found
+
+    def wait_for_item(self, item_type: str, timeout: float = 15.0) -> dict[str, Any]:
+        """Wait for the first item of ``item_type`` (such as ``profile_chunk``)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self.payloads(item_type):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {item_type} item within {timeout}s")
+                self._lock.wait(remaining)
+            return self.payloads(item_type)[0]
+
+
+def _event_title(event: dict[str, Any]) -> str:
+    values = (event.get("exception") or {}).get("values") or []
+    if values:
+        return f"{values[-1].get('type')}: {values[-1].get('value')}"
+    return str((event.get("logentry") or {}).get("message") or event.get("message"))
+
+
+def _sentry_handler(receiver: SentryReceiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            if not self.path.startswith(f"/api/{receiver.project_id}/envelope"):
+                self._reply(404)
+                return
+            try:
+                encoding = self.headers.get("Content-Encoding", "")
+                if encoding == "gzip":
+                    body = gzip.decompress(body)
+                elif encoding == "deflate":
+                    body = zlib.decompress(body)
+                headers, items = parse_envelope(body)
+            except (OSError, zlib.error, ValueError):
+                receiver.malformed += 1
+                self._reply(400)
+                return
+            request_headers = {k.lower(): v for k, v in self.headers.items()}
+            receiver._accept(SentryEnvelope(headers, items, request_headers, time.monotonic()))
+            if receiver.delay > 0:
+                time.sleep(receiver.delay)
+            self._reply(receiver.status)
+
+        def _reply(self, status: int) -> None:
+            payload = b"{}"
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except OSError:  # the client gave up waiting
+                pass
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+__all__ += ["SentryEnvelope", "SentryReceiver", "parse_envelope"]

@@ -1,0 +1,384 @@
+"""The real otelcol-cfk, launched through collector/run, with stand-ins for the backends."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from cfk_otel.testing import OtlpReceiver, attributes
+from tests.conftest import IN_CI, ROOT, free_port, unavailable
+
+COLLECTOR = ROOT / "collector"
+RUN = COLLECTOR / "run"
+# Variables a developer's shell may hold that would leak into the launched collector.
+_LEAKY = ("CFK_", "SENTRY_", "DD_", "LOKI_", "CLOUDWATCH_", "OTEL_")
+
+
+@pytest.fixture(scope="session")
+def collector_bin() -> Path:
+    """collector/build.sh: reuses the cached build (well under a second) or builds it.
+
+    A missing collector fails the run in CI (CI=true) and skips elsewhere.
+    """
+    explicit = os.environ.get("CFK_COLLECTOR_BIN")
+    if explicit:
+        return Path(explicit)
+    try:
+        out = subprocess.run(
+            [str(COLLECTOR / "build.sh")], capture_output=True, text=True, timeout=3000, check=True
+        )
+    except subprocess.CalledProcessError as exc:
+        message = f"collector/build.sh failed:\n{exc.stderr[-3000:]}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        unavailable(f"collector/build.sh did not finish: {exc}")
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert os.access(path, os.X_OK), path
+    return path
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LEAKY)}
+    env.update(values)
+    return env
+
+
+def run_launcher(
+    collector_bin: Path, *args: str, timeout: float = 30, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RUN), *args],
+        env=clean_env(CFK_COLLECTOR_BIN=str(collector_bin), **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@dataclass
+class Collector:
+    """One collector process started by collector/run; ports fixed at creation, so a
+    relaunch (another CFK_BACKENDS) listens where the app already sends."""
+
+    bin: Path
+    tmp: Path
+    grpc_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    health_port: int = field(default_factory=free_port)
+    prometheus_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[str] | None = None
+    runs: int = 0
+
+    @property
+    def storage(self) -> Path:
+        return self.tmp / "collector-storage"
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp / f"collector-{self.runs}.log"
+
+    def start(self, backends: str, **env: str) -> Collector:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.runs += 1
+        full = clean_env(
+            CFK_COLLECTOR_BIN=str(self.bin),
+            CFK_BACKENDS=backends,
+            CFK_OTLP_GRPC_ENDPOINT=f"127.0.0.1:{self.grpc_port}",
+            CFK_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{self.http_port}",
+            CFK_HEALTH_CHECK_ENDPOINT=f"127.0.0.1:{self.health_port}",
+            CFK_PROMETHEUS_ENDPOINT=f"127.0.0.1:{self.prometheus_port}",
+            CFK_STORAGE_DIR=str(self.storage),
+            CFK_BATCH_TIMEOUT="200ms",
+            CFK_RETRY_INITIAL_INTERVAL="200ms",
+            CFK_RETRY_MAX_INTERVAL="1s",
+            **env,
+        )
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [str(RUN)], env=full, stdout=log, stderr=subprocess.STDOUT, text=True
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"collector exited with {self.process.returncode}:\n{self.output()}")
+            if self.health() == 200:
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"collector not healthy within 20 s:\n{self.output()}")
+
+    def health(self) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/", timeout=2) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM (a graceful shutdown flushes the batch processor into the queues)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"collector ignored SIGTERM for {timeout}s:\n{self.output()}") from None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def scrape(self) -> str:
+        url = f"http://127.0.0.1:{self.prometheus_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture
+def collector(collector_bin: Path, tmp_path: Path) -> Iterator[Collector]:
+    c = Collector(collector_bin, tmp_path)
+    yield c
+    if c.process is not None and c.process.poll() is None:
+        c.process.kill()
+        c.process.wait()
+
+
+@pytest.fixture
+def otlp_backend() -> Iterator[OtlpReceiver]:
+    """cfk_otel's OtlpReceiver as a stand-in for an OTLP backend (Loki, Datadog Agent, ...)."""
+    with OtlpReceiver() as r:
+        yield r
+
+
+# --- Sentry's OTLP intake ----------------------------------------------------------------
+
+
+class SentryOtlp:
+    """Sentry's OTLP intake on 127.0.0.1: /api/<project>/integration/otlp/v1/{traces,logs}.
+
+    Requests without ``x-sentry-auth: sentry sentry_key=<key>`` get 401, as from Sentry;
+    ``status`` makes it refuse everything. Keeps the decoded spans' and logs' resources.
+    """
+
+    def __init__(self, project_id: int = 42, key: str = "f00dfeedf00dfeedf00dfeedf00dfeed") -> None:
+        self.project_id = project_id
+        self.key = key
+        self.status = 200
+        self.spans: list[tuple[dict[str, Any], dict[str, Any], str]] = []  # resource, attrs, name
+        self.logs: list[tuple[dict[str, Any], Any]] = []  # resource, body
+        self.paths: list[str] = []
+        self.unauthorized = 0
+        self.rejected = 0
+        self._lock = threading.Condition()
+        self._http: ThreadingHTTPServer | None = None
+
+    @property
+    def dsn(self) -> str:
+        assert self._http is not None
+        return f"http://{self.key}@127.0.0.1:{self._http.server_address[1]}/{self.project_id}"
+
+    def __enter__(self) -> SentryOtlp:
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _sentry_handler(self))
+        self._http.daemon_threads = True
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._http is not None
+        self._http.shutdown()
+        self._http.server_close()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+            return True
+
+    def span_paths(self) -> list[str]:
+        with self._lock:
+            return [str(a.get("url.path")) for _, a, _ in self.spans]
+
+
+def _sentry_handler(s: SentryOtlp) -> type[BaseHTTPRequestHandler]:
+    prefix = f"/api/{s.project_id}/integration/otlp"
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with s._lock:
+                s.paths.append(self.path)
+            if self.path not in (f"{prefix}/v1/traces", f"{prefix}/v1/logs"):
+                self._reply(404)
+                return
+            if self.headers.get("x-sentry-auth") != f"sentry sentry_key={s.key}":
+                with s._lock:
+                    s.unauthorized += 1
+                    s._lock.notify_all()
+                self._reply(401)
+                return
+            if s.status != 200:
+                with s._lock:
+                    s.rejected += 1
+                    s._lock.notify_all()
+                self._reply(s.status)
+                return
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            with s._lock:
+                if self.path.endswith("/traces"):
+                    request = trace_service_pb2.ExportTraceServiceRequest()
+                    request.ParseFromString(body)
+                    for rs in request.resource_spans:
+                        res = attributes(rs.resource.attributes)
+                        for ss in rs.scope_spans:
+                            s.spans.extend((res, attributes(sp.attributes), sp.name) for sp in ss.spans)
+                else:
+                    logs = logs_service_pb2.ExportLogsServiceRequest()
+                    logs.ParseFromString(body)
+                    for rl in logs.resource_logs:
+                        res = attributes(rl.resource.attributes)
+                        for sl in rl.scope_logs:
+                            s.logs.extend((res, r.body.string_value) for r in sl.log_records)
+                s._lock.notify_all()
+            self._reply(200)
+
+        def _reply(self, status: int) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def sentry() -> Iterator[SentryOtlp]:
+    with SentryOtlp() as s:
+        yield s
+
+
+# --- a real Prometheus ---------------------------------------------------------------------
+
+
+def prometheus_binary() -> str:
+    """Debian's prometheus (2.42); installed with apt-get when missing and we are root."""
+    found = shutil.which("prometheus")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"],
+        ):
+            subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
+        found = shutil.which("prometheus")
+        if found:
+            return found
+    unavailable("prometheus is not installed (apt-get install prometheus)")
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Prometheus:
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        import json
+        from urllib.parse import urlencode
+
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?{urlencode({'query': promql})}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.loads(response.read())
+        assert data["status"] == "success", data
+        return list(data["data"]["result"])
+
+
+@pytest.fixture
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
+    """Start a Prometheus on 127.0.0.1 scraping ``target`` every second (tmp data dir)."""
+    binary = prometheus_binary()
+    started: list[Prometheus] = []
+
+    def start(target: str) -> Prometheus:
+        port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: otel-collector\n"
+            "    honor_labels: true\n"
+            f"    static_configs: [{{targets: ['{target}']}}]\n"
+        )
+        log_path = tmp_path / "prometheus.log"
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        prom = Prometheus(process, port, log_path)
+        started.append(prom)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return prom
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"prometheus not ready within 30 s:\n{log_path.read_text()}")
+
+    yield start
+    for prom in started:
+        prom.process.terminate()
+        try:
+            prom.process.wait(10)
+        except subprocess.TimeoutExpired:
+            prom.process.kill()
+            prom.process.wait()

@@ -1,0 +1,240 @@
+"""collector/run and the config files: every backend validates alone and together; the
+launcher refuses a bad environment before anything starts, without printing secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.collector.conftest import COLLECTOR, run_launcher
+
+BACKENDS = ["debug", "prometheus", "loki", "sentry", "datadog", "cloudwatch"]
+SECRET = "0123456789abcdef0123456789abcdef"
+# Dummy values: enough for an offline `otelcol-cfk validate`.
+DUMMY = {
+    "LOKI_ENDPOINT": "http://loki.invalid:3100/otlp",
+    "SENTRY_DSN": f"https://{SECRET}@o1.ingest.sentry.invalid/4242",
+    "DD_OTLP_ENDPOINT": "http://datadog-agent.invalid:4318",
+    "DD_API_KEY": SECRET,
+    "CLOUDWATCH_OTLP_ENDPOINT": "http://cloudwatch-agent.invalid:4318",
+    "CLOUDWATCH_LOG_GROUP": "/cf-kanban/production",
+}
+
+
+def test_every_backend_has_a_config_file() -> None:
+    files = {p.stem for p in (COLLECTOR / "config").glob("*.yaml")}
+    assert files == {"base", "kubernetes", *BACKENDS}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_validates_alone(collector_bin: Path, backend: str) -> None:
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS=backend, **DUMMY)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("kubernetes", ["false", "true"])
+def test_all_backends_validate_together(collector_bin: Path, kubernetes: str) -> None:
+    result = run_launcher(
+        collector_bin, "--validate", CFK_BACKENDS=",".join(BACKENDS), CFK_KUBERNETES=kubernetes, **DUMMY
+    )
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_default_backend_is_debug(collector_bin: Path) -> None:
+    result = run_launcher(collector_bin, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    configs = [Path(a).name for a in result.stdout.split() if a.endswith(".yaml")]
+    assert configs == ["base.yaml", "debug.yaml"]
+
+
+def test_binary_comes_from_build_sh_by_default(collector_bin: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CFK_", "SENTRY_", "DD_", "LOKI_"))}
+    result = subprocess.run(
+        [str(COLLECTOR / "run"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    built = subprocess.run(
+        [str(COLLECTOR / "build.sh")], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()[-1]
+    assert result.stdout.split()[0] == built
+    assert "cached build" not in result.stderr  # the launcher keeps quiet about the cache hit
+
+
+def test_dry_run_assembles_base_then_backends_in_order(collector_bin: Path) -> None:
+    result = run_launcher(collector_bin, "--dry-run", CFK_BACKENDS="sentry, prometheus,sentry", **DUMMY)
+    assert result.returncode == 0, result.stderr
+    configs = [Path(a).name for a in result.stdout.split() if a.endswith(".yaml")]
+    assert configs == ["base.yaml", "sentry.yaml", "prometheus.yaml"]  # duplicates dropped
+    assert SECRET not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("backend", "missing"),
+    [
+        ("loki", ["LOKI_ENDPOINT"]),
+        ("sentry", ["SENTRY_DSN"]),
+        ("datadog", ["DD_OTLP_ENDPOINT", "DD_API_KEY"]),
+        ("cloudwatch", ["CLOUDWATCH_OTLP_ENDPOINT", "CLOUDWATCH_LOG_GROUP"]),
+    ],
+)
+def test_missing_variables_are_named_before_start(
+    collector_bin: Path, backend: str, missing: list[str]
+) -> None:
+    for mode in ("--validate", "--dry-run"):
+        env = {k: v for k, v in DUMMY.items() if k not in missing}
+        result = run_launcher(collector_bin, mode, CFK_BACKENDS=f"prometheus,{backend}", **env)
+        assert result.returncode == 2, result
+        for name in missing:
+            assert f"missing environment variable: {name} ({backend})" in result.stderr
+        assert result.stdout == ""  # nothing was started
+        assert SECRET not in result.stderr
+
+
+def test_empty_variable_counts_as_missing(collector_bin: Path) -> None:
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="datadog", **{**DUMMY, "DD_API_KEY": ""})
+    assert result.returncode == 2
+    assert "DD_API_KEY (datadog)" in result.stderr
+    assert "DD_OTLP_ENDPOINT" not in result.stderr
+
+
+def test_every_missing_variable_of_every_backend_at_once(collector_bin: Path) -> None:
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS=",".join(BACKENDS))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "missing environment variable" in line]
+    assert len(lines) == 6, result.stderr
+
+
+def test_unknown_backend_lists_the_known_ones(collector_bin: Path) -> None:
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="prometheus,splunk", **DUMMY)
+    assert result.returncode == 2
+    assert "unknown backend 'splunk'" in result.stderr
+    assert "debug prometheus loki sentry datadog cloudwatch" in result.stderr
+
+
+def test_malformed_dsn_is_refused_without_echoing_it(collector_bin: Path) -> None:
+    result = run_launcher(
+        collector_bin, "--validate", CFK_BACKENDS="sentry", SENTRY_DSN=f"{SECRET}-not-a-dsn"
+    )
+    assert result.returncode == 2
+    assert "SENTRY_DSN is not a Sentry DSN" in result.stderr
+    assert SECRET not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("dsn", "endpoint"),
+    [
+        ("https://abc@o1.ingest.sentry.io/42", "https://o1.ingest.sentry.io/api/42/integration/otlp"),
+        (
+            "https://abc:old@sentry.example.com:9000/sub/7",
+            "https://sentry.example.com:9000/sub/api/7/integration/otlp",
+        ),
+        ("http://abc@127.0.0.1:8000/42/", "http://127.0.0.1:8000/api/42/integration/otlp"),
+    ],
+)
+def test_sentry_endpoint_and_key_derived_from_dsn(tmp_path: Path, dsn: str, endpoint: str) -> None:
+    # A fake "collector" that prints the two derived variables the config reads.
+    fake = tmp_path / "otelcol"
+    fake.write_text('#!/bin/sh\necho "$CFK_SENTRY_OTLP_ENDPOINT|$CFK_SENTRY_KEY"\n')
+    fake.chmod(0o755)
+    result = run_launcher(fake, "--validate", CFK_BACKENDS="sentry", SENTRY_DSN=dsn)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{endpoint}|abc"
+
+
+def test_unknown_option_is_refused(collector_bin: Path) -> None:
+    result = run_launcher(collector_bin, "--frobnicate")
+    assert result.returncode == 2
+    assert "unknown argument" in result.stderr
+
+
+def test_secrets_only_from_the_environment_and_loopback_only_defaults() -> None:
+    secretish = re.compile(r"^\s*[\w-]*(key|auth|token|password)\s*:\s*(.+)$", re.IGNORECASE)
+    for path in (COLLECTOR / "config").glob("*.yaml"):
+        for line in path.read_text().splitlines():
+            if line.lstrip().startswith("#"):
+                continue
+            assert "0.0.0.0" not in line, (path, line)
+            match = secretish.match(line)
+            if match:
+                assert "${env:" in match.group(2), (path, line)
+
+
+# What each backend accepts: Sentry traces+logs, Loki logs, Prometheus metrics.
+PIPELINES = {
+    "debug": {"traces/debug", "metrics/debug", "logs/debug"},
+    "prometheus": {"metrics/prometheus"},
+    "loki": {"logs/loki"},
+    "sentry": {"traces/sentry", "logs/sentry"},
+    "datadog": {"traces/datadog", "metrics/datadog", "logs/datadog"},
+    "cloudwatch": {"traces/cloudwatch", "metrics/cloudwatch", "logs/cloudwatch"},
+}
+
+
+def merged_config(collector_bin: Path, backends: str, **env: str) -> dict[str, Any]:
+    result = run_launcher(
+        collector_bin, "--print-config", "--", "--format=json", CFK_BACKENDS=backends, **env
+    )
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout  # redacted
+    return dict(json.loads(result.stdout))
+
+
+def test_backends_compose_into_their_own_pipelines(collector_bin: Path) -> None:
+    config = merged_config(collector_bin, ",".join(BACKENDS), **DUMMY)
+    pipelines = config["service"]["pipelines"]
+    assert set(pipelines) == set().union(*PIPELINES.values())  # nothing lost in the merge
+    for name, pipeline in pipelines.items():
+        assert pipeline["receivers"] == ["otlp"], name
+        assert pipeline["processors"][0] == "memory_limiter", name
+        assert pipeline["processors"][-1] == "batch", name
+        [exporter] = pipeline["exporters"]
+        assert exporter.split("/")[-1] == name.split("/")[1] or exporter == name.split("/")[1], name
+    assert "k8s_attributes" not in config["processors"]
+
+
+def test_every_network_exporter_queues_on_disk_and_retries(collector_bin: Path) -> None:
+    config = merged_config(collector_bin, ",".join(BACKENDS), **DUMMY)
+    network = {k: v for k, v in config["exporters"].items() if k not in {"debug", "prometheus"}}
+    assert set(network) == {"otlp_http/loki", "otlp_http/sentry", "otlp_http/datadog", "otlp_http/cloudwatch"}
+    for name, exporter in network.items():
+        # v0.161 prints an enabled queue as present (an optional section), not enabled: true.
+        assert exporter["sending_queue"], name
+        assert exporter["sending_queue"]["storage"] == "file_storage", name
+        assert exporter["retry_on_failure"]["enabled"] is True, name
+    assert config["extensions"]["file_storage"]["directory"]
+    assert config["service"]["extensions"] == ["health_check", "file_storage"]
+
+
+def test_kubernetes_overlay_adds_k8s_attributes_to_every_pipeline(collector_bin: Path) -> None:
+    config = merged_config(collector_bin, ",".join(BACKENDS), CFK_KUBERNETES="true", **DUMMY)
+    for name, pipeline in config["service"]["pipelines"].items():
+        assert pipeline["processors"][:2] == ["memory_limiter", "k8s_attributes"], name
+    assert config["service"]["pipelines"]["logs/cloudwatch"]["processors"][-2:] == [
+        "resource/cloudwatch",
+        "batch",
+    ]
+
+
+def test_prometheus_names_are_pinned(collector_bin: Path) -> None:
+    # The binary's default feature gates change the default naming (DisableAddMetricSuffixes):
+    # the strategy is set explicitly so that names never depend on them.
+    exporter = merged_config(collector_bin, "prometheus")["exporters"]["prometheus"]
+    assert exporter["translation_strategy"] == "UnderscoreEscapingWithSuffixes"
+    assert exporter["resource_constant_labels"]["included"] == [
+        "service.name",
+        "service.version",
+        "deployment.environment.name",
+    ]
+    assert exporter["endpoint"].startswith("127.0.0.1:")
