@@ -109,13 +109,19 @@ class OtlpReceiver:
     receiver reject requests; rejected requests are counted, not stored.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path_prefix: str = "/otlp", required_headers: dict[str, str] | None = None) -> None:
+        # HTTP paths are {path_prefix}/v1/{traces,metrics,logs}, the prefix optional when it is
+        # the default (Loki's /otlp); a request missing a required header (an API key) gets 401.
+        self.path_prefix = path_prefix
+        self.required_headers = {k.lower(): v for k, v in (required_headers or {}).items()}
         self._lock = threading.Condition()
         self.spans: list[ReceivedSpan] = []
         self.metrics: list[ReceivedMetric] = []
         self.logs: list[ReceivedLog] = []
         self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []  # every HTTP path posted to, accepted or not
         self.rejected = 0
+        self.unauthorized = 0
         self.malformed = 0
         self.status = 200
         self.grpc_status = grpc.StatusCode.OK
@@ -262,9 +268,22 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
-            kind = _HTTP_TYPES.get(self.path.split("?", 1)[0].rstrip("/").removeprefix("/otlp"))
+            path = self.path.split("?", 1)[0].rstrip("/")
+            with receiver._lock:
+                receiver.paths.append(path)
+            if path.startswith(receiver.path_prefix):
+                path = path[len(receiver.path_prefix) :]
+            elif receiver.path_prefix != "/otlp":
+                path = ""
+            kind = _HTTP_TYPES.get(path)
             if kind is None:
                 self._reply(404)
+                return
+            if any(self.headers.get(k) != v for k, v in receiver.required_headers.items()):
+                with receiver._lock:
+                    receiver.unauthorized += 1
+                    receiver._lock.notify_all()
+                self._reply(401)
                 return
             if receiver.status != 200:
                 receiver.rejected += 1

@@ -151,6 +151,21 @@ def uvicorn_command(target: str, port: int, *extra: str, instrument: bool = True
     return [*base, str(BIN / "uvicorn"), target, "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
+def gunicorn_command(target: str, port: int, workers: int = 2) -> list[str]:
+    """gunicorn with uvicorn's worker class, under opentelemetry-instrument."""
+    return [
+        str(BIN / "opentelemetry-instrument"),
+        str(BIN / "gunicorn"),
+        "-k",
+        "uvicorn.workers.UvicornWorker",
+        "-w",
+        str(workers),
+        "-b",
+        f"127.0.0.1:{port}",
+        target,
+    ]
+
+
 @pytest.fixture
 def run_app(tmp_path: Path) -> Iterator[object]:
     """Launch apps; every app still running at the end of the test is terminated."""

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from cfk_otel.testing import OtlpReceiver, attributes
+from cfk_otel.testing import OtlpReceiver
 from tests.conftest import IN_CI, ROOT, free_port, unavailable
 
 COLLECTOR = ROOT / "collector"
@@ -182,109 +177,26 @@ def otlp_backend() -> Iterator[OtlpReceiver]:
 # --- Sentry's OTLP intake ----------------------------------------------------------------
 
 
-class SentryOtlp:
+class SentryOtlp(OtlpReceiver):
     """Sentry's OTLP intake on 127.0.0.1: /api/<project>/integration/otlp/v1/{traces,logs}.
 
-    Requests without ``x-sentry-auth: sentry sentry_key=<key>`` get 401, as from Sentry;
-    ``status`` makes it refuse everything. Keeps the decoded spans' and logs' resources.
+    Requests without ``x-sentry-auth: sentry sentry_key=<key>`` get 401, as from Sentry.
     """
 
     def __init__(self, project_id: int = 42, key: str = "f00dfeedf00dfeedf00dfeedf00dfeed") -> None:
+        super().__init__(
+            path_prefix=f"/api/{project_id}/integration/otlp",
+            required_headers={"x-sentry-auth": f"sentry sentry_key={key}"},
+        )
         self.project_id = project_id
         self.key = key
-        self.status = 200
-        self.spans: list[tuple[dict[str, Any], dict[str, Any], str]] = []  # resource, attrs, name
-        self.logs: list[tuple[dict[str, Any], Any]] = []  # resource, body
-        self.paths: list[str] = []
-        self.unauthorized = 0
-        self.rejected = 0
-        self._lock = threading.Condition()
-        self._http: ThreadingHTTPServer | None = None
 
     @property
     def dsn(self) -> str:
-        assert self._http is not None
-        return f"http://{self.key}@127.0.0.1:{self._http.server_address[1]}/{self.project_id}"
-
-    def __enter__(self) -> SentryOtlp:
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _sentry_handler(self))
-        self._http.daemon_threads = True
-        threading.Thread(target=self._http.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._http is not None
-        self._http.shutdown()
-        self._http.server_close()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._lock.wait(remaining)
-            return True
+        return f"http://{self.key}@127.0.0.1:{self.http_port}/{self.project_id}"
 
     def span_paths(self) -> list[str]:
-        with self._lock:
-            return [str(a.get("url.path")) for _, a, _ in self.spans]
-
-
-def _sentry_handler(s: SentryOtlp) -> type[BaseHTTPRequestHandler]:
-    prefix = f"/api/{s.project_id}/integration/otlp"
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            with s._lock:
-                s.paths.append(self.path)
-            if self.path not in (f"{prefix}/v1/traces", f"{prefix}/v1/logs"):
-                self._reply(404)
-                return
-            if self.headers.get("x-sentry-auth") != f"sentry sentry_key={s.key}":
-                with s._lock:
-                    s.unauthorized += 1
-                    s._lock.notify_all()
-                self._reply(401)
-                return
-            if s.status != 200:
-                with s._lock:
-                    s.rejected += 1
-                    s._lock.notify_all()
-                self._reply(s.status)
-                return
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            with s._lock:
-                if self.path.endswith("/traces"):
-                    request = trace_service_pb2.ExportTraceServiceRequest()
-                    request.ParseFromString(body)
-                    for rs in request.resource_spans:
-                        res = attributes(rs.resource.attributes)
-                        for ss in rs.scope_spans:
-                            s.spans.extend((res, attributes(sp.attributes), sp.name) for sp in ss.spans)
-                else:
-                    logs = logs_service_pb2.ExportLogsServiceRequest()
-                    logs.ParseFromString(body)
-                    for rl in logs.resource_logs:
-                        res = attributes(rl.resource.attributes)
-                        for sl in rl.scope_logs:
-                            s.logs.extend((res, r.body.string_value) for r in sl.log_records)
-                s._lock.notify_all()
-            self._reply(200)
-
-        def _reply(self, status: int) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return Handler
+        return [str(s.attributes.get("url.path")) for s in list(self.spans)]
 
 
 @pytest.fixture

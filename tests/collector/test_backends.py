@@ -133,10 +133,10 @@ def test_sentry_gets_traces_and_logs_with_its_auth_header(
     assert app.get("/api/tickets/11")[0] == 200
 
     assert sentry.wait_for(lambda: "/api/tickets/11" in sentry.span_paths())
-    assert sentry.wait_for(lambda: any(body == "ticket 11 requested" for _, body in sentry.logs))
-    resource, _, name = next(s for s in sentry.spans if s[1].get("url.path") == "/api/tickets/11")
-    assert name == f"GET {TICKET}"
-    assert resource["service.name"] == "cf-kanban"
+    assert sentry.wait_for(lambda: any(r.body == "ticket 11 requested" for r in sentry.logs))
+    span = next(s for s in sentry.spans if s.attributes.get("url.path") == "/api/tickets/11")
+    assert span.name == f"GET {TICKET}"
+    assert span.resource["service.name"] == "cf-kanban"
     time.sleep(1)
     assert sentry.unauthorized == 0
     assert not any(p.endswith("/v1/metrics") for p in sentry.paths)  # Sentry takes no OTLP metrics

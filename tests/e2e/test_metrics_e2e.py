@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from cfk_otel.testing import OtlpReceiver
-from tests.conftest import BIN, Services, free_port, uvicorn_command
+from tests.conftest import Services, free_port, gunicorn_command, uvicorn_command
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -266,17 +266,7 @@ def test_two_workers_add_up(run_app, server: str) -> None:
     if server == "uvicorn":
         command = uvicorn_command("metrics_app:app", port, "--workers", "2")
     else:
-        command = [
-            str(BIN / "opentelemetry-instrument"),
-            str(BIN / "gunicorn"),
-            "-k",
-            "uvicorn.workers.UvicornWorker",
-            "-w",
-            "2",
-            "-b",
-            f"127.0.0.1:{port}",
-            "metrics_app:app",
-        ]
+        command = gunicorn_command("metrics_app:app", port)
     app = run_app(command, env, port, wait_path="/api/tickets/0")
     sent = 120
     for i in range(sent):

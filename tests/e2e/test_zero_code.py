@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cfk_otel.testing import OtlpReceiver
-from tests.conftest import APPS, BIN, Services, free_port, launch, uvicorn_command
+from tests.conftest import APPS, BIN, Services, free_port, gunicorn_command, launch, uvicorn_command
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -194,17 +194,7 @@ def test_uvicorn_workers_each_initialise(run_app, receiver: OtlpReceiver) -> Non
 
 def test_gunicorn_uvicorn_worker_is_fork_safe(run_app, receiver: OtlpReceiver) -> None:
     port = free_port()
-    command = [
-        str(BIN / "opentelemetry-instrument"),
-        str(BIN / "gunicorn"),
-        "-k",
-        "uvicorn.workers.UvicornWorker",
-        "-w",
-        "2",
-        "-b",
-        f"127.0.0.1:{port}",
-        "starlette_app:app",
-    ]
+    command = gunicorn_command("starlette_app:app", port)
     app = run_app(command, otlp_env(receiver), port)
     ids = _instances_seen(app, receiver, "/api/tickets/5")
     assert len(ids) == 2, ids
