@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -102,7 +102,46 @@ class ReceivedLog:
         return attributes(self.record.attributes)
 
 
-class OtlpReceiver:
+class _LoopbackReceiver:
+    """An HTTP server on 127.0.0.1 in a daemon thread, and a condition to wait on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._http: ThreadingHTTPServer | None = None
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler], name: str) -> int:
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._http.daemon_threads = True
+        threading.Thread(target=self._http.serve_forever, name=name, daemon=True).start()
+        return int(self._http.server_address[1])
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+        """Wait until ``predicate()`` holds (checked whenever data arrives); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+            return True
+
+
+class OtlpReceiver(_LoopbackReceiver):
     """OTLP/gRPC and OTLP/HTTP (protobuf) receiver bound to 127.0.0.1.
 
     ``status`` (HTTP) and ``grpc_status`` can be changed at any time to make the
@@ -112,9 +151,9 @@ class OtlpReceiver:
     def __init__(self, path_prefix: str = "/otlp", required_headers: dict[str, str] | None = None) -> None:
         # HTTP paths are {path_prefix}/v1/{traces,metrics,logs}, the prefix optional when it is
         # the default (Loki's /otlp); a request missing a required header (an API key) gets 401.
+        super().__init__()
         self.path_prefix = path_prefix
         self.required_headers = {k.lower(): v for k, v in (required_headers or {}).items()}
-        self._lock = threading.Condition()
         self.spans: list[ReceivedSpan] = []
         self.metrics: list[ReceivedMetric] = []
         self.logs: list[ReceivedLog] = []
@@ -126,37 +165,25 @@ class OtlpReceiver:
         self.status = 200
         self.grpc_status = grpc.StatusCode.OK
         self._grpc: grpc.Server | None = None
-        self._http: ThreadingHTTPServer | None = None
         self.grpc_port = 0
         self.http_port = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> OtlpReceiver:
+    def start(self) -> Self:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceServicer(self), self._grpc)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsServicer(self), self._grpc)
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsServicer(self), self._grpc)
         self.grpc_port = self._grpc.add_insecure_port("127.0.0.1:0")
         self._grpc.start()
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(self))
-        self._http.daemon_threads = True
-        self.http_port = self._http.server_address[1]
-        threading.Thread(target=self._http.serve_forever, name="otlp-http", daemon=True).start()
+        self.http_port = self._serve(_http_handler(self), "otlp-http")
         return self
 
     def stop(self) -> None:
         if self._grpc is not None:
             self._grpc.stop(grace=None)
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-
-    def __enter__(self) -> OtlpReceiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().stop()
 
     @property
     def grpc_endpoint(self) -> str:
@@ -196,16 +223,6 @@ class OtlpReceiver:
             self._lock.notify_all()
 
     # --- waiting -----------------------------------------------------------------------
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._lock.wait(remaining)
-            return True
 
     def wait_for_span(self, match: Callable[[ReceivedSpan], bool], timeout: float = 15.0) -> ReceivedSpan:
         found: list[ReceivedSpan] = []
@@ -365,7 +382,7 @@ def parse_envelope(body: bytes) -> tuple[dict[str, Any], list[tuple[dict[str, An
     return headers, items
 
 
-class SentryReceiver:
+class SentryReceiver(_LoopbackReceiver):
     """A stand-in for Sentry's ingest on 127.0.0.1: keeps the envelopes the real SDK sends.
 
     Point an app at :attr:`dsn`, then assert on the events (decoded JSON) it received:
@@ -381,6 +398,7 @@ class SentryReceiver:
     """
 
     def __init__(self, project_id: int = 42, public_key: str = "publickey") -> None:
+        super().__init__()
         self.project_id = project_id
         self.public_key = public_key
         self.envelopes: list[SentryEnvelope] = []
@@ -388,26 +406,10 @@ class SentryReceiver:
         self.delay = 0.0
         self.status = 200
         self.port = 0
-        self._lock = threading.Condition()
-        self._http: ThreadingHTTPServer | None = None
 
-    def start(self) -> SentryReceiver:
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _sentry_handler(self))
-        self._http.daemon_threads = True
-        self.port = self._http.server_address[1]
-        threading.Thread(target=self._http.serve_forever, name="sentry-ingest", daemon=True).start()
+    def start(self) -> Self:
+        self.port = self._serve(_sentry_handler(self), "sentry-ingest")
         return self
-
-    def stop(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-
-    def __enter__(self) -> SentryReceiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def dsn(self) -> str:
@@ -442,26 +444,16 @@ class SentryReceiver:
             found[:] = [e for e in self.payloads("event") if match is None or match(e)]
             return len(found) >= count
 
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while not check():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    messages = [_event_title(e) for e in self.payloads("event")]
-                    raise AssertionError(f"{len(found)} of {count} events within {timeout}s; got {messages}")
-                self._lock.wait(remaining)
+        if not self.wait_for(check, timeout):
+            messages = [_event_title(e) for e in self.payloads("event")]
+            raise AssertionError(f"{len(found)} of {count} events within {timeout}s; got {messages}")
         return found
 
     def wait_for_item(self, item_type: str, timeout: float = 15.0) -> dict[str, Any]:
         """Wait for the first item of ``item_type`` (such as ``profile_chunk``)."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while not self.payloads(item_type):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"no {item_type} item within {timeout}s")
-                self._lock.wait(remaining)
-            return self.payloads(item_type)[0]
+        if not self.wait_for(lambda: bool(self.payloads(item_type)), timeout):
+            raise AssertionError(f"no {item_type} item within {timeout}s")
+        return self.payloads(item_type)[0]
 
 
 def _event_title(event: dict[str, Any]) -> str:
