@@ -58,6 +58,7 @@ _RESERVED: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
     "cfk_context",
     "cfk_span",
 }
+_REQUESTS_LOGGER: Final = "cfk_otel.requests"
 _SERVER_LOGGERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn", "gunicorn.error")
 _ACCESS_LOGGERS: Final = ("uvicorn.access", "gunicorn.access")
 
@@ -293,9 +294,10 @@ class OtlpHandler(logging.Handler):
                 logger = self._loggers.setdefault(record.name, self._provider.get_logger(record.name))
             number, text = _SEVERITY.get(record.levelno, (SeverityNumber.UNSPECIFIED, record.levelname))
             attributes = {str(k): _attribute(v) for k, v in redact(_context_of(record)).items()}
-            attributes["code.file.path"] = record.pathname
-            attributes["code.function.name"] = record.funcName
-            attributes["code.line.number"] = record.lineno
+            if record.name != _REQUESTS_LOGGER:  # a request line's code location says nothing
+                attributes["code.file.path"] = record.pathname
+                attributes["code.function.name"] = record.funcName
+                attributes["code.line.number"] = record.lineno
             error = _error_fields(record.exc_info)
             if error is not None:
                 attributes["exception.type"] = error["type"]
@@ -435,7 +437,7 @@ def get_logger(name: str | None = None, **context: Any) -> Logger:
 
 
 logger: Final = Logger()
-_requests: Final = Logger("cfk_otel.requests")
+_requests: Final = Logger(_REQUESTS_LOGGER)
 
 
 def request_observer(settings: Settings) -> RequestObserver | None:
