@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from . import _settings
+from . import _checklist, _settings
 from ._version import __version__
 
 _HIDDEN = "<set, hidden>"
@@ -43,8 +43,12 @@ def _check_endpoint(settings: _settings.Settings, timeout: float) -> str | None:
         return f"OTLP endpoint {host}:{port} does not answer ({reason}); telemetry would be dropped"
 
 
-def doctor(env: Mapping[str, str], timeout: float = 2.0) -> int:
-    """Print the effective configuration and the problems found; 0 when there are none."""
+def doctor(env: Mapping[str, str], timeout: float = 2.0, production: bool = False) -> int:
+    """Print the effective configuration and the problems found; 0 when there are none.
+
+    With ``production``, every failed item of the document's production checklist is a
+    problem too.
+    """
     problems: list[str] = []
     try:
         settings = _settings.load(env)
@@ -83,6 +87,7 @@ def doctor(env: Mapping[str, str], timeout: float = 2.0) -> int:
     if settings.sentry_dsn is None:
         print("Sentry: SENTRY_DSN is not set; errors are not sent to Sentry")
 
+    problems.extend(_checklist.report(settings, env, strict=production))
     if problems:
         print(f"\n{len(problems)} problem(s):")
         for problem in problems:
@@ -98,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("doctor", help="check the configuration and the collector")
     check.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the endpoint")
+    check.add_argument(
+        "--production", action="store_true", help="fail on every unmet item of the production checklist"
+    )
     commands.add_parser("env", help="print the table of environment variables (Markdown)")
     args = parser.parse_args(argv)
     if args.command == "env":
@@ -105,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import os  # noqa: PLC0415
 
-    return doctor(os.environ, args.timeout)
+    return doctor(os.environ, args.timeout, args.production)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -178,6 +179,16 @@ def run_app(tmp_path: Path) -> Iterator[object]:
 
     yield start
     for app in started:
-        if app.process.poll() is None:
-            app.process.kill()
-            app.process.wait()
+        stop_group(app.process)
+
+
+def stop_group(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, a bounded wait, then SIGKILL for the whole process group (no orphaned workers)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait()

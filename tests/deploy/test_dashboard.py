@@ -1,0 +1,297 @@
+"""docs/dashboards/cf-kanban.json: importable, and every query runs on real data.
+
+The real app (tests/apps/metrics_app.py under opentelemetry-instrument, real PostgreSQL and
+Redis) serves /api/metrics; the real collector runs its redis receiver against the real
+Redis; a real Prometheus scrapes both with the jobs of deploy/prometheus/prometheus.yml.
+Every panel's query must parse, and return data unless it is listed in EXPECTED_EMPTY.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from websockets.sync.client import connect
+
+from tests.collector.conftest import RUN, Prometheus, clean_env, prometheus_binary
+from tests.conftest import Services, free_port, uvicorn_command
+from tests.deploy.conftest import DASHBOARD, PROMETHEUS_DIR, load_yaml
+
+pytestmark = pytest.mark.timeout(60)
+
+# Panels whose metric the app does not export yet (the instrument to add is named in the
+# panel's description). When one starts returning data, this test fails: move it out.
+EXPECTED_EMPTY = {
+    "Active users": "active_users gauge not exported yet",
+    "Memory (RSS)": "process_resident_memory_bytes not exported by /api/metrics yet",
+    "Messages per second": "websocket_messages_total counter not exported yet",
+    "Connection duration (p50, p95)": "websocket_connection_duration_seconds histogram not exported yet",
+    "Connection pool usage": "database_pool_connections / database_pool_max_connections not exported yet",
+}
+DOCUMENT_ROWS = {
+    "Overview": {"Request rate", "Error rate (%)", "Response time (p50, p95, p99)", "Active users"},
+    "API Performance": {"Endpoint latency heatmap", "Slowest endpoints (p95)", "Errors by endpoint"},
+    "WebSocket": {"Active connections", "Messages per second", "Connection duration (p50, p95)"},
+    "Database": {"Query latency (p95)", "Connection pool usage", "Slow queries (> 1 s)"},
+    "Redis": {"Operations per second", "Hit rate", "Memory"},
+}
+
+
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+def panels_by_row() -> dict[str, list[dict[str, Any]]]:
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current = ""
+    for panel in dashboard()["panels"]:
+        if panel["type"] == "row":
+            current = panel["title"]
+            rows[current] = []
+        else:
+            rows[current].append(panel)
+    return rows
+
+
+def queries() -> list[tuple[str, str]]:
+    return [
+        (panel["title"], target["expr"])
+        for row in panels_by_row().values()
+        for panel in row
+        for target in panel["targets"]
+    ]
+
+
+def concrete(expr: str) -> str:
+    """Grafana's variables as Grafana would fill them for this test's 1 s scrapes."""
+    return expr.replace("$__rate_interval", "30s").replace("$job", "cf-kanban")
+
+
+def test_importable_with_a_datasource_input() -> None:
+    board = dashboard()
+    assert board["__inputs"][0]["name"] == "DS_PROMETHEUS"
+    assert board["__inputs"][0]["pluginId"] == "prometheus"
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["job"]["current"]["value"] == "cf-kanban"
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, panel["title"]
+            assert panel["targets"], panel["title"]
+            assert all(t["datasource"]["uid"] == "${DS_PROMETHEUS}" for t in panel["targets"])
+        x, w = panel["gridPos"]["x"], panel["gridPos"]["w"]
+        assert x >= 0, panel["title"]
+        assert x + w <= 24, panel["title"]
+
+
+def test_the_documents_rows_and_panels() -> None:
+    rows = panels_by_row()
+    assert list(rows) == list(DOCUMENT_ROWS)
+    for row, titles in DOCUMENT_ROWS.items():
+        assert titles <= {p["title"] for p in rows[row]}, row
+    assert set(EXPECTED_EMPTY) <= {title for title, _ in queries()}
+
+
+def test_app_queries_read_one_job_only() -> None:
+    """App metrics are filtered by $job: the collector path must never be added in."""
+    app_metrics = ("http_", "websocket_", "database_", "redis_operation", "active_users", "process_")
+    for title, expr in queries():
+        for metric, matchers in re.findall(r"\b([a-z_]+)\{([^}]*)\}", expr):
+            if metric.startswith(app_metrics):
+                assert 'job="$job"' in matchers, (title, metric)
+
+
+# --- real data ---------------------------------------------------------------------------
+
+
+def start_prometheus(tmp_path: Path, app_target: str, collector_target: str) -> Prometheus:
+    """Prometheus with deploy/prometheus/prometheus.yml's two jobs, pointed at loopback."""
+    jobs = {job["job_name"]: job for job in load_yaml(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]}
+    scrape = []
+    for name, target in (("cf-kanban", app_target), ("otel-collector", collector_target)):
+        job = {k: v for k, v in jobs[name].items() if k != "dns_sd_configs"}
+        job.update(scrape_interval="1s", static_configs=[{"targets": [target]}])
+        scrape.append(job)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape}))
+    port = free_port()
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                prometheus_binary(),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    prom = Prometheus(process, port, log_path)
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, log_path.read_text()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1):
+                return prom
+        except OSError:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def redis_collector(collector_bin: Path, services: Services, tmp_path: Path) -> Iterator[int]:
+    """The real collector with its redis receiver on the test Redis; yields its exporter port."""
+    redis = urllib.parse.urlsplit(services.redis_url)
+    receiver = tmp_path / "redis-receiver.yaml"
+    receiver.write_text(
+        "receivers:\n"
+        "  redis:\n"
+        f"    endpoint: {redis.hostname}:{redis.port}\n"
+        "    password: ${env:CFK_TEST_REDIS_PASSWORD}\n"
+        "    collection_interval: 1s\n"
+        "service:\n"
+        "  pipelines:\n"
+        "    metrics/redis:\n"
+        "      receivers: [redis]\n"
+        "      processors: [memory_limiter, batch]\n"
+        "      exporters: [prometheus]\n"
+    )
+    port, health = free_port(), free_port()
+    env = clean_env(
+        CFK_COLLECTOR_BIN=str(collector_bin),
+        CFK_BACKENDS="prometheus",
+        CFK_OTLP_GRPC_ENDPOINT=f"127.0.0.1:{free_port()}",
+        CFK_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{free_port()}",
+        CFK_HEALTH_CHECK_ENDPOINT=f"127.0.0.1:{health}",
+        CFK_PROMETHEUS_ENDPOINT=f"127.0.0.1:{port}",
+        CFK_STORAGE_DIR=str(tmp_path / "storage"),
+        CFK_BATCH_TIMEOUT="200ms",
+        CFK_TEST_REDIS_PASSWORD=urllib.parse.unquote(redis.password or ""),
+    )
+    log_path = tmp_path / "collector.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [str(RUN), "--", "--config", str(receiver)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/", timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def query(prometheus: Prometheus, expr: str) -> tuple[bool, list[dict[str, Any]] | str]:
+    """(True, result) or (False, Prometheus's parse/execution error)."""
+    url = f"http://127.0.0.1:{prometheus.port}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return True, list(json.loads(response.read())["data"]["result"])
+    except urllib.error.HTTPError as exc:
+        return False, exc.read().decode()
+
+
+def traffic(app: Any, port: int) -> None:
+    for i in range(5):
+        assert app.get(f"/api/tickets/{i}")[0] == 200
+    assert app.get("/api/fail")[0] == 500
+    assert app.get("/api/unavailable")[0] == 503
+    assert app.get("/api/db")[0] == 200
+    assert app.get("/api/slow")[0] == 200
+    with connect(f"ws://127.0.0.1:{port}/ws/board") as ws:
+        ws.send("ping")
+        assert ws.recv() == "ping"
+
+
+def test_every_panel_query_on_real_data(
+    run_app: Any, services: Services, redis_collector: int, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        "DATABASE_URL": services.database_url,
+        "REDIS_URL": services.redis_url,
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+    }
+    app = run_app(uvicorn_command("metrics_app:app", port), env, port, wait_path="/api/metrics")
+    prometheus = start_prometheus(tmp_path, f"127.0.0.1:{port}", f"127.0.0.1:{redis_collector}")
+    try:
+        wait_until(lambda: bool(query(prometheus, 'up{job="cf-kanban"} == 1')[1]), prometheus)
+        traffic(app, port)
+        time.sleep(2.5)  # a few 1 s scrapes: every series has samples before the next round
+        traffic(app, port)
+        time.sleep(2.5)
+
+        pending = {title for title, _ in queries()} - set(EXPECTED_EMPTY)
+        results: dict[str, list[dict[str, Any]]] = {}
+
+        def all_pending_have_numbers() -> bool:
+            for title, expr in queries():
+                ok, result = query(prometheus, concrete(expr))
+                assert ok, f"{title}: {expr}\n{result}"  # every query parses and runs
+                assert isinstance(result, list)
+                results[title] = result
+            return not {t for t in pending if not numbers(results[t])}
+
+        wait_until(all_pending_have_numbers, prometheus)
+        for title, reason in EXPECTED_EMPTY.items():
+            assert results[title] == [], (
+                f"{title} returns data now ({reason}?): remove it from EXPECTED_EMPTY"
+            )
+        # A few values that must be right, not merely present.
+        [errors] = query(prometheus, concrete(queries_by_title()["Error rate (%)"]))[1]
+        assert 0 < float(errors["value"][1]) < 100
+        [redis_memory] = query(prometheus, "max(redis_memory_used_bytes)")[1]
+        assert float(redis_memory["value"][1]) > 0
+        by_path = {
+            r["metric"]["path"]
+            for r in query(prometheus, concrete(queries_by_title()["Errors by endpoint"]))[1]  # type: ignore[union-attr]
+        }
+        assert by_path == {"/api/fail", "/api/unavailable"}
+    finally:
+        prometheus.process.terminate()
+        prometheus.process.wait(10)
+
+
+def numbers(result: list[dict[str, Any]]) -> list[float]:
+    values = [float(r["value"][1]) for r in result]
+    return [v for v in values if not math.isnan(v)]  # NaN (0/0: nothing in the window) is not data
+
+
+def wait_until(predicate: Any, prometheus: Prometheus, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, prometheus.log_path.read_text()[-2000:]
+        time.sleep(0.5)
+
+
+def queries_by_title() -> dict[str, str]:
+    return {title: expr for title, expr in reversed(queries())}
