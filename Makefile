@@ -41,8 +41,11 @@ lint: venv
 test: venv services collector lint collector-check
 	$(BIN)/python -m pytest
 
-demo: venv services
-	$(BIN)/python examples/quickstart/demo.py $(DEMO_ARGS)
+# The example app (examples/kanban) with the whole telemetry path: the collector, a real
+# Prometheus, a burst of traffic and a summary; DEMO_ARGS=--once exits after the summary.
+# The demo starts PostgreSQL and Redis itself, so it can announce a fallback without apt.
+demo: venv collector
+	$(BIN)/python examples/kanban/demo.py $(DEMO_ARGS)
 
 # The overhead benchmark (docs/benchmarks.md). Its own venv: the upstream baseline needs
 # the stock opentelemetry-distro, which must not sit beside cfk_otel in the test venv.

@@ -7,6 +7,7 @@ route template resolved from what the framework's router left in the scope.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -61,6 +62,31 @@ class RequestInfo:
 
 
 RequestObserver = Callable[[RequestInfo], None]
+
+
+class _WebSocketMessages:
+    """``websocket_messages_total`` for one connection; its route resolved at the first message."""
+
+    __slots__ = ("_metrics", "_resolve", "_route")
+
+    def __init__(self, metrics: _metrics.Metrics, resolve: Callable[[], str]) -> None:
+        self._metrics = metrics
+        self._resolve = resolve
+        self._route: str | None = None
+
+    def count(self, direction: str) -> None:
+        if self._route is None:
+            self._route = self._resolve()
+        self._metrics.websocket_messages.add_by_key((self._route, direction), 1.0)
+
+    def wrap(self, receive: Receive) -> Receive:
+        async def receive_counted() -> Message:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                self.count("received")
+            return message
+
+        return receive_counted
 
 
 class TelemetryMiddleware:
@@ -126,11 +152,21 @@ class TelemetryMiddleware:
         token = context.attach(trace.set_span_in_context(span, parent))
         status = 0
 
+        ws = (
+            _WebSocketMessages(
+                self.metrics, lambda: fixed_route or self._routes.template(scope, root_path, 101)
+            )
+            if kind == "websocket"
+            else None
+        )
+
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             mtype = message["type"]
             if mtype == "http.response.start":
                 status = message["status"]
+            elif mtype == "websocket.send" and ws is not None:
+                ws.count("sent")
             elif mtype == "websocket.accept":
                 await send(message)
                 status = 101
@@ -142,7 +178,7 @@ class TelemetryMiddleware:
 
         error: BaseException | None = None
         try:
-            await app(scope, receive, send_wrapper)
+            await app(scope, ws.wrap(receive) if ws is not None else receive, send_wrapper)
         except BaseException as exc:
             error = exc
             if not status:
@@ -151,7 +187,9 @@ class TelemetryMiddleware:
         finally:
             context.detach(token)
             if status == 101:  # every way a websocket ends comes through here, exactly once
-                self.metrics.websocket_connections.dec()
+                self._websocket_ended(
+                    scope, fixed_route or self._routes.template(scope, root_path, 101), start
+                )
             try:
                 route = fixed_route or self._routes.template(scope, root_path, status)
                 self._record(span, scope, kind, method, route, status, time.perf_counter() - start, error)
@@ -159,6 +197,11 @@ class TelemetryMiddleware:
                 if not self._warned:
                     self._warned = True
                     _log.warning("cfk_otel: recording a request failed; continuing", exc_info=True)
+
+    def _websocket_ended(self, scope: Scope, route: str, start: float) -> None:
+        self.metrics.websocket_connections.dec()
+        with contextlib.suppress(Exception):
+            self.metrics.websocket_duration.observe(time.perf_counter() - start, {"path": route})
 
     def _record(
         self,

@@ -183,6 +183,16 @@ def _time_redis_async(pipeline: bool) -> Callable[..., Awaitable[Any]]:
     return timed
 
 
+def _track_pool(
+    wrapped: Callable[..., None], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    wrapped(*args, **kwargs)
+    try:
+        _metrics.default().track_pool(instance)  # database_pool_connections, while it lives
+    except Exception:
+        _log.debug("cfk_otel: could not track an asyncpg pool", exc_info=True)
+
+
 class AsyncpgTimingInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """``database_query_duration_seconds`` and slow-query reports for asyncpg."""
 
@@ -192,12 +202,15 @@ class AsyncpgTimingInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: Any) -> None:
         for method in _ASYNCPG_METHODS:
             wrapt.wrap_function_wrapper("asyncpg.connection", f"Connection.{method}", _time_asyncpg)
+        wrapt.wrap_function_wrapper("asyncpg.pool", "Pool.__init__", _track_pool)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         import asyncpg.connection  # noqa: PLC0415
+        import asyncpg.pool  # noqa: PLC0415
 
         for method in _ASYNCPG_METHODS:
             _unwrap(asyncpg.connection.Connection, method)
+        _unwrap(asyncpg.pool.Pool, "__init__")
 
 
 _REDIS_TARGETS: Final = (

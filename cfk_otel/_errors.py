@@ -124,6 +124,8 @@ def set_user(user: Mapping[str, object] | None) -> None:
 
     >>> set_user({"id": "user-123", "email": "ann@example.com"})  # doctest: +SKIP
     """
+    if user and user.get("id") is not None:  # active_users counts them, Sentry or not
+        _metrics.default().note_user(str(user["id"]))
     if not STATE.active:
         return
     from . import _sentry  # noqa: PLC0415

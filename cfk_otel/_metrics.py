@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import re
 import threading
 import time
@@ -32,6 +33,11 @@ DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5
 CLIENT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
 Labels = Mapping[str, object] | None
+WEBSOCKET_BUCKETS: Final = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+ACTIVE_USER_WINDOW: Final = 300.0
+MAX_USERS: Final = 100_000
+MAX_POOLS: Final = 64
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Like the SDK's default cardinality limit: past it, new label sets share one overflow series.
 MAX_SERIES: Final = 2000
 OVERFLOW: Final = "overflow"
@@ -291,6 +297,79 @@ class Metrics:
         self.errors = self.register_counter(
             "errors_total", "Error count by type and severity", ["type", "severity"]
         )
+        # What the dashboards and alerts need beyond the document's table.
+        self.websocket_messages = self.register_counter(
+            "websocket_messages_total", "WebSocket messages by route and direction", ["path", "direction"]
+        )
+        self.websocket_duration = self.register_histogram(
+            "websocket_connection_duration_seconds",
+            "WebSocket connection duration",
+            ["path"],
+            WEBSOCKET_BUCKETS,
+            unit="s",
+        )
+        self._users: dict[str, float] = {}
+        # asyncpg pools have __slots__ without __weakref__: held here until they close.
+        self._pools: list[Any] = []
+        self._meter.create_observable_gauge(
+            "active_users",
+            callbacks=[self._observe_users],
+            description="Distinct users seen in the last 5 minutes",
+        )
+        self._meter.create_observable_gauge(
+            "process_resident_memory_bytes",
+            callbacks=[_observe_rss],
+            unit="By",
+            description="Resident memory of the process",
+        )
+        self._meter.create_observable_gauge(
+            "database_pool_connections",
+            callbacks=[self._observe_pools],
+            description="Pool connections by state",
+        )
+        self._meter.create_observable_gauge(
+            "database_pool_max_connections", callbacks=[self._observe_pool_max], description="Pool capacity"
+        )
+
+    def note_user(self, user_id: str, now: float | None = None) -> None:
+        """Count ``user_id`` in ``active_users`` for the next five minutes."""
+        if user_id in self._users or len(self._users) < MAX_USERS:
+            self._users[user_id] = time.monotonic() if now is None else now
+
+    def active_users(self, now: float | None = None) -> int:
+        cutoff = (time.monotonic() if now is None else now) - ACTIVE_USER_WINDOW
+        for user_id, seen in list(self._users.items()):
+            if seen < cutoff:
+                self._users.pop(user_id, None)
+        return len(self._users)
+
+    def track_pool(self, pool: Any) -> None:
+        """Report an asyncpg pool in ``database_pool_connections`` until it closes."""
+        if len(self._pools) < MAX_POOLS:
+            self._pools.append(pool)
+
+    def _observe_users(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [metrics.Observation(self.active_users())]
+
+    def _pool_sizes(self) -> tuple[int, int, int]:
+        used = idle = capacity = 0
+        self._pools[:] = [p for p in self._pools if not _closing(p)]
+        for pool in list(self._pools):
+            try:
+                size, free = pool.get_size(), pool.get_idle_size()
+                used, idle, capacity = used + size - free, idle + free, capacity + pool.get_max_size()
+            except Exception:  # a closed or foreign pool: skip it this time
+                _log.debug("cfk_otel: could not read an asyncpg pool's size", exc_info=True)
+        return used, idle, capacity
+
+    def _observe_pools(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        if not self._pools:
+            return []
+        used, idle, _ = self._pool_sizes()
+        return [metrics.Observation(used, {"state": "used"}), metrics.Observation(idle, {"state": "idle"})]
+
+    def _observe_pool_max(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [metrics.Observation(self._pool_sizes()[2])] if self._pools else []
 
     def register_counter(self, name: str, description: str, labels: Iterable[str] = ()) -> Counter:
         """Register (or get back) a counter. Raises ``ValueError`` on a conflicting shape."""
@@ -352,6 +431,22 @@ def _label_names(name: str, labels: Iterable[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"metric {name!r}: duplicate label names in {list(names)}")
     return names
+
+
+def _closing(pool: Any) -> bool:
+    try:
+        return bool(pool.is_closing())
+    except Exception:
+        return True
+
+
+def _observe_rss(options: metrics.CallbackOptions) -> list[metrics.Observation]:
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):  # not Linux: nothing to report
+        return []
+    return [metrics.Observation(pages * _PAGE_SIZE)]
 
 
 def _describe(shape: tuple[object, ...]) -> str:

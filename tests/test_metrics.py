@@ -172,3 +172,52 @@ def test_label_sets_beyond_the_limit_share_one_overflow_series(
         c.inc({"id": str(i)})
     values = {dict(k)["id"]: p.value for k, p in points(reader, "ids").items()}
     assert values == {"0": 1, "1": 1, "2": 1, "overflow": 7}
+
+
+def gauge_value(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any], ...], float]:
+    return {k: p.value for k, p in points(reader, name).items()}
+
+
+def test_active_users_count_distinct_ids_for_five_minutes(m: Metrics) -> None:
+    m.note_user("ann", now=1000.0)
+    m.note_user("bob", now=1100.0)
+    m.note_user("ann", now=1200.0)
+    assert m.active_users(now=1250.0) == 2
+    assert m.active_users(now=1450.0) == 1  # bob last seen 350 s before
+    assert m.active_users(now=1600.0) == 0
+
+
+class FakePool:
+    def __init__(self, size: int, idle: int, maximum: int) -> None:
+        self.size, self.idle, self.maximum, self.closing = size, idle, maximum, False
+
+    def get_size(self) -> int:
+        return self.size
+
+    def get_idle_size(self) -> int:
+        return self.idle
+
+    def get_max_size(self) -> int:
+        return self.maximum
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def test_pool_gauges_sum_open_pools(m: Metrics, reader: InMemoryMetricReader) -> None:
+    assert gauge_value(reader, "database_pool_connections") == {}
+    first, second = FakePool(4, 1, 10), FakePool(2, 2, 5)
+    m.track_pool(first)
+    m.track_pool(second)
+    assert gauge_value(reader, "database_pool_connections") == {
+        (("state", "used"),): 3,
+        (("state", "idle"),): 3,
+    }
+    assert gauge_value(reader, "database_pool_max_connections") == {(): 15}
+    second.closing = True
+    assert gauge_value(reader, "database_pool_max_connections") == {(): 10}
+
+
+def test_process_memory_is_reported(reader: InMemoryMetricReader, m: Metrics) -> None:
+    [rss] = gauge_value(reader, "process_resident_memory_bytes").values()
+    assert rss > 10 * 1024 * 1024

@@ -87,6 +87,24 @@ async def slow(request: Request) -> JSONResponse:
     return JSONResponse({"slow": True})
 
 
+_pool: list[asyncpg.Pool] = []
+
+
+async def pooled(request: Request) -> JSONResponse:
+    # A long-lived pool, as real apps keep one: database_pool_connections reports it.
+    if not _pool:
+        _pool.append(await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=2, max_size=5))
+    async with _pool[0].acquire() as conn:
+        value = await conn.fetchval("SELECT 1")
+    return JSONResponse({"value": value, "size": _pool[0].get_size()})
+
+
+async def me(request: Request) -> JSONResponse:
+    user_id = request.headers.get("x-user-id", "anonymous")
+    cfk_otel.set_user({"id": user_id})
+    return JSONResponse({"user": user_id})
+
+
 async def board(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
@@ -109,6 +127,8 @@ app = Starlette(
         Route("/api/unavailable", unavailable),
         Route("/api/db", db),
         Route("/api/slow", slow),
+        Route("/api/pool", pooled),
+        Route("/api/me", me),
         WebSocketRoute("/ws/board", board),
         Mount("/api/v1", routes=[Route("/cards/{card_id}", card)]),
     ]

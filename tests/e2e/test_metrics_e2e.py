@@ -104,6 +104,10 @@ def test_catalogue_at_api_metrics_and_over_otlp(run_app, receiver: OtlpReceiver,
         time.sleep(0.1)
 
     assert value(samples, "websocket_connections_active") == 0  # never negative, every close counted
+    # Messages both ways, and one duration per connection, by route template.
+    assert value(samples, "websocket_messages_total", path="/ws/board", direction="received") == 4
+    assert value(samples, "websocket_messages_total", path="/ws/board", direction="sent") == 3
+    assert value(samples, "websocket_connection_duration_seconds_count", path="/ws/board") == 4
     assert types["http_requests"] == "counter"
     assert types["http_request_duration_seconds"] == "histogram"
     assert types["websocket_connections_active"] == "gauge"
