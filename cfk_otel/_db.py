@@ -17,7 +17,7 @@ from typing import Any, Final
 import wrapt
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
 
 from . import _errors, _metrics, _sdk
 
@@ -183,6 +183,15 @@ def _time_redis_async(pipeline: bool) -> Callable[..., Awaitable[Any]]:
     return timed
 
 
+async def _quiet_reset(
+    wrapped: Callable[..., Awaitable[None]], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    # A pool resets every connection it takes back with a query of its own (RESET ALL,
+    # UNLISTEN *, ...): plumbing, not the app's work. Neither a span nor a timing for it.
+    with suppress_instrumentation():
+        await wrapped(*args, **kwargs)
+
+
 def _track_pool(
     wrapped: Callable[..., None], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
@@ -203,6 +212,7 @@ class AsyncpgTimingInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for method in _ASYNCPG_METHODS:
             wrapt.wrap_function_wrapper("asyncpg.connection", f"Connection.{method}", _time_asyncpg)
         wrapt.wrap_function_wrapper("asyncpg.pool", "Pool.__init__", _track_pool)
+        wrapt.wrap_function_wrapper("asyncpg.connection", "Connection.reset", _quiet_reset)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         import asyncpg.connection  # noqa: PLC0415
@@ -211,6 +221,7 @@ class AsyncpgTimingInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for method in _ASYNCPG_METHODS:
             _unwrap(asyncpg.connection.Connection, method)
         _unwrap(asyncpg.pool.Pool, "__init__")
+        _unwrap(asyncpg.connection.Connection, "reset")
 
 
 _REDIS_TARGETS: Final = (
