@@ -40,6 +40,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Final, Literal, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from . import _sdk
@@ -245,6 +246,21 @@ class HealthRegistry:
         for check in checks:
             if isinstance(check.run, _Dependency):
                 await check.run.aclose()
+
+    def last_statuses(self) -> dict[str, HealthStatus]:
+        """Each check's status at the last run (empty before the first probe).
+
+        >>> registry.last_statuses()  # doctest: +SKIP
+        {'database': 'healthy', 'redis': 'unhealthy'}
+        """
+        cached = self._cached
+        return {o.name: o.status for o in cached.outcomes} if cached is not None else {}
+
+    def _observe(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [
+            metrics.Observation(0 if status == "unhealthy" else 1, {"check": name})
+            for name, status in self.last_statuses().items()
+        ]
 
     # --- reports ------------------------------------------------------------------------
 
@@ -701,7 +717,15 @@ def _from_settings(settings: Settings) -> HealthRegistry:
 def _default(settings: Settings | None = None) -> HealthRegistry:
     with _DEFAULT_LOCK:
         if not _DEFAULT:
-            _DEFAULT.append(_from_settings(settings or _sdk.settings()))
+            registry = _from_settings(settings or _sdk.settings())
+            # health_check_up{check}: 1 unless the check was unhealthy at the last probe.
+            # DatabaseDown / RedisDown fire on it where no postgres/redis exporter runs.
+            metrics.get_meter("cfk_otel").create_observable_gauge(
+                "health_check_up",
+                callbacks=[registry._observe],
+                description="Health checks at the last probe: 1 up, 0 down",
+            )
+            _DEFAULT.append(registry)
         return _DEFAULT[0]
 
 

@@ -697,3 +697,14 @@ def test_missing_client_libraries_are_reported(monkeypatch: pytest.MonkeyPatch) 
         "database": "asyncpg is not installed (pip install asyncpg)",
         "redis": "redis is not installed (pip install redis)",
     }
+
+
+def test_last_statuses_feed_health_check_up() -> None:
+    checks = registry()
+    checks.register("database", lambda: True)
+    checks.register("redis", lambda: False)
+    assert checks.last_statuses() == {}  # nothing reported before the first probe
+    asyncio.run(checks.report("health"))
+    assert checks.last_statuses() == {"database": "healthy", "redis": "unhealthy"}
+    values = {obs.attributes["check"]: obs.value for obs in checks._observe(None)}  # type: ignore[arg-type]
+    assert values == {"database": 1, "redis": 0}
