@@ -244,53 +244,64 @@ class Prometheus:
         return list(data["data"]["result"])
 
 
+def launch_prometheus(tmp_path: Path, config: str) -> Prometheus:
+    """A real Prometheus on 127.0.0.1 with ``config`` (YAML text) and a tmp data dir, once ready."""
+    port = free_port()
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(config)
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                prometheus_binary(),
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    prom = Prometheus(process, port, log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1) as r:
+                if r.status == 200:
+                    return prom
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"prometheus not ready within 30 s:\n{log_path.read_text()}")
+
+
+def stop_prometheus(prom: Prometheus) -> None:
+    prom.process.terminate()
+    try:
+        prom.process.wait(10)
+    except subprocess.TimeoutExpired:
+        prom.process.kill()
+        prom.process.wait()
+
+
 @pytest.fixture
 def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
     """Start a Prometheus on 127.0.0.1 scraping ``target`` every second (tmp data dir)."""
-    binary = prometheus_binary()
     started: list[Prometheus] = []
 
     def start(target: str) -> Prometheus:
-        port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
+        prom = launch_prometheus(
+            tmp_path,
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             "scrape_configs:\n"
             "  - job_name: otel-collector\n"
             "    honor_labels: true\n"
-            f"    static_configs: [{{targets: ['{target}']}}]\n"
+            f"    static_configs: [{{targets: ['{target}']}}]\n",
         )
-        log_path = tmp_path / "prometheus.log"
-        with log_path.open("w") as log:
-            process = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        prom = Prometheus(process, port, log_path)
         started.append(prom)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return prom
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"prometheus not ready within 30 s:\n{log_path.read_text()}")
+        return prom
 
     yield start
     for prom in started:
-        prom.process.terminate()
-        try:
-            prom.process.wait(10)
-        except subprocess.TimeoutExpired:
-            prom.process.kill()
-            prom.process.wait()
+        stop_prometheus(prom)

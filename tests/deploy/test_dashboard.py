@@ -24,7 +24,7 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
-from tests.collector.conftest import RUN, Prometheus, clean_env, prometheus_binary
+from tests.collector.conftest import RUN, Prometheus, clean_env, launch_prometheus, stop_prometheus
 from tests.conftest import Services, free_port, uvicorn_command
 from tests.deploy.conftest import DASHBOARD, PROMETHEUS_DIR, load_yaml
 
@@ -119,32 +119,8 @@ def start_prometheus(tmp_path: Path, app_target: str, collector_target: str) -> 
         job = {k: v for k, v in jobs[name].items() if k != "dns_sd_configs"}
         job.update(scrape_interval="1s", static_configs=[{"targets": [target]}])
         scrape.append(job)
-    config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape}))
-    port = free_port()
-    log_path = tmp_path / "prometheus.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                prometheus_binary(),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    prom = Prometheus(process, port, log_path)
-    deadline = time.monotonic() + 20
-    while True:
-        assert process.poll() is None, log_path.read_text()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1):
-                return prom
-        except OSError:
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+    config = yaml.safe_dump({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape})
+    return launch_prometheus(tmp_path, config)
 
 
 @pytest.fixture
@@ -280,8 +256,7 @@ def test_every_panel_query_on_real_data(
         }
         assert by_path == {"/api/fail", "/api/unavailable"}
     finally:
-        prometheus.process.terminate()
-        prometheus.process.wait(10)
+        stop_prometheus(prometheus)
 
 
 def numbers(result: list[dict[str, Any]]) -> list[float]:
