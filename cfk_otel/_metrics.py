@@ -99,12 +99,15 @@ class _Observed(_Metric):
     def add_by_key(self, key: tuple[str, ...], value: float) -> None:
         """Add to the series whose label values are ``key``, in label order (the hot path)."""
         with self._lock:
-            current = self._values.get(key)
-            if current is None and len(self._values) >= MAX_SERIES:
-                self._misuse(f"has more than {MAX_SERIES} label sets")
-                key = (OVERFLOW,) * len(self.labels)
-                current = self._values.get(key)
-            self._values[key] = (current or 0.0) + value
+            key = self._admit(key)
+            self._values[key] = self._values.get(key, 0.0) + value
+
+    def _admit(self, key: tuple[str, ...]) -> tuple[str, ...]:
+        # Called under the lock: past MAX_SERIES label sets, new ones share the overflow series.
+        if key in self._values or len(self._values) < MAX_SERIES:
+            return key
+        self._misuse(f"has more than {MAX_SERIES} label sets")
+        return (OVERFLOW,) * len(self.labels)
 
     def _observe(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
         with self._lock:
@@ -157,8 +160,7 @@ class Gauge(_Observed):
     def set(self, value: float, labels: Labels = None) -> None:
         key = self._key(labels)
         with self._lock:
-            if key in self._values or len(self._values) < MAX_SERIES:
-                self._values[key] = value
+            self._values[self._admit(key)] = value
 
 
 class Histogram(_Metric):

@@ -43,7 +43,6 @@ class _State:
     shut_down: bool = False
     distro_selected: bool = False
     configurator_selected: bool = False
-    resource_attributes: dict[str, Any] = field(default_factory=dict)
     scrape: Scrape | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -138,7 +137,7 @@ def _start_in_child(initialize: Initialize) -> None:
 
 
 def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
-    STATE.resource_attributes = build_attributes(current)
+    resource_attributes = build_attributes(current)
     extra: dict[str, Any] = {}
     registry = None
     if current.metrics_enabled:
@@ -146,7 +145,7 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         extra["metric_exporter_names"] = ["cfk_prometheus"]
         extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
     _errors.start(current)  # Sentry; before the providers: SENTRY_TRACES_SAMPLE_RATE may set the sampler
-    initialize(dict(STATE.resource_attributes), extra)
+    initialize(resource_attributes, extra)
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
     STATE.started = True
