@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -26,8 +28,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry._logs import Logger as OtelLogger
 from opentelemetry._logs import LoggerProvider, SeverityNumber
+from opentelemetry.sdk.resources import Resource
 
 from ._asgi import RequestInfo, RequestObserver
+from ._otlp import OtlpHttpLogProcessor
 from ._redact import redact
 from ._settings import Settings
 
@@ -58,6 +62,8 @@ _RESERVED: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
     "cfk_context",
     "cfk_span",
 }
+_FILENAME: Final = os.path.basename(__file__)
+_START: Final[float] = getattr(logging, "_startTime", time.time())  # what relativeCreated counts from
 _REQUESTS_LOGGER: Final = "cfk_otel.requests"
 _SERVER_LOGGERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn", "gunicorn.error")
 _ACCESS_LOGGERS: Final = ("uvicorn.access", "gunicorn.access")
@@ -199,7 +205,9 @@ class JsonFormatter(logging.Formatter):
             "environment": self._environment,
             "version": self._version,
         }
-        for key, value in redact(_context_of(record)).items():
+        # A request line's fields are ours, scalars under fixed keys: nothing to find or hide.
+        context = record.cfk_context if type(record) is _RequestRecord else redact(_context_of(record))
+        for key, value in context.items():
             document.setdefault(str(key), value)
         if not hasattr(record, "cfk_context") and "logger" not in document:
             document["logger"] = record.name
@@ -280,19 +288,41 @@ def _attribute(value: object) -> Any:
 class OtlpHandler(logging.Handler):
     """Emits every ``logging`` record as an OpenTelemetry log record, once."""
 
-    def __init__(self, provider: LoggerProvider, level: int = logging.NOTSET) -> None:
+    def __init__(
+        self, provider: LoggerProvider, level: int = logging.NOTSET, sink: OtlpHttpLogProcessor | None = None
+    ) -> None:
         super().__init__(level)
         self._provider = provider
         self._loggers: dict[str, OtelLogger] = {}
+        # Request lines skip the SDK's LogRecord objects when the provider's only processor
+        # is our OTLP/HTTP one (the sink); everything else goes through the provider.
+        self._sink = sink
+        self._resource: Resource | None = getattr(provider, "resource", None)
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_OWN_LOGGERS):
             return
         try:
+            if type(record) is _RequestRecord and self._sink is not None and self._resource is not None:
+                number, text = _SEVERITY[record.levelno]
+                self._sink.emit_fields(
+                    self._resource,
+                    record.name,
+                    int(record.created * 1e9),
+                    number.value,
+                    text,
+                    record.msg,
+                    record.cfk_context,
+                    record.cfk_span,
+                )
+                return
             logger = self._loggers.get(record.name)
             if logger is None:
                 logger = self._loggers.setdefault(record.name, self._provider.get_logger(record.name))
             number, text = _SEVERITY.get(record.levelno, (SeverityNumber.UNSPECIFIED, record.levelname))
+            if type(record) is _RequestRecord:  # scalars under fixed keys, no code location
+                self._emit(logger, record, number, text, dict(record.cfk_context))
+                return
             attributes = {str(k): _attribute(v) for k, v in redact(_context_of(record)).items()}
             if record.name != _REQUESTS_LOGGER:  # a request line's code location says nothing
                 attributes["code.file.path"] = record.pathname
@@ -303,20 +333,28 @@ class OtlpHandler(logging.Handler):
                 attributes["exception.type"] = error["type"]
                 attributes["exception.message"] = error["message"]
                 attributes["exception.stacktrace"] = error["stack"]
-            explicit = getattr(record, "cfk_span", None)
-            ctx = (
-                trace.set_span_in_context(trace.NonRecordingSpan(explicit)) if explicit is not None else None
-            )
-            logger.emit(
-                timestamp=int(record.created * 1e9),
-                context=ctx or otel_context.get_current(),
-                severity_number=number,
-                severity_text=text,
-                body=_message(record),
-                attributes=attributes,
-            )
+            self._emit(logger, record, number, text, attributes)
         except Exception:  # a log line must never raise into the app
             self.handleError(record)
+
+    @staticmethod
+    def _emit(
+        logger: OtelLogger,
+        record: logging.LogRecord,
+        number: SeverityNumber,
+        text: str,
+        attributes: dict[str, Any],
+    ) -> None:
+        explicit = getattr(record, "cfk_span", None)
+        ctx = trace.set_span_in_context(trace.NonRecordingSpan(explicit)) if explicit is not None else None
+        logger.emit(
+            timestamp=int(record.created * 1e9),
+            context=ctx or otel_context.get_current(),
+            severity_number=number,
+            severity_text=text,
+            body=_message(record),
+            attributes=attributes,
+        )
 
 
 class _StdoutHandler(logging.StreamHandler[IO[str]]):
@@ -334,7 +372,9 @@ class _StdoutHandler(logging.StreamHandler[IO[str]]):
 _OURS: Final = "_cfk_otel_handler"
 
 
-def configure_logging(settings: Settings, provider: LoggerProvider | None) -> None:
+def configure_logging(
+    settings: Settings, provider: LoggerProvider | None, sink: OtlpHttpLogProcessor | None = None
+) -> None:
     """Own the root logger: our handlers only, at ``LOG_LEVEL``. Safe to call again.
 
     Called at start-up and again after uvicorn applies its own logging configuration.
@@ -353,7 +393,7 @@ def configure_logging(settings: Settings, provider: LoggerProvider | None) -> No
         )
         handlers.append(stream)
     if provider is not None and settings.log_output in ("otlp", "both") and settings.logs_exporters:
-        handlers.append(OtlpHandler(provider, level))
+        handlers.append(OtlpHandler(provider, level, sink))
     for handler in handlers:
         setattr(handler, _OURS, True)
         root.addHandler(handler)
@@ -437,7 +477,46 @@ def get_logger(name: str | None = None, **context: Any) -> Logger:
 
 
 logger: Final = Logger()
-_requests: Final = Logger(_REQUESTS_LOGGER)
+_requests: Final = logging.getLogger(_REQUESTS_LOGGER)
+
+
+class _RequestRecord(logging.LogRecord):
+    """A request line. It is written for every request, so it is built directly: no stack
+    walk for the caller, no path parsing, no scan for ``extra`` fields. It still has every
+    attribute a ``LogRecord`` has, for any handler or formatter the app adds."""
+
+    def __init__(
+        self, level: int, message: str, fields: dict[str, Any], span: trace.SpanContext | None
+    ) -> None:  # deliberately not calling LogRecord.__init__
+        created = time.time()
+        self.__dict__.update(_REQUEST_RECORD_FIXED)
+        self.msg = message
+        self.levelno = level
+        self.levelname = logging.getLevelName(level)
+        self.created = created
+        self.msecs = (created - int(created)) * 1000
+        self.relativeCreated = (created - _START) * 1000
+        self.thread = threading.get_ident()
+        self.threadName = threading.current_thread().name
+        self.process = os.getpid()
+        self.cfk_context = fields
+        self.cfk_span = span
+
+
+_REQUEST_RECORD_FIXED: Final = {
+    "name": _REQUESTS_LOGGER,
+    "args": None,
+    "pathname": __file__,
+    "filename": _FILENAME,
+    "module": _FILENAME.removesuffix(".py"),
+    "exc_info": None,
+    "exc_text": None,
+    "stack_info": None,
+    "lineno": 0,
+    "funcName": "request_observer",
+    "processName": "MainProcess",
+    "taskName": None,
+}
 
 
 def request_observer(settings: Settings) -> RequestObserver | None:
@@ -455,23 +534,18 @@ def request_observer(settings: Settings) -> RequestObserver | None:
         level = (
             logging.ERROR if info.status >= 500 else logging.WARNING if info.status >= 400 else logging.INFO
         )
-        if not _requests._logger.isEnabledFor(level):
+        if not _requests.isEnabledFor(level):
             return
         duration_ms = round(info.duration * 1000, 3)
         path = info.scope.get("path", "")
-        _requests._logger.log(
-            level,
-            f"{info.method} {path} {info.status} {duration_ms:g}ms",
-            extra={
-                "cfk_context": {
-                    "method": info.method,
-                    "path": path,
-                    "route": info.route,
-                    "status": info.status,
-                    "duration_ms": duration_ms,
-                },
-                "cfk_span": span if span.is_valid else None,
-            },
-        )
+        fields = {
+            "method": info.method,
+            "path": path,
+            "route": info.route,
+            "status": info.status,
+            "duration_ms": duration_ms,
+        }
+        message = f"{info.method} {path} {info.status} {duration_ms:g}ms"
+        _requests.handle(_RequestRecord(level, message, fields, span if span.is_valid else None))
 
     return observe

@@ -25,9 +25,10 @@ from opentelemetry.environment_variables import (
     OTEL_METRICS_EXPORTER,
     OTEL_TRACES_EXPORTER,
 )
+from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from prometheus_client import CollectorRegistry
 
-from . import _errors, _settings
+from . import _errors, _otlp, _settings
 from ._logs import configure_logging
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -44,6 +45,9 @@ class _State:
     distro_selected: bool = False
     configurator_selected: bool = False
     scrape: Scrape | None = None
+    # The provider's one log processor when it is our OTLP/HTTP one: request lines go
+    # to it directly (see _otlp.OtlpHttpLogProcessor).
+    log_sink: _otlp.OtlpHttpLogProcessor | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -66,7 +70,8 @@ def prepare() -> _settings.Settings:
     Each rejected variable gets one line on stderr and is removed, so that the
     OpenTelemetry SDK, which reads several of them itself, falls back to the same
     documented default, and workers that inherit the environment do not report it again.
-    The exporter variables get our defaults (the SDK's own default is no exporter).
+    The exporter variables get our defaults (the SDK's own default is no exporter), and
+    the OTLP protocol ours (http/protobuf, the specification's default; the SDK's is grpc).
     """
     if STATE.settings is not None:
         return STATE.settings
@@ -82,6 +87,7 @@ def prepare() -> _settings.Settings:
         (OTEL_LOGS_EXPORTER, current.logs_exporters),
     ):
         os.environ.setdefault(variable, ",".join(names) or "none")
+    os.environ.setdefault(OTEL_EXPORTER_OTLP_PROTOCOL, current.otlp_protocol)
     return current
 
 
@@ -138,7 +144,17 @@ def _start_in_child(initialize: Initialize) -> None:
 
 def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     resource_attributes = build_attributes(current)
-    extra: dict[str, Any] = {}
+    # Our OTLP encoder under the SDK's batch processors (the exporters stay the SDK's own).
+    log_processors: list[object] = []
+
+    def log_processor(exporter: Any) -> Any:
+        log_processors.append(_otlp.log_processor(exporter))
+        return log_processors[-1]
+
+    extra: dict[str, Any] = {
+        "export_span_processor": _otlp.span_processor,
+        "export_log_record_processor": log_processor,
+    }
     registry = None
     if current.metrics_enabled:
         registry = CollectorRegistry(auto_describe=True)
@@ -148,6 +164,8 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     initialize(resource_attributes, extra)
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
+    if len(log_processors) == 1 and isinstance(log_processors[0], _otlp.OtlpHttpLogProcessor):
+        STATE.log_sink = log_processors[0]
     STATE.started = True
     apply_logging()
     # atexit runs last-registered first, so this bounded shutdown runs before the SDK's own
@@ -159,7 +177,7 @@ def apply_logging() -> None:
     """(Re)apply our logging set-up; OTLP only once the SDK runs in this process."""
     current = settings()
     exporting = STATE.started and not STATE.deferred and not current.sdk_disabled
-    configure_logging(current, _logs.get_logger_provider() if exporting else None)
+    configure_logging(current, _logs.get_logger_provider() if exporting else None, STATE.log_sink)
 
 
 def shutdown(timeout: float | None = None) -> bool:

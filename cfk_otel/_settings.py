@@ -350,14 +350,15 @@ OTEL_EXPORTER_OTLP_ENDPOINT = Variable(
     None,
     _url,
     "an http:// or https:// URL",
-    "Collector address (default http://localhost:4317 for grpc, :4318 for http/protobuf).",
+    "Collector address (default http://localhost:4318 for http/protobuf, :4317 for grpc).",
 )
 OTEL_EXPORTER_OTLP_PROTOCOL = Variable(
     "OTEL_EXPORTER_OTLP_PROTOCOL",
-    "grpc",
+    "http/protobuf",
     _choice(*OTLP_PROTOCOLS),
     "grpc, http/protobuf",
-    "OTLP transport for all three signals.",
+    "OTLP transport for all three signals; http/protobuf is the specification's default and "
+    "our fast path (spans and logs encoded by cfk_otel).",
 )
 OTEL_EXPORTER_OTLP_HEADERS = Variable(
     "OTEL_EXPORTER_OTLP_HEADERS",

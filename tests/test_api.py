@@ -36,7 +36,7 @@ def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_configure_is_idempotent_and_exports(receiver: OtlpReceiver) -> None:
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
         "SERVICE_NAME": "manual-app",
         "LOG_LEVEL": "debug",
     }

@@ -13,7 +13,7 @@ def test_defaults() -> None:
     assert (s.service_name, s.service_version, s.environment) == ("cf-kanban", "unknown", "production")
     assert (s.log_level, s.log_format) == ("info", "json")
     assert s.traces_exporters == s.metrics_exporters == s.logs_exporters == ("otlp",)
-    assert s.otlp_protocol == "grpc"
+    assert s.otlp_protocol == "http/protobuf"
     assert s.sentry_dsn is None
     assert s.shutdown_timeout == 3.0
     assert s.problems == ()
@@ -44,7 +44,7 @@ def test_version_and_environment_fall_back_to_sentry_and_datadog() -> None:
         ("LOG_FORMAT", "xml", "json, pretty", "json"),
         ("SENTRY_TRACES_SAMPLE_RATE", "1.5", "a number from 0 to 1", "(unset)"),
         ("SENTRY_PROFILES_SAMPLE_RATE", "ten", "a number from 0 to 1", "(unset)"),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon", "grpc, http/protobuf", "grpc"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon", "grpc, http/protobuf", "http/protobuf"),
         ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "udp", "grpc, http/protobuf", "(unset)"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317", "an http:// or https:// URL", "(unset)"),
         ("OTEL_TRACES_EXPORTER", "jaeger", "otlp, console, none (comma-separated)", "otlp"),

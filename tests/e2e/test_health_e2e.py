@@ -22,7 +22,7 @@ SECRETS = ("cfk-test-password", "cfk-redis-password")
 
 def env_for(receiver: OtlpReceiver, **extra: str) -> dict[str, str]:
     return {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
         "SERVICE_NAME": "cf-kanban-health",
         **extra,
     }

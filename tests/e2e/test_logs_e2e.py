@@ -20,7 +20,7 @@ def json_lines(output: str) -> list[dict[str, Any]]:
 def test_one_format_one_line_and_otlp(run_app, receiver: OtlpReceiver) -> None:
     port = free_port()
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
         "SERVICE_NAME": "cf-kanban",
         "SERVICE_VERSION": "1.0.0",
         "PYTHONWARNINGS": "default",
@@ -90,7 +90,7 @@ def test_one_format_one_line_and_otlp(run_app, receiver: OtlpReceiver) -> None:
 def test_level_filter_datadog_and_switches(run_app, receiver: OtlpReceiver) -> None:
     port = free_port()
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
         "LOG_LEVEL": "warn",
         "DD_LOGS_INJECTION": "true",
         "DD_ENV": "prod",
@@ -110,7 +110,7 @@ def test_level_filter_datadog_and_switches(run_app, receiver: OtlpReceiver) -> N
     port = free_port()
     receiver.clear()
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
         "LOG_OUTPUT": "otlp",
         "LOG_REQUESTS": "false",
     }

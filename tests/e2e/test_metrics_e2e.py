@@ -52,7 +52,7 @@ def delete(app: Any, path: str) -> int:
 def test_catalogue_at_api_metrics_and_over_otlp(run_app, receiver: OtlpReceiver, services: Services) -> None:
     port = free_port()
     env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
         "DATABASE_URL": services.database_url,
         "REDIS_URL": services.redis_url,
         "SLOW_QUERY_THRESHOLD": "0.2",

@@ -52,7 +52,7 @@ def app(
         "SENTRY_ENVIRONMENT": "staging",
         "SENTRY_RELEASE": "cf-kanban@1.2.3",
         "SENTRY_CAPTURE_4XX": "401,429",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.http_endpoint,
         "OTEL_LOGS_EXPORTER": "none",
     }
     running = launch(tmp_path_factory.mktemp("sentry"), uvicorn_command("sentry_app:app", port), env, port)
@@ -416,7 +416,7 @@ def test_sample_rates(run_app: Callable[..., RunningApp], receiver: OtlpReceiver
             "SENTRY_DSN": sentry.dsn,
             "SENTRY_TRACES_SAMPLE_RATE": "0",
             "SENTRY_PROFILES_SAMPLE_RATE": "1",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
             "OTEL_METRICS_EXPORTER": "none",
             "OTEL_LOGS_EXPORTER": "none",
         }

@@ -17,7 +17,7 @@ from tests.conftest import APPS, BIN, Services, free_port, gunicorn_command, lau
 pytestmark = pytest.mark.timeout(180)
 
 
-def otlp_env(receiver: OtlpReceiver, protocol: str = "grpc", **extra: str) -> dict[str, str]:
+def otlp_env(receiver: OtlpReceiver, protocol: str = "http/protobuf", **extra: str) -> dict[str, str]:
     endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
     return {
         "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
@@ -245,14 +245,14 @@ def test_invalid_values_are_reported_and_defaulted(run_app, receiver: OtlpReceiv
         LOG_LEVEL="verbose",
         SENTRY_TRACES_SAMPLE_RATE="1.5",
     )
-    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.grpc_endpoint  # the default protocol is grpc
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.http_endpoint  # the default protocol is http/protobuf
     app = run_app(uvicorn_command("starlette_app:app", port), env, port)
     app.get("/hello")
-    receiver.wait_for_span(lambda s: s.name == "GET /hello")  # telemetry still flows, over grpc
+    receiver.wait_for_span(lambda s: s.name == "GET /hello")  # telemetry still flows, over http/protobuf
     output = app.output()
     for line in (
         "OTEL_EXPORTER_OTLP_PROTOCOL='carrier-pigeon' is not valid (accepted: grpc, http/protobuf); "
-        "using the default grpc",
+        "using the default http/protobuf",
         "LOG_LEVEL='verbose' is not valid (accepted: debug, info, warn, error, fatal); "
         "using the default info",
         "SENTRY_TRACES_SAMPLE_RATE='1.5' is not valid (accepted: a number from 0 to 1); "

@@ -30,7 +30,7 @@ def kanban_env(services: Services, receiver: OtlpReceiver) -> dict[str, str]:
     return {
         "DATABASE_URL": services.database_url,
         "REDIS_URL": services.redis_url,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
         "KANBAN_RATE_LIMIT": str(RATE_LIMIT),
     }
 

@@ -1,0 +1,252 @@
+"""cfk_otel/_otlp.py: our wire bytes decode equal to the upstream encoder's messages."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs as upstream_logs
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as upstream_spans
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
+from opentelemetry.sdk._logs.export import ConsoleLogRecordExporter, SimpleLogRecordProcessor
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter as InMemoryLogExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+
+from cfk_otel import _otlp
+from cfk_otel.testing import OtlpReceiver
+
+RESOURCE = Resource.create({"service.name": "cf-kanban", "deployment.environment": "test", "k": [1, 2]})
+
+
+@pytest.fixture
+def finished() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    yield provider, memory
+    provider.shutdown()
+
+
+def _varied_spans(provider: TracerProvider, memory: InMemorySpanExporter) -> tuple[ReadableSpan, ...]:
+    tracer = provider.get_tracer("cfk_otel", "1.2.3", schema_url="https://opentelemetry.io/schemas/1.26.0")
+    other = provider.get_tracer("other.scope", attributes={"scope.attr": "x"})
+    remote = SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C,
+        0xB7AD6B7169203331,
+        is_remote=True,
+        trace_flags=TraceFlags(1),
+        trace_state=TraceState([("vendor", "value"), ("k2", "v2")]),
+    )
+    server_attributes = {
+        "http.request.method": "GET",
+        "url.path": "/api/boards/7",
+        "http.response.status_code": 200,
+        "server.port": 8000,
+        "http.route": "/api/boards/{id}",
+        "user_agent.original": "wrk \u00e9\u4e2d",
+    }
+    parent = set_span_in_context(NonRecordingSpan(remote))
+    with tracer.start_as_current_span(
+        "GET /api/boards/{id}", context=parent, kind=SpanKind.SERVER, attributes=server_attributes
+    ):
+        with other.start_as_current_span(
+            "child",
+            kind=SpanKind.CLIENT,
+            links=[Link(remote, {"link.attr": 1}), Link(SpanContext(1, 2, is_remote=False))],
+            attributes={
+                "f": 1.5,
+                "b": False,
+                "t": True,
+                "zero": 0,
+                "neg": -5,
+                "big": 2**62,
+                "empty": "",
+                "strings": ("a", "b"),
+                "ints": [1, 2, 3],
+                "floats": [0.5],
+                "bools": [True],
+            },
+        ) as child:
+            child.add_event("cache miss", {"key": "board:7", "n": 3})
+            child.add_event("")
+            child.set_status(Status(StatusCode.ERROR, "boom"))
+        with tracer.start_as_current_span("ok", kind=SpanKind.INTERNAL) as ok:
+            ok.set_status(Status(StatusCode.OK))
+    tracer.start_span("unnamed-kinds", kind=SpanKind.PRODUCER).end()
+    tracer.start_span("", kind=SpanKind.CONSUMER).end()
+    return memory.get_finished_spans()
+
+
+def test_spans_decode_equal_to_upstream(finished: tuple[TracerProvider, InMemorySpanExporter]) -> None:
+    spans = _varied_spans(*finished)
+    assert len(spans) == 5
+    ours = ExportTraceServiceRequest.FromString(_otlp.encode_spans(spans))
+    assert ours == upstream_spans(spans)
+    # The comparison must be able to fail: a changed name no longer matches.
+    ours.resource_spans[0].scope_spans[0].spans[0].name = "changed"
+    assert ours != upstream_spans(spans)
+
+
+def test_spans_from_two_resources_are_grouped_as_upstream() -> None:
+    spans: list[ReadableSpan] = []
+    for name in ("a", "b"):
+        memory = InMemorySpanExporter()
+        provider = TracerProvider(resource=Resource.create({"service.name": name}))
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        for scope in ("one", "two"):
+            provider.get_tracer(scope).start_span(f"{name}-{scope}").end()
+        spans += memory.get_finished_spans()
+        provider.shutdown()
+    ours = ExportTraceServiceRequest.FromString(_otlp.encode_spans(spans))
+    assert ours == upstream_spans(spans)
+    assert [len(r.scope_spans) for r in ours.resource_spans] == [2, 2]
+
+
+def test_the_string_cache_stays_bounded_and_correct(
+    finished: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, memory = finished
+    tracer = provider.get_tracer("t")
+    for i in range(_otlp._CACHE_LIMIT + 100):
+        tracer.start_span("s", attributes={"url.path": f"/hostile/{i}"}).end()
+    spans = memory.get_finished_spans()
+    ours = ExportTraceServiceRequest.FromString(_otlp.encode_spans(spans))
+    assert ours == upstream_spans(spans)
+    assert len(_otlp._strings) <= _otlp._CACHE_LIMIT
+
+
+def test_values_upstream_cannot_encode_drop_only_their_attribute(
+    finished: tuple[TracerProvider, InMemorySpanExporter], caplog: pytest.LogCaptureFixture
+) -> None:
+    provider, memory = finished
+    # The SDK accepts an int beyond int64 and a lone surrogate; OTLP has no room for the
+    # first (dropped with a warning) and UTF-8 none for the second (replaced by "?").
+    provider.get_tracer("t").start_span("s", attributes={"huge": 2**70, "ok": 1, "bad": "a\ud800b"}).end()
+    [span] = memory.get_finished_spans()
+    with caplog.at_level(logging.WARNING, logger="cfk_otel"):
+        decoded = ExportTraceServiceRequest.FromString(_otlp.encode_spans([span]))
+    attributes = {kv.key: kv.value for kv in decoded.resource_spans[0].scope_spans[0].spans[0].attributes}
+    assert set(attributes) == {"ok", "bad"}
+    assert attributes["bad"].string_value == "a?b"
+    assert "'huge' not exported" in caplog.text
+
+
+def _varied_logs() -> tuple[ReadableLogRecord, ...]:
+    memory = InMemoryLogExporter()
+    provider = LoggerProvider(resource=RESOURCE)
+    provider.add_log_record_processor(SimpleLogRecordProcessor(memory))
+    logger = provider.get_logger("cfk_otel.request", "1.0", schema_url="https://example.test/schema")
+    trace_context = set_span_in_context(
+        NonRecordingSpan(SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1)))
+    )
+    logger.emit(
+        body="GET /api/boards/{id} 200",
+        severity_number=SeverityNumber.INFO,
+        severity_text="INFO",
+        attributes={"http.route": "/api/boards/{id}", "duration_ms": 1.25, "status": 200},
+        context=trace_context,
+    )
+    logger.emit(
+        body={"structured": [1, "two", {"three": 3.0}], "none": None}, severity_number=SeverityNumber.ERROR
+    )
+    logger.emit(body=b"\x00\x01", event_name="board.created")
+    logger.emit(body=None)
+    logger.emit(body=["a", 1])
+    records = tuple(memory.get_finished_logs())
+    provider.shutdown()
+    return records
+
+
+def test_log_records_decode_equal_to_upstream() -> None:
+    records = _varied_logs()
+    assert len(records) == 5
+    ours = ExportLogsServiceRequest.FromString(_otlp.encode_logs(records))
+    assert ours == upstream_logs(records)
+    ours.resource_logs[0].scope_logs[0].log_records[0].body.string_value = "changed"
+    assert ours != upstream_logs(records)
+
+
+def test_processors_wrap_only_the_otlp_http_exporters() -> None:
+    console = ConsoleSpanExporter()
+    processor = _otlp.span_processor(console)
+    assert processor.span_exporter is console  # type: ignore[attr-defined]
+    processor.shutdown()
+    log_console = ConsoleLogRecordExporter()
+    log_proc = _otlp.log_processor(log_console)
+    assert log_proc._batch_processor._exporter is log_console  # type: ignore[attr-defined]
+    log_proc.shutdown()
+
+
+def test_spans_and_logs_arrive_through_the_upstream_http_client() -> None:
+    with OtlpReceiver(required_headers={"authorization": "Bearer t0ken"}) as receiver:
+        base = receiver.http_endpoint
+        headers = {"authorization": "Bearer t0ken"}
+        tracer_provider = TracerProvider(resource=RESOURCE)
+        tracer_provider.add_span_processor(
+            _otlp.span_processor(OTLPSpanExporter(endpoint=f"{base}/v1/traces", headers=headers))
+        )
+        logger_provider = LoggerProvider(resource=RESOURCE)
+        logger_provider.add_log_record_processor(
+            _otlp.log_processor(OTLPLogExporter(endpoint=f"{base}/v1/logs", headers=headers))
+        )
+        tracer_provider.get_tracer("t").start_span("GET /hello", attributes={"http.route": "/hello"}).end()
+        logger_provider.get_logger("l").emit(body="hello", severity_number=SeverityNumber.WARN)
+        tracer_provider.force_flush()
+        logger_provider.force_flush()
+        span = receiver.wait_for_span(lambda s: s.name == "GET /hello")
+        assert span.attributes == {"http.route": "/hello"}
+        assert receiver.wait_for(lambda: any(log.body == "hello" for log in receiver.logs))
+        tracer_provider.shutdown()
+        logger_provider.shutdown()
+
+
+def test_request_lines_emitted_as_fields_arrive_beside_sdk_records() -> None:
+    with OtlpReceiver() as receiver:
+        provider = LoggerProvider(resource=RESOURCE)
+        processor = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
+        assert isinstance(processor, _otlp.OtlpHttpLogProcessor)
+        provider.add_log_record_processor(processor)
+        span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+        fields = {"method": "GET", "path": "/hello", "route": "/hello", "status": 200, "duration_ms": 1.5}
+        processor.emit_fields(
+            provider.resource,
+            "cfk_otel.requests",
+            1_700_000_000_000_000_000,
+            9,
+            "INFO",
+            "GET /hello",
+            fields,
+            span,
+        )
+        provider.get_logger("app").emit(body="from the SDK", severity_number=SeverityNumber.WARN)
+        provider.force_flush()
+        assert receiver.wait_for(lambda: len(receiver.logs) == 2)
+        by_body = {log.body: log for log in receiver.logs}
+        line = by_body["GET /hello"]
+        assert line.attributes == fields
+        assert line.scope == "cfk_otel.requests"
+        assert line.resource["service.name"] == "cf-kanban"
+        assert (line.record.trace_id.hex(), line.record.span_id.hex()) == (f"{0xABC:032x}", f"{0xDEF:016x}")
+        assert (line.record.severity_number, line.record.severity_text, line.record.flags) == (9, "INFO", 1)
+        assert by_body["from the SDK"].scope == "app"
+        provider.shutdown()
