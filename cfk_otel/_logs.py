@@ -112,12 +112,16 @@ def _span_context(record: logging.LogRecord) -> trace.SpanContext | None:
 
 
 def _json_default(value: object) -> object:
+    # Called by json for what it cannot encode; app objects may raise anything here.
     if isinstance(value, set | frozenset):
-        return sorted(value, key=repr)
-    isoformat = getattr(value, "isoformat", None)
-    if callable(isoformat):
-        return isoformat()
-    return repr(value)
+        return sorted(value, key=_safe_repr)
+    try:
+        isoformat = getattr(value, "isoformat", None)
+        if callable(isoformat):
+            return isoformat()
+    except Exception:  # noqa: S110  (falls through to the repr)
+        pass
+    return _safe_repr(value)
 
 
 def _json(value: object) -> str:
@@ -129,7 +133,7 @@ def _json(value: object) -> str:
 def _dumps(document: dict[str, Any]) -> str:
     try:
         return _json(document)
-    except (ValueError, TypeError, RecursionError):
+    except Exception:
         # A circular structure, NaN, or a __repr__ that raises: keep the line, value by value.
         safe: dict[str, Any] = {}
         for key, value in document.items():

@@ -129,7 +129,16 @@ def start(initialize: Initialize) -> None:
             apply_logging()
             os.register_at_fork(after_in_child=lambda: _start_in_child(initialize))
             return
-        _initialize(initialize, current)
+        try:
+            _initialize(initialize, current)
+        except Exception as exc:
+            # The SDK raising half-way through must not take the app's health endpoints,
+            # metrics and JSON logs with it (opentelemetry-instrument would then load no
+            # instrumentation at all): carry on without exporters, and say why.
+            _report_failure(exc)
+            if current.strict:
+                raise _settings.ConfigurationError([]) from exc
+            _started_without_exporters()
 
 
 def _start_in_child(initialize: Initialize) -> None:
@@ -138,8 +147,19 @@ def _start_in_child(initialize: Initialize) -> None:
     STATE.deferred = False
     try:
         _initialize(initialize, settings())
-    except Exception:  # never take a worker down because telemetry failed
-        _log.exception("cfk_otel: telemetry set-up failed in the worker; continuing without it")
+    except Exception as exc:  # never take a worker down because telemetry failed
+        _report_failure(exc)
+        _started_without_exporters()
+
+
+def _report_failure(exc: Exception) -> None:
+    print(f"cfk_otel: the OpenTelemetry SDK set-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _started_without_exporters() -> None:
+    print("cfk_otel: serving without exporters (health, /api/metrics and logs still work)", file=sys.stderr)
+    STATE.started = True
+    apply_logging()
 
 
 def _initialize(initialize: Initialize, current: _settings.Settings) -> None:

@@ -183,6 +183,26 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise InvalidValue from None
+    if number <= 0:
+        raise InvalidValue
+    return number
+
+
+def _positive_number(value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise InvalidValue from None
+    if not (math.isfinite(number) and number > 0):
+        raise InvalidValue
+    return number
+
+
 def _url(value: str) -> str | None:
     v = value.strip()
     if not v:
@@ -590,6 +610,41 @@ _SIGNAL_PROTOCOLS: Final = tuple(
 )
 
 
+# The SDK's own batching and export variables: it raises on out-of-range values in the
+# middle of its set-up (taking every instrumentation down with it) and names neither the
+# variable nor the value, so they are checked here first, like ours.
+_MILLIS: Final = "a whole number of milliseconds above 0"
+_SECONDS: Final = "a number of seconds above 0"
+_SDK_NUMBERS: Final[tuple[Variable[Any], ...]] = (
+    *(
+        Variable(f"{prefix}_{name}", default, _positive_int, accepted, "")
+        for prefix, delay in (("OTEL_BSP", 5000), ("OTEL_BLRP", 1000))
+        for name, default, accepted in (
+            ("SCHEDULE_DELAY", delay, _MILLIS),
+            ("EXPORT_TIMEOUT", 30000, _MILLIS),
+            ("MAX_QUEUE_SIZE", 2048, "a whole number above 0"),
+            ("MAX_EXPORT_BATCH_SIZE", 512, "a whole number above 0, at most the queue size"),
+        )
+    ),
+    Variable("OTEL_METRIC_EXPORT_INTERVAL", 60000, _positive_int, _MILLIS, ""),
+    Variable("OTEL_METRIC_EXPORT_TIMEOUT", 30000, _positive_int, _MILLIS, ""),
+    *(
+        Variable(f"OTEL_EXPORTER_OTLP{signal}_TIMEOUT", 10.0, _positive_number, _SECONDS, "")
+        for signal in ("", "_TRACES", "_METRICS", "_LOGS")
+    ),
+)
+
+
+def _check_sdk_numbers(env: Mapping[str, str], problems: list[Problem]) -> None:
+    values = {var.name: _read(var, env, problems) for var in _SDK_NUMBERS}
+    for prefix in ("OTEL_BSP", "OTEL_BLRP"):
+        name = f"{prefix}_MAX_EXPORT_BATCH_SIZE"
+        queue = values[f"{prefix}_MAX_QUEUE_SIZE"]
+        if values[name] > queue:
+            accepted = f"a whole number from 1 to the queue size, {queue:g}"
+            problems.append(Problem(name, env[name], accepted, "512"))
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The parsed environment. Build it with :func:`load`."""
@@ -707,6 +762,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         sampler, sampler_arg = "parentbased_traceidratio", sentry_traces_rate
     for var in _SIGNAL_PROTOCOLS:
         read(var)
+    _check_sdk_numbers(env, problems)
 
     settings = Settings(
         service_name=service_name,

@@ -290,3 +290,22 @@ def test_request_lines_are_sampled_but_errors_kept(settings: Settings) -> None:
         c.close()
     assert [line["status"] for line in lines] == [404, 500]
     assert lines[0]["route"] == "/s/{n}"
+
+
+class _Hostile:
+    def __repr__(self) -> str:
+        raise RuntimeError("repr refuses")
+
+    def __str__(self) -> str:
+        raise RuntimeError("str refuses")
+
+
+def test_values_whose_repr_raises_still_give_a_line(capture: Capture) -> None:
+    log = get_logger(capture.std.name)
+    log.info("odd values", thing=_Hostile(), things={_Hostile()}, fine=1)
+    capture.std.info("via extra", extra={"thing": _Hostile()})
+    first, second = capture.lines()
+    assert first["thing"] == "<unrepresentable _Hostile>"
+    assert first["things"] == ["<unrepresentable _Hostile>"]
+    assert first["fine"] == 1
+    assert second["thing"] == "<unrepresentable _Hostile>"

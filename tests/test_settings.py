@@ -55,6 +55,12 @@ def test_version_and_environment_fall_back_to_sentry_and_datadog() -> None:
         ("CFK_OTEL_SHUTDOWN_TIMEOUT", "0", "seconds, more than 0 and at most 30", "3.0"),
         ("CFK_OTEL_SHUTDOWN_TIMEOUT", "nan", "seconds, more than 0 and at most 30", "3.0"),
         ("CFK_OTEL_DEFER_INIT", "sometimes", "auto, true, false", "auto"),
+        # The SDK's own numbers: it would raise half-way through its set-up, naming neither.
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0", "a whole number above 0", "2048"),
+        ("OTEL_BLRP_SCHEDULE_DELAY", "-1", "a whole number of milliseconds above 0", "1000"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "abc", "a whole number of milliseconds above 0", "60000"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "inf", "a number of seconds above 0", "10.0"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096", "a whole number from 1 to the queue size, 2048", "512"),
     ],
 )
 def test_bad_value_is_named_with_what_is_accepted(name: str, value: str, accepted: str, default: str) -> None:
