@@ -73,6 +73,7 @@ class RunningApp:
     port: int
     log_path: Path
     exited_in: float | None = field(default=None)
+    stderr_path: Path | None = field(default=None)
 
     @property
     def url(self) -> str:
@@ -88,6 +89,10 @@ class RunningApp:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def errors(self) -> str:
+        """stderr alone, when launched with ``separate_stderr=True`` (else it is in ``output()``)."""
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
 
     def terminate(self, timeout: float = 15.0) -> float:
         """SIGTERM, then wait; returns the seconds it took to exit."""
@@ -113,8 +118,12 @@ def launch(
     port: int,
     wait_path: str = "/hello",
     ready_timeout: float = 30.0,
+    separate_stderr: bool = False,
 ) -> RunningApp:
-    """Start ``command`` (already including the port) and wait until it serves ``wait_path``."""
+    """Start ``command`` (already including the port) and wait until it serves ``wait_path``.
+
+    stdout and stderr share one log unless ``separate_stderr`` (then see ``RunningApp.errors``).
+    """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SENTRY_", "CFK_OTEL"))}
     full_env.update(
         {
@@ -127,11 +136,11 @@ def launch(
     )
     full_env.update(env)
     log_path = tmp_path / f"app-{port}.log"
-    with log_path.open("w") as log:  # the child keeps its own descriptor
-        process = subprocess.Popen(
-            command, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=APPS
-        )
-    app = RunningApp(process, port, log_path)
+    stderr_path = tmp_path / f"app-{port}.stderr" if separate_stderr else None
+    with log_path.open("w") as log, contextlib.ExitStack() as files:  # the child keeps its own
+        stderr = files.enter_context(stderr_path.open("w")) if stderr_path else subprocess.STDOUT
+        process = subprocess.Popen(command, env=full_env, stdout=log, stderr=stderr, text=True, cwd=APPS)
+    app = RunningApp(process, port, log_path, stderr_path=stderr_path)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
