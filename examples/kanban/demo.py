@@ -266,7 +266,7 @@ scrape_configs:
     metrics_path: /api/metrics
     static_configs: [{{targets: ['127.0.0.1:{app}']}}]
   - job_name: otel-collector         # what the app pushed over OTLP, re-served by the collector
-    honor_labels: true               # keep job=<service.name>, instance=<service.instance.id>
+    honor_labels: false              # as deploy/: the app's job/instance become exported_*
     static_configs: [{{targets: ['127.0.0.1:{exporter}']}}]
 """
 
@@ -304,7 +304,7 @@ def start_app(stack: Stack, ports: Ports, services: dict[str, str]) -> Process:
         SERVICE_NAME="cf-kanban",
         SERVICE_VERSION="1.0.0",
         SERVICE_ENVIRONMENT="demo",
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{ports.grpc}",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{ports.otlp_http}",  # http/protobuf, the default
         # Export every second instead of every 5 s (spans, logs) and 60 s (metrics).
         OTEL_BSP_SCHEDULE_DELAY="500",
         OTEL_BLRP_SCHEDULE_DELAY="500",
@@ -616,7 +616,7 @@ def main() -> int:
             if app_port != args.port:
                 say(f"port {args.port} is taken; the app uses {app_port} instead")
             ports = Ports(app_port)
-            say(f"starting the collector (CFK_BACKENDS=prometheus,debug, OTLP on 127.0.0.1:{ports.grpc})")
+            say(f"starting the collector (CFK_BACKENDS=prometheus,debug, OTLP on 127.0.0.1:{ports.otlp_http})")
             collector = start_collector(stack, ports)
             say("starting Prometheus")
             prometheus = start_prometheus(stack, ports)

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from cfk_otel.testing import OtlpReceiver
 from tests.conftest import IN_CI, ROOT, free_port, unavailable
 
 COLLECTOR = ROOT / "collector"
 RUN = COLLECTOR / "run"
+DEPLOY_PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 # Variables a developer's shell may hold that would leak into the launched collector.
-_LEAKY = ("CFK_", "SENTRY_", "DD_", "LOKI_", "CLOUDWATCH_", "OTEL_")
+_LEAKY = ("CFK_", "SENTRY_", "DD_", "LOKI_", "CLOUDWATCH_", "OTEL_", "REDIS_", "POSTGRES_EXPORTER_")
 
 
 @pytest.fixture(scope="session")
@@ -285,20 +287,25 @@ def stop_prometheus(prom: Prometheus) -> None:
         prom.process.wait()
 
 
+def collector_scrape_config(target: str) -> str:
+    """deploy/prometheus/prometheus.yml's ``otel-collector`` job (honor_labels: false and all)
+    pointed at ``target`` on loopback, scraped every second: the tests see the labels
+    production sees (job="otel-collector", exported_job = service.name)."""
+    jobs = {j["job_name"]: j for j in yaml.safe_load(DEPLOY_PROMETHEUS.read_text())["scrape_configs"]}
+    job = {k: v for k, v in jobs["otel-collector"].items() if k != "dns_sd_configs"}
+    job.update(scrape_interval="1s", static_configs=[{"targets": [target]}])
+    return yaml.safe_dump(
+        {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}
+    )
+
+
 @pytest.fixture
 def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
-    """Start a Prometheus on 127.0.0.1 scraping ``target`` every second (tmp data dir)."""
+    """Start a Prometheus on 127.0.0.1 scraping the collector at ``target`` (tmp data dir)."""
     started: list[Prometheus] = []
 
     def start(target: str) -> Prometheus:
-        prom = launch_prometheus(
-            tmp_path,
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            "  - job_name: otel-collector\n"
-            "    honor_labels: true\n"
-            f"    static_configs: [{{targets: ['{target}']}}]\n",
-        )
+        prom = launch_prometheus(tmp_path, collector_scrape_config(target))
         started.append(prom)
         return prom
 

@@ -21,7 +21,7 @@ APP_ENV = {"SERVICE_NAME": "cf-kanban", "SERVICE_ENVIRONMENT": "staging", "SERVI
 
 def start_app(run_app: Any, collector: Collector) -> Any:
     port = free_port()
-    env = {**APP_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.grpc_endpoint}
+    env = {**APP_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.http_endpoint}
     return run_app(uvicorn_command("starlette_app:app", port), env, port)
 
 
@@ -101,7 +101,13 @@ def test_real_prometheus_scrapes_the_collector(
         time.sleep(0.5)
     assert value == sent, prometheus.log_path.read_text()[-2000:]
     [series] = prometheus.query(f'http_requests_total{{path="{TICKET}"}}')
-    assert series["metric"]["job"] == "cf-kanban"  # honor_labels keeps the collector's job
+    # deploy/prometheus/prometheus.yml's job, honor_labels: false: the collector is the target
+    # (job/instance), the app's own job/instance are kept as exported_job/exported_instance,
+    # so nothing lands in job="cf-kanban", where the direct /api/metrics scrape lives.
+    assert series["metric"]["job"] == "otel-collector"
+    assert series["metric"]["instance"] == f"127.0.0.1:{collector.prometheus_port}"
+    assert series["metric"]["exported_job"] == "cf-kanban"  # service.name
+    assert len(series["metric"]["exported_instance"]) == 36  # service.instance.id
     assert series["metric"]["__name__"] == "http_requests_total"
     assert prometheus.query(f'sum(http_request_duration_seconds_count{{path="{TICKET}"}})')[0]["value"][
         1

@@ -15,6 +15,7 @@ import pytest
 from tests.collector.conftest import COLLECTOR, run_launcher
 
 BACKENDS = ["debug", "prometheus", "loki", "sentry", "datadog", "cloudwatch"]
+RECEIVERS = ["redis", "postgresql"]
 SECRET = "0123456789abcdef0123456789abcdef"
 # Dummy values: enough for an offline `otelcol-cfk validate`.
 DUMMY = {
@@ -24,12 +25,14 @@ DUMMY = {
     "DD_API_KEY": SECRET,
     "CLOUDWATCH_OTLP_ENDPOINT": "http://cloudwatch-agent.invalid:4318",
     "CLOUDWATCH_LOG_GROUP": "/cf-kanban/production",
+    "REDIS_URL": f"redis://:{SECRET}@redis.invalid:6379/0",
+    "POSTGRES_EXPORTER_ENDPOINT": "postgres-exporter.invalid:9187",
 }
 
 
 def test_every_backend_has_a_config_file() -> None:
     files = {p.stem for p in (COLLECTOR / "config").glob("*.yaml")}
-    assert files == {"base", "kubernetes", *BACKENDS}
+    assert files == {"base", "kubernetes", *BACKENDS, *RECEIVERS}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -38,10 +41,23 @@ def test_each_backend_validates_alone(collector_bin: Path, backend: str) -> None
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_each_receiver_validates_with_the_prometheus_backend(collector_bin: Path, receiver: str) -> None:
+    result = run_launcher(
+        collector_bin, "--validate", CFK_BACKENDS="prometheus", CFK_RECEIVERS=receiver, **DUMMY
+    )
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize("kubernetes", ["false", "true"])
 def test_all_backends_validate_together(collector_bin: Path, kubernetes: str) -> None:
     result = run_launcher(
-        collector_bin, "--validate", CFK_BACKENDS=",".join(BACKENDS), CFK_KUBERNETES=kubernetes, **DUMMY
+        collector_bin,
+        "--validate",
+        CFK_BACKENDS=",".join(BACKENDS),
+        CFK_RECEIVERS=",".join(RECEIVERS),
+        CFK_KUBERNETES=kubernetes,
+        **DUMMY,
     )
     assert result.returncode == 0, result.stderr
     assert SECRET not in result.stdout + result.stderr
@@ -102,6 +118,84 @@ def test_missing_variables_are_named_before_start(
         assert SECRET not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("receiver", "missing"), [("redis", ["REDIS_URL"]), ("postgresql", ["POSTGRES_EXPORTER_ENDPOINT"])]
+)
+def test_missing_receiver_variables_are_named_before_start(
+    collector_bin: Path, receiver: str, missing: list[str]
+) -> None:
+    env = {k: v for k, v in DUMMY.items() if k not in missing}
+    result = run_launcher(
+        collector_bin, "--validate", CFK_BACKENDS="prometheus", CFK_RECEIVERS=receiver, **env
+    )
+    assert result.returncode == 2, result
+    for name in missing:
+        assert f"missing environment variable: {name} ({receiver})" in result.stderr
+    assert result.stdout == ""
+    assert SECRET not in result.stderr
+
+
+def test_receivers_need_the_prometheus_backend(collector_bin: Path) -> None:
+    result = run_launcher(collector_bin, "--dry-run", CFK_BACKENDS="sentry", CFK_RECEIVERS="redis", **DUMMY)
+    assert result.returncode == 2
+    assert "add prometheus to CFK_BACKENDS" in result.stderr
+    assert result.stdout == ""
+
+
+def test_unknown_receiver_lists_the_known_ones(collector_bin: Path) -> None:
+    result = run_launcher(
+        collector_bin, "--dry-run", CFK_BACKENDS="prometheus", CFK_RECEIVERS="mysql", **DUMMY
+    )
+    assert result.returncode == 2
+    assert "unknown receiver 'mysql'" in result.stderr
+    assert "known receivers: redis postgresql" in result.stderr
+
+
+def test_receivers_come_after_the_backends(collector_bin: Path) -> None:
+    result = run_launcher(
+        collector_bin, "--dry-run", CFK_BACKENDS="prometheus", CFK_RECEIVERS="postgresql redis", **DUMMY
+    )
+    assert result.returncode == 0, result.stderr
+    configs = [Path(a).name for a in result.stdout.split() if a.endswith(".yaml")]
+    assert configs == ["base.yaml", "prometheus.yaml", "postgresql.yaml", "redis.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("url", "derived"),
+    [
+        ("redis://:pw@127.0.0.1:56379/0", "127.0.0.1:56379||pw|true"),
+        ("redis://cache", "cache:6379|||true"),
+        (
+            "rediss://app:p%40ss%2Fw%25rd@redis.example.com:6380/2",
+            "redis.example.com:6380|app|p@ss/w%rd|false",
+        ),
+        ("redis://[::1]:7000", "[::1]:7000|||true"),
+    ],
+)
+def test_redis_settings_derived_from_redis_url(tmp_path: Path, url: str, derived: str) -> None:
+    # A fake "collector" that prints the variables redis.yaml reads.
+    fake = tmp_path / "otelcol"
+    variables = ("ENDPOINT", "USERNAME", "PASSWORD", "TLS_INSECURE")
+    fake.write_text('#!/bin/sh\necho "' + "|".join(f"$CFK_REDIS_{v}" for v in variables) + '"\n')
+    fake.chmod(0o755)
+    result = run_launcher(fake, "--validate", CFK_BACKENDS="prometheus", CFK_RECEIVERS="redis", REDIS_URL=url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == derived
+
+
+def test_malformed_redis_url_is_refused_without_echoing_it(collector_bin: Path) -> None:
+    result = run_launcher(
+        collector_bin,
+        "--validate",
+        CFK_BACKENDS="prometheus",
+        CFK_RECEIVERS="redis",
+        REDIS_URL=f"http://{SECRET}@h",
+    )
+    assert result.returncode == 2
+    assert "REDIS_URL is not a Redis URL" in result.stderr
+    assert SECRET not in result.stderr
+
+
 def test_empty_variable_counts_as_missing(collector_bin: Path) -> None:
     result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="datadog", **{**DUMMY, "DD_API_KEY": ""})
     assert result.returncode == 2
@@ -110,10 +204,12 @@ def test_empty_variable_counts_as_missing(collector_bin: Path) -> None:
 
 
 def test_every_missing_variable_of_every_backend_at_once(collector_bin: Path) -> None:
-    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS=",".join(BACKENDS))
+    result = run_launcher(
+        collector_bin, "--validate", CFK_BACKENDS=",".join(BACKENDS), CFK_RECEIVERS=",".join(RECEIVERS)
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "missing environment variable" in line]
-    assert len(lines) == 6, result.stderr
+    assert len(lines) == 8, result.stderr
 
 
 def test_unknown_backend_lists_the_known_ones(collector_bin: Path) -> None:
@@ -180,6 +276,8 @@ PIPELINES = {
     "datadog": {"traces/datadog", "metrics/datadog", "logs/datadog"},
     "cloudwatch": {"traces/cloudwatch", "metrics/cloudwatch", "logs/cloudwatch"},
 }
+# Receivers: one metrics pipeline each, into the prometheus backend's exporter.
+RECEIVER_PIPELINES = {"redis": ["redis"], "postgresql": ["prometheus/postgresql"]}
 
 
 def merged_config(collector_bin: Path, backends: str, **env: str) -> dict[str, Any]:
@@ -192,9 +290,16 @@ def merged_config(collector_bin: Path, backends: str, **env: str) -> dict[str, A
 
 
 def test_backends_compose_into_their_own_pipelines(collector_bin: Path) -> None:
-    config = merged_config(collector_bin, ",".join(BACKENDS), **DUMMY)
+    config = merged_config(collector_bin, ",".join(BACKENDS), CFK_RECEIVERS=",".join(RECEIVERS), **DUMMY)
     pipelines = config["service"]["pipelines"]
-    assert set(pipelines) == set().union(*PIPELINES.values())  # nothing lost in the merge
+    receiver_pipelines = {f"metrics/{r}" for r in RECEIVERS}
+    assert set(pipelines) == set().union(*PIPELINES.values(), receiver_pipelines)  # nothing lost
+    for receiver, receivers in RECEIVER_PIPELINES.items():
+        pipeline = pipelines.pop(f"metrics/{receiver}")
+        assert pipeline["receivers"] == receivers, receiver
+        assert pipeline["exporters"] == ["prometheus"], receiver
+        assert pipeline["processors"][0] == "memory_limiter", receiver
+        assert pipeline["processors"][-1] == "batch", receiver
     for name, pipeline in pipelines.items():
         assert pipeline["receivers"] == ["otlp"], name
         assert pipeline["processors"][0] == "memory_limiter", name
@@ -212,15 +317,26 @@ def test_every_network_exporter_queues_on_disk_and_retries(collector_bin: Path) 
         # v0.161 prints an enabled queue as present (an optional section), not enabled: true.
         assert exporter["sending_queue"], name
         assert exporter["sending_queue"]["storage"] == "file_storage", name
-        assert exporter["retry_on_failure"]["enabled"] is True, name
+        retry = exporter["retry_on_failure"]
+        assert retry["enabled"] is True, name
+        # Durations in nanoseconds. A 30 s outage is far inside the retry budget, and the
+        # backoff tops out at 30 s (x1.5 randomization): delivery resumes within 45 s.
+        assert retry["max_elapsed_time"] >= 10 * 60 * 10**9, name
+        assert retry["max_interval"] <= 30 * 10**9, name
+        assert exporter["sending_queue"]["queue_size"] >= 5000, name  # batches: > 1 h at 1/s
     assert config["extensions"]["file_storage"]["directory"]
     assert config["service"]["extensions"] == ["health_check", "file_storage"]
 
 
-def test_kubernetes_overlay_adds_k8s_attributes_to_every_pipeline(collector_bin: Path) -> None:
-    config = merged_config(collector_bin, ",".join(BACKENDS), CFK_KUBERNETES="true", **DUMMY)
+def test_kubernetes_overlay_adds_k8s_attributes_to_every_otlp_pipeline(collector_bin: Path) -> None:
+    config = merged_config(
+        collector_bin, ",".join(BACKENDS), CFK_RECEIVERS=",".join(RECEIVERS), CFK_KUBERNETES="true", **DUMMY
+    )
     for name, pipeline in config["service"]["pipelines"].items():
-        assert pipeline["processors"][:2] == ["memory_limiter", "k8s_attributes"], name
+        if pipeline["receivers"] == ["otlp"]:
+            assert pipeline["processors"][:2] == ["memory_limiter", "k8s_attributes"], name
+        else:  # the app's pod is not where Redis/PostgreSQL metrics come from
+            assert "k8s_attributes" not in pipeline["processors"], name
     assert config["service"]["pipelines"]["logs/cloudwatch"]["processors"][-2:] == [
         "resource/cloudwatch",
         "batch",

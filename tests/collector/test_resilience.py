@@ -1,12 +1,14 @@
-"""The collector under change and failure: switching backends, a backend outage, a
-collector restart with the backend down (persistent queue), malformed OTLP input.
+"""The collector under change and failure: switching backends, 30 s backend outages (503
+and connection refused), a collector restart with the backend down (persistent queue), malformed OTLP input.
 Every span is identified by its url.path, so "nothing lost" is checked exactly."""
 
 from __future__ import annotations
 
 import http.client
 import shutil
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -16,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from cfk_otel.testing import OtlpReceiver
 from tests.collector.conftest import Collector, SentryOtlp
 from tests.collector.test_backends import start_app
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,30 +70,76 @@ def test_switching_backends_with_the_same_running_app(
     assert delivered(otlp_backend, "/api/tickets/before-") == set()
 
 
-def test_backend_outage_loses_nothing(run_app: Any, collector: Collector, otlp_backend: OtlpReceiver) -> None:
-    collector.start("datadog", DD_OTLP_ENDPOINT=otlp_backend.http_endpoint, DD_API_KEY="c" * 32)
-    app = start_app(run_app, collector)
-    otlp_backend.status = 503  # the backend is down for the first 10 s of steady traffic
-    down_until = time.monotonic() + 10
-    sent: set[str] = set()
-    start = time.monotonic()
-    for i in range(200):  # 200 requests over ~10-12 s
-        path = f"/api/tickets/outage-{i}"
-        assert app.get(path)[0] == 200
-        sent.add(path)
-        if time.monotonic() >= down_until and otlp_backend.status != 200:
-            rejected_while_down = otlp_backend.rejected
-            otlp_backend.status = 200
-        time.sleep(max(0.0, start + (i + 1) * 0.05 - time.monotonic()))
-    if otlp_backend.status != 200:
-        rejected_while_down = otlp_backend.rejected
-        otlp_backend.status = 200
+class RestartableOtlp(OtlpReceiver):
+    """An OtlpReceiver whose OTLP/HTTP side binds the same port on every ``start()``, so that
+    ``stop()`` ... ``start()`` is a backend that refused connections for a while and came
+    back at its old address (its received data is kept)."""
 
-    assert rejected_while_down > 0  # the outage was real: the collector tried and was refused
-    assert otlp_backend.wait_for(
-        lambda: delivered(otlp_backend, "/api/tickets/outage-") == sent, timeout=25
-    ), f"{len(delivered(otlp_backend, '/api/tickets/outage-'))} of {len(sent)} delivered"
-    assert collector.health() == 200
+    def __init__(self) -> None:
+        super().__init__()
+        self._port = free_port()
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler], name: str) -> int:
+        self._http = ThreadingHTTPServer(("127.0.0.1", self._port), handler)  # allow_reuse_address
+        self._http.daemon_threads = True
+        threading.Thread(target=self._http.serve_forever, name=name, daemon=True).start()
+        return self._port
+
+
+OUTAGE = 30.0  # seconds: the issue's figure
+
+
+@pytest.mark.timeout(120)
+def test_backend_outages_lose_nothing(run_app: Any, collector: Collector, otlp_backend: OtlpReceiver) -> None:
+    """Two 30 s outages at once under one steady stream of requests (20/s): the datadog
+    exporter's backend answers 503, the cloudwatch exporter's backend is gone (connection
+    refused) and comes back on the same port. Each exporter has its own queue and retries
+    with the shipped defaults (CFK_RETRY_MAX_ELAPSED_TIME 10m): every span arrives at both."""
+    with RestartableOtlp() as refusing:
+        collector.start(
+            "datadog,cloudwatch",
+            DD_OTLP_ENDPOINT=otlp_backend.http_endpoint,
+            DD_API_KEY="c" * 32,
+            CLOUDWATCH_OTLP_ENDPOINT=refusing.http_endpoint,
+            CLOUDWATCH_LOG_GROUP="/cf-kanban/outage",
+        )
+        app = start_app(run_app, collector)
+        assert app.get("/api/tickets/warm-up")[0] == 200
+        assert refusing.wait_for(lambda: delivered(refusing, "/api/tickets/warm-up") != set())
+
+        otlp_backend.status = 503
+        refusing.stop()
+        received_before = len(list(refusing.iter_spans()))
+        sent: set[str] = set()
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < OUTAGE:
+            path = f"/api/tickets/outage-{i}"
+            assert app.get(path)[0] == 200
+            sent.add(path)
+            i += 1
+            time.sleep(max(0.0, start + i * 0.05 - time.monotonic()))
+        rejected_while_down = otlp_backend.rejected
+        received_while_down = len(list(refusing.iter_spans())) - received_before
+        otlp_backend.status = 200
+        refusing.start()
+        recovered = time.monotonic()
+        sent |= send(app, "/api/tickets/outage-after-", 10)
+
+        assert len(sent) >= 0.9 * OUTAGE * 20, len(sent)  # the traffic was steady
+        assert rejected_while_down > 0  # the 503 outage was real: the collector tried and was refused
+        assert received_while_down == 0
+        assert "connection refused" in collector.output()  # ... and so was the refused one
+        for name, backend in (("503", otlp_backend), ("connection refused", refusing)):
+            assert backend.wait_for(
+                lambda b=backend: delivered(b, "/api/tickets/outage-") == sent, timeout=30
+            ), (
+                f"{name}: {len(delivered(backend, '/api/tickets/outage-'))} of {len(sent)} delivered"
+                f"\n{collector.output()[-3000:]}"
+            )
+        took = time.monotonic() - recovered
+        print(f"{len(sent)} spans sent; all at both backends {took:.1f} s after recovery")
+        assert collector.health() == 200
 
 
 @pytest.mark.parametrize("wipe_queue", [False, True], ids=["persistent-queue", "control-queue-wiped"])

@@ -1,8 +1,9 @@
 """docs/dashboards/cf-kanban.json: importable, and every query runs on real data.
 
 The real app (tests/apps/metrics_app.py under opentelemetry-instrument, real PostgreSQL and
-Redis) serves /api/metrics; the real collector runs its redis receiver against the real
-Redis; a real Prometheus scrapes both with the jobs of deploy/prometheus/prometheus.yml.
+Redis) serves /api/metrics; the real collector runs its shipped redis receiver
+(CFK_RECEIVERS=redis) against the real Redis; a real Prometheus scrapes both with the jobs of
+deploy/prometheus/prometheus.yml.
 Every panel's query must parse, and return data unless it is listed in EXPECTED_EMPTY.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -24,7 +24,7 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
-from tests.collector.conftest import RUN, Prometheus, clean_env, launch_prometheus, stop_prometheus
+from tests.collector.conftest import Collector, Prometheus, launch_prometheus, stop_prometheus
 from tests.conftest import Services, free_port, uvicorn_command
 from tests.deploy.conftest import DASHBOARD, PROMETHEUS_DIR, load_yaml
 
@@ -125,57 +125,16 @@ def start_prometheus(tmp_path: Path, app_target: str, collector_target: str) -> 
 
 @pytest.fixture
 def redis_collector(collector_bin: Path, services: Services, tmp_path: Path) -> Iterator[int]:
-    """The real collector with its redis receiver on the test Redis; yields its exporter port."""
-    redis = urllib.parse.urlsplit(services.redis_url)
-    receiver = tmp_path / "redis-receiver.yaml"
-    receiver.write_text(
-        "receivers:\n"
-        "  redis:\n"
-        f"    endpoint: {redis.hostname}:{redis.port}\n"
-        "    password: ${env:CFK_TEST_REDIS_PASSWORD}\n"
-        "    collection_interval: 1s\n"
-        "service:\n"
-        "  pipelines:\n"
-        "    metrics/redis:\n"
-        "      receivers: [redis]\n"
-        "      processors: [memory_limiter, batch]\n"
-        "      exporters: [prometheus]\n"
+    """The real collector with the shipped redis receiver (CFK_RECEIVERS=redis,
+    collector/config/redis.yaml) on the test Redis; yields its exporter port."""
+    collector = Collector(collector_bin, tmp_path)
+    collector.start(
+        "prometheus", CFK_RECEIVERS="redis", REDIS_URL=services.redis_url, CFK_RECEIVER_INTERVAL="1s"
     )
-    port, health = free_port(), free_port()
-    env = clean_env(
-        CFK_COLLECTOR_BIN=str(collector_bin),
-        CFK_BACKENDS="prometheus",
-        CFK_OTLP_GRPC_ENDPOINT=f"127.0.0.1:{free_port()}",
-        CFK_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{free_port()}",
-        CFK_HEALTH_CHECK_ENDPOINT=f"127.0.0.1:{health}",
-        CFK_PROMETHEUS_ENDPOINT=f"127.0.0.1:{port}",
-        CFK_STORAGE_DIR=str(tmp_path / "storage"),
-        CFK_BATCH_TIMEOUT="200ms",
-        CFK_TEST_REDIS_PASSWORD=urllib.parse.unquote(redis.password or ""),
-    )
-    log_path = tmp_path / "collector.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [str(RUN), "--", "--config", str(receiver)], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/", timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-        yield port
+        yield collector.prometheus_port
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        collector.stop()
 
 
 def query(prometheus: Prometheus, expr: str) -> tuple[bool, list[dict[str, Any]] | str]:

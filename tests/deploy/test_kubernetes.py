@@ -25,7 +25,11 @@ TREES = ["collector", "app", "overlays/production"]
 COLLECTOR_TREES = ["collector", "overlays/production"]
 ENV_REF = re.compile(r"\$\{env:([A-Z0-9_]+)(:-[^}]*)?\}")
 # What collector/run derives itself before it starts the collector.
-DERIVED_BY_RUN = {"CFK_SENTRY_OTLP_ENDPOINT": "SENTRY_DSN", "CFK_SENTRY_KEY": "SENTRY_DSN"}
+DERIVED_BY_RUN = {
+    "CFK_SENTRY_OTLP_ENDPOINT": "SENTRY_DSN",
+    "CFK_SENTRY_KEY": "SENTRY_DSN",
+    "CFK_REDIS_ENDPOINT": "REDIS_URL",
+}
 
 
 def render(tree: str) -> list[dict[str, Any]]:
@@ -97,7 +101,8 @@ def test_every_env_var_of_the_loaded_config_is_provided(tree: str) -> None:
     files = one(docs, "ConfigMap", "otelcol-cfk-config")["data"]
     backends = env["CFK_BACKENDS"].split(",")
     assert env["CFK_KUBERNETES"] == "true"
-    loaded = ["base.yaml", *(f"{b}.yaml" for b in backends), "kubernetes.yaml"]
+    receivers = [r for r in env.get("CFK_RECEIVERS", "").split(",") if r]
+    loaded = ["base.yaml", *(f"{name}.yaml" for name in backends + receivers), "kubernetes.yaml"]
     for name in loaded:
         for var, default in ENV_REF.findall(files[name]):
             provided = var in env or DERIVED_BY_RUN.get(var) in env
@@ -245,10 +250,10 @@ def test_app_sends_otlp_to_its_nodes_collector_with_downward_api_identity() -> N
     docs = render("overlays/production")
     app = env_of(container(docs, "Deployment", "cf-kanban"))
     collector = container(docs, "DaemonSet", "otelcol-cfk")
-    grpc_host_port = {p["name"]: p.get("hostPort") for p in collector["ports"]}["otlp-grpc"]
+    http_host_port = {p["name"]: p.get("hostPort") for p in collector["ports"]}["otlp-http"]
     assert app["HOST_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
-    assert app["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == f"http://$(HOST_IP):{grpc_host_port}"
-    assert app["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "grpc"
+    assert app["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == f"http://$(HOST_IP):{http_host_port}"
+    assert app["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "http/protobuf"
     downward = {
         "K8S_POD_NAME": "metadata.name",
         "K8S_POD_UID": "metadata.uid",
