@@ -12,8 +12,18 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanContext, TraceFlags
 
-from cfk_otel._logs import MAX_MESSAGE, JsonFormatter, Logger, PrettyFormatter, configure_logging, get_logger
+from cfk_otel._logs import (
+    MAX_MESSAGE,
+    JsonFormatter,
+    Logger,
+    PrettyFormatter,
+    _dumps,
+    _RequestRecord,
+    configure_logging,
+    get_logger,
+)
 from cfk_otel._settings import Settings, load
 
 
@@ -309,3 +319,19 @@ def test_values_whose_repr_raises_still_give_a_line(capture: Capture) -> None:
     assert first["things"] == ["<unrepresentable _Hostile>"]
     assert first["fine"] == 1
     assert second["thing"] == "<unrepresentable _Hostile>"
+
+
+@pytest.mark.parametrize("status", [200, 404, 503])
+@pytest.mark.parametrize("traced", [True, False])
+def test_request_line_written_directly_equals_the_generic_document(
+    settings: Settings, status: int, traced: bool
+) -> None:
+    span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1)) if traced else None
+    path = '/tickets/"quoted"\\\u00e9\u4e2d\n'
+    fields = {"method": "GET", "path": path, "route": "/tickets/{id}", "status": status, "duration_ms": 1.234}
+    record = _RequestRecord(logging.INFO, f"GET {path} {status} 1.234ms", fields, span)
+    formatter = JsonFormatter(settings)
+    direct = formatter.format(record)
+    generic = _dumps(formatter.document(record))
+    assert direct == generic
+    assert json.loads(direct)["path"] == path

@@ -616,7 +616,9 @@ def main() -> int:
             if app_port != args.port:
                 say(f"port {args.port} is taken; the app uses {app_port} instead")
             ports = Ports(app_port)
-            say(f"starting the collector (CFK_BACKENDS=prometheus,debug, OTLP on 127.0.0.1:{ports.otlp_http})")
+            say(
+                f"starting the collector (CFK_BACKENDS=prometheus,debug, OTLP on 127.0.0.1:{ports.otlp_http})"
+            )
             collector = start_collector(stack, ports)
             say("starting Prometheus")
             prometheus = start_prometheus(stack, ports)
