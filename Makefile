@@ -7,13 +7,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cfk-installed
 
-.PHONY: help venv services services-stop lint test demo bench env-table collector collector-check clean
+.PHONY: help venv services services-stop lint test demo bench microbench env-table collector collector-check clean
 
 help:
 	@echo "make demo    run the example app under opentelemetry-instrument and summarise its telemetry"
 	@echo "make test    lint, type-check and run the whole test suite against real services"
 	@echo "make lint    ruff and mypy only"
-	@echo "make bench   the overhead benchmark; writes docs/benchmarks.md"
+	@echo "make bench   the overhead benchmark; writes docs/benchmarks.md (and runs microbench)"
+	@echo "make microbench  per-call micro-benchmarks beside upstream; writes docs/microbenchmarks.md"
 	@echo "make collector        build (or reuse) the otelcol-cfk collector binary"
 	@echo "make collector-check  validate every backend's collector configuration"
 
@@ -32,9 +33,10 @@ services-stop:
 	@scripts/services stop
 
 lint: venv
-	$(BIN)/ruff check cfk_otel tests examples scripts
-	$(BIN)/ruff format --check cfk_otel tests examples scripts
+	$(BIN)/ruff check cfk_otel tests benchmarks examples scripts
+	$(BIN)/ruff format --check cfk_otel tests benchmarks examples scripts
 	$(BIN)/mypy
+	$(BIN)/mypy benchmarks scripts/microbench.py
 
 # The collector is built (or its cached build reused) before pytest, so a cold build's
 # progress shows here rather than inside a test fixture.
@@ -59,27 +61,41 @@ $(BENCH_VENV)/.cfk-installed: pyproject.toml
 bench: $(BENCH_VENV)/.cfk-installed services
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	$(BENCH_VENV)/bin/python scripts/bench.py $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python scripts/microbench.py $(MICROBENCH_ARGS)
+
+# Micro-benchmarks (benchmarks/, pytest-benchmark): one span, histogram record, log line
+# and 10,000-series scrape, each beside its upstream equivalent; writes docs/microbenchmarks.md.
+# `make test` runs the same files once each, untimed, as a smoke test.
+microbench: $(BENCH_VENV)/.cfk-installed
+	$(BENCH_VENV)/bin/python scripts/microbench.py $(MICROBENCH_ARGS)
 
 # Our OpenTelemetry Collector distribution, built with the Collector Builder and cached
 # by the manifest's hash (an unchanged manifest is not rebuilt); see collector/BUILD-NOTES.md.
 collector:
 	@collector/build.sh >/dev/null
 
-# Every backend's collector config validated alone, all together, and with the
-# Kubernetes overlay (offline `otelcol-cfk validate`, dummy values for the variables).
+# Every backend's collector config validated alone, all together, each receiver (with the
+# prometheus backend it exports through), and everything with the Kubernetes overlay
+# (offline `otelcol-cfk validate`, dummy values for the variables).
 COLLECTOR_BACKENDS := debug prometheus loki sentry datadog cloudwatch
+COLLECTOR_RECEIVERS := redis postgresql
 COLLECTOR_DUMMY_ENV := LOKI_ENDPOINT=http://loki.invalid:3100/otlp \
 	SENTRY_DSN=https://0123abcd@sentry.invalid/1 \
 	DD_OTLP_ENDPOINT=http://datadog-agent.invalid:4318 DD_API_KEY=0123abcd \
-	CLOUDWATCH_OTLP_ENDPOINT=http://cloudwatch-agent.invalid:4318 CLOUDWATCH_LOG_GROUP=/cf-kanban/check
+	CLOUDWATCH_OTLP_ENDPOINT=http://cloudwatch-agent.invalid:4318 CLOUDWATCH_LOG_GROUP=/cf-kanban/check \
+	REDIS_URL=redis://:0123abcd@redis.invalid:6379/0 POSTGRES_EXPORTER_ENDPOINT=postgres-exporter.invalid:9187
 
 collector-check: collector
 	@for b in $(COLLECTOR_BACKENDS) "$(COLLECTOR_BACKENDS)"; do \
 	  env $(COLLECTOR_DUMMY_ENV) CFK_BACKENDS="$$b" collector/run --validate >/dev/null || exit 1; \
 	  echo "collector config OK: $$b"; \
 	done
-	@env $(COLLECTOR_DUMMY_ENV) CFK_BACKENDS="$(COLLECTOR_BACKENDS)" CFK_KUBERNETES=true \
-	  collector/run --validate >/dev/null && echo "collector config OK: all + kubernetes"
+	@for r in $(COLLECTOR_RECEIVERS); do \
+	  env $(COLLECTOR_DUMMY_ENV) CFK_BACKENDS=prometheus CFK_RECEIVERS="$$r" collector/run --validate >/dev/null || exit 1; \
+	  echo "collector config OK: prometheus + receiver $$r"; \
+	done
+	@env $(COLLECTOR_DUMMY_ENV) CFK_BACKENDS="$(COLLECTOR_BACKENDS)" CFK_RECEIVERS="$(COLLECTOR_RECEIVERS)" \
+	  CFK_KUBERNETES=true collector/run --validate >/dev/null && echo "collector config OK: all + receivers + kubernetes"
 
 # Rewrites the README's table of environment variables from cfk_otel/_settings.py.
 env-table: venv

@@ -12,7 +12,8 @@ Two routes: /hello and /boards/{id} (a PostgreSQL query plus a Redis call, about
 The server is pinned to CPU 0, wrk and the OTLP receiver to CPU 1. Reported: throughput
 and its ratio to bare, server CPU per request, p50/p99 latency at a fixed offered load,
 peak RSS; for cfk_otel_down also RSS over a minute of load and the SIGTERM exit time.
-Writes docs/benchmarks.json and docs/benchmarks.md.
+Writes docs/benchmarks.json and docs/benchmarks.md; the micro-benchmarks
+(scripts/microbench.py, which ``make bench`` runs next) write their own docs/microbenchmarks.*.
 """
 
 from __future__ import annotations
@@ -247,6 +248,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"Collector down, {result['soak_seconds']} s of load: RSS every 5 s (MiB) "
             f"{soak['rss_mib_every_5s']}; SIGTERM exit {soak['sigterm_exit_s']:.2f} s.",
         ]
+    lines += [
+        "",
+        "The hot paths one call at a time (a span, a histogram record, a log line, a 10,000-series "
+        "scrape), each beside its upstream equivalent: [microbenchmarks.md](microbenchmarks.md), "
+        "from `make microbench`.",
+    ]
     return "\n".join(lines) + "\n"
 
 

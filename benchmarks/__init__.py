@@ -1,0 +1,1 @@
+"""Micro-benchmarks: the hot paths beside their upstream equivalents (``make microbench``)."""

@@ -1,0 +1,204 @@
+"""One server span: a whole ASGI request through TelemetryMiddleware vs OpenTelemetryMiddleware.
+
+Both wrap the same trivial app and record into identical providers; the request is a
+full ``await middleware(scope, receive, send)`` driven by asyncio, 100 per round. The
+bare app's row is the floor: a middleware's cost is its row minus that one.
+
+Upstream's defaults open two more spans per request (one per ``send`` message, three
+in all); the ``exclude_spans`` row is upstream reduced to one span, like ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.metrics import MeterProvider, NoOpMeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from cfk_otel import TelemetryMiddleware, _otlp
+from cfk_otel._asgi import ASGIApp
+
+from .conftest import describe, hello_app, requests_in_a_loop
+
+REQUESTS = 100  # per round; the report shows µs per request
+UPSTREAM_LEAN = ["receive", "send"]
+LEAN_LABEL = "OpenTelemetryMiddleware, exclude_spans=receive,send (1 span)"
+
+
+def ours(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> ASGIApp:
+    return TelemetryMiddleware(hello_app, tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+
+def upstream(
+    tracer_provider: TracerProvider, meter_provider: MeterProvider, exclude_spans: list[str] | None = None
+) -> ASGIApp:
+    app: ASGIApp = OpenTelemetryMiddleware(
+        hello_app,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        exclude_spans=exclude_spans,
+    )
+    return app
+
+
+def run(
+    benchmark: BenchmarkFixture,
+    loop: asyncio.AbstractEventLoop,
+    app: ASGIApp,
+    side: str,
+    label: str,
+    primary: bool = True,  # the pair's row in the summary; False for variants
+) -> None:
+    describe(benchmark, side, label, per_call=REQUESTS, primary=primary)
+    exchange = benchmark(requests_in_a_loop(loop, app, REQUESTS))
+    assert (exchange.status, exchange.body) == (200, b"hello")
+
+
+# --- With the metrics: what a request costs in an app with METRICS_ENABLED=true ---
+
+REQUEST = "ASGI request: server span + request metrics"
+
+
+@pytest.mark.benchmark(group=REQUEST)
+def test_request_bare_app(benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop) -> None:
+    run(benchmark, loop, hello_app, "baseline", "the bare app, no middleware", primary=False)
+
+
+@pytest.mark.benchmark(group=REQUEST)
+def test_request_ours(
+    benchmark: BenchmarkFixture,
+    loop: asyncio.AbstractEventLoop,
+    tracer_provider: TracerProvider,
+    meter_provider: MeterProvider,
+) -> None:
+    run(benchmark, loop, ours(tracer_provider, meter_provider), "ours", "TelemetryMiddleware")
+
+
+@pytest.mark.benchmark(group=REQUEST)
+def test_request_upstream(
+    benchmark: BenchmarkFixture,
+    loop: asyncio.AbstractEventLoop,
+    tracer_provider: TracerProvider,
+    meter_provider: MeterProvider,
+) -> None:
+    app = upstream(tracer_provider, meter_provider)
+    run(benchmark, loop, app, "upstream", "OpenTelemetryMiddleware (defaults: 3 spans)")
+
+
+@pytest.mark.benchmark(group=REQUEST)
+def test_request_upstream_one_span(
+    benchmark: BenchmarkFixture,
+    loop: asyncio.AbstractEventLoop,
+    tracer_provider: TracerProvider,
+    meter_provider: MeterProvider,
+) -> None:
+    app = upstream(tracer_provider, meter_provider, UPSTREAM_LEAN)
+    run(benchmark, loop, app, "upstream", LEAN_LABEL, primary=False)
+
+
+# --- Spans alone: no-op meters on both sides ---
+
+SPAN = "ASGI request: server span only (no-op meters)"
+
+
+@pytest.mark.benchmark(group=SPAN)
+def test_span_ours(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, tracer_provider: TracerProvider
+) -> None:
+    run(benchmark, loop, ours(tracer_provider, NoOpMeterProvider()), "ours", "TelemetryMiddleware")
+
+
+@pytest.mark.benchmark(group=SPAN)
+def test_span_upstream(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, tracer_provider: TracerProvider
+) -> None:
+    app = upstream(tracer_provider, NoOpMeterProvider())
+    run(benchmark, loop, app, "upstream", "OpenTelemetryMiddleware (defaults: 3 spans)")
+
+
+@pytest.mark.benchmark(group=SPAN)
+def test_span_upstream_one_span(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, tracer_provider: TracerProvider
+) -> None:
+    app = upstream(tracer_provider, NoOpMeterProvider(), UPSTREAM_LEAN)
+    run(benchmark, loop, app, "upstream", LEAN_LABEL, primary=False)
+
+
+# --- OTLP encoding: what the exporter thread then pays per request, on the same core ---
+
+ENCODE = "OTLP encoding of one request's spans (exporter thread)"
+BATCH_SPANS = 512  # BatchSpanProcessor's default export batch
+
+
+def spans_of_one_request(app_of: str, resource: Resource) -> list[ReadableSpan]:
+    captured = InMemorySpanExporter()
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(captured))
+    app = ours(provider, NoOpMeterProvider()) if app_of == "ours" else upstream(provider, NoOpMeterProvider())
+    loop = asyncio.new_event_loop()
+    try:
+        requests_in_a_loop(loop, app, 1)()
+    finally:
+        loop.close()
+    provider.shutdown()
+    return list(captured.get_finished_spans())
+
+
+@pytest.fixture(scope="module")
+def our_spans(resource: Resource) -> list[ReadableSpan]:
+    spans = spans_of_one_request("ours", resource)
+    assert [s.name for s in spans] == ["GET /hello"]
+    return spans
+
+
+@pytest.fixture(scope="module")
+def upstream_spans(resource: Resource) -> list[ReadableSpan]:
+    spans = spans_of_one_request("upstream", resource)
+    assert len(spans) == 3  # http send (start), http send (body), the server span
+    return spans
+
+
+def encode(spans: Sequence[ReadableSpan]) -> bytes:
+    # What the stock OTLPSpanExporter does before the network: protobuf objects, then bytes.
+    data: bytes = encode_spans(spans).SerializeToString()
+    return data
+
+
+def encode_ours(spans: Sequence[ReadableSpan]) -> bytes:
+    # What our OTLP/HTTP span exporter does (cfk_otel/_otlp.py): wire bytes in one pass.
+    return _otlp.encode_spans(spans)
+
+
+@pytest.mark.benchmark(group=ENCODE)
+def test_encode_ours(benchmark: BenchmarkFixture, our_spans: list[ReadableSpan]) -> None:
+    describe(benchmark, "ours", "1 span, exported alone", primary=True)
+    assert benchmark(encode_ours, our_spans)
+
+
+@pytest.mark.benchmark(group=ENCODE)
+def test_encode_upstream(benchmark: BenchmarkFixture, upstream_spans: list[ReadableSpan]) -> None:
+    describe(benchmark, "upstream", "3 spans (defaults), exported alone", primary=True)
+    assert benchmark(encode, upstream_spans)
+
+
+@pytest.mark.benchmark(group=ENCODE)
+def test_encode_ours_in_a_batch(benchmark: BenchmarkFixture, our_spans: list[ReadableSpan]) -> None:
+    spans = our_spans * (BATCH_SPANS // len(our_spans))
+    describe(benchmark, "ours", f"per request, in a batch of {len(spans)} spans", per_call=len(spans))
+    assert benchmark(encode_ours, spans)
+
+
+@pytest.mark.benchmark(group=ENCODE)
+def test_encode_upstream_in_a_batch(benchmark: BenchmarkFixture, upstream_spans: list[ReadableSpan]) -> None:
+    requests = BATCH_SPANS // len(upstream_spans)
+    spans = upstream_spans * requests
+    describe(benchmark, "upstream", f"per request, in a batch of {len(spans)} spans", per_call=requests)
+    assert benchmark(encode, spans)
