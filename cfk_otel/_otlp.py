@@ -26,7 +26,7 @@ from typing import Any, Final, NamedTuple
 
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as _HttpLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as _HttpSpanExporter
-from opentelemetry.sdk._logs import LogRecordProcessor, ReadableLogRecord
+from opentelemetry.sdk._logs import LogRecordProcessor, ReadableLogRecord, ReadWriteLogRecord
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -48,6 +48,7 @@ _double = struct.Struct("<d").pack
 _HAS_IS_REMOTE: Final = 0x100
 _IS_REMOTE: Final = 0x200
 _CACHE_LIMIT: Final = 4096  # entries per cache; a full cache is emptied, never grown
+_NO_RESOURCE: Final = Resource.create({})
 
 
 def _varint(n: int) -> bytes:
@@ -219,11 +220,27 @@ def _group(groups: Grouped, resource: Resource, scope: InstrumentationScope | No
     by_scope[1].append(encoded)
 
 
-def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
+class Encoded(NamedTuple):
+    """A span or log record encoded as it ended or was emitted, waiting in the batch queue.
+
+    Queued bytes rather than SDK objects: a few hundred bytes each instead of a graph of
+    dicts and deques, and nothing for the garbage collector to walk while they wait (a
+    full queue is 2048 of them when the collector is down).
+    """
+
+    resource: Resource
+    scope: InstrumentationScope | None
+    data: bytes
+
+
+def encode_spans(spans: Sequence[ReadableSpan | Encoded]) -> bytes:
     """An ExportTraceServiceRequest, serialised."""
     groups: Grouped = {}
     for span in spans:
-        _group(groups, span.resource, span.instrumentation_scope, _span(span))
+        if isinstance(span, Encoded):
+            _group(groups, span.resource, span.scope, span.data)
+        else:
+            _group(groups, span.resource, span.instrumentation_scope, _span(span))
     return _request(groups)
 
 
@@ -296,19 +313,11 @@ def _links(span: ReadableSpan, parts: list[bytes]) -> None:
         parts += (b"\x70", _varint(span.dropped_links))  # = 14
 
 
-class EncodedLog(NamedTuple):
-    """A log record already encoded where it was emitted (see :meth:`OtlpHttpLogProcessor.emit_fields`)."""
-
-    resource: Resource
-    scope: InstrumentationScope
-    data: bytes
-
-
-def encode_logs(records: Sequence[ReadableLogRecord | EncodedLog]) -> bytes:
+def encode_logs(records: Sequence[ReadableLogRecord | Encoded]) -> bytes:
     """An ExportLogsServiceRequest, serialised."""
     groups: Grouped = {}
     for record in records:
-        if isinstance(record, EncodedLog):
+        if isinstance(record, Encoded):
             _group(groups, record.resource, record.scope, record.data)
         else:
             _group(groups, record.resource, record.instrumentation_scope, _log_record(record))
@@ -406,7 +415,7 @@ class OtlpHttpSpanExporter(SpanExporter):
     def __init__(self, exporter: _HttpSpanExporter) -> None:
         self._sender = _Sender(exporter)
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+    def export(self, spans: Sequence[ReadableSpan | Encoded]) -> SpanExportResult:
         ok = self._sender.send("spans", encode_spans, spans)
         return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
 
@@ -423,7 +432,7 @@ class OtlpHttpLogExporter(LogRecordExporter):
     def __init__(self, exporter: _HttpLogExporter) -> None:
         self._sender = _Sender(exporter)
 
-    def export(self, batch: Sequence[ReadableLogRecord | EncodedLog]) -> LogRecordExportResult:
+    def export(self, batch: Sequence[ReadableLogRecord | Encoded]) -> LogRecordExportResult:
         ok = self._sender.send("log records", encode_logs, batch)
         return LogRecordExportResult.SUCCESS if ok else LogRecordExportResult.FAILURE
 
@@ -434,10 +443,28 @@ class OtlpHttpLogExporter(LogRecordExporter):
         return True
 
 
+class OtlpHttpSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor (queue bound, schedule, fork and shutdown handling) over
+    our encoder; each span is encoded as it ends and queued as bytes (see :class:`Encoded`)."""
+
+    def __init__(self, exporter: _HttpSpanExporter, *args: Any, **kwargs: Any) -> None:
+        super().__init__(OtlpHttpSpanExporter(exporter), *args, **kwargs)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return
+        try:
+            data = _span(span)
+        except Exception:  # never into the app; the span alone is lost
+            _log.warning("cfk_otel: span %r could not be encoded; dropped", span.name, exc_info=True)
+            return
+        self._batch_processor.emit(Encoded(span.resource, span.instrumentation_scope, data))  # type: ignore[arg-type]
+
+
 def span_processor(exporter: SpanExporter, *args: Any, **kwargs: Any) -> SpanProcessor:
     """The SDK's batch processor; over our encoder when the exporter is the OTLP/HTTP one."""
     if type(exporter) is _HttpSpanExporter:
-        exporter = OtlpHttpSpanExporter(exporter)
+        return OtlpHttpSpanProcessor(exporter, *args, **kwargs)
     return BatchSpanProcessor(exporter, *args, **kwargs)
 
 
@@ -453,6 +480,16 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
     def __init__(self, exporter: _HttpLogExporter, *args: Any, **kwargs: Any) -> None:
         super().__init__(OtlpHttpLogExporter(exporter), *args, **kwargs)
         self._scopes: dict[str, InstrumentationScope] = {}
+
+    def on_emit(self, log_record: ReadWriteLogRecord) -> None:
+        # Encoded now and queued as bytes: nothing keeps the record (or its context) alive.
+        try:
+            data = _log_record(log_record)  # type: ignore[arg-type]  # the same fields as a ReadableLogRecord
+        except Exception:  # never into the app; the record alone is lost
+            _log.debug("cfk_otel: a log record could not be encoded; dropped", exc_info=True)
+            return
+        resource = log_record.resource if log_record.resource is not None else _NO_RESOURCE
+        self._batch_processor.emit(Encoded(resource, log_record.instrumentation_scope, data))  # type: ignore[arg-type]
 
     def emit_fields(
         self,
@@ -480,7 +517,7 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
             span_id=span_context.span_id if span_context is not None else None,
         )
         # The SDK's batching (queue bound, schedule, fork and shutdown handling), reused.
-        self._batch_processor.emit(EncodedLog(resource, scope, data))  # type: ignore[arg-type]
+        self._batch_processor.emit(Encoded(resource, scope, data))  # type: ignore[arg-type]
 
 
 def log_processor(exporter: LogRecordExporter, *args: Any, **kwargs: Any) -> LogRecordProcessor:

@@ -103,14 +103,19 @@ class ReceivedLog:
 
 
 class _LoopbackReceiver:
-    """An HTTP server on 127.0.0.1 in a daemon thread, and a condition to wait on."""
+    """An HTTP server on 127.0.0.1 in a daemon thread, and a condition to wait on.
 
-    def __init__(self) -> None:
+    ``http_port`` 0 picks a free port; a fixed one makes ``stop()`` then ``start()`` a
+    backend that went away and came back at the same address (what it received is kept).
+    """
+
+    def __init__(self, http_port: int = 0) -> None:
         self._lock = threading.Condition()
         self._http: ThreadingHTTPServer | None = None
+        self._http_port = http_port
 
     def _serve(self, handler: type[BaseHTTPRequestHandler], name: str) -> int:
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._http = ThreadingHTTPServer(("127.0.0.1", self._http_port), handler)
         self._http.daemon_threads = True
         threading.Thread(target=self._http.serve_forever, name=name, daemon=True).start()
         return int(self._http.server_address[1])
@@ -148,10 +153,12 @@ class OtlpReceiver(_LoopbackReceiver):
     receiver reject requests; rejected requests are counted, not stored.
     """
 
-    def __init__(self, path_prefix: str = "/otlp", required_headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path_prefix: str = "/otlp", required_headers: dict[str, str] | None = None, http_port: int = 0
+    ) -> None:
         # HTTP paths are {path_prefix}/v1/{traces,metrics,logs}, the prefix optional when it is
         # the default (Loki's /otlp); a request missing a required header (an API key) gets 401.
-        super().__init__()
+        super().__init__(http_port)
         self.path_prefix = path_prefix
         self.required_headers = {k.lower(): v for k, v in (required_headers or {}).items()}
         self.spans: list[ReceivedSpan] = []
@@ -397,8 +404,8 @@ class SentryReceiver(_LoopbackReceiver):
     make it slow or failing; envelopes are kept as soon as they are read either way.
     """
 
-    def __init__(self, project_id: int = 42, public_key: str = "publickey") -> None:
-        super().__init__()
+    def __init__(self, project_id: int = 42, public_key: str = "publickey", http_port: int = 0) -> None:
+        super().__init__(http_port)
         self.project_id = project_id
         self.public_key = public_key
         self.envelopes: list[SentryEnvelope] = []

@@ -250,3 +250,61 @@ def test_request_lines_emitted_as_fields_arrive_beside_sdk_records() -> None:
         assert (line.record.severity_number, line.record.severity_text, line.record.flags) == (9, "INFO", 1)
         assert by_body["from the SDK"].scope == "app"
         provider.shutdown()
+
+
+def test_spans_encoded_as_they_end_arrive_as_upstream_would_send_them(
+    finished: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, memory = finished
+    with OtlpReceiver() as receiver:
+        processor = _otlp.span_processor(OTLPSpanExporter(endpoint=f"{receiver.http_endpoint}/v1/traces"))
+        assert isinstance(processor, _otlp.OtlpHttpSpanProcessor)
+        provider.add_span_processor(processor)
+        spans = _varied_spans(provider, memory)
+        provider.force_flush()
+        assert receiver.wait_for(lambda: len(receiver.spans) == len(spans))
+        expected = upstream_spans(spans)
+        want = sorted(
+            (
+                rs.resource == expected.resource_spans[0].resource,
+                ss.scope.name,
+                s.SerializeToString(deterministic=True),
+            )
+            for rs in expected.resource_spans
+            for ss in rs.scope_spans
+            for s in ss.spans
+        )
+        got = sorted((True, r.scope, r.span.SerializeToString(deterministic=True)) for r in receiver.spans)
+        assert got == want
+        assert {r.resource["service.name"] for r in receiver.spans} == {"cf-kanban"}
+
+
+def test_sdk_log_records_are_queued_as_bytes_and_arrive() -> None:
+    records = _varied_logs()
+    with OtlpReceiver() as receiver:
+        provider = LoggerProvider(resource=RESOURCE)
+        processor = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
+        provider.add_log_record_processor(processor)
+        logger = provider.get_logger("cfk_otel.request", "1.0", schema_url="https://example.test/schema")
+        for readable in records:
+            record = readable.log_record
+            logger.emit(
+                timestamp=record.timestamp,
+                observed_timestamp=record.observed_timestamp,
+                body=record.body,
+                severity_number=record.severity_number,
+                severity_text=record.severity_text,
+                attributes=record.attributes,
+                event_name=record.event_name,
+            )
+        provider.force_flush()
+        assert receiver.wait_for(lambda: len(receiver.logs) == len(records))
+        expected = [
+            r for rl in upstream_logs(records).resource_logs for sl in rl.scope_logs for r in sl.log_records
+        ]
+        for got, want in zip(receiver.logs, expected, strict=True):
+            want.ClearField("trace_id")  # the originals were emitted inside a span; these not
+            want.ClearField("span_id")
+            want.ClearField("flags")
+            assert got.record == want
+        provider.shutdown()

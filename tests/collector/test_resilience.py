@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import http.client
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -70,22 +68,6 @@ def test_switching_backends_with_the_same_running_app(
     assert delivered(otlp_backend, "/api/tickets/before-") == set()
 
 
-class RestartableOtlp(OtlpReceiver):
-    """An OtlpReceiver whose OTLP/HTTP side binds the same port on every ``start()``, so that
-    ``stop()`` ... ``start()`` is a backend that refused connections for a while and came
-    back at its old address (its received data is kept)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._port = free_port()
-
-    def _serve(self, handler: type[BaseHTTPRequestHandler], name: str) -> int:
-        self._http = ThreadingHTTPServer(("127.0.0.1", self._port), handler)  # allow_reuse_address
-        self._http.daemon_threads = True
-        threading.Thread(target=self._http.serve_forever, name=name, daemon=True).start()
-        return self._port
-
-
 OUTAGE = 30.0  # seconds: the issue's figure
 
 
@@ -95,7 +77,9 @@ def test_backend_outages_lose_nothing(run_app: Any, collector: Collector, otlp_b
     exporter's backend answers 503, the cloudwatch exporter's backend is gone (connection
     refused) and comes back on the same port. Each exporter has its own queue and retries
     with the shipped defaults (CFK_RETRY_MAX_ELAPSED_TIME 10m): every span arrives at both."""
-    with RestartableOtlp() as refusing:
+    # A fixed port: stop() ... start() is a backend that refused connections for a while
+    # and came back at its old address.
+    with OtlpReceiver(http_port=free_port()) as refusing:
         collector.start(
             "datadog,cloudwatch",
             DD_OTLP_ENDPOINT=otlp_backend.http_endpoint,

@@ -23,7 +23,6 @@ from typing import Any, Self
 import grpc
 import pytest
 
-from cfk_otel.testing import SentryReceiver
 from tests.collector.conftest import collector, collector_bin, otlp_backend
 from tests.conftest import RunningApp, launch
 
@@ -268,21 +267,6 @@ class SlowOtlp:
 
     def endpoint(self, protocol: str) -> str:
         return f"http://127.0.0.1:{self.grpc_port if protocol == 'grpc' else self.http_port}"
-
-
-class SentryOnPort(SentryReceiver):
-    """A :class:`SentryReceiver` on a port chosen in advance, so that it can come up where an
-    app (started while nothing listened there) already sends."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__()
-        self._wanted_port = port
-
-    def _serve(self, handler: type[BaseHTTPRequestHandler], name: str) -> int:
-        self._http = ThreadingHTTPServer(("127.0.0.1", self._wanted_port), handler)
-        self._http.daemon_threads = True
-        threading.Thread(target=self._http.serve_forever, name=name, daemon=True).start()
-        return self._wanted_port
 
 
 def otlp_env(endpoint: str, protocol: str, **extra: str) -> dict[str, str]:

@@ -9,12 +9,11 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cfk_otel.testing import OtlpReceiver
+from cfk_otel.testing import OtlpReceiver, SentryReceiver
 from tests.conftest import RunningApp, free_port, uvicorn_command
 from tests.failure.conftest import (
     RSS_BOUND_MIB,
     SHUTDOWN_BOUND_S,
-    SentryOnPort,
     StartApp,
     app_rss,
     assert_served,
@@ -64,7 +63,7 @@ def test_sentry_down_then_up(run_app: StartApp, receiver: OtlpReceiver) -> None:
     failed = sum(1 for r in warm + replies if r.status == 500)
     assert runtime_errors(app) == failed  # counted even when Sentry gets none of them
 
-    with SentryOnPort(sentry_port) as sentry:
+    with SentryReceiver(http_port=sentry_port) as sentry:
         # Sentry drops what it could not send; new errors must reach it now. The event
         # budget (10 a second after a burst of 100) was spent by the outage, so ask a few times.
         deadline = time.monotonic() + 15
