@@ -25,7 +25,7 @@ def listening() -> Iterator[int]:
 def test_doctor_passes_with_a_live_endpoint(listening: int, capsys: pytest.CaptureFixture[str]) -> None:
     assert doctor({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{listening}"}) == 0
     out = capsys.readouterr().out
-    assert f"OTLP endpoint 127.0.0.1:{listening} answers (grpc)" in out
+    assert f"OTLP endpoint 127.0.0.1:{listening} answers (http/protobuf)" in out
     assert "no problems found" in out
 
 
