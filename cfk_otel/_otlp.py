@@ -390,9 +390,10 @@ class _Sender:
 
     def __init__(self, exporter: _HttpSpanExporter | _HttpLogExporter) -> None:
         self._exporter = exporter
-        # The one private reach: the SDK's HTTP client takes serialised bytes and owns
-        # compression, headers, TLS, retries with backoff and the timeout. Pinned
-        # versions (pyproject) and tests/test_otlp.py keep this honest.
+        # Private SDK attributes (here `_client` and `_shutdown`; `_batch_processor` in the
+        # processors below): the SDK's HTTP client takes serialised bytes and owns
+        # compression, headers, TLS, retries with backoff and the timeout. Pinned versions
+        # (pyproject) and tests/test_otlp.py, which goes through each of them, keep this honest.
         self._client = exporter._client
 
     def send(self, what: str, encode: Callable[[Any], bytes], batch: Sequence[Any]) -> bool:
@@ -471,10 +472,10 @@ def span_processor(exporter: SpanExporter, *args: Any, **kwargs: Any) -> SpanPro
 class OtlpHttpLogProcessor(BatchLogRecordProcessor):
     """The SDK's batch processor over our encoder, with a second door for hot records.
 
-    Records from the SDK's Logger API arrive through ``on_emit`` as usual. The request
-    line, written once per request, comes through :meth:`emit_fields` and is encoded there: it skips
-    the SDK's LogRecord objects and attribute cleaning (fixed keys, scalar values), and
-    so the SDK's other log processors, which this provider does not have.
+    Records from the SDK's Logger API arrive through ``on_emit`` and are encoded there.
+    The request line, written once per request, comes through :meth:`emit_fields`: it
+    skips the SDK's LogRecord objects and attribute cleaning (fixed keys, scalar values),
+    and so the SDK's other log processors, which this provider does not have.
     """
 
     def __init__(self, exporter: _HttpLogExporter, *args: Any, **kwargs: Any) -> None:
