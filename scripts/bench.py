@@ -54,15 +54,60 @@ def services_env() -> dict[str, str]:
     return dict(line.removeprefix("export ").split("=", 1) for line in out.stdout.splitlines() if "=" in line)
 
 
-def scenario(name: str, port: int, otlp: str, closed: str) -> tuple[list[str], dict[str, str]]:
+class Receiver:
+    """The OTLP receiver (cfk_otel.testing) in its own process on CPU 1.
+
+    Each scenario's run ends by asking what arrived since the last question, so the
+    table shows that telemetry really flowed, and the receiver's memory stays bounded.
+    """
+
+    _SCRIPT = (
+        "import sys\nfrom cfk_otel.testing import OtlpReceiver\n"
+        "r = OtlpReceiver().start()\nprint(r.grpc_port, r.http_port, flush=True)\n"
+        "for _ in sys.stdin:\n"
+        "    with r._lock:\n"
+        "        print(len(r.spans), len(r.logs), len(r.metrics), flush=True)\n"
+        "        r.spans.clear(); r.logs.clear(); r.metrics.clear(); r.headers.clear(); r.paths.clear()\n"
+    )
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            ["taskset", "-c", "1", sys.executable, "-c", self._SCRIPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert self.process.stdout is not None
+        grpc_port, http_port = self.process.stdout.readline().split()
+        # The stock distro exports over gRPC by default, cfk_otel over HTTP (the spec's default).
+        self.grpc = f"http://127.0.0.1:{grpc_port}"
+        self.http = f"http://127.0.0.1:{http_port}"
+
+    def arrived(self) -> dict[str, int]:
+        """Spans, log records and metric streams received since the last call."""
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        spans, logs, metrics = (int(n) for n in self.process.stdout.readline().split())
+        return {"spans_received": spans, "logs_received": logs, "metrics_received": metrics}
+
+    def stop(self) -> None:
+        self.process.kill()
+
+
+def scenario(name: str, port: int, receiver: Receiver, closed: str) -> tuple[list[str], dict[str, str]]:
     uvicorn = [str(BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     instrument = [str(BIN / "opentelemetry-instrument")]
-    common = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_SERVICE_NAME": "bench"}
+    common = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http, "OTEL_SERVICE_NAME": "bench"}
     if name == "bare":
         return [*uvicorn, "app:app", "--no-access-log"], {}
     if name == "upstream":
         env = {
             **common,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc,
             "OTEL_PYTHON_DISTRO": "distro",
             "OTEL_PYTHON_CONFIGURATOR": "configurator",
             "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "cfk_uvicorn,cfk_asyncpg,cfk_redis,cfk_gunicorn",
@@ -160,9 +205,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_once(name: str, route: str, otlp: str, closed: str, seconds: int) -> dict[str, Any]:
+def run_once(name: str, route: str, receiver: Receiver, closed: str, seconds: int) -> dict[str, Any]:
     port = free_port()
-    command, env = scenario(name, port, otlp, closed)
+    command, env = scenario(name, port, receiver, closed)
     server = Server(command, env, port)
     url = f"http://127.0.0.1:{port}{ROUTES[route]}"
     try:
@@ -174,7 +219,11 @@ def run_once(name: str, route: str, otlp: str, closed: str, seconds: int) -> dic
         rss = server.memory_kib("VmHWM")
     finally:
         exit_seconds = server.stop()
+    arrived = receiver.arrived()  # the server flushed on SIGTERM
+    if name in ("upstream", "cfk_otel") and not (arrived["spans_received"] and arrived["logs_received"]):
+        raise RuntimeError(f"{name}: the receiver got no spans or no logs ({arrived}); the run is void")
     return {
+        **arrived,
         "rps": rps,
         "cpu_us_per_request": cpu / max(rps * seconds, 1) * 1e6,
         "p50_ms": percentile(latencies, 0.50) * 1000,
@@ -184,10 +233,10 @@ def run_once(name: str, route: str, otlp: str, closed: str, seconds: int) -> dic
     }
 
 
-def soak_collector_down(closed: str, seconds: int) -> dict[str, Any]:
+def soak_collector_down(receiver: Receiver, closed: str, seconds: int) -> dict[str, Any]:
     """A minute of load with the collector down: RSS samples and the SIGTERM exit time."""
     port = free_port()
-    command, env = scenario("cfk_otel_down", port, closed, closed)
+    command, env = scenario("cfk_otel_down", port, receiver, closed)
     server = Server(command, env, port)
     load = subprocess.Popen(
         ["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{seconds}s", f"http://127.0.0.1:{port}/hello"],
@@ -227,10 +276,13 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Generated by `make bench` on {result['date']}: {result['machine']['cpu']}, "
         f"{result['machine']['cores']} cores, Python {result['machine']['python']}. "
-        f"Median of {result['rounds']} interleaved rounds; server pinned to one core.",
+        f"Median of {result['rounds']} interleaved rounds; server pinned to one core. "
+        "Received: what the OTLP receiver got from one run (load, latency run and the flush at exit); "
+        "the upstream set-up exports over gRPC (the stock default), cfk_otel over HTTP.",
         "",
-        "| route | scenario | req/s | vs bare | CPU µs/req | added µs/req | p50 ms | p99 ms | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| route | scenario | req/s | vs bare | CPU µs/req | added µs/req | p50 ms | p99 ms | peak RSS MiB "
+        "| spans, log records received |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for route, scenarios in result["results"].items():
         bare = scenarios["bare"]
@@ -239,7 +291,8 @@ def markdown(result: dict[str, Any]) -> str:
             ratio = r["rps"] / bare["rps"]
             lines.append(
                 f"| {route} | {name} | {r['rps']:.0f} | {ratio:.2f} | {cpu:.0f} | {added:.0f} | "
-                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['peak_rss_mib']:.0f} |"
+                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['peak_rss_mib']:.0f} | "
+                f"{r['spans_received']:.0f}, {r['logs_received']:.0f} |"
             )
     soak = result.get("collector_down_soak")
     if soak:
@@ -269,23 +322,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.update(services_env())
 
-    receiver_process = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            "1",
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom cfk_otel.testing import OtlpReceiver\n"
-            "r = OtlpReceiver().start()\nprint(r.grpc_port, flush=True)\ntime.sleep(86400)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert receiver_process.stdout is not None
-    otlp = f"http://127.0.0.1:{receiver_process.stdout.readline().strip()}"
+    receiver = Receiver()
     closed = f"http://127.0.0.1:{free_port()}"
     names = args.scenarios.split(",")
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -293,16 +330,16 @@ def main() -> int:
         for round_ in range(args.rounds):
             for route in args.routes.split(","):
                 for name in names:
-                    r = run_once(name, route, otlp, closed, args.seconds)
+                    r = run_once(name, route, receiver, closed, args.seconds)
                     runs.setdefault(route, {}).setdefault(name, []).append(r)
                     print(
                         f"round {round_ + 1} {route:5} {name:15} {r['rps']:8.0f} req/s "
                         f"{r['cpu_us_per_request']:6.0f} µs CPU/req p99 {r['p99_ms']:.2f} ms",
                         flush=True,
                     )
-        soak = soak_collector_down(closed, args.soak_seconds) if "cfk_otel_down" in names else None
+        soak = soak_collector_down(receiver, closed, args.soak_seconds) if "cfk_otel_down" in names else None
     finally:
-        receiver_process.kill()
+        receiver.stop()
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
