@@ -119,10 +119,9 @@ class TelemetryMiddleware:
         self._routes = RouteResolver(app)
         self._tracer = trace.get_tracer("cfk_otel", __version__, tracer_provider)
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
-        # Hot-path handles: the counter's add-by-key and the SDK histogram itself, with
-        # labels built right here rather than validated per request.
+        # Hot-path handles, with label values built right here rather than validated per request.
         self._requests = self.metrics.http_requests
-        self._duration = self.metrics.http_request_duration._instrument
+        self._duration = self.metrics.http_request_duration
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -217,7 +216,7 @@ class TelemetryMiddleware:
         self._finish(span, scope, kind, method, route, status, error)
         if kind == "http":
             self._requests.add_by_key((method, route, str(status)), 1.0)
-            self._duration.record(elapsed, {"method": method, "path": route})
+            self._duration.record_by_key((method, route), elapsed)
         if error is not None:
             self.metrics.errors.inc({"type": type(error).__qualname__, "severity": "error"})
         elif status >= 500:

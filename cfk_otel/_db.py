@@ -133,9 +133,7 @@ async def _time_asyncpg(
         elapsed = time.perf_counter() - start
         query = args[0] if args else kwargs.get("query")
         try:
-            _metrics.default().database_query_duration._instrument.record(
-                elapsed, {"operation": sql_operation(query)}
-            )
+            _metrics.default().database_query_duration.record_by_key((sql_operation(query),), elapsed)
             if elapsed >= _sdk.settings().slow_query_threshold:
                 _report_slow(query, elapsed)
         except Exception:
@@ -145,7 +143,7 @@ async def _time_asyncpg(
 def _record_redis(args: tuple[Any, ...], elapsed: float, pipeline: bool) -> None:
     try:
         command = "PIPELINE" if pipeline else redis_command(args)
-        _metrics.default().redis_operation_duration._instrument.record(elapsed, {"command": command})
+        _metrics.default().redis_operation_duration.record_by_key((command,), elapsed)
     except Exception:
         _log.debug("cfk_otel: recording a redis call failed", exc_info=True)
 

@@ -28,7 +28,7 @@ from opentelemetry.environment_variables import (
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from prometheus_client import CollectorRegistry
 
-from . import _errors, _otlp, _settings
+from . import _errors, _metrics, _otlp, _settings
 from ._logs import configure_logging
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -182,6 +182,7 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
     _errors.start(current)  # Sentry; before the providers: SENTRY_TRACES_SAMPLE_RATE may set the sampler
     initialize(resource_attributes, extra)
+    _metrics.attach(metrics.get_meter_provider())  # our histograms, into its readers' collections
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
     if len(log_processors) == 1 and isinstance(log_processors[0], _otlp.OtlpHttpLogProcessor):

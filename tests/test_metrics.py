@@ -221,3 +221,55 @@ def test_pool_gauges_sum_open_pools(m: Metrics, reader: InMemoryMetricReader) ->
 def test_process_memory_is_reported(reader: InMemoryMetricReader, m: Metrics) -> None:
     [rss] = gauge_value(reader, "process_resident_memory_bytes").values()
     assert rss > 10 * 1024 * 1024
+
+
+VALUES = (0.0, 0.004, 0.005, 0.0051, 0.1, 1.0, 9.99, 10.0, 10.5, 2.0, 0.1, 1e-9)
+
+
+def test_histograms_aggregate_as_the_sdk_does(m: Metrics, reader: InMemoryMetricReader) -> None:
+    # Ours beside an SDK histogram with the same buckets, on the same provider and reader.
+    ours = m.register_histogram("ours_seconds", "ours", ["k"], buckets=[0.005, 0.1, 1, 10])
+    sdk = m._meter.create_histogram("sdk_seconds", explicit_bucket_boundaries_advisory=[0.005, 0.1, 1, 10])
+    for value in VALUES:
+        ours.observe(value, {"k": "v"})
+        sdk.record(value, {"k": "v"})
+    [mine] = points(reader, "ours_seconds").values()
+    [theirs] = points(reader, "sdk_seconds").values()
+    fields = ("count", "sum", "bucket_counts", "explicit_bounds", "min", "max", "attributes")
+    assert {f: getattr(mine, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+    assert tuple(mine.explicit_bounds) == (0.005, 0.1, 1, 10)
+    assert tuple(mine.bucket_counts) == (4, 3, 1, 3, 1)  # (..0.005] (..0.1] (..1] (..10] (10..)
+
+
+def test_histograms_follow_a_readers_delta_temporality() -> None:
+    from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    cumulative = InMemoryMetricReader()
+    delta = InMemoryMetricReader(preferred_temporality={SdkHistogram: AggregationTemporality.DELTA})
+    provider = MeterProvider(metric_readers=[cumulative, delta])
+    h = Metrics(provider).register_histogram("d_seconds", "d", [], buckets=[1])
+    h.observe(0.5)
+    h.observe(2)
+    [first] = points(delta, "d_seconds").values()
+    h.observe(0.25)
+    [second] = points(delta, "d_seconds").values()
+    [total] = points(cumulative, "d_seconds").values()
+    assert (first.count, first.sum, tuple(first.bucket_counts)) == (2, 2.5, (1, 1))
+    assert (second.count, second.sum, tuple(second.bucket_counts)) == (1, 0.25, (1, 0))
+    assert second.start_time_unix_nano == first.time_unix_nano
+    assert (total.count, total.sum, tuple(total.bucket_counts)) == (3, 2.75, (2, 1))
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_histograms_drop_what_the_sdk_drops(
+    m: Metrics, reader: InMemoryMetricReader, value: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = m.register_histogram("n_seconds", "n", [])
+    h.observe(value)
+    h.observe(value)
+    h.observe(1.0)
+    [p] = points(reader, "n_seconds").values()
+    assert (p.count, p.sum) == (1, 1.0)
+    assert caplog.text.count("non-negative") == 1
