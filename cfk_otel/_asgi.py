@@ -16,11 +16,11 @@ from typing import Any, Final
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from . import _metrics
 from ._routes import UNMATCHED, RouteResolver
-from ._version import __version__
+from ._span import ServerSpan, ServerSpans
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -117,7 +117,7 @@ class TelemetryMiddleware:
         self._endpoint_telemetry = endpoint_telemetry
         self._warned = False
         self._routes = RouteResolver(app)
-        self._tracer = trace.get_tracer("cfk_otel", __version__, tracer_provider)
+        self._spans = ServerSpans(tracer_provider)
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
         # Hot-path handles, with label values built right here rather than validated per request.
         self._requests = self.metrics.http_requests
@@ -147,7 +147,7 @@ class TelemetryMiddleware:
         method = method if method in _METHODS else "_OTHER"
         root_path = scope.get("root_path", "")
         parent = propagate.extract(scope.get("headers") or [], getter=_GETTER)
-        span = self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+        span = self._spans.start(method, parent)
         token = context.attach(trace.set_span_in_context(span, parent))
         status = 0
 
@@ -239,12 +239,13 @@ class TelemetryMiddleware:
         if not span.is_recording():
             span.end()
             return
+        attributes: dict[str, Any] = {}
         if route != UNMATCHED:
             span.update_name(f"{method} {route}" if kind == "http" else f"WEBSOCKET {route}")
-            span.set_attribute("http.route", route)
+            attributes["http.route"] = route
         server = scope.get("server")
         client = scope.get("client")
-        attributes: dict[str, Any] = {
+        attributes |= {
             "http.request.method": method,
             "url.path": scope.get("path", ""),
             "url.scheme": scope.get("scheme", "http"),
@@ -262,7 +263,10 @@ class TelemetryMiddleware:
             if key == b"user-agent":
                 attributes["user_agent.original"] = value.decode("latin-1")
                 break
-        span.set_attributes(attributes)
+        if type(span) is ServerSpan:
+            span.set_own(attributes)
+        else:
+            span.set_attributes(attributes)
         if error is not None:
             span.record_exception(error)
             span.set_attribute("error.type", type(error).__qualname__)

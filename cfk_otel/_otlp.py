@@ -240,7 +240,7 @@ def encode_spans(spans: Sequence[ReadableSpan | Encoded]) -> bytes:
         if isinstance(span, Encoded):
             _group(groups, span.resource, span.scope, span.data)
         else:
-            _group(groups, span.resource, span.instrumentation_scope, _span(span))
+            _group(groups, span.resource, span.instrumentation_scope, encode_span(span))
     return _request(groups)
 
 
@@ -250,7 +250,8 @@ def _ids(context: SpanContext) -> list[bytes]:
     return [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
 
 
-def _span(span: ReadableSpan) -> bytes:
+def encode_span(span: ReadableSpan) -> bytes:
+    """One Span message (without its length prefix)."""
     context = span.context
     parts = _ids(context)
     if context.trace_state:
@@ -455,11 +456,15 @@ class OtlpHttpSpanProcessor(BatchSpanProcessor):
         if not (span.context and span.context.trace_flags.sampled):
             return
         try:
-            data = _span(span)
+            data = encode_span(span)
         except Exception:  # never into the app; the span alone is lost
             _log.warning("cfk_otel: span %r could not be encoded; dropped", span.name, exc_info=True)
             return
-        self._batch_processor.emit(Encoded(span.resource, span.instrumentation_scope, data))  # type: ignore[arg-type]
+        self.emit_encoded(span.resource, span.instrumentation_scope, data)
+
+    def emit_encoded(self, resource: Resource, scope: InstrumentationScope | None, data: bytes) -> None:
+        """Queue one span, already encoded (by :func:`encode_span`)."""
+        self._batch_processor.emit(Encoded(resource, scope, data))  # type: ignore[arg-type]
 
 
 def span_processor(exporter: SpanExporter, *args: Any, **kwargs: Any) -> SpanProcessor:

@@ -1,0 +1,210 @@
+"""cfk_otel/_span.py: the lean server span is exported exactly as the SDK's span would be."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from cfk_otel import _otlp
+from cfk_otel._asgi import TelemetryMiddleware
+from cfk_otel._span import ServerSpan
+from cfk_otel.testing import OtlpReceiver, ReceivedSpan
+
+RESOURCE = Resource.create({"service.name": "cf-kanban"})
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _app(provider: TracerProvider) -> Starlette:
+    async def board(request: Request) -> PlainTextResponse:
+        span = trace.get_current_span()
+        span.set_attribute("app.user", "user-1")
+        span.set_attributes({"app.n": 3, "app.bad": object()})  # type: ignore[dict-item]  # cleaned, as the SDK does
+        span.add_event("cache.miss", {"key": "board:7"})
+        with provider.get_tracer("app").start_as_current_span("child") as child:
+            child.set_attribute("server.span.type", type(span).__name__)
+        return PlainTextResponse("ok")
+
+    async def fail(request: Request) -> PlainTextResponse:
+        raise RuntimeError("boom")
+
+    return Starlette(routes=[Route("/boards/{board_id}", board), Route("/fail", fail)])
+
+
+class _Other(SpanProcessor):
+    """Any second processor: the SDK's span must then be used, so that it sees the span."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    def on_end(self, span: Any) -> None:
+        self.ended.append(span.name)
+
+
+def _provider(receiver: OtlpReceiver, *extra: SpanProcessor, **kwargs: Any) -> TracerProvider:
+    provider = TracerProvider(resource=RESOURCE, **kwargs)
+    provider.add_span_processor(
+        _otlp.span_processor(OTLPSpanExporter(endpoint=f"{receiver.http_endpoint}/v1/traces"))
+    )
+    for processor in extra:
+        provider.add_span_processor(processor)
+    return provider
+
+
+def _serve(provider: TracerProvider, requests: list[tuple[str, dict[str, str]]]) -> None:
+    app = TelemetryMiddleware(_app(provider), tracer_provider=provider)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for path, headers in requests:
+            client.get(path, headers=headers)
+    provider.force_flush()
+
+
+def _comparable(span: ReceivedSpan) -> dict[str, Any]:
+    s = span.span
+    return {
+        "name": s.name,
+        "kind": s.kind,
+        "scope": span.scope,
+        "attributes": span.attributes,
+        "dropped": s.dropped_attributes_count,
+        "parent": s.parent_span_id.hex(),
+        "trace_id": s.trace_id.hex() if s.parent_span_id else "new",
+        "trace_state": s.trace_state,
+        "flags": s.flags,
+        "status": (s.status.code, s.status.message),
+        "events": [
+            (e.name, {a.key: a.value.string_value for a in e.attributes if a.key != "exception.stacktrace"})
+            for e in s.events
+        ],
+        "stacktrace": [
+            len(a.value.string_value) > 0 for e in s.events for a in e.attributes if "stack" in a.key
+        ],
+    }
+
+
+REQUESTS = [
+    ("/boards/7", {}),
+    ("/boards/8", {"traceparent": PARENT, "tracestate": "vendor=value"}),
+    ("/fail", {}),
+    ("/nowhere", {}),
+]
+
+
+def test_lean_server_spans_arrive_as_the_sdk_spans_would() -> None:
+    with OtlpReceiver() as lean_receiver, OtlpReceiver() as sdk_receiver:
+        other = _Other()
+        _serve(_provider(lean_receiver), REQUESTS)
+        _serve(_provider(sdk_receiver, other), REQUESTS)
+        assert lean_receiver.wait_for(lambda: len(lean_receiver.spans) == 6)
+        assert sdk_receiver.wait_for(lambda: len(sdk_receiver.spans) == 6)
+
+        def servers(receiver: OtlpReceiver) -> list[dict[str, Any]]:
+            return [_comparable(s) for s in receiver.spans if s.span.kind == 2]
+
+        assert servers(lean_receiver) == servers(sdk_receiver)
+        assert len(servers(lean_receiver)) == 4
+        children = {s.attributes["server.span.type"] for s in lean_receiver.spans if s.name == "child"}
+        assert children == {"ServerSpan"}
+        assert {s.attributes["server.span.type"] for s in sdk_receiver.spans if s.name == "child"} == {
+            "_Span"
+        }
+        assert sorted(other.ended) == sorted(
+            ["child", "child", "GET /boards/{board_id}", "GET /boards/{board_id}", "GET /fail", "GET"]
+        )
+        # Children are parented to the lean span, in its trace.
+        by_id = {s.span.span_id: s for s in lean_receiver.spans}
+        for child in (s for s in lean_receiver.spans if s.name == "child"):
+            parent = by_id[child.span.parent_span_id]
+            assert parent.span.kind == 2
+            assert parent.span.trace_id == child.span.trace_id
+        continued = [s for s in lean_receiver.spans if s.span.trace_id.hex() == PARENT[3:35]]
+        assert len(continued) == 2
+
+
+def test_a_processor_added_later_gets_the_sdk_span_from_then_on() -> None:
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver)
+        app = TelemetryMiddleware(_app(provider), tracer_provider=provider)
+        memory = InMemorySpanExporter()
+        with TestClient(app) as client:
+            client.get("/boards/1")
+            provider.add_span_processor(SimpleSpanProcessor(memory))
+            client.get("/boards/2")
+        provider.force_flush()
+        assert receiver.wait_for(lambda: len(receiver.spans) == 4)
+        types = [s.attributes["server.span.type"] for s in receiver.spans if s.name == "child"]
+        assert types == ["ServerSpan", "_Span"]
+        assert [s.name for s in memory.get_finished_spans()] == ["child", "GET /boards/{board_id}"]
+
+
+@pytest.mark.parametrize("sampler", [ALWAYS_OFF, ParentBased(ALWAYS_OFF)])
+def test_the_providers_sampler_decides(sampler: Sampler) -> None:
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver, sampler=sampler)
+        _serve(provider, [("/boards/1", {})])
+        if isinstance(sampler, ParentBased):  # a sampled remote parent is followed
+            _serve(provider, [("/boards/2", {"traceparent": PARENT})])
+            assert receiver.wait_for(lambda: len(receiver.spans) == 2)
+            assert {s.span.trace_id.hex() for s in receiver.spans} == {PARENT[3:35]}
+        else:
+            _serve(provider, [("/boards/2", {"traceparent": PARENT})])
+            assert not receiver.wait_for(lambda: len(receiver.spans) > 0, timeout=1.0)
+
+
+def test_the_apps_attributes_are_bounded_by_the_span_limits() -> None:
+    async def many(request: Request) -> PlainTextResponse:
+        span = trace.get_current_span()
+        for i in range(50):
+            span.set_attribute(f"app.{i}", "x" * 100)
+        return PlainTextResponse("ok")
+
+    with OtlpReceiver() as receiver:
+        provider = _provider(
+            receiver, span_limits=SpanLimits(max_span_attributes=20, max_attribute_length=10)
+        )
+        app = TelemetryMiddleware(Starlette(routes=[Route("/many", many)]), tracer_provider=provider)
+        with TestClient(app) as client:
+            client.get("/many")
+        provider.force_flush()
+        span = receiver.wait_for_span(lambda s: s.name == "GET /many")
+        assert len(span.attributes) == 20
+        assert span.attributes["http.route"] == "/many"  # ours are kept first
+        assert span.span.dropped_attributes_count == 50 - (20 - len(_own_keys(span)))
+        assert all(len(v) == 10 for k, v in span.attributes.items() if k.startswith("app."))
+
+
+def _own_keys(span: ReceivedSpan) -> list[str]:
+    return [k for k in span.attributes if not k.startswith("app.")]
+
+
+def test_the_lean_span_is_an_api_span_and_ends_once(caplog: pytest.LogCaptureFixture) -> None:
+    memory_provider = TracerProvider(resource=RESOURCE)  # no processor: lean, exported nowhere
+    seen: list[trace.Span] = []
+
+    async def keep(request: Request) -> PlainTextResponse:
+        seen.append(trace.get_current_span())
+        return PlainTextResponse("ok")
+
+    app = TelemetryMiddleware(Starlette(routes=[Route("/k", keep)]), tracer_provider=memory_provider)
+    with TestClient(app) as client:
+        client.get("/k")
+    (span,) = seen
+    assert isinstance(span, ServerSpan)
+    assert not span.is_recording()
+    assert span.name == "GET /k"
+    span.end()
+    assert "ended span" in caplog.text
+    span.set_attribute("late", 1)
+    assert "late" not in span.attributes
