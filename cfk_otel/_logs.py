@@ -21,8 +21,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
-from typing import IO, Any, Final
+from collections.abc import Callable, Mapping
+from typing import IO, Any, Final, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -124,6 +124,10 @@ def _json_default(value: object) -> object:
     return _safe_repr(value)
 
 
+# A str as a JSON string: json's own (C) escaping, as json.dumps(ensure_ascii=False) does.
+_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
+
+
 def _json(value: object) -> str:
     return json.dumps(
         value, default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False
@@ -199,7 +203,7 @@ class JsonFormatter(logging.Formatter):
             if settings.dd_logs_injection
             else None
         )
-        # The request line's fixed part, encoded once (see _request_line).
+        # The request line's fixed part, encoded once (see _line).
         self._service_fields = _json(
             {"service": self._service, "environment": self._environment, "version": self._version}
         )[1:-1]
@@ -234,25 +238,36 @@ class JsonFormatter(logging.Formatter):
                 document["dd.span_id"] = str(span_context.span_id)
         return document
 
+    @property
+    def direct(self) -> bool:
+        """Whether request lines may be written by :meth:`_line` without a record."""
+        return self._dd is None
+
     def format(self, record: logging.LogRecord) -> str:
         if type(record) is _RequestRecord and self._dd is None:
-            return self._request_line(record)
+            return self._line(record.created, record.levelno, record.msg, record.cfk_context, record.cfk_span)
         return _dumps(self.document(record))
 
-    def _request_line(self, record: _RequestRecord) -> str:
-        """The line :meth:`document` would give, written directly: it runs per request.
+    def _line(
+        self,
+        created: float,
+        level: int,
+        message: str,
+        fields: Mapping[str, Any],
+        span: trace.SpanContext | None,
+    ) -> str:
+        """The request line :meth:`document` would give, written directly: it runs per request.
 
         Every field is ours: the method is one of nine names, status and duration are
-        numbers, the rest strings escaped by json (tests/test_logs.py compares the two).
+        numbers, the rest strings escaped as json escapes them (tests/test_logs.py
+        compares the two).
         """
-        fields = record.cfk_context
         line = (
-            f'{{"timestamp":"{_timestamp(record.created)}","level":"{level_name(record.levelno)}",'
-            f'"message":{_json(record.msg)},{self._service_fields},"method":"{fields["method"]}",'
-            f'"path":{_json(fields["path"])},"route":{_json(fields["route"])},"status":{fields["status"]},'
+            f'{{"timestamp":"{_timestamp(created)}","level":"{level_name(level)}",'
+            f'"message":{_string(message)},{self._service_fields},"method":"{fields["method"]}",'
+            f'"path":{_string(fields["path"])},"route":{_string(fields["route"])},"status":{fields["status"]},'
             f'"duration_ms":{fields["duration_ms"]!r}'
         )
-        span = record.cfk_span
         if span is None:
             return line + "}"
         return f'{line},"trace_id":"{span.trace_id:032x}","span_id":"{span.span_id:016x}"}}'
@@ -327,21 +342,42 @@ class OtlpHandler(logging.Handler):
         self._sink = sink
         self._resource: Resource | None = getattr(provider, "resource", None)
 
+    @property
+    def direct(self) -> bool:
+        """Whether request lines go straight to the sink (:meth:`emit_request`)."""
+        return self._sink is not None and self._resource is not None
+
+    def emit_request(
+        self,
+        created: float,
+        level: int,
+        message: str,
+        fields: Mapping[str, Any],
+        span: trace.SpanContext | None,
+    ) -> None:
+        """A request line as an OTLP log record, encoded into the sink's queue."""
+        number, text = _SEVERITY[level]
+        try:
+            self._sink.emit_fields(  # type: ignore[union-attr]  # direct: the sink is there
+                self._resource,  # type: ignore[arg-type]
+                _REQUESTS_LOGGER,
+                int(created * 1e9),
+                number.value,
+                text,
+                message,
+                fields,
+                span,
+            )
+        except Exception:  # a log line must never raise into the app
+            self.handleError(_RequestRecord(level, message, dict(fields), span))
+
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_OWN_LOGGERS):
             return
         try:
-            if type(record) is _RequestRecord and self._sink is not None and self._resource is not None:
-                number, text = _SEVERITY[record.levelno]
-                self._sink.emit_fields(
-                    self._resource,
-                    record.name,
-                    int(record.created * 1e9),
-                    number.value,
-                    text,
-                    record.msg,
-                    record.cfk_context,
-                    record.cfk_span,
+            if type(record) is _RequestRecord and self.direct:
+                self.emit_request(
+                    record.created, record.levelno, record.msg, record.cfk_context, record.cfk_span
                 )
                 return
             logger = self._loggers.get(record.name)
@@ -395,6 +431,16 @@ class _StdoutHandler(logging.StreamHandler[IO[str]]):
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stdout
         super().emit(record)
+
+    def write_line(self, line: str) -> None:
+        """Write one formatted line as :meth:`emit` would (the request line's direct route)."""
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            try:
+                stream = self.stream = sys.stdout
+                stream.write(line + "\n")
+                stream.flush()
+            except Exception:  # as logging does: reported on stderr, never raised
+                self.handleError(_RequestRecord(logging.INFO, line, {}, None))
 
 
 _OURS: Final = "_cfk_otel_handler"
@@ -547,33 +593,100 @@ _REQUEST_RECORD_FIXED: Final = {
 }
 
 
+class _Route(NamedTuple):
+    """Where request lines go when only our handlers would see them (see ``_route``)."""
+
+    stream: _StdoutHandler | None
+    formatter: JsonFormatter | None
+    otlp: OtlpHandler | None
+
+
+def _listeners() -> tuple[object, ...]:
+    """Everything ``logging`` would involve in a request line: handlers up the logger
+    chain, the requests logger's filters and the handlers' filters."""
+    handlers: list[logging.Handler] = []
+    logger: logging.Logger | None = _requests
+    while logger is not None:
+        handlers += logger.handlers
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return (*handlers, None, *_requests.filters, None, *(f for h in handlers for f in h.filters))
+
+
+def _route(listeners: tuple[object, ...]) -> _Route | None:
+    """The direct route for request lines, or None when ``logging`` must dispatch them.
+
+    Direct means: no filters, and no handlers but ours up the logger chain; our stdout
+    handler writes JSON without Datadog fields, and our OTLP handler has the sink. Then
+    a request line is written exactly as ``logging`` would write it, without the record,
+    the dispatch and the per-handler locking; anything else takes the usual way.
+    """
+    handlers = listeners[: listeners.index(None)]
+    if len(listeners) != len(handlers) + 2:  # a filter somewhere
+        return None
+    stream: _StdoutHandler | None = None
+    otlp: OtlpHandler | None = None
+    for handler in handlers:
+        if type(handler) is _StdoutHandler and stream is None and getattr(handler, _OURS, False):
+            stream = handler
+        elif (
+            type(handler) is OtlpHandler
+            and otlp is None
+            and handler.direct
+            and getattr(handler, _OURS, False)
+        ):
+            otlp = handler
+        else:
+            return None
+    formatter = stream.formatter if stream is not None else None
+    if stream is not None and not (type(formatter) is JsonFormatter and formatter.direct):
+        return None
+    return _Route(stream, formatter if stream is not None else None, otlp)  # type: ignore[arg-type]
+
+
 def request_observer(settings: Settings) -> RequestObserver | None:
     """The request line written for each HTTP request, or None when switched off."""
     if not settings.log_requests:
         return None
     rate = settings.log_requests_sample_rate
+    seen: tuple[object, ...] = ()
+    route: _Route | None = None
 
     def observe(info: RequestInfo) -> None:
+        nonlocal route, seen
         if info.kind != "http":
             return
-        if info.status < 400 and rate < 1.0 and random.random() >= rate:  # noqa: S311  (sampling, not crypto)
+        status = info.status
+        if status < 400 and rate < 1.0 and random.random() >= rate:  # noqa: S311  (sampling, not crypto)
             return
-        span = info.span_context
-        level = (
-            logging.ERROR if info.status >= 500 else logging.WARNING if info.status >= 400 else logging.INFO
-        )
+        level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
         if not _requests.isEnabledFor(level):
             return
+        span = info.span_context
         duration_ms = round(info.duration * 1000, 3)
         path = info.scope.get("path", "")
         fields = {
             "method": info.method,
             "path": path,
             "route": info.route,
-            "status": info.status,
+            "status": status,
             "duration_ms": duration_ms,
         }
-        message = f"{info.method} {path} {info.status} {duration_ms:g}ms"
-        _requests.handle(_RequestRecord(level, message, fields, span if span.is_valid else None))
+        message = f"{info.method} {path} {status} {duration_ms:g}ms"
+        listeners = _listeners()
+        if listeners != seen:
+            seen, route = listeners, _route(listeners)
+        if route is None:
+            _requests.handle(_RequestRecord(level, message, fields, span if span.is_valid else None))
+            return
+        created = time.time()
+        span_context = span if span.is_valid else None
+        stream, otlp = route.stream, route.otlp
+        if stream is not None and level >= stream.level:
+            line = route.formatter._line(created, level, message, fields, span_context)  # type: ignore[union-attr]
+            stream.write_line(line)
+        if otlp is not None and level >= otlp.level:
+            otlp.emit_request(created, level, message, fields, span_context)
 
     return observe

@@ -335,3 +335,53 @@ def test_request_line_written_directly_equals_the_generic_document(
     generic = _dumps(formatter.document(record))
     assert direct == generic
     assert json.loads(direct)["path"] == path
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_request_lines_take_the_direct_route_only_when_nothing_else_listens(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cfk_otel import _logs
+    from cfk_otel._asgi import RequestInfo
+    from cfk_otel._logs import request_observer
+
+    configure_logging(settings, None)  # stdout only
+    observe = request_observer(settings)
+    assert observe is not None
+    span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+
+    def request(status: int) -> dict[str, Any]:
+        observe(RequestInfo({"path": '/p/"x"\u00e9'}, "http", "GET", "/p/{x}", status, 0.0125, None, span))
+        [line] = capsys.readouterr().out.splitlines()
+        document: dict[str, Any] = json.loads(line)
+        document.pop("timestamp")
+        return document
+
+    routed: list[Any] = []
+    original = _logs._route
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_logs, "_route", lambda handlers: routed.append(original(handlers)) or routed[-1])
+        direct = request(404)
+        assert routed[-1] is not None  # our handlers only: written without logging's dispatch
+        requests = logging.getLogger("cfk_otel.requests")
+        seen: list[logging.LogRecord] = []
+        requests.addFilter(lambda record: seen.append(record) or True)  # the app listens: logging's way
+        try:
+            via_logging = request(404)
+            assert routed[-1] is None
+            assert [r.getMessage() for r in seen] == ['GET /p/"x"\u00e9 404 12.5ms']
+        finally:
+            requests.filters.clear()
+        assert request(404) == direct
+        assert routed[-1] is not None
+        app_handler = logging.StreamHandler(io.StringIO())
+        logging.getLogger("cfk_otel").addHandler(app_handler)  # a handler up the chain
+        try:
+            assert request(404) == direct
+            assert routed[-1] is None
+            assert "GET /p/" in app_handler.stream.getvalue()
+        finally:
+            logging.getLogger("cfk_otel").removeHandler(app_handler)
+    assert direct == via_logging
+    assert direct["level"] == "warn"
+    assert direct["trace_id"] == f"{0xABC:032x}"
