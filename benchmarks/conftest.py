@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import (
     BatchLogRecordProcessor,
@@ -35,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from pytest_benchmark.fixture import BenchmarkFixture
 from starlette.routing import Route
 
+from cfk_otel import _otlp
 from cfk_otel._asgi import ASGIApp, Message, Receive, Scope, Send
 from cfk_otel._prometheus import ScrapeReader, reader_arguments
 from cfk_otel._resource import build_attributes
@@ -104,6 +106,25 @@ def tracer_provider(resource: Resource) -> Iterator[TracerProvider]:
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(NullSpanExporter()))
     yield provider
+    provider.shutdown()
+
+
+@pytest.fixture
+def otlp_tracer_provider(resource: Resource) -> Iterator[TracerProvider]:
+    """cfk_otel's production span path: our OTLP/HTTP processor, the provider's only one.
+
+    Its queue holds every span of the run (nothing is sent while benchmarking: the
+    endpoint is a closed port and the schedule longer than the run).
+    """
+    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
+    processor = _otlp.span_processor(
+        exporter, max_queue_size=1 << 22, schedule_delay_millis=3_600_000, max_export_batch_size=1 << 22
+    )
+    assert isinstance(processor, _otlp.OtlpHttpSpanProcessor)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(processor)
+    yield provider
+    processor._batch_processor._queue.clear()  # nothing to send at shutdown
     provider.shutdown()
 
 
