@@ -220,8 +220,11 @@ def run_once(name: str, route: str, receiver: Receiver, closed: str, seconds: in
     finally:
         exit_seconds = server.stop()
     arrived = receiver.arrived()  # the server flushed on SIGTERM
-    if name in ("upstream", "cfk_otel") and not (arrived["spans_received"] and arrived["logs_received"]):
-        raise RuntimeError(f"{name}: the receiver got no spans or no logs ({arrived}); the run is void")
+    # The stock set-up writes no log line per request (uvicorn's access log is off in every
+    # scenario), so only its spans are expected; cfk_otel also ships its request lines.
+    expected = {"upstream": ("spans_received",), "cfk_otel": ("spans_received", "logs_received")}
+    if not all(arrived[k] for k in expected.get(name, ())):
+        raise RuntimeError(f"{name}: the receiver got {arrived}; the run is void")
     return {
         **arrived,
         "rps": rps,
@@ -278,7 +281,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['machine']['cores']} cores, Python {result['machine']['python']}. "
         f"Median of {result['rounds']} interleaved rounds; server pinned to one core. "
         "Received: what the OTLP receiver got from one run (load, latency run and the flush at exit); "
-        "the upstream set-up exports over gRPC (the stock default), cfk_otel over HTTP.",
+        "the upstream set-up exports over gRPC (the stock default), cfk_otel over HTTP. "
+        "Upstream writes no log line per request (uvicorn's access log is off in every scenario); "
+        "cfk_otel writes its request line to stdout and OTLP.",
         "",
         "| route | scenario | req/s | vs bare | CPU µs/req | added µs/req | p50 ms | p99 ms | peak RSS MiB "
         "| spans, log records received |",
