@@ -245,26 +245,20 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if type(record) is _RequestRecord and self._dd is None:
-            return self._line(record.created, record.levelno, record.msg, record.cfk_context, record.cfk_span)
+            return self._line(_RequestLine.of(record))
         return _dumps(self.document(record))
 
-    def _line(
-        self,
-        created: float,
-        level: int,
-        message: str,
-        fields: Mapping[str, Any],
-        span: trace.SpanContext | None,
-    ) -> str:
+    def _line(self, request: _RequestLine) -> str:
         """The request line :meth:`document` would give, written directly: it runs per request.
 
         Every field is ours: the method is one of nine names, status and duration are
         numbers, the rest strings escaped as json escapes them (tests/test_logs.py
         compares the two).
         """
+        fields, span = request.fields, request.span
         line = (
-            f'{{"timestamp":"{_timestamp(created)}","level":"{level_name(level)}",'
-            f'"message":{_string(message)},{self._service_fields},"method":"{fields["method"]}",'
+            f'{{"timestamp":"{_timestamp(request.created)}","level":"{level_name(request.level)}",'
+            f'"message":{_string(request.message)},{self._service_fields},"method":"{fields["method"]}",'
             f'"path":{_string(fields["path"])},"route":{_string(fields["route"])},"status":{fields["status"]},'
             f'"duration_ms":{fields["duration_ms"]!r}'
         )
@@ -347,38 +341,31 @@ class OtlpHandler(logging.Handler):
         """Whether request lines go straight to the sink (:meth:`emit_request`)."""
         return self._sink is not None and self._resource is not None
 
-    def emit_request(
-        self,
-        created: float,
-        level: int,
-        message: str,
-        fields: Mapping[str, Any],
-        span: trace.SpanContext | None,
-    ) -> None:
+    def emit_request(self, request: _RequestLine) -> None:
         """A request line as an OTLP log record, encoded into the sink's queue."""
-        number, text = _SEVERITY[level]
+        number, text = _SEVERITY[request.level]
         try:
             self._sink.emit_fields(  # type: ignore[union-attr]  # direct: the sink is there
                 self._resource,  # type: ignore[arg-type]
                 _REQUESTS_LOGGER,
-                int(created * 1e9),
+                int(request.created * 1e9),
                 number.value,
                 text,
-                message,
-                fields,
-                span,
+                request.message,
+                request.fields,
+                request.span,
             )
         except Exception:  # a log line must never raise into the app
-            self.handleError(_RequestRecord(level, message, dict(fields), span))
+            self.handleError(
+                _RequestRecord(request.level, request.message, dict(request.fields), request.span)
+            )
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_OWN_LOGGERS):
             return
         try:
             if type(record) is _RequestRecord and self.direct:
-                self.emit_request(
-                    record.created, record.levelno, record.msg, record.cfk_context, record.cfk_span
-                )
+                self.emit_request(_RequestLine.of(record))
                 return
             logger = self._loggers.get(record.name)
             if logger is None:
@@ -554,6 +541,20 @@ logger: Final = Logger()
 _requests: Final = logging.getLogger(_REQUESTS_LOGGER)
 
 
+class _RequestLine(NamedTuple):
+    """What a request line says; written directly or carried by a :class:`_RequestRecord`."""
+
+    created: float
+    level: int
+    message: str
+    fields: Mapping[str, Any]
+    span: trace.SpanContext | None
+
+    @classmethod
+    def of(cls, record: _RequestRecord) -> _RequestLine:
+        return cls(record.created, record.levelno, record.msg, record.cfk_context, record.cfk_span)
+
+
 class _RequestRecord(logging.LogRecord):
     """A request line. It is written for every request, so it is built directly: no stack
     walk for the caller, no path parsing, no scan for ``extra`` fields. It still has every
@@ -680,13 +681,11 @@ def request_observer(settings: Settings) -> RequestObserver | None:
         if route is None:
             _requests.handle(_RequestRecord(level, message, fields, span if span.is_valid else None))
             return
-        created = time.time()
-        span_context = span if span.is_valid else None
+        request = _RequestLine(time.time(), level, message, fields, span if span.is_valid else None)
         stream, otlp = route.stream, route.otlp
         if stream is not None and level >= stream.level:
-            line = route.formatter._line(created, level, message, fields, span_context)  # type: ignore[union-attr]
-            stream.write_line(line)
+            stream.write_line(route.formatter._line(request))  # type: ignore[union-attr]
         if otlp is not None and level >= otlp.level:
-            otlp.emit_request(created, level, message, fields, span_context)
+            otlp.emit_request(request)
 
     return observe
