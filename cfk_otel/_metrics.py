@@ -451,6 +451,7 @@ class Metrics:
         # here for an explicit provider, at SDK start-up (_sdk) for the global one.
         if meter_provider is None:
             _global_metrics.add(self)
+            attach(metrics.get_meter_provider())  # an SDK provider the app set itself, if any
         else:
             attach(meter_provider, self.histograms)
         self.http_requests = self.register_counter(
