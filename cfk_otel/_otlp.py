@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -391,10 +392,11 @@ class _Sender:
 
     def __init__(self, exporter: _HttpSpanExporter | _HttpLogExporter) -> None:
         self._exporter = exporter
-        # Private SDK attributes (here `_client` and `_shutdown`; `_batch_processor` in the
-        # processors below): the SDK's HTTP client takes serialised bytes and owns
-        # compression, headers, TLS, retries with backoff and the timeout. Pinned versions
-        # (pyproject) and tests/test_otlp.py, which goes through each of them, keep this honest.
+        # Private SDK attributes (here `_client` and `_shutdown`; `_batch_processor`, its
+        # `_queue` and `_max_queue_size` in the processors below): the SDK's HTTP client
+        # takes serialised bytes and owns compression, headers, TLS, retries with backoff
+        # and the timeout. Pinned versions (pyproject) and tests/test_otlp.py, which goes
+        # through each of them, keep this honest.
         self._client = exporter._client
 
     def send(self, what: str, encode: Callable[[Any], bytes], batch: Sequence[Any]) -> bool:
@@ -445,12 +447,47 @@ class OtlpHttpLogExporter(LogRecordExporter):
         return True
 
 
+class _Queue:
+    """Puts encoded items into an SDK batch processor's queue, turning them away when full.
+
+    The SDK warns for every item a full queue drops: a logging record (with its stack
+    walk) per span or log line, filtered as a duplicate only after it is built. With
+    the collector down that is most of what telemetry then costs the app. Here a full
+    queue drops the item for the price of a length check, and one warning a minute
+    says how many were dropped.
+    """
+
+    WARN_EVERY: Final = 60.0  # seconds
+
+    def __init__(self, batch: Any, what: str) -> None:
+        self._batch = batch  # the SDK's BatchProcessor (private `_batch_processor`)
+        self._what = what
+        self.dropped = 0
+        self._warn_at = 0.0
+
+    def put(self, item: Encoded) -> None:
+        batch = self._batch
+        if len(batch._queue) < batch._max_queue_size:
+            batch.emit(item)
+            return
+        self.dropped += 1
+        now = time.monotonic()
+        if now >= self._warn_at:
+            self._warn_at = now + self.WARN_EVERY
+            _log.warning(
+                "cfk_otel: the %s export queue is full (collector down or slow?); %d dropped so far",
+                self._what,
+                self.dropped,
+            )
+
+
 class OtlpHttpSpanProcessor(BatchSpanProcessor):
     """The SDK's batch processor (queue bound, schedule, fork and shutdown handling) over
     our encoder; each span is encoded as it ends and queued as bytes (see :class:`Encoded`)."""
 
     def __init__(self, exporter: _HttpSpanExporter, *args: Any, **kwargs: Any) -> None:
         super().__init__(OtlpHttpSpanExporter(exporter), *args, **kwargs)
+        self.queue = _Queue(self._batch_processor, "span")
 
     def on_end(self, span: ReadableSpan) -> None:
         if not (span.context and span.context.trace_flags.sampled):
@@ -464,7 +501,7 @@ class OtlpHttpSpanProcessor(BatchSpanProcessor):
 
     def emit_encoded(self, resource: Resource, scope: InstrumentationScope | None, data: bytes) -> None:
         """Queue one span, already encoded (by :func:`encode_span`)."""
-        self._batch_processor.emit(Encoded(resource, scope, data))  # type: ignore[arg-type]
+        self.queue.put(Encoded(resource, scope, data))
 
 
 def span_processor(exporter: SpanExporter, *args: Any, **kwargs: Any) -> SpanProcessor:
@@ -486,6 +523,7 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
     def __init__(self, exporter: _HttpLogExporter, *args: Any, **kwargs: Any) -> None:
         super().__init__(OtlpHttpLogExporter(exporter), *args, **kwargs)
         self._scopes: dict[str, InstrumentationScope] = {}
+        self.queue = _Queue(self._batch_processor, "log record")
 
     def on_emit(self, log_record: ReadWriteLogRecord) -> None:
         # Encoded now and queued as bytes: nothing keeps the record (or its context) alive.
@@ -495,7 +533,7 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
             _log.debug("cfk_otel: a log record could not be encoded; dropped", exc_info=True)
             return
         resource = log_record.resource if log_record.resource is not None else _NO_RESOURCE
-        self._batch_processor.emit(Encoded(resource, log_record.instrumentation_scope, data))  # type: ignore[arg-type]
+        self.queue.put(Encoded(resource, log_record.instrumentation_scope, data))
 
     def emit_fields(
         self,
@@ -523,7 +561,7 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
             span_id=span_context.span_id if span_context is not None else None,
         )
         # The SDK's batching (queue bound, schedule, fork and shutdown handling), reused.
-        self._batch_processor.emit(Encoded(resource, scope, data))  # type: ignore[arg-type]
+        self.queue.put(Encoded(resource, scope, data))
 
 
 def log_processor(exporter: LogRecordExporter, *args: Any, **kwargs: Any) -> LogRecordProcessor:

@@ -308,3 +308,38 @@ def test_sdk_log_records_are_queued_as_bytes_and_arrive() -> None:
             want.ClearField("flags")
             assert got.record == want
         provider.shutdown()
+
+
+def test_a_full_queue_drops_quietly_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    # Nothing listens on port 9 and the schedule is longer than the test: the queue fills.
+    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
+    processor = _otlp.span_processor(
+        exporter, max_queue_size=4, max_export_batch_size=4, schedule_delay_millis=3_600_000
+    )
+    assert isinstance(processor, _otlp.OtlpHttpSpanProcessor)
+    sdk_records: list[logging.LogRecord] = []
+    sdk_logger = logging.getLogger("opentelemetry.sdk._shared_internal")
+    original = sdk_logger.makeRecord
+
+    def counting(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = original(*args, **kwargs)  # type: ignore[arg-type]
+        sdk_records.append(record)
+        return record
+
+    sdk_logger.makeRecord = counting  # type: ignore[method-assign]
+    batch = processor._batch_processor
+    try:
+        # Holding the export lock keeps the worker from taking the queued batch meanwhile.
+        with batch._export_lock, caplog.at_level(logging.WARNING, logger="cfk_otel"):
+            for i in range(50):
+                processor.emit_encoded(RESOURCE, None, bytes([i]))
+            assert len(batch._queue) == 4
+            batch._queue.clear()
+    finally:
+        del sdk_logger.makeRecord
+    assert processor.queue.dropped == 46
+    assert [r.getMessage() for r in caplog.records if r.name == "cfk_otel"] == [
+        "cfk_otel: the span export queue is full (collector down or slow?); 1 dropped so far"
+    ]
+    assert not [r for r in sdk_records if "Queue full" in r.getMessage()]  # no record built per drop
+    processor.shutdown()
