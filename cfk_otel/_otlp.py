@@ -74,7 +74,9 @@ def _message(payload: bytes) -> bytes:
 
 
 _keys: dict[str, bytes] = {}  # attribute key -> KeyValue.key field (1), tag included
-_strings: dict[tuple[str, str], bytes] = {}  # (key, string value) -> length-prefixed KeyValue
+# (key, value) -> length-prefixed KeyValue, for strings and small ints (never bools: the
+# type is checked before any lookup, so (k, True) and (k, 1) cannot meet).
+_strings: dict[tuple[str, object], bytes] = {}
 
 
 def _key(key: str) -> bytes:
@@ -124,7 +126,8 @@ def _int64(value: int) -> bytes:
 
 def _key_value(key: str, value: object) -> bytes:
     """A length-prefixed KeyValue message."""
-    if type(value) is str:
+    kind = type(value)
+    if kind is str or (kind is int and -1024 < value < 65536):  # type: ignore[operator]  # statuses, ports
         cache_key = (key, value)
         encoded = _strings.get(cache_key)
         if encoded is None:
@@ -143,7 +146,8 @@ def _attributes(tag: bytes, attributes: Mapping[str, object] | None, parts: list
     plain: Mapping[str, object] = getattr(attributes, "_dict", attributes)
     strings = _strings
     for key, value in plain.items():
-        if type(value) is str:
+        kind = type(value)
+        if kind is str or kind is int:
             encoded = strings.get((key, value))
             if encoded is not None:
                 parts += (tag, encoded)

@@ -135,6 +135,17 @@ def test_the_string_cache_stays_bounded_and_correct(
     assert len(_otlp._strings) <= _otlp._CACHE_LIMIT
 
 
+def test_cached_small_ints_never_stand_in_for_bools_or_floats(
+    finished: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, memory = finished
+    tracer = provider.get_tracer("t")
+    for value in (1, True, 1.0, 1, 0, False, 0.0, 200, 70000, -5, True):
+        tracer.start_span("s", attributes={"v": value}).end()
+    spans = memory.get_finished_spans()
+    assert ExportTraceServiceRequest.FromString(_otlp.encode_spans(spans)) == upstream_spans(spans)
+
+
 def test_values_upstream_cannot_encode_drop_only_their_attribute(
     finished: tuple[TracerProvider, InMemorySpanExporter], caplog: pytest.LogCaptureFixture
 ) -> None:
