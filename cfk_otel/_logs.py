@@ -465,8 +465,14 @@ def configure_logging(
             server_logger.removeHandler(handler)
         server_logger.propagate = True
     for name in _ACCESS_LOGGERS:
-        # Replaced by our request line: one line per request, not two.
-        logging.getLogger(name).disabled = True
+        # Replaced by our request line: one line per request, not two. With no handler
+        # to reach, uvicorn also skips formatting its access line's arguments per request
+        # (it checks hasHandlers(), as with --no-access-log).
+        access = logging.getLogger(name)
+        access.disabled = True
+        access.propagate = False
+        for handler in list(access.handlers):
+            access.removeHandler(handler)
     logging.captureWarnings(True)
 
 

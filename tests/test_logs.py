@@ -252,7 +252,7 @@ def restore_root() -> Iterator[None]:
     handlers, level = list(root.handlers), root.level
     server = {
         n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate)
-        for n in ("uvicorn", "uvicorn.error")
+        for n in ("uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.access")
     }
     yield
     root.handlers[:] = handlers
@@ -272,6 +272,7 @@ def test_configure_logging_owns_the_root(capsys: pytest.CaptureFixture[str]) -> 
     logging.getLogger("uvicorn.error").warning("from uvicorn")
     logging.getLogger("uvicorn.error").info("filtered")
     logging.getLogger("uvicorn.access").warning("never: replaced by our request line")
+    assert not logging.getLogger("uvicorn.access").hasHandlers()  # uvicorn skips the line's work
     logging.getLogger("anything").error("from the app")
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [(x["logger"], x["message"]) for x in lines] == [
