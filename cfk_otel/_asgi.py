@@ -47,6 +47,32 @@ class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
 _GETTER: Final = _HeaderGetter()
 
 
+class _Incoming:
+    """The incoming trace context, looked for only when a propagation header is there.
+
+    Most requests carry none (no ``traceparent``, no ``baggage``): then there is nothing
+    to extract and the propagators' work is skipped. The header names are the global
+    propagator's declared ``fields``, re-read whenever another propagator is set.
+    """
+
+    __slots__ = ("_fields", "_propagator")
+
+    def __init__(self) -> None:
+        self._propagator: object = None
+        self._fields: frozenset[bytes] = frozenset()
+
+    def extract(self, headers: list[tuple[bytes, bytes]]) -> context.Context | None:
+        propagator = propagate.get_global_textmap()
+        if propagator is not self._propagator:
+            self._fields = frozenset(f.lower().encode("latin-1") for f in propagator.fields)
+            self._propagator = propagator
+        fields = self._fields
+        for key, _ in headers:
+            if key in fields:
+                return propagate.extract(headers, getter=_GETTER)
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     """What an observer learns about one finished request or websocket session."""
@@ -118,6 +144,7 @@ class TelemetryMiddleware:
         self._warned = False
         self._routes = RouteResolver(app)
         self._spans = ServerSpans(tracer_provider)
+        self._incoming = _Incoming()
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
         # Hot-path handles, with label values built right here rather than validated per request.
         self._requests = self.metrics.http_requests
@@ -146,7 +173,7 @@ class TelemetryMiddleware:
         method = scope.get("method", "GET") if kind == "http" else "GET"
         method = method if method in _METHODS else "_OTHER"
         root_path = scope.get("root_path", "")
-        parent = propagate.extract(scope.get("headers") or [], getter=_GETTER)
+        parent = self._incoming.extract(scope.get("headers") or [])
         span = self._spans.start(method, parent)
         token = context.attach(trace.set_span_in_context(span, parent))
         status = 0

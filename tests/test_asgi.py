@@ -11,11 +11,15 @@ from typing import Any
 
 import pytest
 from fastapi import APIRouter, FastAPI
+from opentelemetry import propagate
+from opentelemetry.context import get_current
+from opentelemetry.propagators.textmap import TextMapPropagator, default_getter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -265,3 +269,38 @@ def test_a_failing_route_lookup_never_fails_the_request(caplog: pytest.LogCaptur
         assert hh.client.get("/").text == "fine"
         assert hh.client.get("/").text == "fine"
     assert caplog.text.count("recording a request failed") == 1
+
+
+class _XTracePropagator(TextMapPropagator):
+    """A vendor propagator with its own header: its declared field is what is looked for."""
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = default_getter) -> Any:
+        values = getter.get(carrier, "x-trace")
+        if not values:
+            return context if context is not None else get_current()
+        span = SpanContext(int(values[0], 16), 0x1234, is_remote=True, trace_flags=TraceFlags(1))
+        return set_span_in_context(NonRecordingSpan(span), context)
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        pass
+
+    @property
+    def fields(self) -> set[str]:
+        return {"X-Trace"}
+
+
+def test_propagation_headers_are_those_the_global_propagator_declares(h: Harness) -> None:
+    before = propagate.get_global_textmap()
+    try:
+        h.client.get("/", headers={"x-trace": "abc"})  # not a field of the default propagators
+        propagate.set_global_textmap(_XTracePropagator())
+        h.client.get("/", headers={"x-trace": "abc"})
+        h.client.get("/", headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    finally:
+        propagate.set_global_textmap(before)
+    first, second, third = h.finished()
+    assert first.parent is None
+    assert second.context.trace_id == 0xABC
+    assert second.parent is not None
+    assert second.parent.span_id == 0x1234
+    assert third.parent is None  # traceparent is not the vendor propagator's
