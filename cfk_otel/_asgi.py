@@ -266,18 +266,17 @@ class TelemetryMiddleware:
         if not span.is_recording():
             span.end()
             return
-        attributes: dict[str, Any] = {}
-        if route != UNMATCHED:
-            span.update_name(f"{method} {route}" if kind == "http" else f"WEBSOCKET {route}")
-            attributes["http.route"] = route
         server = scope.get("server")
         client = scope.get("client")
-        attributes |= {
+        attributes: dict[str, Any] = {
             "http.request.method": method,
             "url.path": scope.get("path", ""),
             "url.scheme": scope.get("scheme", "http"),
             "network.protocol.version": scope.get("http_version", "1.1"),
         }
+        if route != UNMATCHED:
+            span.update_name(f"{method} {route}" if kind == "http" else f"WEBSOCKET {route}")
+            attributes["http.route"] = route
         if status:
             attributes["http.response.status_code"] = status
         if server:

@@ -81,6 +81,13 @@ class _Metric:
             self._misuse(f"expects labels {list(self.labels)}, got {sorted(labels)}")
         return attrs
 
+    def _admit(self, key: tuple[str, ...], series: Mapping[tuple[str, ...], object]) -> tuple[str, ...]:
+        # Called under the lock: past MAX_SERIES label sets, new ones share the overflow series.
+        if key in series or len(series) < MAX_SERIES:
+            return key
+        self._misuse(f"has more than {MAX_SERIES} label sets")
+        return (OVERFLOW,) * len(self.labels)
+
     def _misuse(self, problem: str) -> None:
         if not self._warned:
             self._warned = True
@@ -110,15 +117,8 @@ class _Observed(_Metric):
     def add_by_key(self, key: tuple[str, ...], value: float) -> None:
         """Add to the series whose label values are ``key``, in label order (the hot path)."""
         with self._lock:
-            key = self._admit(key)
+            key = self._admit(key, self._values)
             self._values[key] = self._values.get(key, 0.0) + value
-
-    def _admit(self, key: tuple[str, ...]) -> tuple[str, ...]:
-        # Called under the lock: past MAX_SERIES label sets, new ones share the overflow series.
-        if key in self._values or len(self._values) < MAX_SERIES:
-            return key
-        self._misuse(f"has more than {MAX_SERIES} label sets")
-        return (OVERFLOW,) * len(self.labels)
 
     def _observe(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
         with self._lock:
@@ -171,7 +171,7 @@ class Gauge(_Observed):
     def set(self, value: float, labels: Labels = None) -> None:
         key = self._key(labels)
         with self._lock:
-            self._values[self._admit(key)] = value
+            self._values[self._admit(key, self._values)] = value
 
 
 class Histogram(_Metric):
@@ -197,6 +197,8 @@ class Histogram(_Metric):
         self.buckets = buckets
         self.unit = unit
         # Per label key: bucket counts (len(buckets) + 1), then sum, count, min, max.
+        self._size = len(buckets) + 1
+        self._empty: list[float] = [0] * self._size + [0.0, 0, math.inf, -math.inf]
         self._series: dict[tuple[str, ...], list[float]] = {}
         self._lock = threading.Lock()
         self._start = time.time_ns()
@@ -210,16 +212,14 @@ class Histogram(_Metric):
             self._misuse(f"records only non-negative numbers, got {value!r}")
             return
         index = bisect.bisect_left(self.buckets, value)  # bucket i is (bound[i-1], bound[i]]
-        size = len(self.buckets) + 1
+        size = self._size
         with self._lock:
             series = self._series.get(key)
             if series is None:
-                if len(self._series) >= MAX_SERIES:
-                    self._misuse(f"has more than {MAX_SERIES} label sets")
-                    key = (OVERFLOW,) * len(self.labels)
+                key = self._admit(key, self._series)
                 series = self._series.get(key)
                 if series is None:
-                    series = self._series[key] = [0] * size + [0.0, 0, math.inf, -math.inf]
+                    series = self._series[key] = self._empty.copy()
             series[index] += 1
             series[size] += value
             series[size + 1] += 1
@@ -237,7 +237,7 @@ class Histogram(_Metric):
         """Every series, cumulative since this histogram was registered."""
         with self._lock:
             items = [(key, list(series)) for key, series in self._series.items()]
-        size = len(self.buckets) + 1
+        size = self._size
         return [
             HistogramDataPoint(
                 attributes=dict(zip(self.labels, key, strict=True)),

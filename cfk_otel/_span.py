@@ -151,9 +151,7 @@ class ServerSpan(trace.Span):
         if limits.max_events is not None and len(self.events) >= limits.max_events:
             self.dropped_events += 1
             return
-        bounded = BoundedAttributes(
-            limits.max_event_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
-        )
+        bounded = _bounded(limits.max_event_attributes, attributes, limits)
         self.events.append(sdk_trace.Event(name, bounded, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
@@ -163,10 +161,7 @@ class ServerSpan(trace.Span):
         if limits.max_links is not None and len(self.links) >= limits.max_links:
             self.dropped_links += 1
             return
-        bounded = BoundedAttributes(
-            limits.max_link_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
-        )
-        self.links.append(Link(context, bounded))
+        self.links.append(Link(context, _bounded(limits.max_link_attributes, attributes, limits)))
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
@@ -211,6 +206,13 @@ class ServerSpan(trace.Span):
 
     def __repr__(self) -> str:
         return f"ServerSpan(name={self.name!r}, context={self.context!r})"
+
+
+def _bounded(
+    count: int | None, attributes: types.Attributes, limits: sdk_trace.SpanLimits
+) -> BoundedAttributes:
+    """An event's or link's attributes, cleaned and bounded as the SDK does."""
+    return BoundedAttributes(count, attributes, max_value_len=limits.max_attribute_length, immutable=True)
 
 
 class ServerSpans:
