@@ -5,9 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
-
-from opentelemetry.instrumentation.environment_variables import OTEL_PYTHON_DISABLED_INSTRUMENTATIONS
 
 from . import _sdk
 
@@ -37,17 +34,24 @@ def configure() -> None:
 
 def _instrument_libraries() -> None:
     # The instrumentations opentelemetry-instrument would load for this service.
-    disabled = {n.strip() for n in os.environ.get(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS, "").split(",")}
+    from ._distro import disabled_instrumentations, superseded  # noqa: PLC0415
+
+    disabled = disabled_instrumentations()
     candidates = (
         ("asyncpg", "asyncpg", "opentelemetry.instrumentation.asyncpg", "AsyncPGInstrumentor"),
         ("redis", "redis", "opentelemetry.instrumentation.redis", "RedisInstrumentor"),
         ("cfk_uvicorn", "uvicorn", "cfk_otel._uvicorn", "UvicornInstrumentor"),
         ("cfk_gunicorn", "gunicorn", "cfk_otel._uvicorn", "GunicornLoggingInstrumentor"),
-        ("cfk_asyncpg", "asyncpg", "cfk_otel._db", "AsyncpgTimingInstrumentor"),
-        ("cfk_redis", "redis", "cfk_otel._db", "RedisTimingInstrumentor"),
+        ("cfk_asyncpg", "asyncpg", "cfk_otel._db", "AsyncpgInstrumentor"),
+        ("cfk_redis", "redis", "cfk_otel._db", "RedisInstrumentor"),
     )
     for name, library, module, cls in candidates:
-        if name in disabled or "*" in disabled or importlib.util.find_spec(library) is None:
+        if (
+            name in disabled
+            or "*" in disabled
+            or superseded(name, disabled)
+            or importlib.util.find_spec(library) is None
+        ):
             continue
         try:
             instrumentor = getattr(importlib.import_module(module), cls)()

@@ -20,7 +20,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from . import _metrics
 from ._routes import UNMATCHED, RouteResolver
-from ._span import ServerSpan, ServerSpans
+from ._span import LeanSpan, Spans
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -143,7 +143,7 @@ class TelemetryMiddleware:
         self._endpoint_telemetry = endpoint_telemetry
         self._warned = False
         self._routes = RouteResolver(app)
-        self._spans = ServerSpans(tracer_provider)
+        self._spans = Spans(tracer_provider)
         self._incoming = _Incoming()
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
         # Hot-path handles, with label values built right here rather than validated per request.
@@ -289,7 +289,7 @@ class TelemetryMiddleware:
             if key == b"user-agent":
                 attributes["user_agent.original"] = value.decode("latin-1")
                 break
-        if type(span) is ServerSpan:
+        if type(span) is LeanSpan:
             span.set_own(attributes)
         else:
             span.set_attributes(attributes)

@@ -1,25 +1,44 @@
-"""Client timings: ``database_query_duration_seconds`` (asyncpg) and
-``redis_operation_duration_seconds`` (redis), plus slow-query reports.
+"""asyncpg and redis: one wrapper per call makes the client span and the timing.
 
-The OpenTelemetry asyncpg and redis instrumentations make the spans; these small
-wrappers time the same calls for the metrics, whatever the trace sampler decided.
-Labels are bounded: the statement's leading keyword (never the SQL text) and the
-Redis command name.
+The span carries the attributes of the OpenTelemetry asyncpg and redis
+instrumentations (their semantic-convention helpers build them, so
+``OTEL_SEMCONV_STABILITY_OPT_IN`` works as there), and is lean when only our exporter
+would see it (``_span``). The timing feeds ``database_query_duration_seconds`` and
+``redis_operation_duration_seconds`` whatever the sampler decided; their labels are
+bounded: the statement's leading keyword (never the SQL text) and the command name.
+A slow query is also logged, added to its span and reported to Sentry.
+
+These replace the upstream asyncpg and redis instrumentations, which the distro then
+does not load: the same spans from two wrappers per call cost about twice as much.
+Disabling ``cfk_asyncpg`` or ``cfk_redis`` brings the upstream one back (spans
+without the timings).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Final
 
 import wrapt
 from opentelemetry import trace
+from opentelemetry.instrumentation._semconv import (
+    _OpenTelemetrySemanticConventionStability,
+    _OpenTelemetryStabilitySignalType,
+    _report_new,
+    _set_db_statement,
+    _set_db_system,
+    _StabilityMode,
+)
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _errors, _metrics, _sdk
+from ._span import Spans
 
 _log = logging.getLogger("cfk_otel.db")
 
@@ -106,7 +125,7 @@ def redis_command(args: tuple[Any, ...]) -> str:
     return name if name.replace(" ", "").replace(".", "").replace("_", "").isalnum() else "OTHER"
 
 
-def _report_slow(query: object, seconds: float) -> None:
+def _report_slow(span: trace.Span, query: object, seconds: float) -> None:
     sql = query[:_MAX_SQL] if isinstance(query, str) else repr(query)[:_MAX_SQL]
     _log.warning(
         "slow query: %.3fs %s",
@@ -115,70 +134,100 @@ def _report_slow(query: object, seconds: float) -> None:
         extra={"duration_ms": round(seconds * 1000, 1), "db_statement": sql, "slow_query": True},
     )
     # Arguments are never recorded: they carry user data and secrets.
-    trace.get_current_span().add_event(
+    span.add_event(
         "slow_query", {"db.query.text": sql, "db.operation.name": sql_operation(query), "duration_s": seconds}
     )
     _errors.report_slow_query(sql, seconds)  # a Sentry warning when Sentry is on
 
 
-async def _time_asyncpg(
-    wrapped: Callable[..., Awaitable[Any]], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+class _Client:
+    """What one instrumentor's wrappers share: where spans start, the semantic
+    conventions in force, and each connection's fixed attributes (built once)."""
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None, *signals: Any) -> None:
+        self.spans = Spans(tracer_provider)
+        _OpenTelemetrySemanticConventionStability._initialize()
+        modes = [
+            _OpenTelemetrySemanticConventionStability._get_opentelemetry_stability_opt_in_mode(signal)
+            for signal in signals
+        ]
+        self.db_mode: _StabilityMode = modes[0]
+        self.http_mode: _StabilityMode = modes[-1]
+        self.new = _report_new(self.db_mode)
+        self._fixed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+    def fixed(self, owner: Any, build: Callable[[Any, _Client], dict[str, Any]]) -> dict[str, Any]:
+        """A copy of ``owner``'s fixed attributes (its server), built once per owner."""
+        attributes = self._fixed.get(owner)
+        if attributes is None:
+            attributes = self._fixed[owner] = build(owner, self)
+        return dict(attributes)
+
+    def failed(self, span: trace.Span, error: BaseException) -> None:
+        # As both instrumentations do (the SDK's default for a span that an error left).
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        if self.new:
+            span.set_attribute("error.type", type(error).__qualname__)
+
+
+# asyncpg
+
+
+def _asyncpg_target(connection: Any, client: _Client) -> dict[str, Any]:
+    # The upstream instrumentation's own helper: its attributes, in every semconv mode.
+    from opentelemetry.instrumentation.asyncpg import _hydrate_span_from_args  # noqa: PLC0415
+
+    attributes: dict[str, Any] = _hydrate_span_from_args(connection, None, None, client.db_mode)
+    return attributes
+
+
+async def _traced_query(
+    client: _Client, connection: Any, query: object, prefix: str, call: Awaitable[Any]
 ) -> Any:
-    if not is_instrumentation_enabled():  # e.g. the health checks' own probes
-        return await wrapped(*args, **kwargs)
+    """Await one asyncpg call on ``connection`` running ``query``, in a client span."""
+    operation = sql_operation(query)
+    attributes = client.fixed(connection, _asyncpg_target)
+    if isinstance(query, str):
+        _set_db_statement(attributes, query, client.db_mode)
+    span = client.spans.start(
+        prefix + (operation if operation != "OTHER" else "postgresql"), None, SpanKind.CLIENT, attributes
+    )
     start = time.perf_counter()
     try:
-        return await wrapped(*args, **kwargs)
+        return await call
+    except StopAsyncIteration:  # a cursor's end: not an error
+        raise
+    except Exception as error:
+        client.failed(span, error)
+        raise
     finally:
         elapsed = time.perf_counter() - start
-        query = args[0] if args else kwargs.get("query")
         try:
-            _metrics.default().database_query_duration.record_by_key((sql_operation(query),), elapsed)
+            _metrics.default().database_query_duration.record_by_key((operation,), elapsed)
             if elapsed >= _sdk.settings().slow_query_threshold:
-                _report_slow(query, elapsed)
+                _report_slow(span, query, elapsed)
         except Exception:
             _log.debug("cfk_otel: recording a query failed", exc_info=True)
+        span.end()
 
 
-def _record_redis(args: tuple[Any, ...], elapsed: float, pipeline: bool) -> None:
-    try:
-        command = "PIPELINE" if pipeline else redis_command(args)
-        _metrics.default().redis_operation_duration.record_by_key((command,), elapsed)
-    except Exception:
-        _log.debug("cfk_otel: recording a redis call failed", exc_info=True)
+def _asyncpg_wrapper(client: _Client, source: str) -> Callable[..., Awaitable[Any]]:
+    """``source`` says where the connection and the query are: in the call
+    (``connection``), or on the cursor or prepared statement it is made on."""
+    prefix = "CURSOR: " if source == "cursor" else ""
 
-
-def _time_redis(pipeline: bool) -> Callable[..., Any]:
-    def timed(
-        wrapped: Callable[..., Any], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if not is_instrumentation_enabled():
+    def wrapper(
+        wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[Any]:
+        if not is_instrumentation_enabled():  # e.g. the health checks' own probes
             return wrapped(*args, **kwargs)
-        start = time.perf_counter()
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            _record_redis(args, time.perf_counter() - start, pipeline)
+        if source == "connection":
+            query = args[0] if args else kwargs.get("query")
+            return _traced_query(client, instance, query, prefix, wrapped(*args, **kwargs))
+        return _traced_query(client, instance._connection, instance._query, prefix, wrapped(*args, **kwargs))
 
-    return timed
-
-
-def _time_redis_async(pipeline: bool) -> Callable[..., Awaitable[Any]]:
-    async def timed(
-        wrapped: Callable[..., Awaitable[Any]],
-        instance: object,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        if not is_instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
-        start = time.perf_counter()
-        try:
-            return await wrapped(*args, **kwargs)
-        finally:
-            _record_redis(args, time.perf_counter() - start, pipeline)
-
-    return timed
+    return wrapper
 
 
 async def _quiet_reset(
@@ -200,57 +249,193 @@ def _track_pool(
         _log.debug("cfk_otel: could not track an asyncpg pool", exc_info=True)
 
 
-class AsyncpgTimingInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """``database_query_duration_seconds`` and slow-query reports for asyncpg."""
+_ASYNCPG_TARGETS: Final = (
+    *(("asyncpg.connection", f"Connection.{method}", "connection") for method in _ASYNCPG_METHODS),
+    *(("asyncpg.cursor", f"Cursor.{method}", "cursor") for method in ("fetch", "forward", "fetchrow")),
+    ("asyncpg.cursor", "CursorIterator.__anext__", "cursor"),
+    *(
+        ("asyncpg.prepared_stmt", f"PreparedStatement.{method}", "prepared")
+        for method in ("fetch", "fetchval", "fetchrow", "fetchmany", "executemany")
+    ),
+)
+
+
+class AsyncpgInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """asyncpg: client spans, ``database_query_duration_seconds`` and slow-query reports."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("asyncpg >= 0.27",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        for method in _ASYNCPG_METHODS:
-            wrapt.wrap_function_wrapper("asyncpg.connection", f"Connection.{method}", _time_asyncpg)
+        client = _Client(kwargs.get("tracer_provider"), _OpenTelemetryStabilitySignalType.DATABASE)
+        for module, name, source in _present(_ASYNCPG_TARGETS):
+            wrapt.wrap_function_wrapper(module, name, _asyncpg_wrapper(client, source))
         wrapt.wrap_function_wrapper("asyncpg.pool", "Pool.__init__", _track_pool)
         wrapt.wrap_function_wrapper("asyncpg.connection", "Connection.reset", _quiet_reset)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        import asyncpg.connection  # noqa: PLC0415
-        import asyncpg.pool  # noqa: PLC0415
+        for module, name, _ in _present(_ASYNCPG_TARGETS):
+            _unwrap(module, name)
+        _unwrap("asyncpg.pool", "Pool.__init__")
+        _unwrap("asyncpg.connection", "Connection.reset")
 
-        for method in _ASYNCPG_METHODS:
-            _unwrap(asyncpg.connection.Connection, method)
-        _unwrap(asyncpg.pool.Pool, "__init__")
-        _unwrap(asyncpg.connection.Connection, "reset")
+
+# redis
+
+
+def _redis_target(owner: Any, client: _Client) -> dict[str, Any]:
+    # The upstream instrumentation's own helper: its attributes, in every semconv mode.
+    from opentelemetry.instrumentation.redis.util import _extract_conn_attributes  # noqa: PLC0415
+
+    options = getattr(owner, "connection_kwargs", None)  # owner: the client's pool
+    if options is None:  # a cluster client: no single server to name
+        attributes: dict[str, Any] = {}
+        _set_db_system(attributes, "redis", client.db_mode)
+        return attributes
+    return _extract_conn_attributes(options, client.db_mode, client.http_mode)  # type: ignore[no-any-return]
+
+
+def _redis_span(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> trace.Span:
+    from opentelemetry.instrumentation.redis.util import (  # noqa: PLC0415
+        _build_span_meta_data_for_pipeline,
+        _build_span_name,
+        _format_command_args,
+    )
+
+    pool = getattr(instance, "connection_pool", None)
+    attributes = client.fixed(instance if pool is None else pool, _redis_target)
+    if pipeline:
+        commands, statement, name = _build_span_meta_data_for_pipeline(instance)
+        _set_db_statement(attributes, statement, client.db_mode)
+        attributes["db.redis.pipeline_length"] = len(commands)
+    else:
+        name = _build_span_name(instance, args)
+        _set_db_statement(attributes, _format_command_args(args), client.db_mode)
+        attributes["db.redis.args_length"] = len(args)
+    return client.spans.start(name, None, SpanKind.CLIENT, attributes)
+
+
+def _redis_done(
+    client: _Client,
+    span: trace.Span,
+    args: tuple[Any, ...],
+    pipeline: bool,
+    start: float,
+    error: Exception | None,
+) -> None:
+    elapsed = time.perf_counter() - start
+    if error is not None and not (pipeline and _is_watch_error(error)):
+        client.failed(span, error)
+    try:
+        command = "PIPELINE" if pipeline else redis_command(args)
+        _metrics.default().redis_operation_duration.record_by_key((command,), elapsed)
+    except Exception:
+        _log.debug("cfk_otel: recording a redis call failed", exc_info=True)
+    span.end()
+
+
+def _is_watch_error(error: Exception) -> bool:
+    # A watched key changed: the app retries the transaction; not a failure.
+    from redis.exceptions import WatchError  # noqa: PLC0415
+
+    return isinstance(error, WatchError)
+
+
+def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
+    def traced(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        span = _redis_span(client, instance, args, pipeline)
+        start = time.perf_counter()
+        error = None
+        try:
+            return wrapped(*args, **kwargs)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            _redis_done(client, span, args, pipeline, start, error)
+
+    return traced
+
+
+def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Awaitable[Any]]:
+    async def traced(
+        wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        span = _redis_span(client, instance, args, pipeline)
+        start = time.perf_counter()
+        error = None
+        try:
+            return await wrapped(*args, **kwargs)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            _redis_done(client, span, args, pipeline, start, error)
+
+    return traced
 
 
 _REDIS_TARGETS: Final = (
+    # module, method, a pipeline's execute, asyncio
     ("redis.client", "Redis.execute_command", False, False),
     ("redis.client", "Pipeline.execute", True, False),
+    ("redis.client", "Pipeline.immediate_execute_command", False, False),
+    ("redis.cluster", "RedisCluster.execute_command", False, False),
+    ("redis.cluster", "ClusterPipeline.execute", True, False),
     ("redis.asyncio.client", "Redis.execute_command", False, True),
     ("redis.asyncio.client", "Pipeline.execute", True, True),
+    ("redis.asyncio.client", "Pipeline.immediate_execute_command", False, True),
+    ("redis.asyncio.cluster", "RedisCluster.execute_command", False, True),
+    ("redis.asyncio.cluster", "ClusterPipeline.execute", True, True),
 )
 
 
-class RedisTimingInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """``redis_operation_duration_seconds`` for redis-py, sync and asyncio."""
+class RedisInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """redis-py, sync and asyncio: client spans and ``redis_operation_duration_seconds``."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
-        return ("redis >= 4.0",)
+        return ("redis >= 4.3",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        for module, name, pipeline, is_async in _REDIS_TARGETS:
-            wrapper = _time_redis_async(pipeline) if is_async else _time_redis(pipeline)
+        client = _Client(
+            kwargs.get("tracer_provider"),
+            _OpenTelemetryStabilitySignalType.DATABASE,
+            _OpenTelemetryStabilitySignalType.HTTP,
+        )
+        for module, name, pipeline, is_async in _present(_REDIS_TARGETS):
+            wrapper = _redis_wrapper_async(client, pipeline) if is_async else _redis_wrapper(client, pipeline)
             wrapt.wrap_function_wrapper(module, name, wrapper)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        import importlib  # noqa: PLC0415
-
-        for module, name, _, _ in _REDIS_TARGETS:
-            cls_name, method = name.split(".")
-            _unwrap(getattr(importlib.import_module(module), cls_name), method)
+        for module, name, *_ in _present(_REDIS_TARGETS):
+            _unwrap(module, name)
 
 
-def _unwrap(cls: type, method: str) -> None:
-    current = getattr(cls, method, None)
+def _present(targets: tuple[tuple[Any, ...], ...]) -> list[tuple[Any, ...]]:
+    """The targets this version of the library has (a missing module or method is skipped)."""
+    found = []
+    for target in targets:
+        module, name = target[0], target[1]
+        cls_name, method = name.split(".")
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        if hasattr(cls, method):
+            found.append(target)
+    return found
+
+
+def _unwrap(module: str, name: str) -> None:
+    cls_name, method = name.split(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    current = cls.__dict__.get(method)
     original = getattr(current, "__wrapped__", None)
     if original is not None:
         setattr(cls, method, original)

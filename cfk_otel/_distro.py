@@ -5,16 +5,35 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any
+from importlib.metadata import EntryPoint
+from typing import Any, Final
 
 from opentelemetry.instrumentation.distro import BaseDistro
-from opentelemetry.instrumentation.environment_variables import OTEL_PYTHON_CONFIGURATOR, OTEL_PYTHON_DISTRO
+from opentelemetry.instrumentation.environment_variables import (
+    OTEL_PYTHON_CONFIGURATOR,
+    OTEL_PYTHON_DISABLED_INSTRUMENTATIONS,
+    OTEL_PYTHON_DISTRO,
+)
 from opentelemetry.sdk._configuration import _OTelSDKConfigurator
 
 from . import _sdk
 from ._settings import ConfigurationError
 
 NAME = "cfk_otel"
+# Upstream instrumentations whose spans ours make, with the timings, in one wrapper
+# per call (cfk_otel/_db.py). Disabling ours brings the upstream one back.
+SUPERSEDED: Final = {"asyncpg": "cfk_asyncpg", "redis": "cfk_redis"}
+
+
+def disabled_instrumentations() -> set[str]:
+    """``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS``, as opentelemetry-instrument reads it."""
+    return {name.strip() for name in os.environ.get(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS, "").split(",")}
+
+
+def superseded(name: str, disabled: set[str]) -> bool:
+    """Whether the instrumentation ``name`` is upstream's and ours stands in for it."""
+    ours = SUPERSEDED.get(name)
+    return ours is not None and ours not in disabled
 
 
 class CfkDistro(BaseDistro):  # type: ignore[misc]
@@ -26,6 +45,11 @@ class CfkDistro(BaseDistro):  # type: ignore[misc]
         os.environ.setdefault(OTEL_PYTHON_CONFIGURATOR, NAME)
         with contextlib.suppress(ConfigurationError):  # the configurator reports it and exits
             _sdk.prepare()
+
+    def load_instrumentor(self, entry_point: EntryPoint, **kwargs: Any) -> None:
+        if superseded(entry_point.name, disabled_instrumentations()):
+            return
+        super().load_instrumentor(entry_point, **kwargs)
 
 
 class CfkConfigurator(_OTelSDKConfigurator):

@@ -1,16 +1,17 @@
-"""The request's server span, kept lean when nothing but our exporter would see it.
+"""Our spans (the request's, and asyncpg's and redis's), kept lean when nothing but
+our exporter would see them.
 
 The SDK's span is built for every possible processor: a lock, bounded and cleaned
 attributes, a ``ReadableSpan`` copy at the end, and the processor fan-out. Per request
 that is about 60 µs on this project's benchmark machine, most of the telemetry budget.
 
 When the tracer provider's only span processor is our OTLP/HTTP one (or it has none),
-nobody else can observe the server span, so :class:`ServerSpans` starts a
-:class:`ServerSpan` instead: the same trace and span ids (the provider's id generator),
+nobody else can observe our spans, so :class:`Spans` starts a :class:`LeanSpan`
+instead: the same trace and span ids (the provider's id generator),
 the same sampling decision (the provider's sampler, called as the SDK calls it), the
 same span limits for anything the app adds, encoded to OTLP bytes when it ends and
-queued on the same batch processor. Child spans (asyncpg, redis, the app's own) are
-ordinary SDK spans parented to it through the context, as usual.
+queued on the same batch processor. The app's own spans are ordinary SDK spans,
+parented through the context as usual.
 
 Any other set-up (a console exporter, a processor added by the app or a vendor SDK,
 tracer configurators, the SDK's own tracer metrics) gets the SDK's span, unchanged.
@@ -42,8 +43,8 @@ _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 
 
-class ServerSpan(trace.Span):
-    """A server span that is encoded when it ends (see the module docstring).
+class LeanSpan(trace.Span):
+    """A span that is encoded when it ends (see the module docstring).
 
     It reads like an SDK ``ReadableSpan`` to the encoder (``context``, ``parent``,
     ``attributes``, ``events``...); the app sees the API ``Span`` it asked for.
@@ -58,6 +59,7 @@ class ServerSpan(trace.Span):
         "dropped_events",
         "dropped_links",
         "events",
+        "kind",
         "links",
         "name",
         "parent",
@@ -65,21 +67,21 @@ class ServerSpan(trace.Span):
         "status",
     )
 
-    kind: Final = SpanKind.SERVER
-
     def __init__(
         self,
-        home: ServerSpans,
+        home: Spans,
         name: str,
+        kind: SpanKind,
         context: SpanContext,
         parent: SpanContext | None,
         attributes: Mapping[str, Any] | None,
     ) -> None:
         self._home = home
         self.name = name
+        self.kind = kind
         self.context = context
         self.parent = parent
-        # Ours (set by the middleware: known keys, plain values) and the app's, kept
+        # Ours (set by cfk_otel: known keys, plain values) and the app's, kept
         # apart: only the app's need the SDK's cleaning and limits.
         self._own: dict[str, Any] = dict(attributes) if attributes else {}
         self._extra: BoundedAttributes | None = None
@@ -125,7 +127,7 @@ class ServerSpan(trace.Span):
         return self._end_time is None
 
     def set_own(self, attributes: dict[str, Any]) -> None:
-        """The middleware's attributes: fixed keys, values already of OTLP types."""
+        """cfk_otel's own attributes: fixed keys, values already of OTLP types."""
         if self._end_time is None:
             self._own.update(attributes)
 
@@ -205,7 +207,7 @@ class ServerSpan(trace.Span):
             self._home.export(self)
 
     def __repr__(self) -> str:
-        return f"ServerSpan(name={self.name!r}, context={self.context!r})"
+        return f"LeanSpan(name={self.name!r}, kind={self.kind!r}, context={self.context!r})"
 
 
 def _bounded(
@@ -215,8 +217,8 @@ def _bounded(
     return BoundedAttributes(count, attributes, max_value_len=limits.max_attribute_length, immutable=True)
 
 
-class ServerSpans:
-    """Starts the request's server span: lean where it can be, the SDK's otherwise."""
+class Spans:
+    """Starts cfk_otel's spans: lean where they can be, the SDK's otherwise."""
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._fixed_provider = tracer_provider
@@ -230,8 +232,15 @@ class ServerSpans:
         self._resource: Any = None
         self._scope: Any = None
 
-    def start(self, name: str, parent: context_api.Context | None) -> trace.Span:
-        """Start a SERVER span named ``name`` whose parent is found in ``parent``."""
+    def start(
+        self,
+        name: str,
+        parent: context_api.Context | None,
+        kind: SpanKind = SpanKind.SERVER,
+        attributes: dict[str, Any] | None = None,
+    ) -> trace.Span:
+        """Start a span named ``name`` whose parent is found in ``parent`` (None: the
+        current context). ``attributes`` are cfk_otel's own: plain OTLP values."""
         provider = self._fixed_provider or trace.get_tracer_provider()
         active = getattr(provider, "_active_span_processor", None)
         processors = getattr(active, "_span_processors", None)
@@ -240,8 +249,8 @@ class ServerSpans:
         lean = self._lean
         if lean is None:
             assert self._tracer is not None
-            return self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
-        return self._start_lean(lean, name, parent)
+            return self._tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+        return self._start_lean(lean, name, parent, kind, attributes)
 
     def _choose(self, provider: trace.TracerProvider, processors: object) -> None:
         self._seen = (provider, processors)
@@ -266,7 +275,12 @@ class ServerSpans:
         self._scope = tracer._instrumentation_scope
 
     def _start_lean(
-        self, tracer: sdk_trace.Tracer, name: str, parent: context_api.Context | None
+        self,
+        tracer: sdk_trace.Tracer,
+        name: str,
+        parent: context_api.Context | None,
+        kind: SpanKind,
+        attributes: dict[str, Any] | None,
     ) -> trace.Span:
         # Tracer.start_span of SDK 1.45, step by step (tests/test_span.py compares the two).
         parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
@@ -278,7 +292,7 @@ class ServerSpans:
         else:
             trace_id = parent_context.trace_id
             random_trace_id = parent_context.trace_flags.random_trace_id
-        result = tracer.sampler.should_sample(parent, trace_id, name, SpanKind.SERVER, None, ())
+        result = tracer.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
         flags = _SAMPLED if result.decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
         if random_trace_id:
             flags = TraceFlags(flags | TraceFlags.RANDOM_TRACE_ID)
@@ -291,9 +305,14 @@ class ServerSpans:
         )
         if result.decision is Decision.DROP:
             return trace.NonRecordingSpan(span_context)
-        return ServerSpan(self, name, span_context, parent_context, result.attributes)
+        if self.limits.max_attribute_length is None:
+            return LeanSpan(self, name, kind, span_context, parent_context, result.attributes)
+        # Values may be too long (an SQL statement): cleaned and cut as the SDK does.
+        span = LeanSpan(self, name, kind, span_context, parent_context, None)
+        span.set_attributes(result.attributes)
+        return span
 
-    def export(self, span: ServerSpan) -> None:
+    def export(self, span: LeanSpan) -> None:
         processor = self._processor
         if processor is None:
             return

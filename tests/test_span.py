@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from cfk_otel import _otlp
 from cfk_otel._asgi import TelemetryMiddleware
-from cfk_otel._span import ServerSpan
+from cfk_otel._span import LeanSpan
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 
 RESOURCE = Resource.create({"service.name": "cf-kanban"})
@@ -116,7 +116,7 @@ def test_lean_server_spans_arrive_as_the_sdk_spans_would() -> None:
         assert servers(lean_receiver) == servers(sdk_receiver)
         assert len(servers(lean_receiver)) == 4
         children = {s.attributes["server.span.type"] for s in lean_receiver.spans if s.name == "child"}
-        assert children == {"ServerSpan"}
+        assert children == {"LeanSpan"}
         assert {s.attributes["server.span.type"] for s in sdk_receiver.spans if s.name == "child"} == {
             "_Span"
         }
@@ -145,7 +145,7 @@ def test_a_processor_added_later_gets_the_sdk_span_from_then_on() -> None:
         provider.force_flush()
         assert receiver.wait_for(lambda: len(receiver.spans) == 4)
         types = [s.attributes["server.span.type"] for s in receiver.spans if s.name == "child"]
-        assert types == ["ServerSpan", "_Span"]
+        assert types == ["LeanSpan", "_Span"]
         assert [s.name for s in memory.get_finished_spans()] == ["child", "GET /boards/{board_id}"]
 
 
@@ -201,7 +201,7 @@ def test_the_lean_span_is_an_api_span_and_ends_once(caplog: pytest.LogCaptureFix
     with TestClient(app) as client:
         client.get("/k")
     (span,) = seen
-    assert isinstance(span, ServerSpan)
+    assert isinstance(span, LeanSpan)
     assert not span.is_recording()
     assert span.name == "GET /k"
     span.end()

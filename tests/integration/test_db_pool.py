@@ -27,12 +27,10 @@ SCRIPT = textwrap.dedent(
     reader = InMemoryMetricReader()
     metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 
-    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
-    from cfk_otel._db import AsyncpgTimingInstrumentor
+    from cfk_otel._db import AsyncpgInstrumentor
     import asyncpg
 
-    AsyncPGInstrumentor().instrument()
-    AsyncpgTimingInstrumentor().instrument()
+    AsyncpgInstrumentor().instrument()
 
     async def main():
         pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=1)

@@ -1,0 +1,212 @@
+"""cfk_otel/_db.py against real PostgreSQL and Redis: our client spans arrive as the
+upstream asyncpg and redis instrumentations' would, and the distro loads only ours."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+from cfk_otel.testing import OtlpReceiver, ReceivedSpan
+from tests.conftest import ROOT, Services
+
+# The same calls, made under the upstream instrumentations or ours; spans go over
+# OTLP/HTTP through our span processor (so ours are the lean ones).
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    import redis, redis.asyncio as aioredis, asyncpg
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from cfk_otel import _otlp, _span
+
+    provider = TracerProvider()
+    endpoint = os.environ["ENDPOINT"] + "/v1/traces"
+    provider.add_span_processor(_otlp.span_processor(OTLPSpanExporter(endpoint=endpoint)))
+    trace.set_tracer_provider(provider)
+    lean = []
+    if sys.argv[1] == "upstream":
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+    else:
+        from cfk_otel._db import AsyncpgInstrumentor as AsyncPGInstrumentor, RedisInstrumentor
+        end = _span.LeanSpan.end
+        def counted(span, end_time=None):
+            lean.append(span.name)
+            end(span, end_time)
+        _span.LeanSpan.end = counted
+    AsyncPGInstrumentor().instrument()
+    RedisInstrumentor().instrument()
+
+    async def main():
+        pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=1)
+        cache = aioredis.from_url(os.environ["REDIS_URL"])
+        other = aioredis.from_url(os.environ["REDIS_URL"])
+        with trace.get_tracer("test").start_as_current_span("request"):
+            await pool.fetchval("SELECT $1::int", 1)
+            async with pool.acquire() as con:
+                await con.execute("SELECT 1")
+                await con.fetchrow("SELECT $1::text AS v", "x")
+                await con.executemany("SELECT $1::int", [(1,), (2,)])
+                try:
+                    await con.execute("SELECT * FROM no_such_table")
+                except asyncpg.UndefinedTableError:
+                    pass
+                async with con.transaction():
+                    async for _ in con.cursor("SELECT generate_series(1, 3)", prefetch=2):
+                        pass
+                    cursor = await con.cursor("SELECT generate_series(1, 5)")
+                    await cursor.fetch(2)
+                    await cursor.fetchrow()
+                statement = await con.prepare("SELECT $1::int * 2")
+                await statement.fetchval(21)
+                await statement.fetch(1)
+            await cache.set("cfk:test:key", "v", ex=60)
+            await cache.get("cfk:test:key")
+            try:
+                await cache.execute_command("NOSUCHCOMMAND", "x")
+            except redis.ResponseError:
+                pass
+            async with cache.pipeline(transaction=True) as pipe:
+                pipe.set("cfk:test:a", 1).get("cfk:test:a")
+                await pipe.execute()
+            async with cache.pipeline(transaction=True) as pipe:
+                await pipe.watch("cfk:test:watched")
+                await other.set("cfk:test:watched", "changed")
+                pipe.multi()
+                pipe.set("cfk:test:watched", "mine")
+                try:
+                    await pipe.execute()
+                except redis.WatchError:
+                    pass
+            sync = redis.Redis.from_url(os.environ["REDIS_URL"])
+            sync.set("cfk:test:sync", "v", ex=60)
+            sync.pipeline().incr("cfk:test:n").expire("cfk:test:n", 60).execute()
+        await cache.aclose()
+        await other.aclose()
+        await pool.close()
+
+    asyncio.run(main())
+    provider.shutdown()
+    print(len(lean))
+    """
+)
+
+
+def _run(mode: str, services: Services, receiver: OtlpReceiver, semconv: str) -> int:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": services.database_url,
+        "REDIS_URL": services.redis_url,
+        "ENDPOINT": receiver.http_endpoint,
+        "OTEL_SEMCONV_STABILITY_OPT_IN": semconv,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def _comparable(span: ReceivedSpan, request: ReceivedSpan) -> dict[str, Any]:
+    s = span.span
+    return {
+        "name": s.name,
+        "kind": s.kind,
+        "attributes": span.attributes,
+        "parent": s.parent_span_id == request.span.span_id and s.trace_id == request.span.trace_id,
+        "status": (s.status.code, s.status.message),
+        "events": [
+            (e.name, {a.key: a.value.string_value for a in e.attributes if a.key != "exception.stacktrace"})
+            for e in s.events
+        ],
+    }
+
+
+def _client_spans(receiver: OtlpReceiver) -> list[dict[str, Any]]:
+    [request] = [s for s in receiver.spans if s.name == "request"]
+    spans = []
+    for span in receiver.spans:
+        if span.name == "request":
+            continue
+        if "RESET ALL" in span.attributes.get("db.statement", ""):
+            continue  # upstream's span for the pool's own reset query; ours makes none (test_db_pool)
+        comparable = _comparable(span, request)
+        # Upstream names a statement by its first word as written ("BEGIN;"), ours by its
+        # keyword ("BEGIN").
+        comparable["name"] = comparable["name"].rstrip(";")
+        spans.append(comparable)
+    return sorted(spans, key=lambda s: json.dumps(s, sort_keys=True, default=str))
+
+
+@pytest.mark.parametrize("semconv", ["", "database/dup"])
+def test_client_spans_arrive_as_upstream_spans_would(services: Services, semconv: str) -> None:
+    with OtlpReceiver() as upstream, OtlpReceiver() as ours:
+        assert _run("upstream", services, upstream, semconv) == 0
+        lean = _run("ours", services, ours, semconv)
+        expected = _client_spans(upstream)
+        got = _client_spans(ours)
+    assert lean == len(got)  # every client span of ours took the lean path
+    names = [s["name"] for s in got]
+    assert {
+        "SELECT",
+        "CURSOR: SELECT",
+        "SET",
+        "GET",
+        "NOSUCHCOMMAND",
+        "SET GET",
+        "WATCH",
+        "INCRBY EXPIRE",
+    } <= set(names), names
+    assert all(s["parent"] for s in got)
+    if semconv:
+        # The new conventions ask for error.type on a failed call: upstream redis omits it.
+        for span in expected:
+            if span["status"][0] == 2 and span["attributes"]["db.system"] == "redis":
+                span["attributes"].setdefault("error.type", "ResponseError")
+    assert got == expected
+    failed = [s for s in got if s["status"][0] == 2]
+    assert sorted(s["name"] for s in failed) == ["NOSUCHCOMMAND", "SELECT"], failed
+    if semconv:
+        assert {s["attributes"].get("error.type") for s in failed} == {"ResponseError", "UndefinedTableError"}
+        assert all("db.system.name" in s["attributes"] and "db.system" in s["attributes"] for s in got)
+
+
+def test_distro_loads_ours_not_the_upstream_client_instrumentations(services: Services) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, os
+        import cfk_otel, asyncpg
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+        from cfk_otel._db import AsyncpgInstrumentor, RedisInstrumentor as Ours
+        cfk_otel.configure()
+        print(AsyncPGInstrumentor().is_instrumented_by_opentelemetry,
+              RedisInstrumentor().is_instrumented_by_opentelemetry,
+              AsyncpgInstrumentor().is_instrumented_by_opentelemetry,
+              Ours().is_instrumented_by_opentelemetry)
+        """
+    )
+    base = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OTEL_TRACES_EXPORTER": "none"}
+
+    def loaded(**env: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            env=base | env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split("\n")[-2]
+
+    assert loaded() == "False False True True"
+    # Disabling ours brings the upstream one back (spans, without our timings).
+    assert loaded(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="cfk_asyncpg") == "True False False True"
