@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from importlib.metadata import EntryPoint
 from typing import Any, Final
 
+from opentelemetry.instrumentation.dependencies import DependencyConflictError
 from opentelemetry.instrumentation.distro import BaseDistro
 from opentelemetry.instrumentation.environment_variables import (
     OTEL_PYTHON_CONFIGURATOR,
@@ -20,6 +22,7 @@ from . import _sdk
 from ._settings import ConfigurationError
 
 NAME = "cfk_otel"
+_log = logging.getLogger("cfk_otel")
 # Upstream instrumentations whose spans ours make, with the timings, in one wrapper
 # per call (cfk_otel/_db.py). Disabling ours brings the upstream one back.
 SUPERSEDED: Final = {"asyncpg": "cfk_asyncpg", "redis": "cfk_redis"}
@@ -49,7 +52,14 @@ class CfkDistro(BaseDistro):  # type: ignore[misc]
     def load_instrumentor(self, entry_point: EntryPoint, **kwargs: Any) -> None:
         if superseded(entry_point.name, disabled_instrumentations()):
             return
-        super().load_instrumentor(entry_point, **kwargs)
+        try:
+            super().load_instrumentor(entry_point, **kwargs)
+        except (ImportError, DependencyConflictError):
+            raise  # opentelemetry-instrument skips these itself
+        except Exception:
+            # opentelemetry-instrument would re-raise this and start the app with no
+            # telemetry at all (not even /api/health); one library goes untraced instead.
+            _log.warning("cfk_otel: instrumenting %s failed; skipped", entry_point.name, exc_info=True)
 
 
 class CfkConfigurator(_OTelSDKConfigurator):

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cfk_otel._distro import CfkDistro
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 from tests.conftest import ROOT, Services
 
@@ -210,3 +211,31 @@ def test_distro_loads_ours_not_the_upstream_client_instrumentations(services: Se
     assert loaded() == "False False True True"
     # Disabling ours brings the upstream one back (spans, without our timings).
     assert loaded(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="cfk_asyncpg") == "True False False True"
+
+
+class _Broken:
+    """An instrumentor whose instrument() fails, as one with a bug would."""
+
+    is_instrumented_by_opentelemetry = False
+
+    def instrument(self, **kwargs: Any) -> None:
+        raise RuntimeError("broken instrumentor")
+
+
+class _EntryPoint:
+    def __init__(self, name: str, target: type) -> None:
+        self.name = name
+        self._target = target
+
+    def load(self) -> type:
+        return self._target
+
+
+def test_one_failing_instrumentor_leaves_the_others_loaded(caplog: pytest.LogCaptureFixture) -> None:
+    distro = CfkDistro()
+    # opentelemetry-instrument would re-raise this and start the app without telemetry.
+    distro.load_instrumentor(_EntryPoint("broken", _Broken), skip_dep_check=True)  # type: ignore[arg-type]
+    assert "instrumenting broken failed; skipped" in caplog.text
+    # Upstream's asyncpg is not loaded while ours is on: nothing is called at all.
+    distro.load_instrumentor(_EntryPoint("asyncpg", _Broken), skip_dep_check=True)  # type: ignore[arg-type]
+    assert "instrumenting asyncpg" not in caplog.text
