@@ -34,7 +34,7 @@ from opentelemetry.instrumentation._semconv import (
     _StabilityMode,
 )
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _errors, _metrics, _sdk
@@ -224,19 +224,14 @@ def _asyncpg_wrapper(client: _Client, source: str) -> Callable[..., Awaitable[An
             return wrapped(*args, **kwargs)
         if source == "connection":
             query = args[0] if args else kwargs.get("query")
+            if query is not None and query is getattr(instance, "_reset_query", None):
+                # A pool resets every connection it takes back with a query of its own
+                # (RESET ALL, UNLISTEN *...): plumbing, not the app's work. No span, no timing.
+                return wrapped(*args, **kwargs)
             return _traced_query(client, instance, query, prefix, wrapped(*args, **kwargs))
         return _traced_query(client, instance._connection, instance._query, prefix, wrapped(*args, **kwargs))
 
     return wrapper
-
-
-async def _quiet_reset(
-    wrapped: Callable[..., Awaitable[None]], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> None:
-    # A pool resets every connection it takes back with a query of its own (RESET ALL,
-    # UNLISTEN *, ...): plumbing, not the app's work. Neither a span nor a timing for it.
-    with suppress_instrumentation():
-        await wrapped(*args, **kwargs)
 
 
 def _track_pool(
@@ -271,13 +266,11 @@ class AsyncpgInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for module, name, source in _present(_ASYNCPG_TARGETS):
             wrapt.wrap_function_wrapper(module, name, _asyncpg_wrapper(client, source))
         wrapt.wrap_function_wrapper("asyncpg.pool", "Pool.__init__", _track_pool)
-        wrapt.wrap_function_wrapper("asyncpg.connection", "Connection.reset", _quiet_reset)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for module, name, _ in _present(_ASYNCPG_TARGETS):
             _unwrap(module, name)
         _unwrap("asyncpg.pool", "Pool.__init__")
-        _unwrap("asyncpg.connection", "Connection.reset")
 
 
 # redis
