@@ -129,7 +129,8 @@ class LeanSpan(trace.Span):
     def set_own(self, attributes: dict[str, Any]) -> None:
         """cfk_otel's own attributes: fixed keys, values already of OTLP types."""
         if self._end_time is None:
-            self._own.update(attributes)
+            limit = self._home.limits.max_attribute_length
+            self._own.update(attributes if limit is None else _cut(attributes, limit))
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         for key, value in attributes.items():
@@ -208,6 +209,11 @@ class LeanSpan(trace.Span):
 
     def __repr__(self) -> str:
         return f"LeanSpan(name={self.name!r}, kind={self.kind!r}, context={self.context!r})"
+
+
+def _cut(attributes: Mapping[str, Any], limit: int) -> dict[str, Any]:
+    """Our own attributes with text values cut to the span limit's length, as the SDK cuts."""
+    return {k: v[:limit] if isinstance(v, str) else v for k, v in attributes.items()}
 
 
 def _bounded(
@@ -305,12 +311,11 @@ class Spans:
         )
         if result.decision is Decision.DROP:
             return trace.NonRecordingSpan(span_context)
-        if self.limits.max_attribute_length is None:
-            return LeanSpan(self, name, kind, span_context, parent_context, result.attributes)
-        # Values may be too long (an SQL statement): cleaned and cut as the SDK does.
-        span = LeanSpan(self, name, kind, span_context, parent_context, None)
-        span.set_attributes(result.attributes)
-        return span
+        sampled: Mapping[str, Any] = result.attributes
+        limit = self.limits.max_attribute_length
+        return LeanSpan(
+            self, name, kind, span_context, parent_context, sampled if limit is None else _cut(sampled, limit)
+        )
 
     def export(self, span: LeanSpan) -> None:
         processor = self._processor

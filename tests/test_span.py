@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -20,7 +21,7 @@ from starlette.testclient import TestClient
 
 from cfk_otel import _otlp
 from cfk_otel._asgi import TelemetryMiddleware
-from cfk_otel._span import LeanSpan
+from cfk_otel._span import LeanSpan, Spans
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 
 RESOURCE = Resource.create({"service.name": "cf-kanban"})
@@ -208,3 +209,35 @@ def test_the_lean_span_is_an_api_span_and_ends_once(caplog: pytest.LogCaptureFix
     assert "ended span" in caplog.text
     span.set_attribute("late", 1)
     assert "late" not in span.attributes
+
+
+def test_long_values_are_cut_as_the_sdk_cuts_them() -> None:
+    async def long(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    def serve(provider: TracerProvider) -> None:
+        app = Starlette(routes=[Route("/long/{rest:path}", long)])
+        with TestClient(TelemetryMiddleware(app, tracer_provider=provider)) as client:
+            client.get("/long/abcdefghijklmnop", headers={"user-agent": "a-rather-long-user-agent"})
+        spans = Spans(provider)  # a client span, as cfk_otel/_db.py starts them
+        statement = {"db.statement": "SELECT * FROM a_long_table_name", "net.peer.port": 5432}
+        spans.start("SELECT", None, SpanKind.CLIENT, statement).end()
+        provider.force_flush()
+
+    limits = SpanLimits(max_attribute_length=10)
+    with OtlpReceiver() as lean_receiver, OtlpReceiver() as sdk_receiver:
+        serve(_provider(lean_receiver, span_limits=limits))
+        serve(_provider(sdk_receiver, _Other(), span_limits=limits))
+        for receiver in (lean_receiver, sdk_receiver):
+            assert receiver.wait_for(lambda r=receiver: len(r.spans) == 2)  # type: ignore[misc]
+        lean = sorted((_comparable(s) for s in lean_receiver.spans), key=lambda c: c["name"])
+        sdk = sorted((_comparable(s) for s in sdk_receiver.spans), key=lambda c: c["name"])
+    for c in lean + sdk:
+        c.pop("trace_id")
+        c.pop("parent")
+        c.pop("scope")
+    assert lean == sdk
+    server, client = lean  # by name: "GET /long/{rest:path}", "SELECT"
+    assert server["attributes"]["url.path"] == "/long/abcd"
+    assert client["attributes"] == {"db.statement": "SELECT * F", "net.peer.port": 5432}
+    assert client["kind"] == 3  # CLIENT
