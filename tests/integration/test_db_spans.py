@@ -239,3 +239,42 @@ def test_one_failing_instrumentor_leaves_the_others_loaded(caplog: pytest.LogCap
     # Upstream's asyncpg is not loaded while ours is on: nothing is called at all.
     distro.load_instrumentor(_EntryPoint("asyncpg", _Broken), skip_dep_check=True)  # type: ignore[arg-type]
     assert "instrumenting asyncpg" not in caplog.text
+
+
+def test_uninstrument_restores_every_method() -> None:
+    script = textwrap.dedent(
+        """
+        import asyncpg.connection, asyncpg.cursor, asyncpg.prepared_stmt, asyncpg.pool
+        import redis.client, redis.asyncio.client
+        from cfk_otel._db import _ASYNCPG_TARGETS, _REDIS_TARGETS, _present
+        from cfk_otel._db import AsyncpgInstrumentor, RedisInstrumentor
+        import importlib
+
+        def methods():
+            found = {}
+            for target in (*_present(_ASYNCPG_TARGETS), *_present(_REDIS_TARGETS)):
+                cls_name, method = target[1].split(".")
+                cls = getattr(importlib.import_module(target[0]), cls_name)
+                found[target[1] + "@" + target[0]] = cls.__dict__[method]
+            return found
+
+        before = methods()
+        AsyncpgInstrumentor().instrument()
+        RedisInstrumentor().instrument()
+        during = methods()
+        AsyncpgInstrumentor().uninstrument()
+        RedisInstrumentor().uninstrument()
+        after = methods()
+        wrapped = sum(during[k] is not before[k] for k in before)
+        print(len(before), wrapped, sum(after[k] is before[k] for k in before))
+        """
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    total, wrapped, restored = map(int, result.stdout.split())
+    assert total >= 18  # every asyncpg and redis target this library version has
+    assert wrapped == total
+    assert restored == total
