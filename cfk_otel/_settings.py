@@ -434,7 +434,7 @@ OTEL_PYTHON_DISABLED_INSTRUMENTATIONS = Variable(
     "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",
     "",
     _text,
-    "instrumentation names separated by commas (cfk_uvicorn, asyncpg, redis, ...)",
+    "instrumentation names separated by commas (cfk_uvicorn, cfk_asyncpg, cfk_redis, ...)",
     "Instrumentations opentelemetry-instrument must not load.",
 )
 CFK_OTEL_STRICT = Variable(
