@@ -165,10 +165,19 @@ class _Client:
 
     def failed(self, span: trace.Span, error: BaseException) -> None:
         # As both instrumentations do (the SDK's default for a span that an error left).
-        span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        if self.new:
-            span.set_attribute("error.type", type(error).__qualname__)
+        try:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            if self.new:
+                span.set_attribute("error.type", type(error).__qualname__)
+        except Exception:  # e.g. an error whose str() fails: the app still gets its own error
+            _log.debug("cfk_otel: could not record a failed call on its span", exc_info=True)
+
+    def end(self, span: trace.Span) -> None:
+        try:
+            span.end()
+        except Exception:  # a failing span processor: never into the app's call
+            _log.debug("cfk_otel: could not end a client span", exc_info=True)
 
 
 # asyncpg
@@ -187,9 +196,13 @@ async def _traced_query(
 ) -> Any:
     """Await one asyncpg call on ``connection`` running ``query``, in a client span."""
     operation = sql_operation(query)
-    attributes = client.fixed(connection, _asyncpg_target)
-    if isinstance(query, str):
-        _set_db_statement(attributes, query, client.db_mode)
+    try:
+        attributes = client.fixed(connection, _asyncpg_target)
+        if isinstance(query, str):
+            _set_db_statement(attributes, query, client.db_mode)
+    except Exception:  # an unusual connection object: the span goes without them
+        _log.debug("cfk_otel: no attributes for an asyncpg span", exc_info=True)
+        attributes = {}
     span = client.spans.start(
         prefix + (operation if operation != "OTHER" else "postgresql"), None, SpanKind.CLIENT, attributes
     )
@@ -209,7 +222,7 @@ async def _traced_query(
                 _report_slow(span, query, elapsed)
         except Exception:
             _log.debug("cfk_otel: recording a query failed", exc_info=True)
-        span.end()
+        client.end(span)
 
 
 def _asyncpg_wrapper(client: _Client, source: str) -> Callable[..., Awaitable[Any]]:
@@ -295,16 +308,20 @@ def _redis_span(client: _Client, instance: Any, args: tuple[Any, ...], pipeline:
         _format_command_args,
     )
 
-    pool = getattr(instance, "connection_pool", None)
-    attributes = client.fixed(instance if pool is None else pool, _redis_target)
-    if pipeline:
-        commands, statement, name = _build_span_meta_data_for_pipeline(instance)
-        _set_db_statement(attributes, statement, client.db_mode)
-        attributes["db.redis.pipeline_length"] = len(commands)
-    else:
-        name = _build_span_name(instance, args)
-        _set_db_statement(attributes, _format_command_args(args), client.db_mode)
-        attributes["db.redis.args_length"] = len(args)
+    try:
+        pool = getattr(instance, "connection_pool", None)
+        attributes = client.fixed(instance if pool is None else pool, _redis_target)
+        if pipeline:
+            commands, statement, name = _build_span_meta_data_for_pipeline(instance)
+            _set_db_statement(attributes, statement, client.db_mode)
+            attributes["db.redis.pipeline_length"] = len(commands)
+        else:
+            name = _build_span_name(instance, args)
+            _set_db_statement(attributes, _format_command_args(args), client.db_mode)
+            attributes["db.redis.args_length"] = len(args)
+    except Exception:  # e.g. an argument whose str() fails: the span goes without them
+        _log.debug("cfk_otel: no attributes for a redis span", exc_info=True)
+        name, attributes = "redis", {}
     return client.spans.start(name, None, SpanKind.CLIENT, attributes)
 
 
@@ -324,7 +341,7 @@ def _redis_done(
         _metrics.default().redis_operation_duration.record_by_key((command,), elapsed)
     except Exception:
         _log.debug("cfk_otel: recording a redis call failed", exc_info=True)
-    span.end()
+    client.end(span)
 
 
 def _is_watch_error(error: Exception) -> bool:

@@ -228,6 +228,7 @@ class Spans:
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._fixed_provider = tracer_provider
+        self._warned = False
         # What the lean path was last decided for: the provider and its processor tuple
         # (the SDK replaces the tuple when a processor is added).
         self._seen: tuple[object, object] | None = None
@@ -247,16 +248,22 @@ class Spans:
     ) -> trace.Span:
         """Start a span named ``name`` whose parent is found in ``parent`` (None: the
         current context). ``attributes`` are cfk_otel's own: plain OTLP values."""
-        provider = self._fixed_provider or trace.get_tracer_provider()
-        active = getattr(provider, "_active_span_processor", None)
-        processors = getattr(active, "_span_processors", None)
-        if self._seen is None or self._seen[0] is not provider or self._seen[1] is not processors:
-            self._choose(provider, processors)
-        lean = self._lean
-        if lean is None:
-            assert self._tracer is not None
-            return self._tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
-        return self._start_lean(lean, name, parent, kind, attributes)
+        try:
+            provider = self._fixed_provider or trace.get_tracer_provider()
+            active = getattr(provider, "_active_span_processor", None)
+            processors = getattr(active, "_span_processors", None)
+            if self._seen is None or self._seen[0] is not provider or self._seen[1] is not processors:
+                self._choose(provider, processors)
+            lean = self._lean
+            if lean is None:
+                assert self._tracer is not None
+                return self._tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+            return self._start_lean(lean, name, parent, kind, attributes)
+        except Exception:  # a failing sampler or id generator: the call goes on, untraced
+            if not self._warned:
+                self._warned = True
+                _log.warning("cfk_otel: a span could not be started; continuing without it", exc_info=True)
+            return trace.INVALID_SPAN
 
     def _choose(self, provider: trace.TracerProvider, processors: object) -> None:
         self._seen = (provider, processors)

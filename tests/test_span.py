@@ -241,3 +241,26 @@ def test_long_values_are_cut_as_the_sdk_cuts_them() -> None:
     assert server["attributes"]["url.path"] == "/long/abcd"
     assert client["attributes"] == {"db.statement": "SELECT * F", "net.peer.port": 5432}
     assert client["kind"] == 3  # CLIENT
+
+
+class _BrokenSampler(Sampler):
+    def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("sampler bug")
+
+    def get_description(self) -> str:
+        return "Broken"
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_failing_sampler_never_fails_the_request(lean: bool, caplog: pytest.LogCaptureFixture) -> None:
+    with OtlpReceiver() as receiver:
+        extra = () if lean else (_Other(),)
+        provider = _provider(receiver, *extra, sampler=_BrokenSampler())
+        async def plain(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        app = TelemetryMiddleware(Starlette(routes=[Route("/plain", plain)]), tracer_provider=provider)
+        with TestClient(app) as client:
+            statuses = [client.get("/plain").status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert caplog.text.count("a span could not be started") == 1

@@ -278,3 +278,58 @@ def test_uninstrument_restores_every_method() -> None:
     assert total >= 18  # every asyncpg and redis target this library version has
     assert wrapped == total
     assert restored == total
+
+
+def test_broken_tracing_never_reaches_the_apps_calls(services: Services) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, os
+        import asyncpg, redis.asyncio as aioredis
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.sampling import Sampler
+        from cfk_otel._db import AsyncpgInstrumentor, RedisInstrumentor
+
+        class Broken(Sampler):
+            def should_sample(self, *args, **kwargs):
+                raise RuntimeError("sampler bug")
+            def get_description(self):
+                return "Broken"
+
+        class Weird:
+            def __str__(self):
+                raise RuntimeError("no str")
+
+        trace.set_tracer_provider(TracerProvider(sampler=Broken()))
+        AsyncpgInstrumentor().instrument()
+        RedisInstrumentor().instrument()
+
+        async def main():
+            con = await asyncpg.connect(os.environ["DATABASE_URL"])
+            cache = aioredis.from_url(os.environ["REDIS_URL"])
+            results = [await con.fetchval("SELECT 40 + $1::int", 2) for _ in range(3)]
+            await cache.set("cfk:test:broken", 7, ex=60)
+            results.append(int(await cache.get("cfk:test:broken")))
+            try:
+                await cache.execute_command(Weird())
+            except TypeError as exc:  # redis's own error ("not iterable"), not str()'s
+                results.append(str(exc))
+            await cache.aclose()
+            await con.close()
+            print(results)
+
+        asyncio.run(main())
+        """
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": services.database_url,
+        "REDIS_URL": services.redis_url,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "[42, 42, 42, 7, \"argument of type 'Weird' is not iterable\"]"
+    assert result.stderr.count("a span could not be started") == 2  # once per instrumentor, not per call
