@@ -39,8 +39,15 @@ from ._version import __version__
 
 _log = logging.getLogger("cfk_otel")
 _UNSET: Final = Status(StatusCode.UNSET)
-_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
-_NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
+# Trace flags by (sampled, random trace id): four values, built once.
+_FLAGS: Final = {
+    (sampled, random): TraceFlags(
+        (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+    )
+    for sampled in (False, True)
+    for random in (False, True)
+}
 
 
 class LeanSpan(trace.Span):
@@ -66,6 +73,9 @@ class LeanSpan(trace.Span):
         "start_time",
         "status",
     )
+    # The encoder reads an SDK span's attributes from ``_attributes``; a lean span's
+    # come from the ``attributes`` property.
+    _attributes: Final = None
 
     def __init__(
         self,
@@ -306,9 +316,7 @@ class Spans:
             trace_id = parent_context.trace_id
             random_trace_id = parent_context.trace_flags.random_trace_id
         result = tracer.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
-        flags = _SAMPLED if result.decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
-        if random_trace_id:
-            flags = TraceFlags(flags | TraceFlags.RANDOM_TRACE_ID)
+        flags = _FLAGS[result.decision is Decision.RECORD_AND_SAMPLE, bool(random_trace_id)]
         span_context = SpanContext(
             trace_id,
             ids.generate_span_id(),
