@@ -30,6 +30,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _log = logging.getLogger("cfk_otel")
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+_FASTAPI_TELEMETRY: Final = "fastapi.telemetry"  # the scope key of FastAPI's own telemetry
 
 
 class _HeaderGetter(Getter[list[tuple[bytes, bytes]]]):
@@ -202,6 +203,10 @@ class TelemetryMiddleware:
                 status = 403
             await send(message)
 
+        # FastAPI (0.165 and later) has telemetry of its own: a second server span, rooted
+        # at the request's headers rather than ours, and its own HTTP metrics. A request
+        # that already carries this key is one FastAPI treats as observed by an outer layer.
+        scope.setdefault(_FASTAPI_TELEMETRY, None)
         error: BaseException | None = None
         try:
             await app(scope, ws.wrap(receive) if ws is not None else receive, send_wrapper)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import string
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -304,3 +306,58 @@ def test_propagation_headers_are_those_the_global_propagator_declares(h: Harness
     assert second.parent is not None
     assert second.parent.span_id == 0x1234
     assert third.parent is None  # traceparent is not the vendor propagator's
+
+
+FASTAPI_NATIVE = """
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+from cfk_otel import TelemetryMiddleware
+
+spans = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(spans))
+trace.set_tracer_provider(provider)
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+app = FastAPI()
+
+@app.get("/tickets/{ticket_id}")
+async def ticket(ticket_id: int):
+    with trace.get_tracer("app").start_as_current_span("load"):
+        return {"id": ticket_id}
+
+@app.get("/boom")
+async def boom():
+    raise RuntimeError("boom")
+
+with TestClient(TelemetryMiddleware(app), raise_server_exceptions=False) as client:
+    assert client.get("/tickets/5").status_code == 200
+    assert client.get("/boom").status_code == 500
+print(sorted((s.name, s.kind.name, s.instrumentation_scope.name) for s in spans.get_finished_spans()))
+data = reader.get_metrics_data()
+print(sorted({sm.scope.name for rm in data.resource_metrics for sm in rm.scope_metrics}))
+"""
+
+
+def test_fastapi_native_telemetry_does_not_duplicate_ours() -> None:
+    # FastAPI 0.165+ would add a second server span (a new trace, from the request
+    # headers) and its own HTTP metrics when a global provider is set, as in production.
+    result = subprocess.run(
+        [sys.executable, "-c", FASTAPI_NATIVE], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    spans, scopes = result.stdout.splitlines()[-2:]
+    assert spans == str(
+        [
+            ("GET /boom", "SERVER", "cfk_otel"),
+            ("GET /tickets/{ticket_id}", "SERVER", "cfk_otel"),
+            ("load", "INTERNAL", "app"),
+        ]
+    )
+    assert scopes == "['cfk_otel']"

@@ -256,6 +256,7 @@ def test_a_failing_sampler_never_fails_the_request(lean: bool, caplog: pytest.Lo
     with OtlpReceiver() as receiver:
         extra = () if lean else (_Other(),)
         provider = _provider(receiver, *extra, sampler=_BrokenSampler())
+
         async def plain(request: Request) -> PlainTextResponse:
             return PlainTextResponse("ok")
 

@@ -163,6 +163,9 @@ def test_telemetry_arrives_over_otlp_with_no_code_in_the_app(kanban: Kanban) -> 
     assert receiver.wait_for(
         lambda: any(s.span.trace_id == span.span.trace_id and s is not span for s in receiver.spans)
     )
+    # One server span per request: FastAPI's own telemetry does not start a second trace.
+    server_scopes = {s.scope for s in receiver.spans if s.span.kind == s.span.SPAN_KIND_SERVER}
+    assert server_scopes == {"cfk_otel"}, server_scopes
 
 
 async def _sql(dsn: str, *statements: str) -> list[object]:
