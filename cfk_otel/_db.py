@@ -301,23 +301,33 @@ def _redis_target(owner: Any, client: _Client) -> dict[str, Any]:
     return _extract_conn_attributes(options, client.db_mode, client.http_mode)  # type: ignore[no-any-return]
 
 
-def _redis_span(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> trace.Span:
-    from opentelemetry.instrumentation.redis.util import (  # noqa: PLC0415
-        _build_span_meta_data_for_pipeline,
-        _build_span_name,
-        _format_command_args,
-    )
+class _RedisClient(_Client):
+    """Also the upstream redis instrumentation's helpers (names, statements, server),
+    imported once here rather than on every call."""
 
+    def __init__(self, tracer_provider: trace.TracerProvider | None) -> None:
+        super().__init__(
+            tracer_provider,
+            _OpenTelemetryStabilitySignalType.DATABASE,
+            _OpenTelemetryStabilitySignalType.HTTP,
+        )
+        from opentelemetry.instrumentation.redis import util  # noqa: PLC0415  (imports redis)
+
+        self.util: Any = util
+
+
+def _redis_span(client: _RedisClient, instance: Any, args: tuple[Any, ...], pipeline: bool) -> trace.Span:
+    util = client.util
     try:
         pool = getattr(instance, "connection_pool", None)
         attributes = client.fixed(instance if pool is None else pool, _redis_target)
         if pipeline:
-            commands, statement, name = _build_span_meta_data_for_pipeline(instance)
+            commands, statement, name = util._build_span_meta_data_for_pipeline(instance)
             _set_db_statement(attributes, statement, client.db_mode)
             attributes["db.redis.pipeline_length"] = len(commands)
         else:
-            name = _build_span_name(instance, args)
-            _set_db_statement(attributes, _format_command_args(args), client.db_mode)
+            name = util._build_span_name(instance, args)
+            _set_db_statement(attributes, util._format_command_args(args), client.db_mode)
             attributes["db.redis.args_length"] = len(args)
     except Exception:  # e.g. an argument whose str() fails: the span goes without them
         _log.debug("cfk_otel: no attributes for a redis span", exc_info=True)
@@ -351,7 +361,7 @@ def _is_watch_error(error: Exception) -> bool:
     return isinstance(error, WatchError)
 
 
-def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
+def _redis_wrapper(client: _RedisClient, pipeline: bool) -> Callable[..., Any]:
     def traced(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
@@ -371,7 +381,7 @@ def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
     return traced
 
 
-def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Awaitable[Any]]:
+def _redis_wrapper_async(client: _RedisClient, pipeline: bool) -> Callable[..., Awaitable[Any]]:
     async def traced(
         wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
@@ -413,11 +423,7 @@ class RedisInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ("redis >= 4.3",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        client = _Client(
-            kwargs.get("tracer_provider"),
-            _OpenTelemetryStabilitySignalType.DATABASE,
-            _OpenTelemetryStabilitySignalType.HTTP,
-        )
+        client = _RedisClient(kwargs.get("tracer_provider"))
         for module, name, pipeline, is_async in _present(_REDIS_TARGETS):
             wrapper = _redis_wrapper_async(client, pipeline) if is_async else _redis_wrapper(client, pipeline)
             wrapt.wrap_function_wrapper(module, name, wrapper)
