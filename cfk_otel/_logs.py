@@ -29,9 +29,10 @@ from opentelemetry import trace
 from opentelemetry._logs import Logger as OtelLogger
 from opentelemetry._logs import LoggerProvider, SeverityNumber
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from ._asgi import RequestInfo, RequestObserver
-from ._otlp import OtlpHttpLogProcessor
+from ._otlp import OtlpHttpLogProcessor, encode_request_record
 from ._redact import redact
 from ._settings import Settings
 
@@ -77,6 +78,7 @@ def level_name(levelno: int) -> str:
     return "debug"
 
 
+_LEVEL_NAMES: Final = {level: level_name(level) for level in (logging.INFO, logging.WARNING, logging.ERROR)}
 _last_second: list[Any] = [-1, ""]  # (epoch second, its formatted prefix): one strftime per second
 
 
@@ -255,12 +257,13 @@ class JsonFormatter(logging.Formatter):
         numbers, the rest strings escaped as json escapes them (tests/test_logs.py
         compares the two).
         """
-        fields, span = request.fields, request.span
+        span, level = request.span, request.level
+        name = _LEVEL_NAMES.get(level) or level_name(level)
         line = (
-            f'{{"timestamp":"{_timestamp(request.created)}","level":"{level_name(request.level)}",'
-            f'"message":{_string(request.message)},{self._service_fields},"method":"{fields["method"]}",'
-            f'"path":{_string(fields["path"])},"route":{_string(fields["route"])},"status":{fields["status"]},'
-            f'"duration_ms":{fields["duration_ms"]!r}'
+            f'{{"timestamp":"{_timestamp(request.created)}","level":"{name}",'
+            f'"message":{_string(request.message)},{self._service_fields},"method":"{request.method}",'
+            f'"path":{_string(request.path)},"route":{_string(request.route)},"status":{request.status},'
+            f'"duration_ms":{request.duration_ms!r}'
         )
         if span is None:
             return line + "}"
@@ -335,6 +338,7 @@ class OtlpHandler(logging.Handler):
         # is our OTLP/HTTP one (the sink); everything else goes through the provider.
         self._sink = sink
         self._resource: Resource | None = getattr(provider, "resource", None)
+        self._scope = InstrumentationScope(_REQUESTS_LOGGER)
 
     @property
     def direct(self) -> bool:
@@ -345,20 +349,21 @@ class OtlpHandler(logging.Handler):
         """A request line as an OTLP log record, encoded into the sink's queue."""
         number, text = _SEVERITY[request.level]
         try:
-            self._sink.emit_fields(  # type: ignore[union-attr]  # direct: the sink is there
-                self._resource,  # type: ignore[arg-type]
-                _REQUESTS_LOGGER,
+            data = encode_request_record(
                 int(request.created * 1e9),
                 number.value,
                 text,
                 request.message,
-                request.fields,
+                request.method,
+                request.path,
+                request.route,
+                request.status,
+                request.duration_ms,
                 request.span,
             )
+            self._sink.emit_encoded(self._resource, self._scope, data)  # type: ignore[union-attr, arg-type]  # direct
         except Exception:  # a log line must never raise into the app
-            self.handleError(
-                _RequestRecord(request.level, request.message, dict(request.fields), request.span)
-            )
+            self.handleError(_RequestRecord(request.level, request.message, request.fields, request.span))
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_OWN_LOGGERS):
@@ -553,12 +558,38 @@ class _RequestLine(NamedTuple):
     created: float
     level: int
     message: str
-    fields: Mapping[str, Any]
+    method: str
+    path: str
+    route: str
+    status: int
+    duration_ms: float
     span: trace.SpanContext | None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The line's context, as a :class:`_RequestRecord` carries it."""
+        return {
+            "method": self.method,
+            "path": self.path,
+            "route": self.route,
+            "status": self.status,
+            "duration_ms": self.duration_ms,
+        }
 
     @classmethod
     def of(cls, record: _RequestRecord) -> _RequestLine:
-        return cls(record.created, record.levelno, record.msg, record.cfk_context, record.cfk_span)
+        fields = record.cfk_context
+        return cls(
+            record.created,
+            record.levelno,
+            record.msg,
+            fields["method"],
+            fields["path"],
+            fields["route"],
+            fields["status"],
+            fields["duration_ms"],
+            record.cfk_span,
+        )
 
 
 class _RequestRecord(logging.LogRecord):
@@ -665,29 +696,36 @@ def request_observer(settings: Settings) -> RequestObserver | None:
         if info.kind != "http":
             return
         status = info.status
-        if status < 400 and rate < 1.0 and random.random() >= rate:  # noqa: S311  (sampling, not crypto)
-            return
-        level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
+        if status < 400:
+            if rate < 1.0 and random.random() >= rate:  # noqa: S311  (sampling, not crypto)
+                return
+            level = logging.INFO
+        else:
+            level = logging.ERROR if status >= 500 else logging.WARNING
         if not _requests.isEnabledFor(level):
             return
-        span = info.span_context
-        duration_ms = round(info.duration * 1000, 3)
-        path = info.scope.get("path", "")
-        fields = {
-            "method": info.method,
-            "path": path,
-            "route": info.route,
-            "status": status,
-            "duration_ms": duration_ms,
-        }
-        message = f"{info.method} {path} {status} {duration_ms:g}ms"
+        span: trace.SpanContext | None = info.span_context
+        if not span.is_valid:  # type: ignore[union-attr]  # a RequestInfo always has one
+            span = None
+        method, path = info.method, info.scope.get("path", "")
+        duration_ms = round(info.duration * 1_000_000) / 1000  # µs precision; round(x, 3) costs 3x
+        request = _RequestLine(
+            time.time(),
+            level,
+            f"{method} {path} {status} {duration_ms:g}ms",
+            method,
+            path,
+            info.route,
+            status,
+            duration_ms,
+            span,
+        )
         listeners = _listeners()
         if listeners != seen:
             seen, route = listeners, _route(listeners)
         if route is None:
-            _requests.handle(_RequestRecord(level, message, fields, span if span.is_valid else None))
+            _requests.handle(_RequestRecord(level, request.message, request.fields, span))
             return
-        request = _RequestLine(time.time(), level, message, fields, span if span.is_valid else None)
         stream, otlp = route.stream, route.otlp
         if stream is not None and level >= stream.level:
             stream.write_line(route.formatter._line(request))  # type: ignore[union-attr]

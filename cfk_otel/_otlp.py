@@ -391,6 +391,67 @@ def encode_log_record(
     return b"".join(parts)
 
 
+# A request line's attributes, in this order: method, path, route, status, duration_ms.
+# The last is a double: its whole KeyValue but the 8 value bytes is fixed.
+_DURATION_KV: Final = b"\x32\x18\x0a\x0bduration_ms\x12\x09\x21"  # attributes = 6
+_severities: dict[tuple[int, str], bytes] = {}
+
+
+def encode_request_record(
+    timestamp: int,
+    severity_number: int,
+    severity_text: str,
+    body: str,
+    method: str,
+    path: str,
+    route: str,
+    status: int,
+    duration_ms: float,
+    span_context: SpanContext | None,
+) -> bytes:
+    """The LogRecord :func:`encode_log_record` gives for a request line, byte for byte.
+
+    It runs once per request, so it skips the general path: the fixed parts are
+    constants, the strings and the status come from the attribute cache.
+    """
+    severity = _severities.get((severity_number, severity_text))
+    if severity is None:
+        severity = _severities[severity_number, severity_text] = (
+            b"\x10" + _varint(severity_number) + b"\x1a" + _text(severity_text)
+        )
+    stamp = _fixed64(timestamp)
+    cached = _strings.get
+    parts = [
+        b"\x09",
+        stamp,
+        severity,
+        b"\x2a",
+        _message(b"\x0a" + _text(body)),
+        b"\x32",
+        cached(("method", method)) or _key_value("method", method),
+        b"\x32",
+        cached(("path", path)) or _key_value("path", path),
+        b"\x32",
+        cached(("route", route)) or _key_value("route", route),
+        b"\x32",
+        cached(("status", status)) or _key_value("status", status),
+        _DURATION_KV,
+        _double(duration_ms),
+    ]
+    if span_context is not None:
+        flags = span_context.trace_flags
+        if flags:
+            parts += (b"\x45", _fixed32(flags))
+        parts += (
+            b"\x4a\x10",
+            span_context.trace_id.to_bytes(16, "big"),
+            b"\x52\x08",
+            span_context.span_id.to_bytes(8, "big"),
+        )
+    parts += (b"\x59", stamp)
+    return b"".join(parts)
+
+
 class _Sender:
     """Sends our bytes through the upstream OTLP/HTTP exporter's own client."""
 
@@ -519,14 +580,14 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
     """The SDK's batch processor over our encoder, with a second door for hot records.
 
     Records from the SDK's Logger API arrive through ``on_emit`` and are encoded there.
-    The request line, written once per request, comes through :meth:`emit_fields`: it
-    skips the SDK's LogRecord objects and attribute cleaning (fixed keys, scalar values),
-    and so the SDK's other log processors, which this provider does not have.
+    The request line, written once per request, comes through :meth:`emit_encoded`,
+    encoded by :func:`encode_request_record`: it skips the SDK's LogRecord objects and
+    attribute cleaning (fixed keys, scalar values), and so the SDK's other log
+    processors, which this provider does not have.
     """
 
     def __init__(self, exporter: _HttpLogExporter, *args: Any, **kwargs: Any) -> None:
         super().__init__(OtlpHttpLogExporter(exporter), *args, **kwargs)
-        self._scopes: dict[str, InstrumentationScope] = {}
         self.queue = _Queue(self._batch_processor, "log record")
 
     def on_emit(self, log_record: ReadWriteLogRecord) -> None:
@@ -539,31 +600,8 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
         resource = log_record.resource if log_record.resource is not None else _NO_RESOURCE
         self.queue.put(Encoded(resource, log_record.instrumentation_scope, data))
 
-    def emit_fields(
-        self,
-        resource: Resource,
-        scope_name: str,
-        timestamp: int,
-        severity_number: int,
-        severity_text: str,
-        body: str,
-        attributes: Mapping[str, object],
-        span_context: SpanContext | None,
-    ) -> None:
-        scope = self._scopes.get(scope_name)
-        if scope is None:
-            scope = self._scopes.setdefault(scope_name, InstrumentationScope(scope_name))
-        data = encode_log_record(
-            timestamp=timestamp,
-            observed_timestamp=timestamp,
-            severity_number=severity_number,
-            severity_text=severity_text,
-            body=body,
-            attributes=attributes,
-            trace_flags=int(span_context.trace_flags) if span_context is not None else 0,
-            trace_id=span_context.trace_id if span_context is not None else None,
-            span_id=span_context.span_id if span_context is not None else None,
-        )
+    def emit_encoded(self, resource: Resource, scope: InstrumentationScope | None, data: bytes) -> None:
+        """Queue one log record, already encoded (by :func:`encode_request_record`)."""
         # The SDK's batching (queue bound, schedule, fork and shutdown handling), reused.
         self.queue.put(Encoded(resource, scope, data))
 

@@ -20,6 +20,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -231,7 +232,7 @@ def test_spans_and_logs_arrive_through_the_upstream_http_client() -> None:
         logger_provider.shutdown()
 
 
-def test_request_lines_emitted_as_fields_arrive_beside_sdk_records() -> None:
+def test_request_lines_encoded_directly_arrive_beside_sdk_records() -> None:
     with OtlpReceiver() as receiver:
         provider = LoggerProvider(resource=RESOURCE)
         processor = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
@@ -239,16 +240,10 @@ def test_request_lines_emitted_as_fields_arrive_beside_sdk_records() -> None:
         provider.add_log_record_processor(processor)
         span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
         fields = {"method": "GET", "path": "/hello", "route": "/hello", "status": 200, "duration_ms": 1.5}
-        processor.emit_fields(
-            provider.resource,
-            "cfk_otel.requests",
-            1_700_000_000_000_000_000,
-            9,
-            "INFO",
-            "GET /hello",
-            fields,
-            span,
+        data = _otlp.encode_request_record(
+            1_700_000_000_000_000_000, 9, "INFO", "GET /hello", "GET", "/hello", "/hello", 200, 1.5, span
         )
+        processor.emit_encoded(provider.resource, InstrumentationScope("cfk_otel.requests"), data)
         provider.get_logger("app").emit(body="from the SDK", severity_number=SeverityNumber.WARN)
         provider.force_flush()
         assert receiver.wait_for(lambda: len(receiver.logs) == 2)
@@ -261,6 +256,45 @@ def test_request_lines_emitted_as_fields_arrive_beside_sdk_records() -> None:
         assert (line.record.severity_number, line.record.severity_text, line.record.flags) == (9, "INFO", 1)
         assert by_body["from the SDK"].scope == "app"
         provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "span"),
+    [
+        ("/hello", 200, SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))),
+        ('/p/"\u00e9\ud800', 404, SpanContext(1 << 127, 1, is_remote=False, trace_flags=TraceFlags(0))),
+        ("/x" * 300, 503, None),
+    ],
+)
+def test_request_records_encode_as_the_general_encoder_does(
+    path: str, status: int, span: SpanContext | None
+) -> None:
+    fields = {"method": "POST", "path": path, "route": "/p/{x}", "status": status, "duration_ms": 12.345}
+    for _ in range(2):  # cold, then from the attribute cache
+        general = _otlp.encode_log_record(
+            timestamp=1_700_000_000_123_456_789,
+            observed_timestamp=1_700_000_000_123_456_789,
+            severity_number=13,
+            severity_text="WARN",
+            body=f"POST {path} {status}",
+            attributes=fields,
+            trace_flags=int(span.trace_flags) if span is not None else 0,
+            trace_id=span.trace_id if span is not None else None,
+            span_id=span.span_id if span is not None else None,
+        )
+        direct = _otlp.encode_request_record(
+            1_700_000_000_123_456_789,
+            13,
+            "WARN",
+            f"POST {path} {status}",
+            "POST",
+            path,
+            "/p/{x}",
+            status,
+            12.345,
+            span,
+        )
+        assert direct == general
 
 
 def test_spans_encoded_as_they_end_arrive_as_upstream_would_send_them(
