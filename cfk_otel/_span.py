@@ -29,6 +29,7 @@ from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import sampling as sdk_sampling
 from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -84,19 +85,20 @@ class LeanSpan(trace.Span):
         kind: SpanKind,
         context: SpanContext,
         parent: SpanContext | None,
-        attributes: Mapping[str, Any] | None,
+        attributes: dict[str, Any],
     ) -> None:
         self._home = home
         self.name = name
         self.kind = kind
         self.context = context
         self.parent = parent
-        # Ours (set by cfk_otel: known keys, plain values) and the app's, kept
-        # apart: only the app's need the SDK's cleaning and limits.
-        self._own: dict[str, Any] = dict(attributes) if attributes else {}
+        # Ours (set by cfk_otel: known keys, plain values; the span owns the dict) and
+        # the app's, kept apart: only the app's need the SDK's cleaning and limits.
+        self._own = attributes
         self._extra: BoundedAttributes | None = None
-        self.events: list[sdk_trace.Event] = []
-        self.links: list[Link] = []
+        # Most spans have neither: a list is made for the first one.
+        self.events: list[sdk_trace.Event] | tuple[()] = ()
+        self.links: list[Link] | tuple[()] = ()
         self.dropped_events = 0
         self.dropped_links = 0
         self.status = _UNSET
@@ -165,7 +167,11 @@ class LeanSpan(trace.Span):
             self.dropped_events += 1
             return
         bounded = _bounded(limits.max_event_attributes, attributes, limits)
-        self.events.append(sdk_trace.Event(name, bounded, timestamp or time.time_ns()))
+        event = sdk_trace.Event(name, bounded, timestamp or time.time_ns())
+        if self.events:
+            self.events.append(event)
+        else:
+            self.events = [event]
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._end_time is not None or not (context.is_valid or attributes):
@@ -174,7 +180,11 @@ class LeanSpan(trace.Span):
         if limits.max_links is not None and len(self.links) >= limits.max_links:
             self.dropped_links += 1
             return
-        self.links.append(Link(context, _bounded(limits.max_link_attributes, attributes, limits)))
+        link = Link(context, _bounded(limits.max_link_attributes, attributes, limits))
+        if self.links:
+            self.links.append(link)
+        else:
+            self.links = [link]
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
@@ -221,6 +231,26 @@ class LeanSpan(trace.Span):
         return f"LeanSpan(name={self.name!r}, kind={self.kind!r}, context={self.context!r})"
 
 
+def _static(sampler: object) -> tuple[Decision, ...] | None:
+    """The decisions of a ``ParentBased`` sampler whose delegates all decide alike for
+    every span, as (root, remote sampled, remote not sampled, local sampled, local not
+    sampled); None for any other sampler. Private SDK attributes, read once per provider;
+    tests/test_span.py compares the outcome with the sampler's own for every parent."""
+    if type(sampler) is not sdk_sampling.ParentBased:
+        return None
+    delegates = (
+        sampler._root,
+        sampler._remote_parent_sampled,
+        sampler._remote_parent_not_sampled,
+        sampler._local_parent_sampled,
+        sampler._local_parent_not_sampled,
+    )
+    static = [d for d in delegates if type(d) is sdk_sampling.StaticSampler]
+    if len(static) != len(delegates):
+        return None
+    return tuple(d._decision for d in static)
+
+
 def _cut(attributes: Mapping[str, Any], limit: int) -> dict[str, Any]:
     """Our own attributes with text values cut to the span limit's length, as the SDK cuts."""
     return {k: v[:limit] if isinstance(v, str) else v for k, v in attributes.items()}
@@ -248,6 +278,9 @@ class Spans:
         self.limits = sdk_trace.SpanLimits()
         self._resource: Any = None
         self._scope: Any = None
+        # The sampler, and its decisions when it is the SDK's default kind (see _static).
+        self._sampler: object = None
+        self._decisions: tuple[Decision, ...] | None = None
 
     def start(
         self,
@@ -296,6 +329,8 @@ class Spans:
         self.limits = tracer._span_limits
         self._resource = tracer.resource
         self._scope = tracer._instrumentation_scope
+        self._sampler = tracer.sampler
+        self._decisions = _static(tracer.sampler)
 
     def _start_lean(
         self,
@@ -315,18 +350,31 @@ class Spans:
         else:
             trace_id = parent_context.trace_id
             random_trace_id = parent_context.trace_flags.random_trace_id
-        result = tracer.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
-        flags = _FLAGS[result.decision is Decision.RECORD_AND_SAMPLE, bool(random_trace_id)]
+        sampler = tracer.sampler
+        decisions = self._decisions
+        if decisions is not None and sampler is self._sampler:
+            # ParentBased over static samplers (the SDK's default, ParentBased(ALWAYS_ON)):
+            # the decision its should_sample would return, without the call.
+            if parent_context is None:
+                decision = decisions[0]
+                trace_state = None
+            else:
+                flags_sampled = parent_context.trace_flags.sampled
+                decision = decisions[(2 if parent_context.is_remote else 4) - flags_sampled]
+                trace_state = parent_context.trace_state
+            sampled: dict[str, Any] = attributes if attributes is not None else {}
+        else:
+            result = sampler.should_sample(parent, trace_id, name, kind, attributes, ())
+            decision, trace_state, sampled = result.decision, result.trace_state, dict(result.attributes)
         span_context = SpanContext(
             trace_id,
             ids.generate_span_id(),
             is_remote=False,
-            trace_flags=flags,
-            trace_state=result.trace_state,
+            trace_flags=_FLAGS[decision is Decision.RECORD_AND_SAMPLE, bool(random_trace_id)],
+            trace_state=trace_state,
         )
-        if result.decision is Decision.DROP:
+        if decision is Decision.DROP:
             return trace.NonRecordingSpan(span_context)
-        sampled: Mapping[str, Any] = result.attributes
         limit = self.limits.max_attribute_length
         return LeanSpan(
             self, name, kind, span_context, parent_context, sampled if limit is None else _cut(sampled, limit)

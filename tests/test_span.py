@@ -11,8 +11,15 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+)
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -162,6 +169,56 @@ def test_the_providers_sampler_decides(sampler: Sampler) -> None:
         else:
             _serve(provider, [("/boards/2", {"traceparent": PARENT})])
             assert not receiver.wait_for(lambda: len(receiver.spans) > 0, timeout=1.0)
+
+
+_PARENTS = {
+    "root": None,
+    **{
+        f"{'remote' if remote else 'local'} {'sampled' if sampled else 'not sampled'}": SpanContext(
+            0x1234,
+            0x5678,
+            is_remote=remote,
+            trace_flags=TraceFlags(sampled),
+            trace_state=TraceState([("v", "1")]),
+        )
+        for remote in (True, False)
+        for sampled in (1, 0)
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("sampler", "static"),
+    [
+        (ParentBased(ALWAYS_ON), True),
+        (ParentBased(ALWAYS_OFF), True),
+        (ParentBased(ALWAYS_ON, remote_parent_sampled=ALWAYS_OFF, local_parent_not_sampled=ALWAYS_ON), True),
+        (ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON, local_parent_sampled=ALWAYS_OFF), True),
+        (ParentBasedTraceIdRatio(0.5), False),
+        (ALWAYS_ON, False),
+    ],
+)
+def test_lean_spans_take_the_samplers_decision_for_every_parent(sampler: Sampler, static: bool) -> None:
+    with OtlpReceiver() as receiver:
+        spans = Spans(_provider(receiver, sampler=sampler))
+        for label, parent in _PARENTS.items():
+            context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
+            span = spans.start("GET", context, SpanKind.SERVER, {"k": "v"})
+            assert (spans._decisions is not None) is static  # the fast path, where it applies
+            expected = sampler.should_sample(
+                context, span.get_span_context().trace_id, "GET", attributes={"k": "v"}
+            )
+            got = span.get_span_context()
+            assert (got.trace_flags.sampled, got.trace_state) == (
+                expected.decision is Decision.RECORD_AND_SAMPLE,
+                expected.trace_state or TraceState(),  # a span context's empty state
+            ), label
+            assert type(span) is (LeanSpan if expected.decision.is_recording() else trace.NonRecordingSpan), (
+                label
+            )
+            if type(span) is LeanSpan:
+                assert span.attributes == {"k": "v"}
+                assert got.trace_id == (parent.trace_id if parent else got.trace_id)
 
 
 def test_the_apps_attributes_are_bounded_by_the_span_limits() -> None:
