@@ -339,6 +339,12 @@ class OtlpHandler(logging.Handler):
         self._sink = sink
         self._resource: Resource | None = getattr(provider, "resource", None)
         self._scope = InstrumentationScope(_REQUESTS_LOGGER)
+        # Request lines' (resource, scope), named once: each line is then queued as plain bytes.
+        self._prefix = (
+            sink.groups.prefix(self._resource, self._scope)
+            if sink is not None and self._resource is not None
+            else None
+        )
 
     @property
     def direct(self) -> bool:
@@ -349,7 +355,9 @@ class OtlpHandler(logging.Handler):
         """A request line as an OTLP log record, encoded into the sink's queue."""
         number, text = _SEVERITY[request.level]
         try:
+            prefix = self._prefix
             data = encode_request_record(
+                prefix or b"",
                 int(request.created * 1e9),
                 number.value,
                 text,
@@ -361,7 +369,11 @@ class OtlpHandler(logging.Handler):
                 request.duration_ms,
                 request.span,
             )
-            self._sink.emit_encoded(self._resource, self._scope, data)  # type: ignore[union-attr, arg-type]  # direct
+            sink: OtlpHttpLogProcessor = self._sink  # type: ignore[assignment]  # direct: the sink is there
+            if prefix is None:
+                sink.emit_encoded(self._resource, self._scope, data)  # type: ignore[arg-type]
+            else:
+                sink.emit_named(data)
         except Exception:  # a log line must never raise into the app
             self.handleError(_RequestRecord(request.level, request.message, request.fields, request.span))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
@@ -238,11 +239,45 @@ class Encoded(NamedTuple):
     data: bytes
 
 
-def encode_spans(spans: Sequence[ReadableSpan | Encoded]) -> bytes:
-    """An ExportTraceServiceRequest, serialised."""
+class Groups:
+    """The (resource, scope) pairs of a processor's hot callers, each named by one byte.
+
+    The lean spans and the request lines queue their message as plain ``bytes`` whose
+    first byte names its pair: no tuple per item, and nothing the garbage collector
+    tracks (bytes hold no references). Anything else is queued as :class:`Encoded`.
+    """
+
+    LIMIT: Final = 255
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[Resource, InstrumentationScope | None]] = []
+        self._lock = threading.Lock()
+
+    def prefix(self, resource: Resource, scope: InstrumentationScope | None) -> bytes | None:
+        """The byte naming this pair (None once :attr:`LIMIT` pairs are named). Called
+        once per caller, not per item: scopes are compared by value."""
+        with self._lock:
+            for index, (known, known_scope) in enumerate(self._pairs):
+                if known is resource and known_scope == scope:
+                    return _SMALL[index] if index < 128 else bytes((index,))
+            if len(self._pairs) >= self.LIMIT:
+                return None
+            self._pairs.append((resource, scope))
+            index = len(self._pairs) - 1
+            return _SMALL[index] if index < 128 else bytes((index,))
+
+    def group(self, groups: Grouped, item: bytes) -> None:
+        resource, scope = self._pairs[item[0]]
+        _group(groups, resource, scope, item[1:])
+
+
+def encode_spans(spans: Sequence[ReadableSpan | Encoded | bytes], named: Groups | None = None) -> bytes:
+    """An ExportTraceServiceRequest, serialised (``bytes`` items are named in ``named``)."""
     groups: Grouped = {}
     for span in spans:
-        if isinstance(span, Encoded):
+        if isinstance(span, bytes):
+            named.group(groups, span)  # type: ignore[union-attr]  # bytes come with their names
+        elif isinstance(span, Encoded):
             _group(groups, span.resource, span.scope, span.data)
         else:
             _group(groups, span.resource, span.instrumentation_scope, encode_span(span))
@@ -255,10 +290,16 @@ def _ids(context: SpanContext) -> list[bytes]:
     return [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
 
 
-def encode_span(span: ReadableSpan) -> bytes:
-    """One Span message (without its length prefix)."""
+def encode_span(span: ReadableSpan, prefix: bytes = b"") -> bytes:
+    """One Span message (without its length prefix), after ``prefix`` (see :class:`Groups`)."""
     context = span.context
-    parts = _ids(context)
+    parts = [
+        prefix,
+        b"\x0a\x10",
+        context.trace_id.to_bytes(16, "big"),
+        b"\x12\x08",
+        context.span_id.to_bytes(8, "big"),
+    ]
     if context.trace_state:
         state = ",".join(f"{k}={v}" for k, v in context.trace_state.items())
         parts += (b"\x1a", _text(state))  # trace_state = 3
@@ -319,11 +360,13 @@ def _links(span: ReadableSpan, parts: list[bytes]) -> None:
         parts += (b"\x70", _varint(span.dropped_links))  # = 14
 
 
-def encode_logs(records: Sequence[ReadableLogRecord | Encoded]) -> bytes:
-    """An ExportLogsServiceRequest, serialised."""
+def encode_logs(records: Sequence[ReadableLogRecord | Encoded | bytes], named: Groups | None = None) -> bytes:
+    """An ExportLogsServiceRequest, serialised (``bytes`` items are named in ``named``)."""
     groups: Grouped = {}
     for record in records:
-        if isinstance(record, Encoded):
+        if isinstance(record, bytes):
+            named.group(groups, record)  # type: ignore[union-attr]  # bytes come with their names
+        elif isinstance(record, Encoded):
             _group(groups, record.resource, record.scope, record.data)
         else:
             _group(groups, record.resource, record.instrumentation_scope, _log_record(record))
@@ -398,6 +441,7 @@ _severities: dict[tuple[int, str], bytes] = {}
 
 
 def encode_request_record(
+    prefix: bytes,
     timestamp: int,
     severity_number: int,
     severity_text: str,
@@ -409,7 +453,8 @@ def encode_request_record(
     duration_ms: float,
     span_context: SpanContext | None,
 ) -> bytes:
-    """The LogRecord :func:`encode_log_record` gives for a request line, byte for byte.
+    """The LogRecord :func:`encode_log_record` gives for a request line, byte for byte,
+    after ``prefix`` (see :class:`Groups`).
 
     It runs once per request, so it skips the general path: the fixed parts are
     constants, the strings and the status come from the attribute cache.
@@ -422,6 +467,7 @@ def encode_request_record(
     stamp = _fixed64(timestamp)
     cached = _strings.get
     parts = [
+        prefix,
         b"\x09",
         stamp,
         severity,
@@ -483,9 +529,10 @@ class OtlpHttpSpanExporter(SpanExporter):
 
     def __init__(self, exporter: _HttpSpanExporter) -> None:
         self._sender = _Sender(exporter)
+        self.groups = Groups()
 
-    def export(self, spans: Sequence[ReadableSpan | Encoded]) -> SpanExportResult:
-        ok = self._sender.send("spans", encode_spans, spans)
+    def export(self, spans: Sequence[ReadableSpan | Encoded | bytes]) -> SpanExportResult:
+        ok = self._sender.send("spans", lambda batch: encode_spans(batch, self.groups), spans)
         return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
@@ -500,9 +547,10 @@ class OtlpHttpLogExporter(LogRecordExporter):
 
     def __init__(self, exporter: _HttpLogExporter) -> None:
         self._sender = _Sender(exporter)
+        self.groups = Groups()
 
-    def export(self, batch: Sequence[ReadableLogRecord | Encoded]) -> LogRecordExportResult:
-        ok = self._sender.send("log records", encode_logs, batch)
+    def export(self, batch: Sequence[ReadableLogRecord | Encoded | bytes]) -> LogRecordExportResult:
+        ok = self._sender.send("log records", lambda items: encode_logs(items, self.groups), batch)
         return LogRecordExportResult.SUCCESS if ok else LogRecordExportResult.FAILURE
 
     def shutdown(self) -> None:
@@ -530,7 +578,7 @@ class _Queue:
         self.dropped = 0
         self._warn_at = 0.0
 
-    def put(self, item: Encoded) -> None:
+    def put(self, item: Encoded | bytes) -> None:
         batch = self._batch
         if len(batch._queue) < batch._max_queue_size:
             batch.emit(item)
@@ -551,8 +599,10 @@ class OtlpHttpSpanProcessor(BatchSpanProcessor):
     our encoder; each span is encoded as it ends and queued as bytes (see :class:`Encoded`)."""
 
     def __init__(self, exporter: _HttpSpanExporter, *args: Any, **kwargs: Any) -> None:
-        super().__init__(OtlpHttpSpanExporter(exporter), *args, **kwargs)
+        ours = OtlpHttpSpanExporter(exporter)
+        super().__init__(ours, *args, **kwargs)
         self.queue = _Queue(self._batch_processor, "span")
+        self.groups = ours.groups
 
     def on_end(self, span: ReadableSpan) -> None:
         if not (span.context and span.context.trace_flags.sampled):
@@ -567,6 +617,10 @@ class OtlpHttpSpanProcessor(BatchSpanProcessor):
     def emit_encoded(self, resource: Resource, scope: InstrumentationScope | None, data: bytes) -> None:
         """Queue one span, already encoded (by :func:`encode_span`)."""
         self.queue.put(Encoded(resource, scope, data))
+
+    def emit_named(self, data: bytes) -> None:
+        """Queue one span encoded after a prefix from :attr:`groups`."""
+        self.queue.put(data)
 
 
 def span_processor(exporter: SpanExporter, *args: Any, **kwargs: Any) -> SpanProcessor:
@@ -587,8 +641,10 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
     """
 
     def __init__(self, exporter: _HttpLogExporter, *args: Any, **kwargs: Any) -> None:
-        super().__init__(OtlpHttpLogExporter(exporter), *args, **kwargs)
+        ours = OtlpHttpLogExporter(exporter)
+        super().__init__(ours, *args, **kwargs)
         self.queue = _Queue(self._batch_processor, "log record")
+        self.groups = ours.groups
 
     def on_emit(self, log_record: ReadWriteLogRecord) -> None:
         # Encoded now and queued as bytes: nothing keeps the record (or its context) alive.
@@ -601,9 +657,14 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
         self.queue.put(Encoded(resource, log_record.instrumentation_scope, data))
 
     def emit_encoded(self, resource: Resource, scope: InstrumentationScope | None, data: bytes) -> None:
-        """Queue one log record, already encoded (by :func:`encode_request_record`)."""
+        """Queue one log record, already encoded."""
         # The SDK's batching (queue bound, schedule, fork and shutdown handling), reused.
         self.queue.put(Encoded(resource, scope, data))
+
+    def emit_named(self, data: bytes) -> None:
+        """Queue one log record encoded after a prefix from :attr:`groups` (as
+        :func:`encode_request_record` does)."""
+        self.queue.put(data)
 
 
 def log_processor(exporter: LogRecordExporter, *args: Any, **kwargs: Any) -> LogRecordProcessor:

@@ -278,6 +278,7 @@ class Spans:
         self.limits = sdk_trace.SpanLimits()
         self._resource: Any = None
         self._scope: Any = None
+        self._prefix: bytes | None = None
         # The sampler, and its decisions when it is the SDK's default kind (see _static).
         self._sampler: object = None
         self._decisions: tuple[Decision, ...] | None = None
@@ -331,6 +332,8 @@ class Spans:
         self._scope = tracer._instrumentation_scope
         self._sampler = tracer.sampler
         self._decisions = _static(tracer.sampler)
+        # Our spans' (resource, scope), named once: each is then queued as plain bytes.
+        self._prefix = self._processor.groups.prefix(self._resource, self._scope) if self._processor else None
 
     def _start_lean(
         self,
@@ -384,9 +387,13 @@ class Spans:
         processor = self._processor
         if processor is None:
             return
+        prefix = self._prefix
         try:
-            data = _otlp.encode_span(span)  # type: ignore[arg-type]  # a ReadableSpan to the encoder
+            data = _otlp.encode_span(span, prefix or b"")  # type: ignore[arg-type]  # a ReadableSpan to the encoder
         except Exception:  # never into the app; the span alone is lost
             _log.warning("cfk_otel: span %r could not be encoded; dropped", span.name, exc_info=True)
             return
-        processor.emit_encoded(self._resource, self._scope, data)
+        if prefix is None:
+            processor.emit_encoded(self._resource, self._scope, data)
+        else:
+            processor.emit_named(data)

@@ -240,10 +240,24 @@ def test_request_lines_encoded_directly_arrive_beside_sdk_records() -> None:
         provider.add_log_record_processor(processor)
         span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
         fields = {"method": "GET", "path": "/hello", "route": "/hello", "status": 200, "duration_ms": 1.5}
+        scope = InstrumentationScope("cfk_otel.requests")
+        prefix = processor.groups.prefix(provider.resource, scope)
+        assert prefix is not None
         data = _otlp.encode_request_record(
-            1_700_000_000_000_000_000, 9, "INFO", "GET /hello", "GET", "/hello", "/hello", 200, 1.5, span
+            prefix,
+            1_700_000_000_000_000_000,
+            9,
+            "INFO",
+            "GET /hello",
+            "GET",
+            "/hello",
+            "/hello",
+            200,
+            1.5,
+            span,
         )
-        processor.emit_encoded(provider.resource, InstrumentationScope("cfk_otel.requests"), data)
+        processor.emit_named(data)
+        assert type(processor._batch_processor._queue[0]) is bytes  # no tuple, nothing for the GC
         provider.get_logger("app").emit(body="from the SDK", severity_number=SeverityNumber.WARN)
         provider.force_flush()
         assert receiver.wait_for(lambda: len(receiver.logs) == 2)
@@ -283,6 +297,7 @@ def test_request_records_encode_as_the_general_encoder_does(
             span_id=span.span_id if span is not None else None,
         )
         direct = _otlp.encode_request_record(
+            b"",
             1_700_000_000_123_456_789,
             13,
             "WARN",
@@ -295,6 +310,62 @@ def test_request_records_encode_as_the_general_encoder_does(
             span,
         )
         assert direct == general
+
+
+def test_named_items_arrive_under_their_own_resource_and_scope() -> None:
+    """Plain-bytes items of several (resource, scope) pairs, beside Encoded ones."""
+    with OtlpReceiver() as receiver:
+        processor = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
+        assert isinstance(processor, _otlp.OtlpHttpLogProcessor)
+        other = Resource.create({"service.name": "other"})
+        pairs = [
+            (RESOURCE, InstrumentationScope("a")),
+            (RESOURCE, InstrumentationScope("b", "1")),
+            (other, None),
+        ]
+        prefixes = [processor.groups.prefix(r, s) for r, s in pairs]
+        assert prefixes == [b"\x00", b"\x01", b"\x02"]
+        # Scopes compare by value: an equal scope from another tracer gets the same name.
+        assert processor.groups.prefix(RESOURCE, InstrumentationScope("b", "1")) == b"\x01"
+        for i, prefix in enumerate(prefixes * 2):
+            processor.emit_named(
+                _otlp.encode_request_record(
+                    prefix, 1, 9, "INFO", f"line {i}", "GET", "/", "/", 200, 1.0, None
+                )
+            )
+        processor.emit_encoded(
+            other,
+            InstrumentationScope("c"),
+            _otlp.encode_log_record(
+                timestamp=1,
+                observed_timestamp=1,
+                severity_number=9,
+                severity_text="INFO",
+                body="encoded",
+                attributes={},
+            ),
+        )
+        processor.force_flush()
+        assert receiver.wait_for(lambda: len(receiver.logs) == 7)
+        where = {log.body: (log.resource.get("service.name"), log.scope) for log in receiver.logs}
+        assert where == {
+            "line 0": ("cf-kanban", "a"),
+            "line 1": ("cf-kanban", "b"),
+            "line 2": ("other", ""),
+            "line 3": ("cf-kanban", "a"),
+            "line 4": ("cf-kanban", "b"),
+            "line 5": ("other", ""),
+            "encoded": ("other", "c"),
+        }
+        processor.shutdown()
+
+
+def test_groups_stop_naming_at_their_limit() -> None:
+    groups = _otlp.Groups()
+    resources = [Resource.create({"n": i}) for i in range(_otlp.Groups.LIMIT + 1)]
+    named = [groups.prefix(r, None) for r in resources]
+    assert named[-1] is None  # the caller then queues Encoded items
+    assert [p[0] for p in named[:-1] if p is not None] == list(range(_otlp.Groups.LIMIT))
 
 
 def test_spans_encoded_as_they_end_arrive_as_upstream_would_send_them(
