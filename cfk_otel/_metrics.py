@@ -117,8 +117,12 @@ class _Observed(_Metric):
     def add_by_key(self, key: tuple[str, ...], value: float) -> None:
         """Add to the series whose label values are ``key``, in label order (the hot path)."""
         with self._lock:
-            key = self._admit(key, self._values)
-            self._values[key] = self._values.get(key, 0.0) + value
+            values = self._values
+            current = values.get(key)
+            if current is None:  # a new label set: admitted, or the overflow series
+                key = self._admit(key, values)
+                current = values.get(key, 0.0)
+            values[key] = current + value
 
     def _observe(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
         with self._lock:
