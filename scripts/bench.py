@@ -248,6 +248,56 @@ def run_once(name: str, route: str, receiver: Receiver, closed: str, seconds: in
     }
 
 
+def side_by_side(
+    route: str, names: list[str], receiver: Receiver, closed: str, rounds: int, seconds: int
+) -> dict[str, dict[str, float]]:
+    """Every scenario's server at once on CPU 0, each under its own wrk; CPU per request
+    compared round by round. The machine's speed drifts by 15-20% between the rounds of
+    the main table; here it moves all servers alike, so each ratio is read in the same
+    seconds: "keeps" is bare's CPU per request over the scenario's (the share of bare's
+    throughput it keeps with the same CPU), "added" its extra CPU per request."""
+    servers: dict[str, Server] = {}
+    try:
+        for name in names:
+            port = free_port()
+            command, env = scenario(name, port, receiver, closed)
+            servers[name] = Server(command, env, port)
+        urls = {name: f"http://127.0.0.1:{server.port}{ROUTES[route]}" for name, server in servers.items()}
+        per_round: dict[str, list[float]] = {name: [] for name in names}
+        for round_ in range(rounds + 1):  # the first round warms up
+            before = {name: server.cpu_seconds() for name, server in servers.items()}
+            loads = {
+                name: subprocess.Popen(
+                    ["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{seconds}s", url],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for name, url in urls.items()
+            }
+            outputs = {name: load.communicate()[0] for name, load in loads.items()}
+            for name, server in servers.items():
+                match = re.search(r"Requests/sec:\s+([\d.]+)", outputs[name])
+                requests = (float(match.group(1)) if match else 0.0) * seconds
+                cpu_us = (server.cpu_seconds() - before[name]) / max(requests, 1) * 1e6
+                if round_:
+                    per_round[name].append(cpu_us)
+    finally:
+        for server in servers.values():
+            server.stop()
+        receiver.arrived()  # what they flushed at exit is not counted in the main table
+    bare = per_round["bare"]
+    result = {}
+    for name, cpus in per_round.items():
+        keeps = sorted(b / c for b, c in zip(bare, cpus, strict=True))
+        result[name] = {
+            "keeps_median": statistics.median(keeps),
+            "keeps_min": keeps[0],
+            "keeps_max": keeps[-1],
+            "added_us_median": statistics.median(c - b for b, c in zip(bare, cpus, strict=True)),
+        }
+    return result
+
+
 def soak_collector_down(receiver: Receiver, closed: str, seconds: int) -> dict[str, Any]:
     """A minute of load with the collector down: RSS samples and the SIGTERM exit time."""
     port = free_port()
@@ -312,6 +362,28 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['peak_rss_mib']:.0f} | "
                 f"{r['spans_received']:.0f}, {r['logs_received']:.0f} |"
             )
+    paired = result.get("side_by_side")
+    if paired:
+        lines += [
+            "",
+            f"Side by side: every scenario's server at once on CPU 0, each under its own wrk, "
+            f"{result['paired_rounds']} rounds. The machine's speed drifts between the rounds above "
+            "(bare alone varies by 15-20%); here it moves all servers alike, so the ratios are read "
+            "in the same seconds. Keeps: bare's CPU per request over the scenario's, the share of "
+            "bare's throughput it keeps with the same CPU (median, and the range over rounds). "
+            "Sharing the core makes every server slower in absolute terms.",
+            "",
+            "| route | scenario | keeps (median) | range | added CPU µs/req (median) |",
+            "|---|---|---|---|---|",
+        ]
+        for route, scenarios in paired.items():
+            for name, r in scenarios.items():
+                if name == "bare":
+                    continue
+                lines.append(
+                    f"| {route} | {name} | {r['keeps_median']:.2f} | "
+                    f"{r['keeps_min']:.2f} to {r['keeps_max']:.2f} | {r['added_us_median']:.0f} |"
+                )
     soak = result.get("collector_down_soak")
     if soak:
         lines += [
@@ -335,6 +407,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--soak-seconds", type=int, default=60)
+    parser.add_argument("--paired-rounds", type=int, default=5, help="side-by-side rounds (0: none)")
+    parser.add_argument("--paired-seconds", type=int, default=5)
     parser.add_argument("--scenarios", default="bare,upstream,cfk_otel,cfk_otel_down")
     parser.add_argument("--routes", default="hello,work")
     args = parser.parse_args()
@@ -357,6 +431,14 @@ def main() -> int:
                         f"{r['cpu_us_per_request']:6.0f} µs CPU/req p99 {r['p99_ms']:.2f} ms",
                         flush=True,
                     )
+        paired = (
+            {
+                route: side_by_side(route, names, receiver, closed, args.paired_rounds, args.paired_seconds)
+                for route in args.routes.split(",")
+            }
+            if "bare" in names and args.paired_rounds
+            else {}
+        )
         soak = soak_collector_down(receiver, closed, args.soak_seconds) if "cfk_otel_down" in names else None
     finally:
         receiver.stop()
@@ -371,6 +453,8 @@ def main() -> int:
             }
             for route, by_name in runs.items()
         },
+        "side_by_side": paired,
+        "paired_rounds": args.paired_rounds,
         "collector_down_soak": soak,
     }
     docs = ROOT / "docs"
