@@ -532,12 +532,20 @@ def summary(
         f"board changes pushed to a listening client ({events})"
     )
 
-    # The app exports every second and the collector batches for 200 ms.
-    def arrived() -> bool:
-        counts = collector_counts(collector)
-        return counts["spans"] >= served and all(counts.values())
+    # The app exports spans and logs every 500 ms and the collector batches for 200 ms:
+    # their counts are final once they have not moved for a second. (Metrics are exported
+    # every second for as long as the app runs: their count only grows.)
+    seen: list[Any] = [None, time.monotonic()]
 
-    wait_until(arrived, timeout=15)
+    def settled() -> bool:
+        counts = collector_counts(collector)
+        final = (counts["spans"], counts["log records"])
+        if final != seen[0]:
+            seen[:] = [final, time.monotonic()]
+            return False
+        return counts["spans"] >= served and all(counts.values()) and time.monotonic() - seen[1] >= 1.0
+
+    wait_until(settled, timeout=20)
     counts = collector_counts(collector)
     print("collector received (its debug exporter): " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     ok &= all(counts.values())

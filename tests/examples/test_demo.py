@@ -67,7 +67,7 @@ def check_summary(out: str, port: int) -> None:
     spans, points, logs = map(int, received.groups())
     assert spans >= total, out  # at least one server span per request
     assert points > 0, out
-    assert logs > 0, out
+    assert logs >= total, out  # at least one request line per request: the counts have settled
 
     prom = re.search(
         r"^Prometheus: http_requests_total (\d+) scraped .*, (\d+) through the collector$", out, re.M
