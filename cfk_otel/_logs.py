@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Final, NamedTuple
 
@@ -104,6 +105,25 @@ def _context_of(record: logging.LogRecord) -> dict[str, Any]:
     for key, value in record.__dict__.items():
         if key not in _RESERVED and key not in context:
             context[key] = value
+    return context
+
+
+# The last record's redacted context, for the next handler of the same record: (a weak
+# reference to the record, its attribute count then, context). One entry, replaced per
+# record; nothing is added to the record itself, where the app's own formatters would find
+# it, and nothing it holds (an exception's frames) is kept alive.
+_last_context: tuple[Callable[[], object], int, dict[str, Any]] = (lambda: None, 0, {})
+
+
+def _redacted_context(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's context with secrets hidden: worked out once per record and shared by
+    our handlers (stdout and OTLP), again if a filter added to the record since."""
+    global _last_context  # noqa: PLW0603  (a one-entry cache)
+    last = _last_context
+    if last[0]() is record and last[1] == len(record.__dict__):
+        return last[2]
+    context: dict[str, Any] = redact(_context_of(record))
+    _last_context = (weakref.ref(record), len(record.__dict__), context)
     return context
 
 
@@ -220,7 +240,7 @@ class JsonFormatter(logging.Formatter):
             "version": self._version,
         }
         # A request line's fields are ours, scalars under fixed keys: nothing to find or hide.
-        context = record.cfk_context if type(record) is _RequestRecord else redact(_context_of(record))
+        context = record.cfk_context if type(record) is _RequestRecord else _redacted_context(record)
         for key, value in context.items():
             document.setdefault(str(key), value)
         if not hasattr(record, "cfk_context") and "logger" not in document:
@@ -391,7 +411,7 @@ class OtlpHandler(logging.Handler):
             if type(record) is _RequestRecord:  # scalars under fixed keys, no code location
                 self._emit(logger, record, number, text, dict(record.cfk_context))
                 return
-            attributes = {str(k): _attribute(v) for k, v in redact(_context_of(record)).items()}
+            attributes = {str(k): _attribute(v) for k, v in _redacted_context(record).items()}
             if record.name != _REQUESTS_LOGGER:  # a request line's code location says nothing
                 attributes["code.file.path"] = record.pathname
                 attributes["code.function.name"] = record.funcName

@@ -386,3 +386,45 @@ def test_request_lines_take_the_direct_route_only_when_nothing_else_listens(
     assert direct == via_logging
     assert direct["level"] == "warn"
     assert direct["trace_id"] == f"{0xABC:032x}"
+
+
+def test_both_handlers_share_one_redaction_and_see_what_a_filter_adds(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    from cfk_otel import _logs
+
+    calls: list[object] = []
+    original = _logs.redact
+    monkeypatch.setattr(_logs, "redact", lambda value: calls.append(value) or original(value))
+    provider = LoggerProvider()
+    memory = InMemoryLogRecordExporter()
+    provider.add_log_record_processor(SimpleLogRecordProcessor(memory))
+    stream = io.StringIO()
+    json_handler = logging.StreamHandler(stream)
+    json_handler.setFormatter(JsonFormatter(settings))
+    otlp_handler = _logs.OtlpHandler(provider)
+    std = logging.getLogger("test.shared_redaction")
+    std.propagate = False
+    std.setLevel(logging.INFO)
+    std.addHandler(json_handler)
+    std.addHandler(otlp_handler)
+    try:
+        log = get_logger(std.name, password="hunter2")
+        log.info("one", userId="u-1")
+        assert len(calls) == 1  # worked out once, for both handlers
+        otlp_handler.addFilter(lambda record: setattr(record, "tenant", "t-9") or True)
+        log.info("two", userId="u-2")  # the OTLP handler's filter adds context after the stdout one
+        assert len(calls) == 3
+    finally:
+        std.removeHandler(json_handler)
+        std.removeHandler(otlp_handler)
+        std.propagate = True
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(x["userId"], x["password"]) for x in lines] == [("u-1", "[REDACTED]"), ("u-2", "[REDACTED]")]
+    records = [r.log_record for r in memory.get_finished_logs()]
+    assert [dict(r.attributes or {}).get("password") for r in records] == ["[REDACTED]", "[REDACTED]"]
+    assert [dict(r.attributes or {}).get("tenant") for r in records] == [None, "t-9"]
+    assert "tenant" not in lines[1]
