@@ -29,11 +29,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry._logs import Logger as OtelLogger
 from opentelemetry._logs import LoggerProvider, SeverityNumber
+from opentelemetry.sdk._logs import Logger as SdkLogger
+from opentelemetry.sdk._logs._internal._logger_metrics import NoOpLoggerMetrics
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from ._asgi import RequestInfo, RequestObserver
-from ._otlp import OtlpHttpLogProcessor, encode_request_record
+from ._otlp import OtlpHttpLogProcessor, encode_log_record, encode_request_record
 from ._redact import redact
 from ._settings import Settings
 
@@ -359,6 +361,7 @@ class OtlpHandler(logging.Handler):
         self._sink = sink
         self._resource: Resource | None = getattr(provider, "resource", None)
         self._scope = InstrumentationScope(_REQUESTS_LOGGER)
+        self._prefixes: dict[str, bytes] = {}  # per logger name, for records encoded directly
         # Request lines' (resource, scope), named once: each line is then queued as plain bytes.
         self._prefix = (
             sink.groups.prefix(self._resource, self._scope)
@@ -421,9 +424,73 @@ class OtlpHandler(logging.Handler):
                 attributes["exception.type"] = error["type"]
                 attributes["exception.message"] = error["message"]
                 attributes["exception.stacktrace"] = error["stack"]
-            self._emit(logger, record, number, text, attributes)
+            prefix = self._direct_prefix(logger, record.name, attributes)
+            if prefix is None:
+                self._emit(logger, record, number, text, attributes)
+            else:
+                self._encode(prefix, record, number, text, attributes)
         except Exception:  # a log line must never raise into the app
             self.handleError(record)
+
+    def _direct_prefix(self, logger: OtelLogger, name: str, attributes: dict[str, Any]) -> bytes | None:
+        """The queue prefix for encoding this record straight to OTLP bytes, or None when
+        the SDK must build it.
+
+        Direct only where the SDK would add nothing: its logger is enabled, our OTLP/HTTP
+        processor is its only one, its self-metrics are off, and the attributes are within
+        the record limits untouched (no length limit, no more than the count limit, no
+        empty key). The SDK's ``Logger`` and processor tuple are private (SDK 1.45, pinned);
+        tests/test_logs.py compares both routes' records.
+        """
+        sink = self._sink
+        if sink is None or type(logger) is not SdkLogger:
+            return None
+        processors = logger._multi_log_record_processor._log_record_processors
+        limits = logger._log_record_limits
+        if not (
+            len(processors) == 1
+            and processors[0] is sink
+            and logger._is_enabled()
+            and type(logger._logger_metrics) is NoOpLoggerMetrics
+            and limits.max_log_record_attribute_length is None
+            and (
+                limits.max_log_record_attributes is None
+                or len(attributes) <= limits.max_log_record_attributes
+            )
+            and "" not in attributes
+        ):
+            return None
+        prefix = self._prefixes.get(name)
+        if prefix is None:
+            named = sink.groups.prefix(logger.resource, logger._instrumentation_scope)
+            if named is None:
+                return None
+            prefix = self._prefixes[name] = named
+        return prefix
+
+    def _encode(
+        self,
+        prefix: bytes,
+        record: logging.LogRecord,
+        number: SeverityNumber,
+        text: str,
+        attributes: dict[str, Any],
+    ) -> None:
+        """The record the SDK would build from :meth:`_emit`'s arguments, encoded and queued."""
+        explicit = getattr(record, "cfk_span", None)
+        span = explicit if explicit is not None else trace.get_current_span().get_span_context()
+        data = encode_log_record(
+            timestamp=int(record.created * 1e9),
+            observed_timestamp=time.time_ns(),
+            severity_number=number.value,
+            severity_text=text,
+            body=_message(record),
+            attributes=attributes,
+            trace_flags=int(span.trace_flags),
+            trace_id=span.trace_id,
+            span_id=span.span_id,
+        )
+        self._sink.emit_named(prefix + data)  # type: ignore[union-attr]  # see _direct_prefix
 
     @staticmethod
     def _emit(

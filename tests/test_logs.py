@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -428,3 +429,117 @@ def test_both_handlers_share_one_redaction_and_see_what_a_filter_adds(
     assert [dict(r.attributes or {}).get("password") for r in records] == ["[REDACTED]", "[REDACTED]"]
     assert [dict(r.attributes or {}).get("tenant") for r in records] == [None, "t-9"]
     assert "tenant" not in lines[1]
+
+
+def _record(message: str, **extra: Any) -> logging.LogRecord:
+    try:
+        raise ValueError("bad ticket")
+    except ValueError:
+        import sys
+
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("tests.direct", logging.ERROR, __file__, 7, message, None, exc_info, "fn")
+    record.__dict__.update(extra)
+    return record
+
+
+def test_app_records_encoded_directly_equal_the_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider, LogRecordProcessor
+    from opentelemetry.sdk.resources import Resource
+
+    from cfk_otel import _otlp
+    from cfk_otel._logs import OtlpHandler
+    from cfk_otel.testing import OtlpReceiver
+
+    span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+    records = [
+        _record("plain", userId="u-1", tags=["a", "b"], nested={"k": 1}, token="s3cret"),
+        _record("explicit span", cfk_span=span),
+    ]
+    with OtlpReceiver() as receiver:
+        provider = LoggerProvider(resource=Resource.create({"service.name": "cf-kanban"}))
+        sink = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
+        assert isinstance(sink, _otlp.OtlpHttpLogProcessor)
+        provider.add_log_record_processor(sink)
+        direct, via_sdk = OtlpHandler(provider, sink=sink), OtlpHandler(provider)
+        taken: list[str] = []
+        encode = OtlpHandler._encode
+        monkeypatch.setattr(
+            OtlpHandler, "_encode", lambda self, *a: taken.append(a[1].msg) or encode(self, *a)
+        )
+        with trace.use_span(trace.NonRecordingSpan(SpanContext(0x123, 0x456, False, TraceFlags(1)))):
+            for record in records:
+                direct.handle(record)
+                via_sdk.handle(record)
+        assert taken == ["plain", "explicit span"]  # the direct route, for the first handler only
+
+        class Counting(LogRecordProcessor):
+            seen = 0
+
+            def on_emit(self, log_record: Any) -> None:
+                Counting.seen += 1
+
+            def shutdown(self) -> None: ...
+
+            def force_flush(self, timeout_millis: int = 30000) -> bool:
+                return True
+
+        provider.add_log_record_processor(Counting())
+        direct.handle(_record("a second processor"))  # seen by it: the SDK's route again
+        assert Counting.seen == 1
+        assert taken == ["plain", "explicit span"]
+        provider.force_flush()
+        assert receiver.wait_for(lambda: len(receiver.logs) == 5)
+
+        def comparable(body: str) -> list[tuple[Any, ...]]:
+            return [
+                (
+                    log.scope,
+                    log.resource,
+                    log.attributes,
+                    log.record.time_unix_nano,
+                    log.record.severity_number,
+                    log.record.severity_text,
+                    log.record.trace_id,
+                    log.record.span_id,
+                    log.record.flags,
+                    log.record.dropped_attributes_count,
+                )
+                for log in receiver.logs
+                if log.body == body
+            ]
+
+        for body in ("plain", "explicit span"):
+            first, second = comparable(body)
+            assert first == second, body
+        plain = comparable("plain")[0]
+        assert plain[2]["token"] == "[REDACTED]"
+        assert plain[2]["exception.type"] == "ValueError"
+        assert plain[6].hex() == f"{0x123:032x}"  # the active span
+        assert comparable("explicit span")[0][6].hex() == f"{0xABC:032x}"
+        provider.shutdown()
+
+
+def test_app_records_beyond_the_attribute_limit_go_through_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits
+
+    from cfk_otel import _otlp
+    from cfk_otel._logs import OtlpHandler
+    from cfk_otel.testing import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        provider = LoggerProvider(log_record_limits=LogRecordLimits(max_attributes=3))
+        sink = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
+        provider.add_log_record_processor(sink)
+        monkeypatch.setattr(OtlpHandler, "_encode", lambda *a: pytest.fail("encoded directly"))
+        with warnings.catch_warnings():  # the SDK warns that it dropped some
+            warnings.simplefilter("ignore")
+            OtlpHandler(provider, sink=sink).handle(_record("many", a=1, b=2, c=3, d=4))
+        provider.force_flush()
+        assert receiver.wait_for(lambda: len(receiver.logs) == 1)
+        assert len(receiver.logs[0].attributes) == 3
+        assert receiver.logs[0].record.dropped_attributes_count > 0
+        provider.shutdown()
