@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import (
@@ -155,6 +156,19 @@ def logger_provider(resource: Resource, log_exporter: NullLogExporter) -> Iterat
     provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
     yield provider
     provider.shutdown()
+
+
+@pytest.fixture
+def otlp_log_sink() -> Iterator[_otlp.OtlpHttpLogProcessor]:
+    """cfk_otel's production log path: our OTLP/HTTP processor (queue only, as above)."""
+    exporter = OTLPLogExporter(endpoint="http://127.0.0.1:9/v1/logs", timeout=1)
+    processor = _otlp.log_processor(
+        exporter, max_queue_size=1 << 22, schedule_delay_millis=3_600_000, max_export_batch_size=1 << 22
+    )
+    assert isinstance(processor, _otlp.OtlpHttpLogProcessor)
+    yield processor
+    processor._batch_processor._queue.clear()  # nothing to send at shutdown
+    processor.shutdown()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture

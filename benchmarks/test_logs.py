@@ -34,6 +34,7 @@ from opentelemetry.trace import INVALID_SPAN, INVALID_SPAN_CONTEXT
 from pytest_benchmark.fixture import BenchmarkFixture
 from pythonjsonlogger.json import JsonFormatter as PythonJsonFormatter
 
+from cfk_otel import _otlp
 from cfk_otel._logs import OtlpHandler, configure_logging, get_logger
 from cfk_otel._settings import load
 
@@ -191,9 +192,31 @@ def test_otlp_record_ours(
 ) -> None:
     root.handlers[:] = [OtlpHandler(logger_provider, logging.INFO)]
     root.setLevel(logging.INFO)
-    describe(benchmark, "ours", "OtlpHandler", primary=True)
+    describe(benchmark, "ours", "OtlpHandler, batch processor over a null exporter (SDK record)")
     benchmark(log_once)
     check_exported(logger_provider, log_exporter, in_a_span)
+
+
+@pytest.mark.benchmark(group=OTLP_RECORD)
+def test_otlp_record_ours_direct(
+    benchmark: BenchmarkFixture,
+    root: logging.Logger,
+    resource: Resource,
+    otlp_log_sink: _otlp.OtlpHttpLogProcessor,
+    in_a_span: trace.Span,
+) -> None:
+    provider = LoggerProvider(resource=resource)
+    provider.add_log_record_processor(otlp_log_sink)
+    root.handlers[:] = [OtlpHandler(provider, logging.INFO, otlp_log_sink)]
+    root.setLevel(logging.INFO)
+    describe(benchmark, "ours", "OtlpHandler, OTLP/HTTP processor alone (encoded directly)", primary=True)
+    benchmark(log_once)
+    queued = otlp_log_sink._batch_processor._queue
+    assert queued
+    assert type(queued[0]) is bytes  # the direct route: no SDK record, bytes in the queue
+    request = _otlp.encode_logs([queued[0]], otlp_log_sink.groups)
+    assert MESSAGE.encode() in request
+    assert in_a_span.get_span_context().span_id.to_bytes(8, "big") in request
 
 
 @pytest.mark.benchmark(group=OTLP_RECORD)
