@@ -152,10 +152,14 @@ def _json_default(value: object) -> object:
 _string: Final[Callable[[str], str]] = json.encoder.encode_basestring
 
 
+# json.dumps with these options builds an encoder per call; one, shared (it keeps no state).
+_ENCODER: Final = json.JSONEncoder(
+    default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+)
+
+
 def _json(value: object) -> str:
-    return json.dumps(
-        value, default=_json_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-    )
+    return _ENCODER.encode(value)
 
 
 def _dumps(document: dict[str, Any]) -> str:
