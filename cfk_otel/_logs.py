@@ -396,11 +396,12 @@ class OtlpHandler(logging.Handler):
                 request.duration_ms,
                 request.span,
             )
-            sink: OtlpHttpLogProcessor = self._sink  # type: ignore[assignment]  # direct: the sink is there
-            if prefix is None:
-                sink.emit_encoded(self._resource, self._scope, data)  # type: ignore[arg-type]
-            else:
-                sink.emit_named(data)
+            self._sink.emit_encoded(  # type: ignore[union-attr]  # direct: the sink is there
+                self._resource,  # type: ignore[arg-type]
+                self._scope,
+                data,
+                named=prefix is not None,
+            )
         except Exception:  # a log line must never raise into the app
             self.handleError(_RequestRecord(request.level, request.message, request.fields, request.span))
 
@@ -432,7 +433,7 @@ class OtlpHandler(logging.Handler):
             if prefix is None:
                 self._emit(logger, record, number, text, attributes)
             else:
-                self._encode(prefix, record, number, text, attributes)
+                self._encode(logger, prefix, record, number, text, attributes)  # type: ignore[arg-type]
         except Exception:  # a log line must never raise into the app
             self.handleError(record)
 
@@ -474,6 +475,7 @@ class OtlpHandler(logging.Handler):
 
     def _encode(
         self,
+        logger: SdkLogger,
         prefix: bytes,
         record: logging.LogRecord,
         number: SeverityNumber,
@@ -493,8 +495,11 @@ class OtlpHandler(logging.Handler):
             trace_flags=int(span.trace_flags),
             trace_id=span.trace_id,
             span_id=span.span_id,
+            prefix=prefix,
         )
-        self._sink.emit_named(prefix + data)  # type: ignore[union-attr]  # see _direct_prefix
+        self._sink.emit_encoded(  # type: ignore[union-attr]  # see _direct_prefix
+            logger.resource, logger._instrumentation_scope, data, named=True
+        )
 
     @staticmethod
     def _emit(

@@ -257,14 +257,14 @@ class Groups:
         """The byte naming this pair (None once :attr:`LIMIT` pairs are named). Called
         once per caller, not per item: scopes are compared by value."""
         with self._lock:
-            for index, (known, known_scope) in enumerate(self._pairs):
-                if known is resource and known_scope == scope:
-                    return _SMALL[index] if index < 128 else bytes((index,))
-            if len(self._pairs) >= self.LIMIT:
-                return None
-            self._pairs.append((resource, scope))
-            index = len(self._pairs) - 1
-            return _SMALL[index] if index < 128 else bytes((index,))
+            pair = (resource, scope)
+            index = next((i for i, (r, s) in enumerate(self._pairs) if r is resource and s == scope), None)
+            if index is None:
+                if len(self._pairs) >= self.LIMIT:
+                    return None
+                index = len(self._pairs)
+                self._pairs.append(pair)
+            return bytes((index,))
 
     def group(self, groups: Grouped, item: bytes) -> None:
         resource, scope = self._pairs[item[0]]
@@ -404,9 +404,10 @@ def encode_log_record(
     trace_id: int | None = None,
     span_id: int | None = None,
     event_name: str | None = None,
+    prefix: bytes = b"",
 ) -> bytes:
-    """One LogRecord message (without its length prefix)."""
-    parts: list[bytes] = []
+    """One LogRecord message (without its length prefix), after ``prefix`` (see :class:`Groups`)."""
+    parts: list[bytes] = [prefix]
     if timestamp:
         parts += (b"\x09", _fixed64(timestamp))  # time_unix_nano = 1
     if severity_number:
@@ -594,7 +595,22 @@ class _Queue:
             )
 
 
-class OtlpHttpSpanProcessor(BatchSpanProcessor):
+class _EncodedQueue:
+    """What both processors below queue: items encoded by their callers."""
+
+    queue: _Queue
+    groups: Groups
+
+    def emit_encoded(
+        self, resource: Resource, scope: InstrumentationScope | None, data: bytes, named: bool = False
+    ) -> None:
+        """Queue one item already encoded; ``named``: ``data`` starts with a prefix from
+        :attr:`groups` and goes in as it is (no tuple), else with its resource and scope."""
+        # The SDK's batching (queue bound, schedule, fork and shutdown handling), reused.
+        self.queue.put(data if named else Encoded(resource, scope, data))
+
+
+class OtlpHttpSpanProcessor(_EncodedQueue, BatchSpanProcessor):
     """The SDK's batch processor (queue bound, schedule, fork and shutdown handling) over
     our encoder; each span is encoded as it ends and queued as bytes (see :class:`Encoded`)."""
 
@@ -614,14 +630,6 @@ class OtlpHttpSpanProcessor(BatchSpanProcessor):
             return
         self.emit_encoded(span.resource, span.instrumentation_scope, data)
 
-    def emit_encoded(self, resource: Resource, scope: InstrumentationScope | None, data: bytes) -> None:
-        """Queue one span, already encoded (by :func:`encode_span`)."""
-        self.queue.put(Encoded(resource, scope, data))
-
-    def emit_named(self, data: bytes) -> None:
-        """Queue one span encoded after a prefix from :attr:`groups`."""
-        self.queue.put(data)
-
 
 def span_processor(exporter: SpanExporter, *args: Any, **kwargs: Any) -> SpanProcessor:
     """The SDK's batch processor; over our encoder when the exporter is the OTLP/HTTP one."""
@@ -630,7 +638,7 @@ def span_processor(exporter: SpanExporter, *args: Any, **kwargs: Any) -> SpanPro
     return BatchSpanProcessor(exporter, *args, **kwargs)
 
 
-class OtlpHttpLogProcessor(BatchLogRecordProcessor):
+class OtlpHttpLogProcessor(_EncodedQueue, BatchLogRecordProcessor):
     """The SDK's batch processor over our encoder, with a second door for hot records.
 
     Records from the SDK's Logger API arrive through ``on_emit`` and are encoded there.
@@ -655,16 +663,6 @@ class OtlpHttpLogProcessor(BatchLogRecordProcessor):
             return
         resource = log_record.resource if log_record.resource is not None else _NO_RESOURCE
         self.queue.put(Encoded(resource, log_record.instrumentation_scope, data))
-
-    def emit_encoded(self, resource: Resource, scope: InstrumentationScope | None, data: bytes) -> None:
-        """Queue one log record, already encoded."""
-        # The SDK's batching (queue bound, schedule, fork and shutdown handling), reused.
-        self.queue.put(Encoded(resource, scope, data))
-
-    def emit_named(self, data: bytes) -> None:
-        """Queue one log record encoded after a prefix from :attr:`groups` (as
-        :func:`encode_request_record` does)."""
-        self.queue.put(data)
 
 
 def log_processor(exporter: LogRecordExporter, *args: Any, **kwargs: Any) -> LogRecordProcessor:

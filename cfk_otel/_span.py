@@ -393,7 +393,4 @@ class Spans:
         except Exception:  # never into the app; the span alone is lost
             _log.warning("cfk_otel: span %r could not be encoded; dropped", span.name, exc_info=True)
             return
-        if prefix is None:
-            processor.emit_encoded(self._resource, self._scope, data)
-        else:
-            processor.emit_named(data)
+        processor.emit_encoded(self._resource, self._scope, data, named=prefix is not None)

@@ -467,7 +467,7 @@ def test_app_records_encoded_directly_equal_the_sdks(monkeypatch: pytest.MonkeyP
         taken: list[str] = []
         encode = OtlpHandler._encode
         monkeypatch.setattr(
-            OtlpHandler, "_encode", lambda self, *a: taken.append(a[1].msg) or encode(self, *a)
+            OtlpHandler, "_encode", lambda self, *a: taken.append(a[2].msg) or encode(self, *a)
         )
         with trace.use_span(trace.NonRecordingSpan(SpanContext(0x123, 0x456, False, TraceFlags(1)))):
             for record in records:

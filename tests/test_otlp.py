@@ -256,7 +256,7 @@ def test_request_lines_encoded_directly_arrive_beside_sdk_records() -> None:
             1.5,
             span,
         )
-        processor.emit_named(data)
+        processor.emit_encoded(provider.resource, scope, data, named=True)
         assert type(processor._batch_processor._queue[0]) is bytes  # no tuple, nothing for the GC
         provider.get_logger("app").emit(body="from the SDK", severity_number=SeverityNumber.WARN)
         provider.force_flush()
@@ -328,10 +328,12 @@ def test_named_items_arrive_under_their_own_resource_and_scope() -> None:
         # Scopes compare by value: an equal scope from another tracer gets the same name.
         assert processor.groups.prefix(RESOURCE, InstrumentationScope("b", "1")) == b"\x01"
         for i, prefix in enumerate(prefixes * 2):
-            processor.emit_named(
+            processor.emit_encoded(
+                *pairs[i % 3],
                 _otlp.encode_request_record(
                     prefix, 1, 9, "INFO", f"line {i}", "GET", "/", "/", 200, 1.0, None
-                )
+                ),
+                named=True,
             )
         processor.emit_encoded(
             other,
