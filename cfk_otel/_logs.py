@@ -429,11 +429,9 @@ class OtlpHandler(logging.Handler):
                 attributes["exception.type"] = error["type"]
                 attributes["exception.message"] = error["message"]
                 attributes["exception.stacktrace"] = error["stack"]
-            prefix = self._direct_prefix(logger, record.name, attributes)
-            if prefix is None:
-                self._emit(logger, record, number, text, attributes)
-            else:
-                self._encode(logger, prefix, record, number, text, attributes)  # type: ignore[arg-type]
+            self._emit(
+                logger, record, number, text, attributes, self._direct_prefix(logger, record.name, attributes)
+            )
         except Exception:  # a log line must never raise into the app
             self.handleError(record)
 
@@ -473,43 +471,37 @@ class OtlpHandler(logging.Handler):
             prefix = self._prefixes[name] = named
         return prefix
 
-    def _encode(
-        self,
-        logger: SdkLogger,
-        prefix: bytes,
-        record: logging.LogRecord,
-        number: SeverityNumber,
-        text: str,
-        attributes: dict[str, Any],
-    ) -> None:
-        """The record the SDK would build from :meth:`_emit`'s arguments, encoded and queued."""
-        explicit = getattr(record, "cfk_span", None)
-        span = explicit if explicit is not None else trace.get_current_span().get_span_context()
-        data = encode_log_record(
-            timestamp=int(record.created * 1e9),
-            observed_timestamp=time.time_ns(),
-            severity_number=number.value,
-            severity_text=text,
-            body=_message(record),
-            attributes=attributes,
-            trace_flags=int(span.trace_flags),
-            trace_id=span.trace_id,
-            span_id=span.span_id,
-            prefix=prefix,
-        )
-        self._sink.emit_encoded(  # type: ignore[union-attr]  # see _direct_prefix
-            logger.resource, logger._instrumentation_scope, data, named=True
-        )
-
-    @staticmethod
     def _emit(
+        self,
         logger: OtelLogger,
         record: logging.LogRecord,
         number: SeverityNumber,
         text: str,
         attributes: dict[str, Any],
+        prefix: bytes | None = None,
     ) -> None:
+        """One record: built by the SDK's ``logger``, or with a ``prefix`` (see
+        :meth:`_direct_prefix`) the same record encoded here and queued."""
         explicit = getattr(record, "cfk_span", None)
+        if prefix is not None:
+            span = explicit if explicit is not None else trace.get_current_span().get_span_context()
+            data = encode_log_record(
+                timestamp=int(record.created * 1e9),
+                observed_timestamp=time.time_ns(),
+                severity_number=number.value,
+                severity_text=text,
+                body=_message(record),
+                attributes=attributes,
+                trace_flags=int(span.trace_flags),
+                trace_id=span.trace_id,
+                span_id=span.span_id,
+                prefix=prefix,
+            )
+            sdk_logger: SdkLogger = logger  # type: ignore[assignment]  # a prefix only for one
+            self._sink.emit_encoded(  # type: ignore[union-attr]  # nor without the sink
+                sdk_logger.resource, sdk_logger._instrumentation_scope, data, named=True
+            )
+            return
         ctx = trace.set_span_in_context(trace.NonRecordingSpan(explicit)) if explicit is not None else None
         logger.emit(
             timestamp=int(record.created * 1e9),

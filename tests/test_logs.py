@@ -449,7 +449,7 @@ def test_app_records_encoded_directly_equal_the_sdks(monkeypatch: pytest.MonkeyP
     from opentelemetry.sdk._logs import LoggerProvider, LogRecordProcessor
     from opentelemetry.sdk.resources import Resource
 
-    from cfk_otel import _otlp
+    from cfk_otel import _logs, _otlp
     from cfk_otel._logs import OtlpHandler
     from cfk_otel.testing import OtlpReceiver
 
@@ -465,10 +465,9 @@ def test_app_records_encoded_directly_equal_the_sdks(monkeypatch: pytest.MonkeyP
         provider.add_log_record_processor(sink)
         direct, via_sdk = OtlpHandler(provider, sink=sink), OtlpHandler(provider)
         taken: list[str] = []
-        encode = OtlpHandler._encode
-        monkeypatch.setattr(
-            OtlpHandler, "_encode", lambda self, *a: taken.append(a[2].msg) or encode(self, *a)
-        )
+        encode = _logs.encode_log_record
+        # The direct route is the one that encodes in _logs (the SDK's goes through the sink).
+        monkeypatch.setattr(_logs, "encode_log_record", lambda **k: taken.append(k["body"]) or encode(**k))
         with trace.use_span(trace.NonRecordingSpan(SpanContext(0x123, 0x456, False, TraceFlags(1)))):
             for record in records:
                 direct.handle(record)
@@ -526,7 +525,7 @@ def test_app_records_beyond_the_attribute_limit_go_through_the_sdk(monkeypatch: 
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
     from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits
 
-    from cfk_otel import _otlp
+    from cfk_otel import _logs, _otlp
     from cfk_otel._logs import OtlpHandler
     from cfk_otel.testing import OtlpReceiver
 
@@ -534,7 +533,7 @@ def test_app_records_beyond_the_attribute_limit_go_through_the_sdk(monkeypatch: 
         provider = LoggerProvider(log_record_limits=LogRecordLimits(max_attributes=3))
         sink = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
         provider.add_log_record_processor(sink)
-        monkeypatch.setattr(OtlpHandler, "_encode", lambda *a: pytest.fail("encoded directly"))
+        monkeypatch.setattr(_logs, "encode_log_record", lambda **k: pytest.fail("encoded directly"))
         with warnings.catch_warnings():  # the SDK warns that it dropped some
             warnings.simplefilter("ignore")
             OtlpHandler(provider, sink=sink).handle(_record("many", a=1, b=2, c=3, d=4))
