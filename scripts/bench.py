@@ -8,6 +8,14 @@ Scenarios, interleaved round by round so drift hits them all alike:
   cfk_otel              opentelemetry-instrument with cfk_otel, all three signals, 100% sampling
   cfk_otel_down         the same with the collector down (connection refused)
 
+Then, on the hello route, a ladder that shows where cfk_otel's cost goes, side by side:
+  empty_middleware      an empty pure-ASGI middleware (examples/bench/app_floor.py)
+  cfk_no_export         cfk_otel with the traces and logs exporters off and no request
+                        line: the middleware, its metrics and a span that is not exported
+  cfk_spans             ... and the spans exported over OTLP
+  cfk_spans_stdout_line ... and the request line on stdout
+  cfk_otel              ... and the request line over OTLP too (the default set-up)
+
 Two routes: /hello and /boards/{id} (a PostgreSQL query plus a Redis call, about 1 ms).
 The server is pinned to CPU 0; wrk, the OTLP receiver, PostgreSQL and Redis to CPU 1. Reported: throughput
 and its ratio to bare, server CPU per request, p50/p99 latency at a fixed offered load,
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -39,6 +48,21 @@ BIN = Path(sys.executable).parent
 TICKS = os.sysconf("SC_CLK_TCK")
 ROUTES = {"hello": "/hello", "work": "/boards/7"}
 RATES = {"hello": 400, "work": 200}  # fixed offered load for the latency runs, requests/s
+# The ladder's steps (see the module docstring), each adding one thing to the one before.
+LADDER = {
+    "bare": "the app alone",
+    "empty_middleware": "an empty pure-ASGI middleware (times the request, reads the status)",
+    "cfk_no_export": "cfk_otel's middleware: route, metrics, a span built but not exported",
+    "cfk_spans": "the span exported over OTLP",
+    "cfk_spans_stdout_line": "the request line, as JSON on stdout",
+    "cfk_otel": "the request line over OTLP too (the default set-up)",
+}
+# cfk_otel's settings per ladder step.
+_STEPS = {
+    "cfk_no_export": {"OTEL_TRACES_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none", "LOG_REQUESTS": "false"},
+    "cfk_spans": {"OTEL_LOGS_EXPORTER": "none", "LOG_REQUESTS": "false"},
+    "cfk_spans_stdout_line": {"OTEL_LOGS_EXPORTER": "none"},
+}
 
 
 def free_port() -> int:
@@ -116,6 +140,8 @@ def scenario(name: str, port: int, receiver: Receiver, closed: str) -> tuple[lis
     common = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http, "OTEL_SERVICE_NAME": "bench"}
     if name == "bare":
         return [*uvicorn, "app:app", "--no-access-log"], {}
+    if name == "empty_middleware":
+        return [*uvicorn, "app_floor:app", "--no-access-log"], {}
     if name == "upstream":
         env = {
             **common,
@@ -132,6 +158,7 @@ def scenario(name: str, port: int, receiver: Receiver, closed: str) -> tuple[lis
     env = {**common, "OTEL_PYTHON_DISTRO": "cfk_otel", "OTEL_PYTHON_CONFIGURATOR": "cfk_otel"}
     if name == "cfk_otel_down":
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = closed
+    env.update(_STEPS.get(name, {}))
     return [*instrument, *uvicorn, "app:app"], env
 
 
@@ -250,7 +277,7 @@ def run_once(name: str, route: str, receiver: Receiver, closed: str, seconds: in
 
 def side_by_side(
     route: str, names: list[str], receiver: Receiver, closed: str, rounds: int, seconds: int
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Every scenario's server at once on CPU 0, each under its own wrk; CPU per request
     compared round by round. The machine's speed drifts by 15-20% between the rounds of
     the main table; here it moves all servers alike, so each ratio is read in the same
@@ -294,8 +321,24 @@ def side_by_side(
             "keeps_min": keeps[0],
             "keeps_max": keeps[-1],
             "added_us_median": statistics.median(c - b for b, c in zip(bare, cpus, strict=True)),
+            "cpu_us_per_round": cpus,
         }
     return result
+
+
+def ladder_steps(paired: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """What each ladder step adds to the one before: the median over rounds of the
+    difference in CPU per request, read in the same round."""
+    names = list(paired)
+    return {
+        name: statistics.median(
+            c - p
+            for p, c in zip(
+                paired[previous]["cpu_us_per_round"], paired[name]["cpu_us_per_round"], strict=True
+            )
+        )
+        for previous, name in itertools.pairwise(names)
+    }
 
 
 def soak_collector_down(receiver: Receiver, closed: str, seconds: int) -> dict[str, Any]:
@@ -384,6 +427,25 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| {route} | {name} | {r['keeps_median']:.2f} | "
                     f"{r['keeps_min']:.2f} to {r['keeps_max']:.2f} | {r['added_us_median']:.0f} |"
                 )
+    ladder = result.get("ladder")
+    if ladder:
+        steps = ladder_steps(ladder)
+        lines += [
+            "",
+            "Where the time goes (hello route): a ladder, each step adding one thing to the one "
+            f"before, all side by side as above ({result['paired_rounds']} rounds). Adds: the step's "
+            "CPU per request over the previous step's, read in the same round (median).",
+            "",
+            "| step | adds | keeps (median) | added CPU µs/req over bare | this step adds µs/req |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in ladder.items():
+            if name == "bare":
+                continue
+            lines.append(
+                f"| {name} | {LADDER[name]} | {r['keeps_median']:.2f} | {r['added_us_median']:.0f} | "
+                f"{steps[name]:.0f} |"
+            )
     soak = result.get("collector_down_soak")
     if soak:
         lines += [
@@ -411,6 +473,9 @@ def main() -> int:
     parser.add_argument("--paired-seconds", type=int, default=5)
     parser.add_argument("--scenarios", default="bare,upstream,cfk_otel,cfk_otel_down")
     parser.add_argument("--routes", default="hello,work")
+    parser.add_argument(
+        "--no-ladder", dest="ladder", action="store_false", help="skip the hello route's cost ladder"
+    )
     args = parser.parse_args()
     os.environ.update(services_env())
     if not pin_services():
@@ -439,6 +504,11 @@ def main() -> int:
             if "bare" in names and args.paired_rounds
             else {}
         )
+        ladder = (
+            side_by_side("hello", list(LADDER), receiver, closed, args.paired_rounds, args.paired_seconds)
+            if args.ladder and args.paired_rounds and "hello" in args.routes.split(",")
+            else {}
+        )
         soak = soak_collector_down(receiver, closed, args.soak_seconds) if "cfk_otel_down" in names else None
     finally:
         receiver.stop()
@@ -455,6 +525,7 @@ def main() -> int:
         },
         "side_by_side": paired,
         "paired_rounds": args.paired_rounds,
+        "ladder": ladder,
         "collector_down_soak": soak,
     }
     docs = ROOT / "docs"
