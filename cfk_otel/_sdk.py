@@ -182,7 +182,7 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
     _errors.start(current)  # Sentry; before the providers: SENTRY_TRACES_SAMPLE_RATE may set the sampler
     initialize(resource_attributes, extra)
-    _metrics.attach(metrics.get_meter_provider())  # our histograms, into its readers' collections
+    _metrics.attach(metrics.get_meter_provider())  # our metrics, into its readers' collections
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
     if len(log_processors) == 1 and isinstance(log_processors[0], _otlp.OtlpHttpLogProcessor):

@@ -262,6 +262,79 @@ def test_histograms_follow_a_readers_delta_temporality() -> None:
     provider.shutdown()
 
 
+def test_counters_and_gauges_arrive_as_the_sdks_asynchronous_instruments_would() -> None:
+    # Ours are handed to the readers directly; the SDK's observable counter and up-down
+    # counter, fed the same values, are the reference, in cumulative and delta readers.
+    from opentelemetry.metrics import Observation
+    from opentelemetry.sdk.metrics import ObservableCounter, ObservableUpDownCounter
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    delta_for = {
+        ObservableCounter: AggregationTemporality.DELTA,
+        ObservableUpDownCounter: AggregationTemporality.DELTA,
+    }
+    readers = {
+        "cumulative": InMemoryMetricReader(),
+        "delta": InMemoryMetricReader(preferred_temporality=delta_for),
+    }
+    provider = MeterProvider(metric_readers=list(readers.values()))
+    m = Metrics(provider)
+    counter = m.register_counter("c_total", "c", ["k"])
+    gauge = m.register_gauge("g", "g", ["k"])
+    expected: dict[str, dict[str, float]] = {"c_total": {}, "g": {}}
+
+    def observe(name: str) -> Any:
+        return lambda options: [Observation(v, {"k": k}) for k, v in expected[name].items()]
+
+    meter = provider.get_meter("reference")
+    meter.create_observable_counter("sdk_c_total", callbacks=[observe("c_total")])
+    meter.create_observable_up_down_counter("sdk_g", callbacks=[observe("g")])
+
+    def shapes(reader: InMemoryMetricReader) -> dict[str, tuple[object, ...]]:
+        data = reader.get_metrics_data()  # one collection: a delta reader's counts reset
+        assert data is not None
+        found = {}
+        for metric in (x for rm in data.resource_metrics for sm in rm.scope_metrics for x in sm.metrics):
+            if metric.name not in ("c_total", "g", "sdk_c_total", "sdk_g"):
+                continue
+            values = {dict(p.attributes)["k"]: p.value for p in metric.data.data_points}
+            found[metric.name] = (metric.data.is_monotonic, metric.data.aggregation_temporality, values)
+        return found
+
+    steps: list[dict[str, Any]] = []
+    for step in ({"a": (2.0, 5.0)}, {"a": (3.0, -4.0), "b": (1.0, 7.0)}, {}):
+        for key, (add, level) in step.items():
+            counter.inc({"k": key}, add)
+            gauge.set(expected["g"].get(key, 0.0) + level, {"k": key})
+            expected["c_total"][key] = expected["c_total"].get(key, 0.0) + add
+            expected["g"][key] = expected["g"].get(key, 0.0) + level
+        for kind, reader in readers.items():
+            found = shapes(reader)
+            ours = (found["c_total"], found["g"])
+            theirs = (found["sdk_c_total"], found["sdk_g"])
+            assert ours == theirs, (kind, step)
+            steps.append({"kind": kind, "ours": ours})
+    deltas = [s["ours"][0][2] for s in steps if s["kind"] == "delta"]
+    assert deltas == [{"a": 2.0}, {"a": 3.0, "b": 1.0}, {"a": 0.0, "b": 0.0}]
+    provider.shutdown()
+
+
+def test_a_delta_counter_point_starts_where_the_last_one_ended() -> None:
+    from opentelemetry.sdk.metrics import ObservableCounter
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    reader = InMemoryMetricReader(preferred_temporality={ObservableCounter: AggregationTemporality.DELTA})
+    provider = MeterProvider(metric_readers=[reader])
+    counter = Metrics(provider).register_counter("s_total", "s", [])
+    counter.inc()
+    [first] = points(reader, "s_total").values()
+    counter.inc()
+    [second] = points(reader, "s_total").values()
+    assert second.start_time_unix_nano == first.time_unix_nano
+    assert (first.value, second.value) == (1.0, 1.0)
+    provider.shutdown()
+
+
 @pytest.mark.parametrize("value", [-1.0, float("nan")])
 def test_histograms_drop_what_the_sdk_drops(
     m: Metrics, reader: InMemoryMetricReader, value: float, caplog: pytest.LogCaptureFixture
