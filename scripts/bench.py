@@ -378,6 +378,14 @@ def machine() -> dict[str, str]:
     }
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Benchmarks",
@@ -391,20 +399,28 @@ def markdown(result: dict[str, Any]) -> str:
         "Upstream writes no log line per request (uvicorn's access log is off in every scenario); "
         "cfk_otel writes its request line to stdout and OTLP.",
         "",
-        "| route | scenario | req/s | vs bare | CPU µs/req | added µs/req | p50 ms | p99 ms | peak RSS MiB "
-        "| spans, log records received |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for route, scenarios in result["results"].items():
         bare = scenarios["bare"]
         for name, r in scenarios.items():
             cpu, added = r["cpu_us_per_request"], r["cpu_us_per_request"] - bare["cpu_us_per_request"]
-            ratio = r["rps"] / bare["rps"]
-            lines.append(
-                f"| {route} | {name} | {r['rps']:.0f} | {ratio:.2f} | {cpu:.0f} | {added:.0f} | "
-                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['peak_rss_mib']:.0f} | "
-                f"{r['spans_received']:.0f}, {r['logs_received']:.0f} |"
+            rows.append(
+                [
+                    route,
+                    name,
+                    f"{r['rps']:.0f}",
+                    f"{r['rps'] / bare['rps']:.2f}",
+                    f"{cpu:.0f}",
+                    f"{added:.0f}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p99_ms']:.2f}",
+                    f"{r['peak_rss_mib']:.0f}",
+                    f"{r['spans_received']:.0f}, {r['logs_received']:.0f}",
+                ]
             )
+    header = ["route", "scenario", "req/s", "vs bare", "CPU µs/req", "added µs/req", "p50 ms", "p99 ms"]
+    lines += _table([*header, "peak RSS MiB", "spans, log records received"], rows)
     paired = result.get("side_by_side")
     if paired:
         lines += [
@@ -416,17 +432,22 @@ def markdown(result: dict[str, Any]) -> str:
             "bare's throughput it keeps with the same CPU (median, and the range over rounds). "
             "Sharing the core makes every server slower in absolute terms.",
             "",
-            "| route | scenario | keeps (median) | range | added CPU µs/req (median) |",
-            "|---|---|---|---|---|",
         ]
-        for route, scenarios in paired.items():
-            for name, r in scenarios.items():
-                if name == "bare":
-                    continue
-                lines.append(
-                    f"| {route} | {name} | {r['keeps_median']:.2f} | "
-                    f"{r['keeps_min']:.2f} to {r['keeps_max']:.2f} | {r['added_us_median']:.0f} |"
-                )
+        lines += _table(
+            ["route", "scenario", "keeps (median)", "range", "added CPU µs/req (median)"],
+            [
+                [
+                    route,
+                    name,
+                    f"{r['keeps_median']:.2f}",
+                    f"{r['keeps_min']:.2f} to {r['keeps_max']:.2f}",
+                    f"{r['added_us_median']:.0f}",
+                ]
+                for route, scenarios in paired.items()
+                for name, r in scenarios.items()
+                if name != "bare"
+            ],
+        )
     ladder = result.get("ladder")
     if ladder:
         steps = ladder_steps(ladder)
@@ -436,16 +457,21 @@ def markdown(result: dict[str, Any]) -> str:
             f"before, all side by side as above ({result['paired_rounds']} rounds). Adds: the step's "
             "CPU per request over the previous step's, read in the same round (median).",
             "",
-            "| step | adds | keeps (median) | added CPU µs/req over bare | this step adds µs/req |",
-            "|---|---|---|---|---|",
         ]
-        for name, r in ladder.items():
-            if name == "bare":
-                continue
-            lines.append(
-                f"| {name} | {LADDER[name]} | {r['keeps_median']:.2f} | {r['added_us_median']:.0f} | "
-                f"{steps[name]:.0f} |"
-            )
+        lines += _table(
+            ["step", "adds", "keeps (median)", "added CPU µs/req over bare", "this step adds µs/req"],
+            [
+                [
+                    name,
+                    LADDER[name],
+                    f"{r['keeps_median']:.2f}",
+                    f"{r['added_us_median']:.0f}",
+                    f"{steps[name]:.0f}",
+                ]
+                for name, r in ladder.items()
+                if name != "bare"
+            ],
+        )
     soak = result.get("collector_down_soak")
     if soak:
         lines += [
