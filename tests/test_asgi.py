@@ -29,6 +29,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
 from cfk_otel import TelemetryMiddleware
+from tests.conftest import IN_MEMORY_PROVIDERS
 
 
 async def ok(request: Any) -> PlainTextResponse:
@@ -308,23 +309,13 @@ def test_propagation_headers_are_those_the_global_propagator_declares(h: Harness
     assert third.parent is None  # traceparent is not the vendor propagator's
 
 
-FASTAPI_NATIVE = """
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+FASTAPI_NATIVE = (
+    IN_MEMORY_PROVIDERS
+    + """
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 from cfk_otel import TelemetryMiddleware
 
-spans = InMemorySpanExporter()
-provider = TracerProvider()
-provider.add_span_processor(SimpleSpanProcessor(spans))
-trace.set_tracer_provider(provider)
-reader = InMemoryMetricReader()
-metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 app = FastAPI()
 
 @app.get("/tickets/{ticket_id}")
@@ -343,6 +334,7 @@ print(sorted((s.name, s.kind.name, s.instrumentation_scope.name) for s in spans.
 data = reader.get_metrics_data()
 print(sorted({sm.scope.name for rm in data.resource_metrics for sm in rm.scope_metrics}))
 """
+)
 
 
 def test_fastapi_native_telemetry_does_not_duplicate_ours() -> None:

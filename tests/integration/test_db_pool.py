@@ -7,26 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import ROOT, Services
+from tests.conftest import IN_MEMORY_PROVIDERS, ROOT, Services
 
-SCRIPT = textwrap.dedent(
+SCRIPT = IN_MEMORY_PROVIDERS + textwrap.dedent(
     """
     import asyncio, json, os
-    from opentelemetry import trace
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry import metrics
-
-    spans = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    trace.set_tracer_provider(provider)
-    reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-
     from cfk_otel._db import AsyncpgInstrumentor
     import asyncpg
 
