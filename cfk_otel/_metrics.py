@@ -207,6 +207,7 @@ class Histogram(_Metric):
     """
 
     kind = "histogram"
+    instrument: type[Instrument] = SdkHistogram  # whose temporality a reader prefers for it
 
     def __init__(
         self, name: str, description: str, labels: tuple[str, ...], buckets: tuple[float, ...], unit: str = ""
@@ -251,22 +252,25 @@ class Histogram(_Metric):
     def shape(self) -> tuple[object, ...]:
         return (self.kind, self.labels, self.buckets)
 
-    def points(self, now: int) -> list[HistogramDataPoint]:
-        """Every series, cumulative since this histogram was registered."""
+    def points(self, now: int) -> list[tuple[tuple[str, ...], HistogramDataPoint]]:
+        """Every series with its label values, cumulative since this histogram was registered."""
         with self._lock:
             items = [(key, list(series)) for key, series in self._series.items()]
         size = self._size
         return [
-            HistogramDataPoint(
-                attributes=dict(zip(self.labels, key, strict=True)),
-                start_time_unix_nano=self._start,
-                time_unix_nano=now,
-                count=int(series[size + 1]),
-                sum=series[size],
-                bucket_counts=tuple(int(c) for c in series[:size]),
-                explicit_bounds=self.buckets,
-                min=series[size + 2],
-                max=series[size + 3],
+            (
+                key,
+                HistogramDataPoint(
+                    attributes=dict(zip(self.labels, key, strict=True)),
+                    start_time_unix_nano=self._start,
+                    time_unix_nano=now,
+                    count=int(series[size + 1]),
+                    sum=series[size],
+                    bucket_counts=tuple(int(c) for c in series[:size]),
+                    explicit_bounds=self.buckets,
+                    min=series[size + 2],
+                    max=series[size + 3],
+                ),
             )
             for key, series in items
         ]
@@ -352,33 +356,31 @@ def _our_metrics(sources: list[Source], reader: MetricReader, previous: _Previou
     out: list[Metric] = []
     for source in sources:
         for metric in source():
-            kind = SdkHistogram if isinstance(metric, Histogram) else metric.instrument
-            delta = preferred.get(kind) is AggregationTemporality.DELTA
+            delta = preferred.get(metric.instrument) is AggregationTemporality.DELTA
             temporality = AggregationTemporality.DELTA if delta else AggregationTemporality.CUMULATIVE
             data: SdkHistogramData | Sum
             if isinstance(metric, Histogram):
-                points = metric.points(now)
-                if delta:
-                    points = [_histogram_delta(metric.name, point, previous, now) for point in points]
+                points = [
+                    _histogram_delta(metric.name, k, p, previous, now) if delta else p
+                    for k, p in metric.points(now)
+                ]
                 data = SdkHistogramData(data_points=points, aggregation_temporality=temporality)
             else:
-                sums = metric.points(now)
-                if delta:
-                    numbers = [_sum_delta(metric.name, key, point, previous, now) for key, point in sums]
-                else:
-                    numbers = [point for _, point in sums]
-                data = Sum(numbers, temporality, metric.monotonic)
+                sums = [
+                    _sum_delta(metric.name, k, p, previous, now) if delta else p
+                    for k, p in metric.points(now)
+                ]
+                data = Sum(sums, temporality, metric.monotonic)
             if data.data_points:
                 out.append(Metric(metric.name, metric.description, metric.unit, data))
     return out
 
 
 def _histogram_delta(
-    name: str, point: HistogramDataPoint, previous: _Previous, now: int
+    name: str, labels: tuple[str, ...], point: HistogramDataPoint, previous: _Previous, now: int
 ) -> HistogramDataPoint:
-    key = (name, tuple(str(v) for v in (point.attributes or {}).values()))
-    start, (counts, total, count) = previous.get(key, (point.start_time_unix_nano, ((), 0.0, 0)))
-    previous[key] = (now, (point.bucket_counts, point.sum, point.count))
+    start, (counts, total, count) = previous.get((name, labels), (point.start_time_unix_nano, ((), 0.0, 0)))
+    previous[name, labels] = (now, (point.bucket_counts, point.sum, point.count))
     return HistogramDataPoint(
         attributes=point.attributes,
         start_time_unix_nano=start,
