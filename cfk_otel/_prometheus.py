@@ -155,19 +155,17 @@ class MetricsEndpoint:
     def __init__(self, scrape: Callable[[], Scrape | None], bearer_token: str | None = None) -> None:
         # Looked up per scrape: under gunicorn the SDK starts after the app is built.
         self._scrape = scrape
-        self._expected = f"Bearer {bearer_token}".encode() if bearer_token else None
+        self._expected = bearer_token.encode() if bearer_token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope.get("headers") or ())
+        raw_headers = scope.get("headers") or ()
         if scope.get("method") not in ("GET", "HEAD"):
             await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
             return
-        if self._expected is not None and not hmac.compare_digest(
-            headers.get(b"authorization", b""), self._expected
-        ):
+        if self._expected is not None and not _authorized(raw_headers, self._expected):
             await _respond(send, 401, b"unauthorized\n", [(b"www-authenticate", b'Bearer realm="metrics"')])
             return
-        wants_openmetrics = b"application/openmetrics-text" in headers.get(b"accept", b"")
+        wants_openmetrics = b"application/openmetrics-text" in dict(raw_headers).get(b"accept", b"")
         scrape = self._scrape()
         if scrape is None:
             await _respond(send, 503, b"metrics are not configured (OTEL_SDK_DISABLED?)\n", [])
@@ -181,6 +179,21 @@ class MetricsEndpoint:
         if scope.get("method") == "HEAD":
             body = b""
         await _respond(send, 200, body, [(b"content-type", content_type.encode())])
+
+
+def _authorized(headers: Iterable[tuple[bytes, bytes]], token: bytes) -> bool:
+    """One ``Authorization: Bearer <token>`` header, the scheme in any case (RFC 7235 2.1).
+
+    More than one ``Authorization`` header is refused: which one a proxy or framework
+    keeps differs, so no choice between them would be safe.
+    """
+    values = [value for name, value in headers if name.lower() == b"authorization"]
+    if len(values) != 1:
+        return False
+    scheme, _, credentials = values[0].strip().partition(b" ")
+    # Compared even when the scheme is wrong, so the time taken says nothing about the token.
+    token_matches = hmac.compare_digest(credentials.lstrip(b" "), token)
+    return scheme.lower() == b"bearer" and token_matches
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

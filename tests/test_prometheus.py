@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -13,7 +14,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from cfk_otel._metrics import Metrics
-from cfk_otel._prometheus import GROUP_ENV, Scrape, ScrapeReader, group_directory, reader_arguments
+from cfk_otel._prometheus import (
+    GROUP_ENV,
+    MetricsEndpoint,
+    Scrape,
+    ScrapeReader,
+    group_directory,
+    reader_arguments,
+)
 
 
 def registry_with_requests(count: int) -> tuple[CollectorRegistry, Metrics, MeterProvider]:
@@ -82,3 +90,46 @@ def test_group_membership(monkeypatch: pytest.MonkeyPatch) -> None:
     assert directory.name == f"{os.getppid()}-abcd"
     monkeypatch.setenv(GROUP_ENV, "garbage")
     assert group_directory() is None
+
+
+def scrape_status(endpoint: MetricsEndpoint, headers: list[tuple[bytes, bytes]]) -> int:
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/api/metrics", "headers": headers}
+    asyncio.run(endpoint(scope, receive, send))  # type: ignore[arg-type]
+    status = sent[0]["status"]
+    assert isinstance(status, int)
+    return status
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([(b"authorization", b"Bearer s3cret")], 200),
+        ([(b"authorization", b"bearer s3cret")], 200),  # RFC 7235: the scheme is case-insensitive
+        ([(b"authorization", b"BEARER s3cret")], 200),
+        ([(b"authorization", b"Bearer  s3cret")], 200),  # 1*SP between scheme and token
+        ([(b"authorization", b"Bearer S3CRET")], 401),  # the token itself is not
+        ([(b"authorization", b"Basic s3cret")], 401),
+        ([(b"authorization", b"Bearers3cret")], 401),
+        ([(b"authorization", b"s3cret")], 401),
+        ([(b"authorization", b"Bearer ")], 401),
+        ([], 401),
+        # Two headers: refused whichever comes first, even when one of them is right.
+        ([(b"authorization", b"Bearer s3cret"), (b"authorization", b"Bearer s3cret")], 401),
+        ([(b"authorization", b"Bearer wrong"), (b"authorization", b"Bearer s3cret")], 401),
+        ([(b"authorization", b"Bearer s3cret"), (b"authorization", b"Bearer wrong")], 401),
+    ],
+)
+def test_bearer_token_check(headers: list[tuple[bytes, bytes]], status: int) -> None:
+    registry, _, provider = registry_with_requests(1)
+    endpoint = MetricsEndpoint(lambda: Scrape(registry), bearer_token="s3cret")
+    assert scrape_status(endpoint, headers) == status
+    assert scrape_status(MetricsEndpoint(lambda: Scrape(registry)), headers) == 200  # no token set
+    provider.shutdown()
