@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 T = TypeVar("T")
 
@@ -31,6 +32,11 @@ SAMPLERS: Final = (
     "parentbased_always_off",
     "parentbased_traceidratio",
 )
+# A longer value is refused: it would be repeated in every span, log line or export
+# request. Room for the longest legitimate one (a JWT in OTEL_EXPORTER_OTLP_HEADERS).
+MAX_VALUE_LENGTH: Final = 8192
+_SHOWN_LENGTH: Final = 100  # of a rejected value, in messages
+_PRINTABLE: Final = f"printable UTF-8 text of at most {MAX_VALUE_LENGTH} characters"
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})
 _FALSE: Final = frozenset({"false", "0", "no", "off", ""})
 
@@ -203,15 +209,22 @@ def _positive_number(value: str) -> float:
     return number
 
 
+def _split(value: str) -> SplitResult:
+    """``urlsplit`` with its port checked; both raise ``ValueError`` on malformed URLs
+    (an unclosed ``[``, a port out of range or not a number)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        raise InvalidValue from None
+    return parts
+
+
 def _url(value: str) -> str | None:
     v = value.strip()
     if not v:
         return None
-    try:
-        parts = urlsplit(v)
-        parts.port  # noqa: B018  (raises ValueError on a bad port)
-    except ValueError:
-        raise InvalidValue from None
+    parts = _split(v)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidValue
     return v
@@ -221,7 +234,7 @@ def _dsn(value: str) -> str | None:
     v = value.strip()
     if not v:
         return None
-    parts = urlsplit(v)
+    parts = _split(v)
     if parts.scheme not in ("http", "https") or not parts.hostname or not parts.username:
         raise InvalidValue
     if not parts.path.strip("/"):
@@ -240,7 +253,7 @@ def _database_url(value: str) -> str | None:
     v = value.strip()
     if not v:
         return None
-    parts = urlsplit(v)
+    parts = _split(v)
     if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or "host=" in parts.query):
         raise InvalidValue
     return v
@@ -250,7 +263,7 @@ def _redis_url(value: str) -> str | None:
     v = value.strip()
     if not v:
         return None
-    parts = urlsplit(v)
+    parts = _split(v)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise InvalidValue
     return v
@@ -635,14 +648,24 @@ _SDK_NUMBERS: Final[tuple[Variable[Any], ...]] = (
 )
 
 
+# Every variable read and checked here, for tests and tools that must cover them all.
+DECLARED: Final[tuple[Variable[Any], ...]] = (*VARIABLES, *_SIGNAL_PROTOCOLS, *_SDK_NUMBERS)
+
+
 def _check_sdk_numbers(env: Mapping[str, str], problems: list[Problem]) -> None:
     values = {var.name: _read(var, env, problems) for var in _SDK_NUMBERS}
+    rejected = {p.variable for p in problems}
     for prefix in ("OTEL_BSP", "OTEL_BLRP"):
-        name = f"{prefix}_MAX_EXPORT_BATCH_SIZE"
-        queue = values[f"{prefix}_MAX_QUEUE_SIZE"]
-        if values[name] > queue:
+        batch_name, queue_name = f"{prefix}_MAX_EXPORT_BATCH_SIZE", f"{prefix}_MAX_QUEUE_SIZE"
+        batch, queue = values[batch_name], values[queue_name]
+        if batch > queue and batch_name in env and batch_name not in rejected:
             accepted = f"a whole number from 1 to the queue size, {queue:g}"
-            problems.append(Problem(name, env[name], accepted, "512"))
+            problems.append(Problem(batch_name, shown(env[batch_name], secret=False), accepted, "512"))
+            batch = 512
+        if batch > queue:
+            # The SDK would refuse the default batch size (512) over this smaller queue.
+            accepted = f"a whole number of at least the export batch size, {batch:g}"
+            problems.append(Problem(queue_name, shown(env[queue_name], secret=False), accepted, "2048"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -708,16 +731,55 @@ def _resource_attributes(value: str) -> dict[str, str]:
     return {unquote(k).strip(): unquote(v).strip() for k, v in pairs}
 
 
+_SCHEME: Final = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+
+
+def shown(value: str, secret: bool) -> str:
+    """``value`` as a message may show it: never what comes before an ``@`` (a URL's
+    password, a DSN key), a URL's query or fragment, or any of a secret that is no URL;
+    at most ~100 characters.
+
+    >>> shown("postgresql://u:p@[::1/db?sslpassword=x", secret=True)
+    'postgresql://<redacted>@[::1/db?<redacted>'
+    """
+    match = _SCHEME.match(value)
+    if match is None:
+        # No scheme, but perhaps still user:password@host.
+        _, at, after = value.rpartition("@")
+        text = "<redacted>" if secret else f"<redacted>@{after}" if at else value
+    else:
+        scheme, rest = match.groups()
+        userinfo, at, after = rest.rpartition("@")
+        host_and_path = after.split("?", 1)[0].split("#", 1)[0]
+        text = f"{scheme}://{'<redacted>@' if at else ''}{host_and_path}"
+        if len(host_and_path) < len(after):
+            text += "?<redacted>"
+        if any(c in userinfo for c in "/?#"):
+            # The '@' may sit in a path or query: no telling where a password ends.
+            text = f"{scheme}://<redacted>"
+    if len(text) > _SHOWN_LENGTH:
+        text = f"{text[:_SHOWN_LENGTH]}... ({len(value)} characters)"
+    return text
+
+
 def _read(var: Variable[T], env: Mapping[str, str], problems: list[Problem]) -> T:
     raw = env.get(var.name)
     if raw is None:
         return var.default
-    try:
-        return var.parse(raw)
-    except InvalidValue:
-        shown = "<redacted>" if var.secret else raw
-        problems.append(Problem(var.name, shown, var.accepted, var.default_text()))
-        return var.default
+    # Whitespace around a value is ignored (a secret mounted with its newline), but
+    # control characters, bytes that are not UTF-8 (os.environ keeps them as lone
+    # surrogates) and huge values would reach every log line, span and export request.
+    if len(raw) > MAX_VALUE_LENGTH or not raw.strip().isprintable():
+        accepted = f"{var.accepted}; {_PRINTABLE}"
+    else:
+        accepted = var.accepted
+        try:
+            return var.parse(raw)
+        except ValueError:  # InvalidValue, or a library's (urlsplit's) we did not foresee
+            pass
+    if all(p.variable != var.name for p in problems):  # some are read twice
+        problems.append(Problem(var.name, shown(raw, var.secret), accepted, var.default_text()))
+    return var.default
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -760,7 +822,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if sentry_traces_rate is not None and OTEL_TRACES_SAMPLER.name not in env:
         # OpenTelemetry is the one tracer: Sentry's share of traces is the sampler's (docs/sentry.md).
         sampler, sampler_arg = "parentbased_traceidratio", sentry_traces_rate
-    for var in _SIGNAL_PROTOCOLS:
+    # Read by the SDK and opentelemetry-instrument themselves: checked here, so a bad
+    # value is named, and removed before they see it.
+    for var in (*_SIGNAL_PROTOCOLS, OTEL_EXPORTER_OTLP_HEADERS, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS):
         read(var)
     _check_sdk_numbers(env, problems)
 

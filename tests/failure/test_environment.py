@@ -136,3 +136,65 @@ def test_bad_sdk_variable_leaves_the_app_and_its_telemetry_running(
     assert any('"route":"/api/tickets/{ticket_id}"' in line for line in app.output().splitlines())
     assert after - before < RSS_BOUND_MIB
     assert exited_in < SHUTDOWN_BOUND_S
+
+
+# One of each kind of tests/test_settings.py's hostile values, on a real app (issue 20):
+# brackets, bad ports, userinfo, control characters, bytes that are not UTF-8 (passed as
+# os.environ holds them; subprocess writes them back as the raw bytes), a huge value
+# (Linux caps one variable at 128 KiB, so 100 KB), a queue under the SDK's batch size.
+SECRET = "S3CRET"
+HOSTILE = {
+    "DATABASE_URL": f"postgresql://u:{SECRET}@[::1/db",
+    "REDIS_URL": f"redis://:{SECRET}@cache:6x79/0",
+    "SENTRY_DSN": f"https://{SECRET}@[::1/42",
+    "OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer {SECRET}\x1b[2J",
+    "SERVICE_VERSION": "caf\udcc3",
+    "K8S_POD_NAME": "pod\n2026-01-01 ERROR forged",
+    "OTEL_RESOURCE_ATTRIBUTES": "team=" + "x" * 100_000,
+    "HEALTH_LIVE_PATH": "/api/\x01live",
+    "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+}
+
+
+def test_hostile_values_are_named_and_the_app_serves_every_endpoint(
+    run_app: StartApp, receiver: OtlpReceiver
+) -> None:
+    port = free_port()
+    env = otlp_env(receiver.http_endpoint, "http/protobuf", **HOSTILE)
+    app = run_app(uvicorn_command("starlette_app:app", port), env, port, separate_stderr=True)
+    stderr = app.errors()
+    for path in ("/hello", "/api/health/live", "/api/health/ready", "/api/health", "/api/metrics"):
+        assert app.get(path)[0] == 200, f"{path}:\n{stderr[-2500:]}"
+    before, after = serves_with_telemetry(app, receiver, "hostile")
+    exited_in = app.terminate()
+    figures("hostile-environment", rss_before_mib=before, rss_after_mib=after, shutdown_s=exited_in)
+
+    stderr = app.errors()
+    assert SECRET not in stderr
+    for name in HOSTILE:
+        lines = [line for line in stderr.splitlines() if line.startswith(f"cfk_otel: {name}=")]
+        assert len(lines) == 1, f"{name}: {lines}\n{stderr[-2500:]}"
+        assert len(lines[0]) < 400
+    lines = [line for line in app.output().splitlines() if line.startswith("{")]
+    assert any('"route":"/api/tickets/{ticket_id}"' in line for line in lines)  # the JSON log lines
+    # The defaults are used: SERVICE_VERSION's and K8S_POD_NAME's values reach no line.
+    assert all('"version":"unknown"' in line and "forged" not in line for line in lines)
+    assert after - before < RSS_BOUND_MIB
+
+
+def test_strict_mode_refuses_hostile_values_naming_each() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SENTRY_", "CFK_OTEL"))}
+    env |= {"PYTHONPATH": str(APPS), "CFK_OTEL_STRICT": "true", **HOSTILE}
+    result = subprocess.run(
+        uvicorn_command("starlette_app:app", free_port()),
+        env=env,
+        cwd=APPS,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 78, result.stderr[-2500:]
+    assert SECRET not in result.stderr
+    for name in HOSTILE:
+        assert f"  - {name}=" in result.stderr, f"{name} not named:\n{result.stderr[-2500:]}"
