@@ -45,6 +45,21 @@ def named(stderr: str, name: str, value: str) -> list[str]:
     return [line for line in stderr.splitlines() if f"{name}={value!r}" in line]
 
 
+def start_strict(values: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The app started with ``CFK_OTEL_STRICT=true`` and ``values``; it is expected to refuse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SENTRY_", "CFK_OTEL"))}
+    env |= {"PYTHONPATH": str(APPS), "CFK_OTEL_STRICT": "true", **values}
+    return subprocess.run(
+        uvicorn_command("starlette_app:app", free_port()),
+        env=env,
+        cwd=APPS,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def serves_with_telemetry(app: RunningApp, receiver: OtlpReceiver, prefix: str) -> tuple[float, float]:
     """Load, /api/metrics, the health probes and spans; returns VmRSS before and after the load."""
     assert_served(hammer(app.port, [f"/api/tickets/{prefix}-warm-{i}" for i in range(100)]), lambda _: 200)
@@ -79,24 +94,8 @@ def test_bad_values_are_named_and_the_app_serves_with_defaults(
 
 
 def test_strict_mode_refuses_to_start_naming_every_bad_value() -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SENTRY_", "CFK_OTEL"))}
-    env |= {
-        "PYTHONPATH": str(APPS),
-        "CFK_OTEL_STRICT": "true",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
-        **BAD,
-    }
     started = time.monotonic()
-    result = subprocess.run(
-        uvicorn_command("starlette_app:app", port),
-        env=env,
-        cwd=APPS,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = start_strict({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", **BAD})
     figures("strict-mode", exit_status=result.returncode, exit_s=time.monotonic() - started)
     assert result.returncode == 78, result.stderr
     assert "refuses to start" in result.stderr
@@ -183,17 +182,7 @@ def test_hostile_values_are_named_and_the_app_serves_every_endpoint(
 
 
 def test_strict_mode_refuses_hostile_values_naming_each() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SENTRY_", "CFK_OTEL"))}
-    env |= {"PYTHONPATH": str(APPS), "CFK_OTEL_STRICT": "true", **HOSTILE}
-    result = subprocess.run(
-        uvicorn_command("starlette_app:app", free_port()),
-        env=env,
-        cwd=APPS,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = start_strict(HOSTILE)
     assert result.returncode == 78, result.stderr[-2500:]
     assert SECRET not in result.stderr
     for name in HOSTILE:
