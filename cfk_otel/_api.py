@@ -33,7 +33,9 @@ def configure() -> None:
 
 
 def _instrument_libraries() -> None:
-    # The instrumentations opentelemetry-instrument would load for this service.
+    # The instrumentations opentelemetry-instrument would load for this service. The
+    # upstream asyncpg and redis ones load only when ours are disabled (``superseded``)
+    # and are optional: without them installed, disabling ours leaves no client spans.
     from ._distro import disabled_instrumentations, superseded  # noqa: PLC0415
 
     disabled = disabled_instrumentations()
@@ -51,6 +53,7 @@ def _instrument_libraries() -> None:
             or "*" in disabled
             or superseded(name, disabled)
             or importlib.util.find_spec(library) is None
+            or not _installed(module)
         ):
             continue
         try:
@@ -59,6 +62,13 @@ def _instrument_libraries() -> None:
                 instrumentor.instrument()
         except Exception:
             _log.warning("cfk_otel: could not instrument %s", library, exc_info=True)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # its parent package is missing
+        return False
 
 
 def shutdown(timeout: float | None = None) -> bool:

@@ -1,23 +1,25 @@
 """asyncpg and redis: one wrapper per call makes the client span and the timing.
 
 The span carries the attributes of the OpenTelemetry asyncpg and redis
-instrumentations (their semantic-convention helpers build them, so
-``OTEL_SEMCONV_STABILITY_OPT_IN`` works as there), and is lean when only our exporter
-would see it (``_span``). The timing feeds ``database_query_duration_seconds`` and
-``redis_operation_duration_seconds`` whatever the sampler decided; their labels are
-bounded: the statement's leading keyword (never the SQL text) and the command name.
-A slow query is also logged, added to its span and reported to Sentry.
+instrumentations, built here (``_Conventions``) in every mode that
+``OTEL_SEMCONV_STABILITY_OPT_IN`` selects, as theirs are; neither is a dependency.
+The span is lean when only our exporter would see it (``_span``). The timing feeds
+``database_query_duration_seconds`` and ``redis_operation_duration_seconds`` whatever
+the sampler decided; their labels are bounded: the statement's leading keyword (never
+the SQL text) and the command name. A slow query is also logged, added to its span
+and reported to Sentry.
 
 These replace the upstream asyncpg and redis instrumentations, which the distro then
 does not load: the same spans from two wrappers per call cost about twice as much.
-Disabling ``cfk_asyncpg`` or ``cfk_redis`` brings the upstream one back (spans
-without the timings).
+Disabling ``cfk_asyncpg`` or ``cfk_redis`` brings the upstream one back, when it is
+installed (spans without the timings).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection
@@ -25,16 +27,17 @@ from typing import Any, Final
 
 import wrapt
 from opentelemetry import trace
-from opentelemetry.instrumentation._semconv import (
-    _OpenTelemetrySemanticConventionStability,
-    _OpenTelemetryStabilitySignalType,
-    _report_new,
-    _set_db_statement,
-    _set_db_system,
-    _StabilityMode,
-)
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.semconv.attributes.db_attributes import (
+    DB_NAMESPACE,
+    DB_QUERY_TEXT,
+    DB_SYSTEM_NAME,
+    DbSystemNameValues,
+)
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.network_attributes import NETWORK_TRANSPORT, NetworkTransportValues
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _errors, _metrics, _sdk
@@ -92,6 +95,18 @@ _SQL_OPERATIONS: Final = frozenset(
         "REINDEX",
     }
 )
+# The conventions before the stable database and HTTP ones (semantic conventions 1.24),
+# which the upstream instrumentations still write by default. They are frozen, and the
+# semantic-conventions package has them only in its deprecated or private modules.
+_OLD_DB_SYSTEM: Final = "db.system"
+_OLD_DB_NAME: Final = "db.name"
+_OLD_DB_USER: Final = "db.user"
+_OLD_DB_STATEMENT: Final = "db.statement"
+_OLD_DB_REDIS_DATABASE_INDEX: Final = "db.redis.database_index"
+_OLD_NET_PEER_NAME: Final = "net.peer.name"
+_OLD_NET_PEER_PORT: Final = "net.peer.port"
+_OLD_NET_TRANSPORT: Final = "net.transport"
+_OPT_IN: Final = "OTEL_SEMCONV_STABILITY_OPT_IN"
 _ASYNCPG_METHODS: Final = ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany")
 _MAX_SQL: Final = 2048
 
@@ -140,20 +155,61 @@ def _report_slow(span: trace.Span, query: object, seconds: float) -> None:
     _errors.report_slow_query(sql, seconds)  # a Sentry warning when Sentry is on
 
 
+class _Conventions:
+    """Which attribute names one group of conventions writes: the old ones, the stable
+    ones, or both, as ``OTEL_SEMCONV_STABILITY_OPT_IN`` selects for ``signal``
+    (``database`` or ``http``) the way the upstream instrumentations read it."""
+
+    __slots__ = ("new", "old")
+
+    def __init__(self, signal: str, opt_in: str | None = None) -> None:
+        raw = os.environ.get(_OPT_IN, "") if opt_in is None else opt_in
+        chosen = {part.strip() for part in raw.split(",")}
+        dup = f"{signal}/dup" in chosen
+        self.new: bool = dup or signal in chosen
+        self.old: bool = dup or not self.new
+
+    def string(self, attributes: dict[str, Any], old: str, new: str | None, value: object) -> None:
+        if value:  # as upstream: an empty name is left out
+            if self.old:
+                attributes[old] = value
+            if self.new and new is not None:
+                attributes[new] = value
+
+    def port(self, attributes: dict[str, Any], value: object) -> None:
+        if not value:
+            return
+        try:
+            port = int(value)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return
+        if self.old:
+            attributes[_OLD_NET_PEER_PORT] = port
+        if self.new:
+            attributes[SERVER_PORT] = port
+
+    def transport(self, attributes: dict[str, Any], old: str, new: NetworkTransportValues) -> None:
+        if self.old:
+            attributes[_OLD_NET_TRANSPORT] = old
+        if self.new:
+            attributes[NETWORK_TRANSPORT] = new.value
+
+    def statement(self, attributes: dict[str, Any], text: str) -> None:
+        if self.old:
+            attributes[_OLD_DB_STATEMENT] = text
+        if self.new:
+            attributes[DB_QUERY_TEXT] = text
+
+
 class _Client:
     """What one instrumentor's wrappers share: where spans start, the semantic
     conventions in force, and each connection's fixed attributes (built once)."""
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None, *signals: Any) -> None:
+    def __init__(self, tracer_provider: trace.TracerProvider | None) -> None:
         self.spans = Spans(tracer_provider)
-        _OpenTelemetrySemanticConventionStability._initialize()
-        modes = [
-            _OpenTelemetrySemanticConventionStability._get_opentelemetry_stability_opt_in_mode(signal)
-            for signal in signals
-        ]
-        self.db_mode: _StabilityMode = modes[0]
-        self.http_mode: _StabilityMode = modes[-1]
-        self.new = _report_new(self.db_mode)
+        self.db = _Conventions("database")
+        self.http = _Conventions("http")  # the redis instrumentation names its server by these
+        self.new = self.db.new
         self._fixed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
     def fixed(self, owner: Any, build: Callable[[Any, _Client], dict[str, Any]]) -> dict[str, Any]:
@@ -169,7 +225,7 @@ class _Client:
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
             if self.new:
-                span.set_attribute("error.type", type(error).__qualname__)
+                span.set_attribute(ERROR_TYPE, type(error).__qualname__)
         except Exception:  # e.g. an error whose str() fails: the app still gets its own error
             _log.debug("cfk_otel: could not record a failed call on its span", exc_info=True)
 
@@ -184,10 +240,23 @@ class _Client:
 
 
 def _asyncpg_target(connection: Any, client: _Client) -> dict[str, Any]:
-    # The upstream instrumentation's own helper: its attributes, in every semconv mode.
-    from opentelemetry.instrumentation.asyncpg import _hydrate_span_from_args  # noqa: PLC0415
-
-    attributes: dict[str, Any] = _hydrate_span_from_args(connection, None, None, client.db_mode)
+    """The upstream asyncpg instrumentation's attributes for ``connection``: the system,
+    database, user and server (asyncpg keeps them in its connection's ``_params`` and
+    ``_addr``, a host and port or a Unix socket path), in the database conventions."""
+    db = client.db
+    attributes: dict[str, Any] = {}
+    db.string(attributes, _OLD_DB_SYSTEM, DB_SYSTEM_NAME, DbSystemNameValues.POSTGRESQL.value)
+    params = getattr(connection, "_params", None)
+    db.string(attributes, _OLD_DB_NAME, DB_NAMESPACE, getattr(params, "database", None))
+    db.string(attributes, _OLD_DB_USER, None, getattr(params, "user", None))  # no stable name
+    address = getattr(connection, "_addr", None)
+    if isinstance(address, tuple):
+        db.string(attributes, _OLD_NET_PEER_NAME, SERVER_ADDRESS, address[0])
+        db.port(attributes, address[1])
+        db.transport(attributes, "ip_tcp", NetworkTransportValues.TCP)
+    elif isinstance(address, str):
+        db.string(attributes, _OLD_NET_PEER_NAME, SERVER_ADDRESS, address)
+        db.transport(attributes, "other", NetworkTransportValues.PIPE)
     return attributes
 
 
@@ -199,7 +268,7 @@ async def _traced_query(
     try:
         attributes = client.fixed(connection, _asyncpg_target)
         if isinstance(query, str):
-            _set_db_statement(attributes, query, client.db_mode)
+            client.db.statement(attributes, query)
     except Exception:  # an unusual connection object: the span goes without them
         _log.debug("cfk_otel: no attributes for an asyncpg span", exc_info=True)
         attributes = {}
@@ -275,7 +344,7 @@ class AsyncpgInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ("asyncpg >= 0.27",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        client = _Client(kwargs.get("tracer_provider"), _OpenTelemetryStabilitySignalType.DATABASE)
+        client = _Client(kwargs.get("tracer_provider"))
         for module, name, source in _present(_ASYNCPG_TARGETS):
             wrapt.wrap_function_wrapper(module, name, _asyncpg_wrapper(client, source))
         wrapt.wrap_function_wrapper("asyncpg.pool", "Pool.__init__", _track_pool)
@@ -290,44 +359,75 @@ class AsyncpgInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
 
 def _redis_target(owner: Any, client: _Client) -> dict[str, Any]:
-    # The upstream instrumentation's own helper: its attributes, in every semconv mode.
-    from opentelemetry.instrumentation.redis.util import _extract_conn_attributes  # noqa: PLC0415
-
-    options = getattr(owner, "connection_kwargs", None)  # owner: the client's pool
+    """The upstream redis instrumentation's attributes for a client's pool (``owner``):
+    the system and database index in the database conventions, the server in the HTTP
+    ones (as upstream names them)."""
+    attributes: dict[str, Any] = {}
+    client.db.string(attributes, _OLD_DB_SYSTEM, DB_SYSTEM_NAME, "redis")
+    options = getattr(owner, "connection_kwargs", None)
     if options is None:  # a cluster client: no single server to name
-        attributes: dict[str, Any] = {}
-        _set_db_system(attributes, "redis", client.db_mode)
         return attributes
-    return _extract_conn_attributes(options, client.db_mode, client.http_mode)  # type: ignore[no-any-return]
+    index = options.get("db")
+    if client.db.old:  # no stable name
+        attributes[_OLD_DB_REDIS_DATABASE_INDEX] = int(index or 0)  # from_url passes db=None
+    net = client.http
+    if "path" in options:
+        net.string(attributes, _OLD_NET_PEER_NAME, SERVER_ADDRESS, options.get("path", ""))
+        net.transport(attributes, "other", NetworkTransportValues.UNIX)
+    else:
+        net.string(attributes, _OLD_NET_PEER_NAME, SERVER_ADDRESS, options.get("host", "localhost"))
+        net.port(attributes, options.get("port", 6379))
+        net.transport(attributes, "ip_tcp", NetworkTransportValues.TCP)
+    return attributes
 
 
-class _RedisClient(_Client):
-    """Also the upstream redis instrumentation's helpers (names, statements, server),
-    imported once here rather than on every call."""
-
-    def __init__(self, tracer_provider: trace.TracerProvider | None) -> None:
-        super().__init__(
-            tracer_provider,
-            _OpenTelemetryStabilitySignalType.DATABASE,
-            _OpenTelemetryStabilitySignalType.HTTP,
-        )
-        from opentelemetry.instrumentation.redis import util  # noqa: PLC0415  (imports redis)
-
-        self.util: Any = util
+_REDIS_STATEMENT_MAX: Final = 1000
 
 
-def _redis_span(client: _RedisClient, instance: Any, args: tuple[Any, ...], pipeline: bool) -> trace.Span:
-    util = client.util
+def _redis_statement(args: Any) -> str:
+    """A command without its values, as upstream writes it: ``SET ? ?``, at most 1000 characters."""
+    if not args:
+        return ""
+    text = " ".join([str(args[0]), *("?" * (len(args) - 1))])
+    return text if len(text) <= _REDIS_STATEMENT_MAX else text[: _REDIS_STATEMENT_MAX - 3] + "..."
+
+
+def _redis_name(instance: Any, args: tuple[Any, ...]) -> str:
+    """The span name upstream gives a command: its name (two search commands renamed),
+    or the database index when there is none."""
+    if args and args[0]:
+        if args[0] == "FT.SEARCH":
+            return "redis.search"
+        if args[0] == "FT.CREATE":
+            return "redis.create_index"
+        return str(args[0])
+    index = instance.connection_pool.connection_kwargs.get("db")
+    return str(0 if index is None else index)
+
+
+def _redis_pipeline(instance: Any) -> tuple[int, str, str]:
+    """A pipeline's length, statement (one line per command) and span name (the command
+    names), from its public ``command_stack``; a pipeline without one is just "redis"."""
+    try:
+        commands = [c.args if hasattr(c, "args") else c[0] for c in instance.command_stack]
+        statement = "\n".join(_redis_statement(args) for args in commands)
+        name = " ".join(args[0] for args in commands)
+    except (AttributeError, IndexError):
+        return 0, "", "redis"
+    return len(commands), statement, name or "redis"
+
+
+def _redis_span(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> trace.Span:
     try:
         pool = getattr(instance, "connection_pool", None)
         attributes = client.fixed(instance if pool is None else pool, _redis_target)
         if pipeline:
-            commands, statement, name = util._build_span_meta_data_for_pipeline(instance)
-            _set_db_statement(attributes, statement, client.db_mode)
-            attributes["db.redis.pipeline_length"] = len(commands)
+            length, statement, name = _redis_pipeline(instance)
+            client.db.statement(attributes, statement)
+            attributes["db.redis.pipeline_length"] = length
         else:
-            name = util._build_span_name(instance, args)
-            _set_db_statement(attributes, util._format_command_args(args), client.db_mode)
+            name = _redis_name(instance, args)
+            client.db.statement(attributes, _redis_statement(args))
             attributes["db.redis.args_length"] = len(args)
     except Exception:  # e.g. an argument whose str() fails: the span goes without them
         _log.debug("cfk_otel: no attributes for a redis span", exc_info=True)
@@ -361,7 +461,7 @@ def _is_watch_error(error: Exception) -> bool:
     return isinstance(error, WatchError)
 
 
-def _redis_wrapper(client: _RedisClient, pipeline: bool) -> Callable[..., Any]:
+def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
     def traced(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
@@ -381,7 +481,7 @@ def _redis_wrapper(client: _RedisClient, pipeline: bool) -> Callable[..., Any]:
     return traced
 
 
-def _redis_wrapper_async(client: _RedisClient, pipeline: bool) -> Callable[..., Awaitable[Any]]:
+def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Awaitable[Any]]:
     async def traced(
         wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
@@ -423,7 +523,7 @@ class RedisInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ("redis >= 4.3",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        client = _RedisClient(kwargs.get("tracer_provider"))
+        client = _Client(kwargs.get("tracer_provider"))
         for module, name, pipeline, is_async in _present(_REDIS_TARGETS):
             wrapper = _redis_wrapper_async(client, pipeline) if is_async else _redis_wrapper(client, pipeline)
             wrapt.wrap_function_wrapper(module, name, wrapper)

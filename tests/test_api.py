@@ -60,3 +60,46 @@ def test_configure_raises_in_strict_mode() -> None:
     assert result.returncode == 1
     assert "cfk_otel.ConfigurationError" in result.stderr or "ConfigurationError" in result.stderr
     assert "OTEL_TRACES_SAMPLER='sometimes' is not valid" in result.stderr
+
+
+def test_disabling_ours_without_the_upstream_instrumentations_is_quiet() -> None:
+    # The upstream asyncpg and redis instrumentations are optional (issue 18): absent,
+    # disabling ours loads nothing in their place, and says nothing about it.
+    script = textwrap.dedent(
+        """
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        hidden = sys.argv[1] == "hidden"
+        if hidden:  # as if not installed: find_spec() answers None
+            sys.modules["opentelemetry.instrumentation.asyncpg"] = None
+            sys.modules["opentelemetry.instrumentation.redis"] = None
+        import asyncpg, redis, cfk_otel
+        from cfk_otel._db import AsyncpgInstrumentor, RedisInstrumentor
+        cfk_otel.configure()
+        loaded = [AsyncpgInstrumentor().is_instrumented_by_opentelemetry]
+        if not hidden:
+            from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+            from opentelemetry.instrumentation.redis import RedisInstrumentor as Upstream
+            loaded += [AsyncPGInstrumentor().is_instrumented_by_opentelemetry,
+                       Upstream().is_instrumented_by_opentelemetry]
+        print(*loaded)
+        """
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "cfk_asyncpg,cfk_redis",
+    }
+    for mode, expected in (("hidden", "False"), ("installed", "False True True")):
+        result = subprocess.run(
+            [sys.executable, "-c", script, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
+        assert "could not instrument" not in result.stderr, result.stderr

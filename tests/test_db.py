@@ -1,10 +1,22 @@
-"""cfk_otel/_db.py: bounded labels for query and command timings."""
+"""cfk_otel/_db.py: bounded labels for query and command timings; span attributes."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from cfk_otel._db import redis_command, sql_operation
+from cfk_otel._db import (
+    _asyncpg_target,
+    _Client,
+    _Conventions,
+    _redis_name,
+    _redis_pipeline,
+    _redis_statement,
+    _redis_target,
+    redis_command,
+    sql_operation,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,3 +54,78 @@ def test_sql_operation(sql: object, operation: str) -> None:
 )
 def test_redis_command(args: tuple[object, ...], command: str) -> None:
     assert redis_command(args) == command
+
+
+# The attributes the upstream asyncpg and redis instrumentations would write, for what
+# tests/integration/test_db_spans.py cannot reach there: Unix sockets, odd arguments.
+
+
+@pytest.mark.parametrize(
+    ("opt_in", "old", "new"),
+    [
+        ("", True, False),
+        ("database", False, True),
+        ("database/dup", True, True),
+        (" http , database/dup ,database", True, True),  # dup wins, as upstream
+        ("http/dup", True, False),  # another signal's choice
+        ("databases", True, False),
+    ],
+)
+def test_conventions_follow_the_opt_in(opt_in: str, old: bool, new: bool) -> None:
+    conventions = _Conventions("database", opt_in)
+    assert (conventions.old, conventions.new) == (old, new)
+
+
+class _Asyncpg:
+    def __init__(self, address: object) -> None:
+        self._params = SimpleNamespace(database="kanban", user="app")
+        self._addr = address
+
+
+def test_asyncpg_unix_socket_and_missing_parts() -> None:
+    client = _Client(None)
+    client.db = _Conventions("database", "database/dup")
+    assert _asyncpg_target(_Asyncpg("/run/postgresql/.s.PGSQL.5432"), client) == {
+        "db.system": "postgresql",
+        "db.system.name": "postgresql",
+        "db.name": "kanban",
+        "db.namespace": "kanban",
+        "db.user": "app",
+        "net.peer.name": "/run/postgresql/.s.PGSQL.5432",
+        "server.address": "/run/postgresql/.s.PGSQL.5432",
+        "net.transport": "other",
+        "network.transport": "pipe",
+    }
+    client.db = _Conventions("database", "")
+    assert _asyncpg_target(object(), client) == {"db.system": "postgresql"}
+
+
+def test_redis_unix_socket_and_cluster() -> None:
+    client = _Client(None)
+    client.http = _Conventions("http", "http/dup")
+    pool = SimpleNamespace(connection_kwargs={"path": "/run/redis.sock", "db": None})
+    assert _redis_target(pool, client) == {
+        "db.system": "redis",
+        "db.redis.database_index": 0,
+        "net.peer.name": "/run/redis.sock",
+        "server.address": "/run/redis.sock",
+        "net.transport": "other",
+        "network.transport": "unix",
+    }
+    assert _redis_target(SimpleNamespace(), client) == {"db.system": "redis"}
+
+
+def test_redis_names_and_statements() -> None:
+    instance = SimpleNamespace(connection_pool=SimpleNamespace(connection_kwargs={"db": 3}))
+    assert _redis_name(instance, ("FT.SEARCH", "idx", "q")) == "redis.search"
+    assert _redis_name(instance, ("FT.CREATE", "idx")) == "redis.create_index"
+    assert _redis_name(instance, (b"GET", "k")) == "b'GET'"  # as upstream: str() of the name
+    assert _redis_name(instance, ()) == "3"
+    assert _redis_statement(("SET", "secret-key", "secret-value")) == "SET ? ?"
+    assert _redis_statement(()) == ""
+    long = _redis_statement(("MSET", *range(600)))
+    assert len(long) == 1000
+    assert long.endswith("? ...")
+    pipeline = SimpleNamespace(command_stack=[(("SET", "k", "v"), {}), (("GET", "k"), {})])
+    assert _redis_pipeline(pipeline) == (2, "SET ? ?\nGET ?", "SET GET")
+    assert _redis_pipeline(SimpleNamespace()) == (0, "", "redis")
