@@ -7,12 +7,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cfk-installed
 
-.PHONY: help venv services services-stop lint test demo bench microbench env-table collector collector-check clean
+.PHONY: help venv services services-stop lint install-check test demo bench microbench env-table collector collector-check clean
 
 help:
 	@echo "make demo    run the example app under opentelemetry-instrument and summarise its telemetry"
 	@echo "make test    lint, type-check and run the whole test suite against real services"
 	@echo "make lint    ruff and mypy only"
+	@echo "make install-check  a fresh install with each Python's bundled pip, then pip check"
 	@echo "make bench   the overhead benchmark; writes docs/benchmarks.md (and runs microbench)"
 	@echo "make microbench  per-call micro-benchmarks beside upstream; writes docs/microbenchmarks.md"
 	@echo "make collector        build (or reuse) the otelcol-cfk collector binary"
@@ -38,9 +39,16 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/mypy benchmarks scripts/microbench.py
 
+# A new user's install, on every supported Python present (3.11, 3.12, 3.13): a fresh
+# venv with its bundled pip (not upgraded), the package from this checkout with no cache,
+# then an upstream instrumentation added by a second `pip install`, then `pip check`
+# (issue 18). The Pythons run in parallel, about 80 s; the .venv above is not used.
+install-check:
+	$(PYTHON) scripts/install-check
+
 # The collector is built (or its cached build reused) before pytest, so a cold build's
 # progress shows here rather than inside a test fixture.
-test: venv services collector lint collector-check
+test: venv services collector lint collector-check install-check
 	$(BIN)/python -m pytest
 
 # The example app (examples/kanban) with the whole telemetry path: the collector, a real
@@ -55,7 +63,7 @@ BENCH_VENV ?= .venv-bench
 $(BENCH_VENV)/.cfk-installed: pyproject.toml
 	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install -q -e '.[test]' 'opentelemetry-distro>=0.66b1,<0.67'
+	$(BENCH_VENV)/bin/python -m pip install -q -e '.[test,bench]'
 	@touch $@
 
 bench: $(BENCH_VENV)/.cfk-installed services
