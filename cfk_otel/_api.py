@@ -21,7 +21,7 @@ def configure() -> None:
     >>> import cfk_otel
     >>> cfk_otel.configure()  # doctest: +SKIP
     """
-    from ._distro import CfkConfigurator  # noqa: PLC0415  (keeps `import cfk_otel` light)
+    from ._distro import CfkConfigurator, check_packages  # noqa: PLC0415  (keeps `import cfk_otel` light)
 
     if _sdk.STATE.started or _sdk.STATE.deferred:
         _log.debug("cfk_otel.configure() was already called; ignoring")
@@ -30,6 +30,7 @@ def configure() -> None:
     _sdk.STATE.configurator_selected = True
     CfkConfigurator().configure()  # type: ignore[no-untyped-call]
     _instrument_libraries()
+    check_packages()
 
 
 def _instrument_libraries() -> None:

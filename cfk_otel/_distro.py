@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from importlib.metadata import EntryPoint
 from typing import Any, Final
 
@@ -18,7 +19,7 @@ from opentelemetry.instrumentation.environment_variables import (
 )
 from opentelemetry.sdk._configuration import _OTelSDKConfigurator
 
-from . import _sdk
+from . import _packages, _sdk
 from ._settings import ConfigurationError
 
 NAME = "cfk_otel"
@@ -79,7 +80,9 @@ class CfkConfigurator(_OTelSDKConfigurator):
 
 
 def check_selected() -> None:
-    """``opentelemetry_post_instrument`` hook: say so when another distro took over."""
+    """``opentelemetry_post_instrument`` hook: say so when another distro took over, or
+    when the installed OpenTelemetry packages do not fit together."""
+    check_packages()
     state = _sdk.STATE
     if state.distro_selected and state.configurator_selected:
         return
@@ -98,6 +101,25 @@ def check_selected() -> None:
     if _sdk.settings().strict:
         _refuse_to_start(message)
     print(message, file=sys.stderr, flush=True)
+
+
+def check_packages() -> None:
+    """One warning when an instrumentation installed later moved the SDK's pins.
+
+    Reading every installed package's metadata takes about 0.1 s, so it runs on a
+    thread of its own rather than delaying the app's start.
+    """
+
+    def check() -> None:
+        try:
+            message = _packages.report()
+        except Exception:  # reading package metadata must never stop the app
+            _log.debug("cfk_otel: could not check the installed packages", exc_info=True)
+            return
+        if message is not None:
+            _log.warning(message)
+
+    threading.Thread(target=check, name="cfk-otel-packages", daemon=True).start()
 
 
 def _refuse_to_start(message: str) -> None:

@@ -1,0 +1,118 @@
+"""cfk_otel/_packages.py: the installed OpenTelemetry family, checked as `pip check` would."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from cfk_otel import _packages
+
+
+@dataclass
+class FakeDist:
+    name: str
+    version: str
+    requires: list[str] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {"Name": self.name}
+
+
+def installed(monkeypatch: pytest.MonkeyPatch, *dists: FakeDist) -> None:
+    monkeypatch.setattr(_packages, "distributions", lambda: list(dists))
+
+
+SDK = FakeDist(
+    "opentelemetry-sdk",
+    "1.45.2",
+    ["opentelemetry-api==1.45.2", "opentelemetry-semantic-conventions==0.66b2", "typing-extensions>=4.5"],
+)
+
+
+def test_a_consistent_family_has_nothing_to_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed(
+        monkeypatch,
+        SDK,
+        FakeDist("opentelemetry-api", "1.45.2"),
+        FakeDist("opentelemetry_semantic_conventions", "0.66b2", ["opentelemetry-api==1.45.2"]),
+        FakeDist("opentelemetry-instrumentation", "0.66b2", ["opentelemetry-semantic-conventions==0.66b2"]),
+        FakeDist("opentelemetry-instrumentation-httpx", "0.66b2", ["opentelemetry-instrumentation==0.66b2"]),
+        FakeDist("cfk-otel", "0.1.0", ["opentelemetry-sdk<1.46,>=1.45.1", "pytest>=8; extra == 'test'"]),
+    )
+    assert _packages.mismatches() == []
+    assert _packages.report() is None
+
+
+OLD_BASE = "opentelemetry-instrumentation==0.66b1"
+
+
+def test_an_instrumentation_added_later_that_moved_the_pins_is_named_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a plain second `pip install opentelemetry-instrumentation-asyncpg` leaves today.
+    installed(
+        monkeypatch,
+        SDK,
+        FakeDist("opentelemetry-api", "1.45.1"),
+        FakeDist("opentelemetry-semantic-conventions", "0.66b1", ["opentelemetry-api==1.45.1"]),
+        FakeDist("opentelemetry-instrumentation", "0.66b1", ["opentelemetry-semantic-conventions==0.66b1"]),
+        FakeDist("opentelemetry-instrumentation-asyncpg", "0.66b1", [OLD_BASE]),
+        FakeDist("Opentelemetry.Instrumentation_Redis", "0.66b1", [OLD_BASE]),
+        FakeDist("requests", "2.32.0", ["urllib3<3"]),
+    )
+    assert _packages.mismatches() == [
+        "opentelemetry-sdk 1.45.2 requires opentelemetry-api==1.45.2, 1.45.1 is installed",
+        "opentelemetry-sdk 1.45.2 requires opentelemetry-semantic-conventions==0.66b2, 0.66b1 is installed",
+    ]
+    report = _packages.report()
+    assert report is not None
+    assert report.endswith(
+        "pip install cfk-otel opentelemetry-instrumentation-asyncpg opentelemetry-instrumentation-redis"
+    )
+
+
+def test_extras_other_platforms_bad_metadata_and_missing_packages_are_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    installed(
+        monkeypatch,
+        FakeDist(
+            "opentelemetry-exporter-x",
+            "1.0",
+            [
+                "opentelemetry-api==9.9; extra == 'old'",
+                "opentelemetry-api==8.8; sys_platform == 'nonexistent'",
+                "opentelemetry-proto==1.0",  # not installed: pip check's to report
+                "this is not a requirement ((",
+            ],
+        ),
+        FakeDist("opentelemetry-api", "1.45.2"),
+        FakeDist("opentelemetry-thing", "not-a-version"),
+        FakeDist("opentelemetry-other", "1.0", ["opentelemetry-thing>=1"]),
+    )
+    assert _packages.mismatches() == []
+
+
+def test_the_real_environment_is_checked_without_error() -> None:
+    # The test venv is installed by one command, so its family fits together.
+    assert _packages.mismatches() == []
+
+
+def test_the_distro_warns_once_from_its_own_thread(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    from cfk_otel import _distro
+
+    monkeypatch.setattr(_packages, "report", lambda: "cfk_otel: the installed ... Fix, in one command: pip x")
+    before = set(threading.enumerate())
+    with caplog.at_level("WARNING", logger="cfk_otel"):
+        _distro.check_packages()
+        for thread in set(threading.enumerate()) - before:
+            thread.join(5)
+    assert [r.getMessage() for r in caplog.records if r.name == "cfk_otel"] == [
+        "cfk_otel: the installed ... Fix, in one command: pip x"
+    ]
