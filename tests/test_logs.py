@@ -542,3 +542,215 @@ def test_app_records_beyond_the_attribute_limit_go_through_the_sdk(monkeypatch: 
         assert len(receiver.logs[0].attributes) == 3
         assert receiver.logs[0].record.dropped_attributes_count > 0
         provider.shutdown()
+
+
+# --- issue 19: every call shape of the document's "Usage" section ---------------------------
+
+
+def test_every_call_shape_of_the_document_keeps_its_context(capture: Capture) -> None:
+    log = get_logger(capture.std.name)
+    err = ValueError("title missing")
+    log.debug("d", {"a": 1})
+    log.info("User logged in", {"userId": "u-1", "ip": "10.0.0.1"})
+    log.info("both", {"userId": "u-1", "n": 1}, n=2)  # keywords win over the dict
+    log.warn("Rate limit approaching", {"userId": "u-1", "remaining": 5})
+    log.warning("w", {"b": 2})
+    log.error("Failed to create ticket", err, {"ticketData": {"title": ""}})
+    log.error("no exception", {"ticketData": {"title": "x"}})
+    log.error("keywords", err, ticketData={"title": "y"})
+    log.error("exc keyword", exc=err, step=3)
+    log.error("None first", None, {"k": "v"})
+    log.fatal("Out of connections", err, {"pool": "main"})
+    log.fatal("fatal dict", {"pool": "replica"})
+    log.log_request("POST", "/api/tickets", 201, 45, {"userId": "u-1"})
+    log.log_request("GET", "/api/tickets", 200, 3, userId="u-2")
+    child = log.create_child_logger({"requestId": "r-1", "userId": "u-1"})
+    child.info("Processing request")
+    log.create_child_logger({"requestId": "r-2"}, userId="u-3").bind({"step": 1}).info("nested")
+    lines = capture.lines()
+    got = [
+        {k: v for k, v in x.items() if k not in ("timestamp", "service", "environment", "version")}
+        for x in lines
+    ]
+    assert got[0] == {"level": "debug", "message": "d", "a": 1}
+    assert got[1] == {"level": "info", "message": "User logged in", "userId": "u-1", "ip": "10.0.0.1"}
+    assert got[2] == {"level": "info", "message": "both", "userId": "u-1", "n": 2}
+    assert got[3] == {"level": "warn", "message": "Rate limit approaching", "userId": "u-1", "remaining": 5}
+    assert got[4] == {"level": "warn", "message": "w", "b": 2}
+    for line, data in zip(lines[5:8], ({"title": ""}, {"title": "x"}, {"title": "y"}), strict=True):
+        assert line["level"] == "error"
+        assert line["ticketData"] == data
+    assert lines[5]["error"]["type"] == "ValueError"
+    assert "error" not in lines[6]
+    assert lines[7]["error"]["message"] == "title missing"
+    assert (lines[8]["error"]["type"], lines[8]["step"]) == ("ValueError", 3)
+    assert (lines[9]["k"], "error" in lines[9]) == ("v", False)
+    assert (lines[10]["level"], lines[10]["pool"], lines[10]["error"]["type"]) == (
+        "fatal",
+        "main",
+        "ValueError",
+    )
+    assert (lines[11]["level"], lines[11]["pool"], "error" in lines[11]) == ("fatal", "replica", False)
+    assert (lines[12]["message"], lines[12]["status"], lines[12]["userId"]) == (
+        "POST /api/tickets 201 45ms",
+        201,
+        "u-1",
+    )
+    assert (lines[13]["message"], lines[13]["userId"]) == ("GET /api/tickets 200 3ms", "u-2")
+    assert (lines[14]["requestId"], lines[14]["userId"]) == ("r-1", "u-1")
+    assert (lines[15]["requestId"], lines[15]["userId"], lines[15]["step"]) == ("r-2", "u-3", 1)
+    assert not any("args" in x for x in lines)
+
+
+def test_context_keys_that_collide_with_the_lines_own_fields_are_prefixed(capture: Capture) -> None:
+    log = get_logger(capture.std.name)
+    log.info(
+        "m",
+        {"level": "L", "message": "M", "service": "S", "timestamp": "T", "trace_id": "X", "error": "E"},
+        environment="dev",
+    )
+    log.info("again", {"level": "L", "context.level": "CL"})
+    log.create_child_logger(level="bound", version="v9").warn("child")
+    log.log_request("GET", "/x", 200, 1, {"status": "S", "method": "M", "level": "L"})
+    log.bind(path="/bound").log_request("GET", "/y", 404, 2)
+    capture.std.info("stdlib", extra={"service": "from extra"})
+    first, second, child, request, bound, stdlib = capture.lines()
+    assert (first["level"], first["message"], first["service"]) == ("info", "m", "cf-kanban")
+    assert "trace_id" not in first
+    assert "error" not in first
+    assert {k: v for k, v in first.items() if k.startswith("context.")} == {
+        "context.level": "L",
+        "context.message": "M",
+        "context.service": "S",
+        "context.timestamp": "T",
+        "context.trace_id": "X",
+        "context.error": "E",
+        "context.environment": "dev",
+    }
+    assert (second["context.level"], second["context.context.level"]) == ("CL", "L")
+    assert (child["level"], child["version"], child["context.level"], child["context.version"]) == (
+        "warn",
+        "1.0.0",
+        "bound",
+        "v9",
+    )
+    assert (request["status"], request["method"], request["level"]) == (200, "GET", "info")
+    assert (request["context.status"], request["context.method"], request["context.level"]) == ("S", "M", "L")
+    assert (bound["path"], bound["context.path"], bound["level"]) == ("/y", "/bound", "warn")
+    assert (stdlib["service"], stdlib["context.service"]) == ("cf-kanban", "from extra")
+
+
+def test_colliding_keys_are_prefixed_in_the_otlp_record_too() -> None:
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    from cfk_otel._logs import OtlpHandler
+
+    provider = LoggerProvider()
+    memory = InMemoryLogRecordExporter()
+    provider.add_log_record_processor(SimpleLogRecordProcessor(memory))
+    std = logging.getLogger("test.otlp_collisions")
+    std.propagate = False
+    std.setLevel(logging.INFO)
+    handler = OtlpHandler(provider)
+    std.addHandler(handler)
+    try:
+        get_logger(std.name).error(
+            "m", ValueError("v"), {"level": "L", "code.line.number": "mine", "exception.type": "T"}
+        )
+    finally:
+        std.removeHandler(handler)
+        std.propagate = True
+    [record] = [r.log_record for r in memory.get_finished_logs()]
+    attributes = dict(record.attributes or {})
+    assert attributes["context.level"] == "L"
+    assert attributes["context.code.line.number"] == "mine"
+    assert isinstance(attributes["code.line.number"], int)
+    assert (attributes["exception.type"], attributes["context.exception.type"]) == ("ValueError", "T")
+    assert "level" not in attributes
+
+
+@pytest.fixture
+def warnings_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The once-only misuse warnings (logger "cfk_otel"), each test starting afresh."""
+    from cfk_otel import _logs
+
+    monkeypatch.setattr(_logs, "_misused", set())
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    own = logging.getLogger("cfk_otel")
+    own.addHandler(handler)
+    yield seen
+    own.removeHandler(handler)
+
+
+def test_bad_arguments_still_give_a_line_and_one_warning_naming_the_call(
+    capture: Capture, warnings_seen: list[str]
+) -> None:
+    log = get_logger(capture.std.name)
+    log.info("two dicts and a str", {"a": 1}, "oops", {"b": 2})
+    log.info("again", "oops")
+    log.warn(404)  # type: ignore[arg-type]
+    log.debug("exception where none is taken", ValueError("x"))  # type: ignore[arg-type]
+    log.error("str instead of an exception", "E_TICKET", {"ticketId": 7})  # type: ignore[arg-type]
+    log.error("exc keyword not an exception", exc="nope", k=1)  # type: ignore[arg-type]
+    log.log_request("GET", "/x", "two hundred", None)  # type: ignore[arg-type]
+    log.log_request(["GET"], "/x", 200, 1.5, "extra")  # type: ignore[arg-type]
+    child = log.create_child_logger("not a dict", {"requestId": "r"})  # type: ignore[arg-type]
+    child.info("from the child")
+    lines = capture.lines()
+    assert [x["message"] for x in lines] == [
+        "two dicts and a str",
+        "again",
+        "404",
+        "exception where none is taken",
+        "str instead of an exception",
+        "exc keyword not an exception",
+        "GET /x two hundred Nonems",
+        "['GET'] /x 200 1.5ms",
+        "from the child",
+    ]
+    first, again, _, debug, error, exc_keyword, bad_request, odd_method, child_line = lines
+    assert (first["a"], first["b"], first["args"]) == (1, 2, ["oops"])
+    assert again["args"] == ["oops"]
+    assert debug["args"] == ["ValueError('x')"]
+    assert (error["args"], error["ticketId"], "error" in error) == (["E_TICKET"], 7, False)
+    assert (exc_keyword["args"], exc_keyword["k"]) == (["nope"], 1)
+    assert (bad_request["status"], bad_request["duration_ms"], bad_request["level"]) == (
+        "two hundred",
+        None,
+        "info",
+    )
+    assert (odd_method["method"], odd_method["args"]) == (["GET"], ["extra"])
+    assert (child_line["requestId"], child_line["args"]) == ("r", ["not a dict"])
+    # One warning per method and kind of mistake, naming the call.
+    assert len(warnings_seen) == len(set(warnings_seen)) == 7, warnings_seen
+    assert sum("logger.info()" in w for w in warnings_seen) == 1
+    assert any("logger.warn(): the message must be a str" in w for w in warnings_seen)
+    assert any("logger.log_request(): status must be an int" in w for w in warnings_seen)
+    assert any("logger.create_child_logger()" in w for w in warnings_seen)
+    log.info("once more", 1, 2, 3)
+    assert len(warnings_seen) == 7
+
+
+def test_a_mapping_that_raises_still_gives_a_line(capture: Capture, warnings_seen: list[str]) -> None:
+    from collections.abc import Mapping as AbcMapping
+
+    class Broken(AbcMapping[str, Any]):
+        def __getitem__(self, key: str) -> Any:
+            raise KeyError(key)
+
+        def __iter__(self) -> Iterator[str]:
+            raise RuntimeError("no iteration")
+
+        def __len__(self) -> int:
+            return 1
+
+        def __repr__(self) -> str:
+            return "<Broken>"
+
+    get_logger(capture.std.name).info("broken", Broken(), ok=True)
+    [line] = capture.lines()
+    assert (line["message"], line["ok"], line["args"]) == ("broken", True, ["<Broken>"])
+    assert len(warnings_seen) == 1
