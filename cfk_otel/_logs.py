@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -361,26 +362,83 @@ _FIXED: Final = (
 
 
 class PrettyFormatter(JsonFormatter):
-    """``LOG_FORMAT=pretty``: one readable, coloured line per record, for a terminal."""
+    """``LOG_FORMAT=pretty``: one readable line per record, coloured on a terminal.
 
-    def __init__(self, settings: Settings, colour: bool = True) -> None:
+    ``colour=None`` (the set-up's choice) colours only when stdout is a terminal, never
+    with ``NO_COLOR`` set, always with ``FORCE_COLOR`` set (NO_COLOR wins). Control
+    characters (CR, LF, ESC, the rest of C0 and C1) in the message and in every field are
+    written as escapes, so no value can start a line of its own or drive the terminal; an
+    exception's stack follows on lines that all start with ``  | ``.
+    """
+
+    def __init__(self, settings: Settings, colour: bool | None = None) -> None:
         super().__init__(settings)
         self._colour = colour
+        self._no_color, self._force_color = settings.no_color, settings.force_color
+        self._stream: object = None  # the stdout last checked, and whether it was coloured
+        self._stream_colour = False
+
+    def _coloured(self) -> bool:
+        if self._colour is not None:
+            return self._colour
+        stream = sys.stdout  # what our stdout handler writes to, looked up per record too
+        if stream is not self._stream:
+            self._stream_colour = colour_wanted(stream, self._no_color, self._force_color)
+            self._stream = stream
+        return self._stream_colour
 
     def format(self, record: logging.LogRecord) -> str:
         doc = self.document(record)
         level = doc["level"]
         context = " ".join(f"{k}={_compact(v)}" for k, v in doc.items() if k not in _FIXED)
         head = f"{doc['timestamp'][11:23]} {level.upper():<5}"
-        if self._colour:
+        if self._coloured():
             head = f"{_COLOURS[level]}{head}\x1b[0m"
-        line = f"{head} {doc['message']}" + (f"  {context}" if context else "")
+        body = doc["message"] + (f"  {context}" if context else "")
         if "trace_id" in doc:
-            line += f"  trace={doc['trace_id'][:16]}"
+            body += f"  trace={doc['trace_id'][:16]}"
+        line = f"{head} {escape_control(body)}"
         error = doc.get("error")
         if error:
-            line += "\n" + error["stack"].rstrip()
+            line += "".join(
+                f"\n{_STACK_INDENT}{escape_control(x)}" for x in error["stack"].rstrip().split("\n")
+            )
         return line
+
+
+_STACK_INDENT: Final = "  | "
+# C0 and C1 control characters, DEL, and Unicode's line and paragraph separators.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ...).
+
+    >>> escape_control("GET /a\\r\\nERROR forged")
+    'GET /a\\\\r\\\\nERROR forged'
+    """
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(_escape_one, text)
+
+
+def colour_wanted(stream: object, no_color: bool, force_color: bool) -> bool:
+    """Whether pretty lines written to ``stream`` get ANSI colours: ``NO_COLOR`` set, never;
+    ``FORCE_COLOR`` set, always; otherwise only on a terminal."""
+    if no_color:
+        return False
+    if force_color:
+        return True
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except Exception:  # a replaced stdout without isatty(), or a closed one
+        return False
 
 
 def _compact(value: object) -> str:
@@ -597,9 +655,7 @@ def configure_logging(
     if settings.log_output in ("stdout", "both"):
         stream = _StdoutHandler(level)
         stream.setFormatter(
-            PrettyFormatter(settings, colour=True)
-            if settings.log_format == "pretty"
-            else JsonFormatter(settings)
+            PrettyFormatter(settings) if settings.log_format == "pretty" else JsonFormatter(settings)
         )
         handlers.append(stream)
     if provider is not None and settings.log_output in ("otlp", "both") and settings.logs_exporters:

@@ -103,6 +103,11 @@ def _optional_text(value: str) -> str | None:
     return value.strip() or None
 
 
+def _set(value: str) -> bool:
+    # The no-color.org and force-color.org convention: set and not empty, whatever the value.
+    return value != ""
+
+
 def _bool(value: str) -> bool:
     v = value.strip().lower()
     if v in _TRUE:
@@ -308,6 +313,20 @@ LOG_FORMAT = Variable(
     _choice(*LOG_FORMATS),
     "json, pretty",
     "json for log aggregation, pretty for a terminal.",
+)
+NO_COLOR: Variable[bool | None] = Variable(
+    "NO_COLOR",
+    None,
+    _set,
+    "any text (set and not empty: no colour)",
+    "LOG_FORMAT=pretty without ANSI colours, even on a terminal (https://no-color.org).",
+)
+FORCE_COLOR: Variable[bool | None] = Variable(
+    "FORCE_COLOR",
+    None,
+    _set,
+    "any text (set and not empty: colour)",
+    "LOG_FORMAT=pretty in colour even when stdout is not a terminal; NO_COLOR wins.",
 )
 LOG_OUTPUT = Variable(
     "LOG_OUTPUT",
@@ -564,6 +583,8 @@ VARIABLES: Final[tuple[Variable[Any], ...]] = (
     SERVICE_ENVIRONMENT,
     LOG_LEVEL,
     LOG_FORMAT,
+    NO_COLOR,
+    FORCE_COLOR,
     LOG_OUTPUT,
     LOG_REQUESTS,
     LOG_REQUESTS_SAMPLE_RATE,
@@ -677,6 +698,8 @@ class Settings:
     environment: str
     log_level: str
     log_format: str
+    no_color: bool
+    force_color: bool
     log_output: str
     log_requests: bool
     log_requests_sample_rate: float
@@ -834,6 +857,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         environment=environment,
         log_level=read(LOG_LEVEL),
         log_format=read(LOG_FORMAT),
+        no_color=bool(read(NO_COLOR)),
+        force_color=bool(read(FORCE_COLOR)),
         log_output=read(LOG_OUTPUT),
         log_requests=read(LOG_REQUESTS),
         log_requests_sample_rate=_or(read(LOG_REQUESTS_SAMPLE_RATE), 1.0),

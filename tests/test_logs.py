@@ -754,3 +754,99 @@ def test_a_mapping_that_raises_still_gives_a_line(capture: Capture, warnings_see
     [line] = capture.lines()
     assert (line["message"], line["ok"], line["args"]) == ("broken", True, ["<Broken>"])
     assert len(warnings_seen) == 1
+
+
+# --- LOG_FORMAT=pretty: colour only where wanted, no line forged (issues 19 and 20) ----------
+
+_PRETTY_HEAD = re.compile(r"\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO |WARN |ERROR|FATAL) ")
+_HOSTILE = "a\r\n12:00:00.000 ERROR forged line admin logged in\x1b[2J\x00\x07\x7f\x85\u2028\u2029\tend"
+
+
+def _pretty(settings: Settings, name: str, colour: bool | None = None) -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    std = logging.getLogger(f"test.pretty.{name}")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(PrettyFormatter(settings, colour=colour))
+    std.handlers[:] = [handler]
+    std.setLevel(logging.DEBUG)
+    std.propagate = False
+    return std, stream
+
+
+def test_pretty_escapes_control_characters_everywhere(settings: Settings) -> None:
+    std, stream = _pretty(settings, "escapes", colour=False)
+    try:
+        raise ValueError(_HOSTILE)
+    except ValueError as exc:
+        Logger(std.name).error(_HOSTILE, exc, {_HOSTILE: _HOSTILE, "nested": {"k": _HOSTILE}, "plain": "x"})
+    std.info("stdlib %s", _HOSTILE, extra={"path": _HOSTILE})
+    text = stream.getvalue()
+    lines = text.splitlines()
+    assert len(text.split("\n")) == len(lines) + 1  # \n is the only line break left
+    heads = [x for x in lines if not x.startswith("  | ")]
+    assert len(heads) == 2
+    assert all(_PRETTY_HEAD.match(x) for x in heads), heads
+    assert all(x.startswith("  | ") for x in lines[1:-1])  # the stack, under its line
+    for char in "\r\x1b\x00\x07\x7f\x85\u2028\u2029\t":
+        assert char not in text, repr(char)
+    escaped = "a\\r\\n12:00:00.000 ERROR forged line admin logged in\\x1b[2J\\x00\\x07\\x7f"
+    assert escaped + "\\x85\\u2028\\u2029\\tend" in heads[0]
+    assert "plain=x" in heads[0]
+    # The exception's own line, split by its \n like any stack line: indented, the \r escaped.
+    assert lines[-3:-1] == [
+        "  | ValueError: a\\r",
+        "  | 12:00:00.000 ERROR forged line admin logged in\\x1b[2J\\x00\\x07\\x7f\\x85\\u2028\\u2029\\tend",
+    ]
+    assert heads[1].count("forged") == 2  # the message and the path field, each escaped
+
+
+def test_pretty_colours_only_a_terminal_and_honours_no_color_and_force_color(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cfk_otel._logs import colour_wanted
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    class Broken(io.StringIO):
+        def isatty(self) -> bool:
+            raise ValueError("I/O operation on closed file")
+
+    assert colour_wanted(Terminal(), no_color=False, force_color=False)
+    assert not colour_wanted(io.StringIO(), no_color=False, force_color=False)
+    assert not colour_wanted(Broken(), no_color=False, force_color=False)
+    assert not colour_wanted(object(), no_color=False, force_color=False)
+    assert not colour_wanted(Terminal(), no_color=True, force_color=False)
+    assert colour_wanted(io.StringIO(), no_color=False, force_color=True)
+    assert not colour_wanted(Terminal(), no_color=True, force_color=True)  # NO_COLOR wins
+
+    def line(env: dict[str, str], stdout: io.StringIO) -> str:
+        monkeypatch.setattr("sys.stdout", stdout)
+        settings = load({"LOG_FORMAT": "pretty", **env})
+        formatter = PrettyFormatter(settings)
+        return formatter.format(logging.LogRecord("x", logging.WARNING, __file__, 1, "m", None, None))
+
+    assert "\x1b[33m" in line({}, Terminal())
+    assert "\x1b" not in line({}, io.StringIO())  # a file, a pipe
+    assert "\x1b" not in line({"NO_COLOR": "1"}, Terminal())
+    assert "\x1b" in line({"NO_COLOR": ""}, Terminal())  # set but empty: not set (no-color.org)
+    assert "\x1b[33m" in line({"FORCE_COLOR": "0"}, io.StringIO())  # any value (force-color.org)
+    assert "\x1b" not in line({"FORCE_COLOR": "1", "NO_COLOR": "1"}, Terminal())
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_configure_logging_pretty_follows_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    configure_logging(load({"LOG_FORMAT": "pretty", "LOG_OUTPUT": "stdout"}), None)
+    piped, terminal = io.StringIO(), Terminal()
+    monkeypatch.setattr("sys.stdout", piped)
+    logging.getLogger("tests.pretty").warning("to a pipe")
+    monkeypatch.setattr("sys.stdout", terminal)
+    logging.getLogger("tests.pretty").warning("to a terminal")
+    assert "to a pipe" in piped.getvalue()
+    assert "\x1b" not in piped.getvalue()
+    assert "\x1b[33m" in terminal.getvalue()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import string
 from urllib.parse import quote, unquote
 
@@ -183,3 +184,43 @@ def test_hostile_paths_get_the_apps_answer_and_bounded_telemetry(
     # One JSON line each, all parseable (and one for the launcher's readiness probe).
     assert len(request_lines) == 1 + len(warm) + len(replies)
     assert after - before < RSS_BOUND_MIB
+
+
+# A request target that decodes to a second log line, as found from outside (issue 20).
+FORGED = "/api/tickets/7%0A12:00:00.000%20ERROR%20forged%20line%20admin%20logged%20in"
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_PRETTY_LINE = re.compile(r"\d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO |WARN |ERROR|FATAL) ")
+
+
+def test_pretty_output_cannot_be_forged_by_a_path(run_app: StartApp) -> None:
+    """LOG_FORMAT=pretty: every line the app writes is one record's head or an indented stack
+    line, whatever the paths; control characters come out escaped, and a file gets no colour."""
+    controls = {path: status for path, status in hostile_paths().items() if _CONTROL.search(unquote(path))}
+    assert len(controls) > 300  # encoded CR, LF and NUL from the tricks above
+    extra = {
+        FORGED: 200,
+        "/api/tickets/8%0D%0A%1B[31mERROR%20red%1B[0m%C2%85NEL%E2%80%A8LS%07%7F": 200,
+        "/x-%0A%0D%09%00": 404,
+        "/boom": 500,  # an exception's stack in pretty form
+    }
+    port = free_port()
+    app = run_app(
+        uvicorn_command("starlette_app:app", port), {"LOG_FORMAT": "pretty", "LOG_OUTPUT": "stdout"}, port
+    )
+    replies = hammer(app.port, [*controls, *extra])
+    assert_served(replies, {**controls, **extra}.__getitem__)
+    app.terminate()
+    output = app.output()
+    lines = [x for x in output.split("\n") if x and not x.startswith("lifespan:")]
+    heads = [x for x in lines if not x.startswith("  | ")]
+    assert all(_PRETTY_LINE.match(x) for x in heads), [x for x in heads if not _PRETTY_LINE.match(x)][:5]
+    # One request line per request (and the launcher's probe); no line starts with forged text.
+    assert sum(" GET /" in x for x in heads) >= len(replies) + 1
+    assert not any(x.startswith("12:00:00.000") for x in lines)
+    for char in "\r\x1b\x00\x07\x7f\x85\u2028":
+        assert char not in output, repr(char)
+    [forged] = [x for x in heads if "forged line" in x and " GET " in x]
+    assert "GET /api/tickets/7\\n12:00:00.000 ERROR forged line admin logged in 200" in forged
+    [app_line] = [x for x in heads if "ticket 7\\n12:00" in x]  # the app's own log call, escaped too
+    assert "requested" in app_line
+    assert any("RuntimeError: boom on purpose" in x for x in lines if x.startswith("  | "))
