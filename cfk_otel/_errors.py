@@ -206,6 +206,19 @@ def report_slow_query(sql: str, seconds: float) -> None:
         _warn_once("slow-query", "cfk_otel: reporting a slow query failed", exc_info=True)
 
 
+def report_unhandled(error: BaseException, mechanism: str) -> None:
+    """An exception nobody caught (a thread, the main program, an asyncio task) to Sentry,
+    as unhandled, once (see :mod:`cfk_otel._uncaught`). Nothing without Sentry."""
+    if not STATE.active:
+        return
+    try:
+        from . import _sentry  # noqa: PLC0415
+
+        _sentry._capture_unhandled(error, mechanism)
+    except Exception:
+        _warn_once("unhandled", "cfk_otel: reporting an uncaught exception failed", exc_info=True)
+
+
 def _count(error_type: str, level: str) -> None:
     try:
         _metrics.count_error(error_type, SEVERITY.get(level, "error"))

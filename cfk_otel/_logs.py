@@ -66,6 +66,7 @@ _RESERVED: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
     "taskName",
     "cfk_context",
     "cfk_span",
+    "color_message",  # uvicorn's copy of the message with ANSI colours
 }
 _FILENAME: Final = os.path.basename(__file__)
 _START: Final[float] = getattr(logging, "_startTime", time.time())  # what relativeCreated counts from

@@ -28,7 +28,7 @@ from opentelemetry.environment_variables import (
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from prometheus_client import CollectorRegistry
 
-from . import _errors, _metrics, _otlp, _settings
+from . import _errors, _metrics, _otlp, _settings, _uncaught
 from ._logs import configure_logging
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -199,6 +199,7 @@ def apply_logging() -> None:
     current = settings()
     exporting = STATE.started and not STATE.deferred and not current.sdk_disabled
     configure_logging(current, _logs.get_logger_provider() if exporting else None, STATE.log_sink)
+    _uncaught.install()  # exceptions nobody caught: records too, not raw tracebacks
 
 
 def shutdown(timeout: float | None = None) -> bool:
@@ -235,6 +236,7 @@ def shutdown(timeout: float | None = None) -> bool:
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     finished = not any(t.is_alive() for t in threads)
+    _uncaught.uninstall()
     if not finished:
         _log.warning("cfk_otel: telemetry shutdown exceeded %.1fs; unsent data was dropped", budget)
     return finished

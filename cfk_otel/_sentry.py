@@ -37,7 +37,6 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, format_span_id, format_trace_id
 from sentry_sdk.integrations.dedupe import DedupeIntegration
-from sentry_sdk.integrations.excepthook import ExcepthookIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.modules import ModulesIntegration
 from sentry_sdk.integrations.threading import ThreadingIntegration
@@ -132,7 +131,9 @@ def init(settings: Settings) -> bool:
         auto_enabling_integrations=False,
         integrations=[
             DedupeIntegration(),
-            ExcepthookIntegration(),
+            # No ExcepthookIntegration: cfk_otel._uncaught owns sys.excepthook (one JSON
+            # record, and the report through _errors.report_unhandled); Sentry's hook would
+            # print Python's raw traceback after ours.
             ModulesIntegration(),
             ThreadingIntegration(propagate_scope=False),
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR, sentry_logs_level=None),

@@ -21,7 +21,7 @@ from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from . import _health, _sdk
+from . import _health, _sdk, _uncaught
 from ._app import instrument_app
 
 _log = logging.getLogger("cfk_otel")
@@ -63,6 +63,21 @@ def _wrap_handle_exit(original: Callable[..., None]) -> Callable[..., None]:
     return handle_exit
 
 
+def _wrap_startup(
+    original: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    @functools.wraps(original)
+    async def startup(server: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            # The loop uvicorn serves on: a task's exception becomes a record, not a traceback.
+            _uncaught.watch_loop(asyncio.get_running_loop())
+        except Exception:
+            _log.exception("cfk_otel: could not watch the event loop's exceptions")
+        await original(server, *args, **kwargs)
+
+    return startup
+
+
 def _wrap_configure_logging(original: Callable[[Any], None]) -> Callable[[Any], None]:
     @functools.wraps(original)
     def configure_logging(config: Any) -> None:
@@ -80,6 +95,7 @@ def _wrap_configure_logging(original: Callable[[Any], None]) -> Callable[[Any], 
 _PATCHES = (
     ("uvicorn.config", "Config", "configure_logging", _wrap_configure_logging),
     ("uvicorn.config", "Config", "load", _wrap_load),
+    ("uvicorn.server", "Server", "startup", _wrap_startup),
     ("uvicorn.server", "Server", "shutdown", _wrap_shutdown),
     ("uvicorn.server", "Server", "handle_exit", _wrap_handle_exit),
 )
@@ -120,8 +136,8 @@ class GunicornLoggingInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
 
 class UvicornInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """Patches uvicorn's ``Config.configure_logging``, ``Config.load``, ``Server.shutdown`` and
-    ``Server.handle_exit``."""
+    """Patches uvicorn's ``Config.configure_logging``, ``Config.load``, ``Server.startup``,
+    ``Server.shutdown`` and ``Server.handle_exit``."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("uvicorn >= 0.30",)

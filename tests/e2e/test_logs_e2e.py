@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -123,13 +124,126 @@ def test_level_filter_datadog_and_switches(run_app, receiver: OtlpReceiver) -> N
 
 
 def test_pretty_format(run_app) -> None:
+    # Issue 19: colours only on a terminal. The app's output goes to a file here, so none,
+    # unless FORCE_COLOR asks for them.
+    for force, coloured in (("", False), ("1", True)):
+        port = free_port()
+        env = {"LOG_FORMAT": "pretty", "OTEL_SDK_DISABLED": "true", "FORCE_COLOR": force}
+        app = run_app(uvicorn_command("starlette_app:app", port), env, port)
+        app.get("/api/tickets/3")
+        app.terminate()
+        output = app.output()
+        assert json_lines(output) == []
+        line = next(x for x in output.splitlines() if "ticket 3 requested" in x)
+        assert ("\x1b[32m" in line) is coloured
+        assert ("\x1b" in output) is coloured
+        assert "INFO" in line
+
+
+def _app_lines(output: str) -> list[dict[str, Any]]:
+    """Every line the app wrote (stdout and stderr), each parsed as JSON: the test fails on any other."""
+    return [json.loads(line) for line in output.splitlines() if line]
+
+
+def test_the_documents_logger_usage_runs_in_a_request(run_app, receiver: OtlpReceiver) -> None:
+    """The document's logger "Usage" section, ported line for line (tests/apps/logs_app.py),
+    inside a request of an app under opentelemetry-instrument: each call's data on stdout
+    and over OTLP."""
     port = free_port()
-    env = {"LOG_FORMAT": "pretty", "OTEL_SDK_DISABLED": "true"}
-    app = run_app(uvicorn_command("starlette_app:app", port), env, port)
-    app.get("/api/tickets/3")
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, "SERVICE_NAME": "cf-kanban"}
+    app = run_app(uvicorn_command("logs_app:app", port), env, port)
+    assert app.get("/usage")[0] == 200
+    span = receiver.wait_for_span(lambda s: s.name == "GET /usage")
+    messages = ("User logged in", "Rate limit approaching", "Failed to create ticket", "Processing request")
+    assert receiver.wait_for(
+        lambda: {*messages, "POST /api/tickets 201 45ms"} <= {r.body for r in receiver.logs}
+    )
+    app.terminate()
+    lines = {x["message"]: x for x in _app_lines(app.output())}
+
+    login = lines["User logged in"]
+    assert (login["level"], login["userId"], login["ip"]) == ("info", "user-123", "127.0.0.1")
+    rate = lines["Rate limit approaching"]
+    assert (rate["level"], rate["userId"], rate["remaining"]) == ("warn", "user-123", 5)
+    failed = lines["Failed to create ticket"]
+    assert failed["level"] == "error"
+    assert failed["ticketData"] == {"title": "Fix login", "columnId": "col-1"}
+    assert (failed["error"]["type"], failed["error"]["message"]) == ("ValueError", "column is full")
+    assert 'raise ValueError("column is full")' in failed["error"]["stack"]
+    request = lines["POST /api/tickets 201 45ms"]
+    assert (request["level"], request["method"], request["path"], request["status"]) == (
+        "info",
+        "POST",
+        "/api/tickets",
+        201,
+    )
+    assert (request["duration_ms"], request["userId"]) == (45, "user-123")
+    processing = lines["Processing request"]
+    assert processing["userId"] == "user-123"
+    assert re.fullmatch(r"[0-9a-f-]{36}", processing["requestId"])
+    for message in (*messages, "POST /api/tickets 201 45ms"):
+        assert lines[message]["trace_id"] == span.trace_id, message  # inside the request's span
+
+    otlp = {r.body: r for r in receiver.logs}
+    assert otlp["User logged in"].attributes["userId"] == "user-123"
+    assert otlp["User logged in"].attributes["ip"] == "127.0.0.1"
+    assert otlp["Rate limit approaching"].attributes["remaining"] == 5
+    assert otlp["Rate limit approaching"].record.severity_text == "WARN"
+    error = otlp["Failed to create ticket"]
+    assert json.loads(error.attributes["ticketData"]) == {"title": "Fix login", "columnId": "col-1"}
+    assert (error.attributes["exception.type"], error.attributes["exception.message"]) == (
+        "ValueError",
+        "column is full",
+    )
+    assert error.record.severity_text == "ERROR"
+    logged = otlp["POST /api/tickets 201 45ms"].attributes
+    assert (logged["method"], logged["status"], logged["duration_ms"], logged["userId"]) == (
+        "POST",
+        201,
+        45,
+        "user-123",
+    )
+    assert otlp["Processing request"].attributes["requestId"] == processing["requestId"]
+    for message in (*messages, "POST /api/tickets 201 45ms"):
+        assert otlp[message].record.trace_id.hex() == span.trace_id, message
+
+
+def test_uncaught_exceptions_and_uvicorns_lines_are_json_only(run_app, receiver: OtlpReceiver) -> None:
+    """Issue 19: a thread's and an asyncio task's uncaught exceptions under uvicorn, and
+    uvicorn's own lines: nothing but JSON on stdout and stderr, no colour codes."""
+    port = free_port()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, "SERVICE_NAME": "cf-kanban"}
+    app = run_app(uvicorn_command("logs_app:app", port, "--use-colors"), env, port)
+    assert app.get("/thread-crash")[0] == 200
+    assert app.get("/task-crash")[0] == 200
+    assert receiver.wait_for(
+        lambda: sum(r.attributes.get("mechanism") is not None for r in receiver.logs) == 2
+    )
     app.terminate()
     output = app.output()
-    assert json_lines(output) == []
-    line = next(x for x in output.splitlines() if "ticket 3 requested" in x)
-    assert "\x1b[32m" in line
-    assert "INFO" in line
+    lines = _app_lines(output)  # every line JSON
+    assert "\x1b" not in output
+    assert not any("color_message" in x for x in lines)
+    assert any(x["message"].startswith("Uvicorn running on") for x in lines)
+
+    thread, task = (x for x in lines if x.get("logger") == "cfk_otel.uncaught")
+    assert (thread["level"], thread["message"], thread["thread.name"]) == (
+        "error",
+        "Uncaught exception in thread ticket-sync",
+        "ticket-sync",
+    )
+    assert (thread["error"]["type"], thread["mechanism"]) == ("LookupError", "threading")
+    assert 'raise LookupError("thread lost its ticket")' in thread["error"]["stack"]
+    assert (task["level"], task["message"], task["task"], task["mechanism"]) == (
+        "error",
+        "Task exception was never retrieved",
+        "board-sync",
+        "asyncio",
+    )
+    assert 'raise KeyError("task lost its board")' in task["error"]["stack"]
+    assert not any(x.get("logger") == "asyncio" for x in lines)  # one line, not the default's too
+
+    records = {r.attributes["mechanism"]: r for r in receiver.logs if r.attributes.get("mechanism")}
+    assert records["threading"].attributes["exception.type"] == "LookupError"
+    assert "thread lost its ticket" in records["threading"].attributes["exception.stacktrace"]
+    assert records["asyncio"].attributes["exception.type"] == "KeyError"
