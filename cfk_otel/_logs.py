@@ -880,7 +880,7 @@ def _context(
             + "a dict",
         )
         context["args"] = leftovers
-    if type(message) is not str:
+    if not isinstance(message, str):
         _misuse(call, "the message must be a str")
         message = _safe_str(message)
     if context:

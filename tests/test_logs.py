@@ -850,3 +850,13 @@ def test_configure_logging_pretty_follows_stdout(monkeypatch: pytest.MonkeyPatch
     assert "to a pipe" in piped.getvalue()
     assert "\x1b" not in piped.getvalue()
     assert "\x1b[33m" in terminal.getvalue()
+
+
+def test_a_str_subclass_is_a_message_without_a_warning(capture: Capture, warnings_seen: list[str]) -> None:
+    class Markup(str):
+        pass
+
+    get_logger(capture.std.name).info(Markup("<b>safe</b>"), k=1)
+    [line] = capture.lines()
+    assert (line["message"], line["k"]) == ("<b>safe</b>", 1)
+    assert warnings_seen == []
