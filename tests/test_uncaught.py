@@ -262,3 +262,15 @@ def test_a_process_that_crashes_writes_only_json(tmp_path: Any) -> None:
         "Uncaught exception",
         "top-level crash",
     )
+
+
+@pytest.mark.usefixtures("hooks")
+def test_telemetry_shutdown_puts_the_hooks_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cfk_otel import _sdk
+
+    monkeypatch.setattr(_sdk, "STATE", _sdk._State(started=True))
+    before = sys.excepthook, threading.excepthook
+    _uncaught.install()
+    assert (sys.excepthook, threading.excepthook) != before
+    assert _sdk.shutdown(1.0)
+    assert (sys.excepthook, threading.excepthook) == before
