@@ -42,11 +42,13 @@ def records() -> Iterator[Records]:
 
 @pytest.fixture
 def hooks() -> Iterator[None]:
-    """Hooks as the test found them, whatever it installs."""
-    saved = sys.excepthook, threading.excepthook
+    """Each test starts with none of ours installed (an earlier in-process set-up may have
+    left them), and the hooks are put back as the test found them, whatever it installs."""
+    saved = sys.excepthook, threading.excepthook, _uncaught._installed
+    _uncaught.uninstall()
     yield
     _uncaught.uninstall()
-    sys.excepthook, threading.excepthook = saved
+    sys.excepthook, threading.excepthook, _uncaught._installed = saved
 
 
 @pytest.fixture
