@@ -310,7 +310,9 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                 self._reply(401)
                 return
             if receiver.status != 200:
-                receiver.rejected += 1
+                with receiver._lock:
+                    receiver.rejected += 1
+                    receiver._lock.notify_all()
                 self._reply(receiver.status)
                 return
             try:

@@ -1,0 +1,17 @@
+//! cfk_otel's compiled core: what the request path does on every request, without the GIL where
+//! it can. Python reaches it only through `cfk_otel._core` (the seam), which runs the stock
+//! OpenTelemetry SDK instead when this module is missing or `CFK_OTEL_NATIVE=false`.
+
+mod export;
+mod proto;
+mod spans;
+mod value;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<spans::SpanExporter>()?;
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Python values to OTLP `AnyValue`, as the OpenTelemetry SDK's encoder maps them.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+use crate::proto::{AnyValue, ArrayValue, KeyValue, KeyValueList, Value};
+
+/// Nesting deeper than this is written as the value's `str()` (a guard against hostile input).
+const MAX_DEPTH: usize = 8;
+
+/// Cuts `text` to at most `limit` characters (the `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` rule).
+pub fn cut(mut text: String, limit: Option<usize>) -> String {
+    if let Some(limit) = limit {
+        if let Some((index, _)) = text.char_indices().nth(limit) {
+            text.truncate(index);
+        }
+    }
+    text
+}
+
+/// The value's OTLP form, or None where the SDK's encoder has none (an int outside int64, an
+/// object of another type): the SDK then drops the attribute, and so does the core.
+pub fn any_value(value: &Bound<'_, PyAny>, limit: Option<usize>, depth: usize) -> PyResult<Option<AnyValue>> {
+    let value = if value.is_instance_of::<PyString>() {
+        Value::String(cut(value.extract::<String>()?, limit))
+    } else if value.is_instance_of::<PyBool>() {
+        Value::Bool(value.extract()?)
+    } else if value.is_instance_of::<PyInt>() {
+        match value.extract::<i64>() {
+            Ok(int) => Value::Int(int),
+            Err(_) => return Ok(None),
+        }
+    } else if value.is_instance_of::<PyFloat>() {
+        Value::Double(value.extract()?)
+    } else if value.is_instance_of::<PyBytes>() {
+        Value::Bytes(value.extract()?)
+    } else if depth < MAX_DEPTH && (value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>()) {
+        let mut values = Vec::new();
+        for item in value.try_iter()? {
+            match any_value(&item?, limit, depth + 1)? {
+                Some(item) => values.push(item),
+                None => return Ok(None),
+            }
+        }
+        Value::Array(ArrayValue { values })
+    } else if depth < MAX_DEPTH && value.is_instance_of::<PyDict>() {
+        Value::KvList(KeyValueList {
+            values: key_values(value.cast::<PyDict>()?, limit, depth + 1)?,
+        })
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(AnyValue { value: Some(value) }))
+}
+
+pub fn key_values(dict: &Bound<'_, PyDict>, limit: Option<usize>, depth: usize) -> PyResult<Vec<KeyValue>> {
+    let mut out = Vec::with_capacity(dict.len());
+    for (key, value) in dict.iter() {
+        if let Some(value) = any_value(&value, limit, depth)? {
+            out.push(KeyValue {
+                key: key.str()?.to_string(),
+                value: Some(value),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Bytes a value keeps alive, roughly: what the queue's byte bound counts.
+pub fn weight(values: &[KeyValue]) -> usize {
+    values
+        .iter()
+        .map(|kv| kv.key.len() + 16 + kv.value.as_ref().map_or(0, any_weight))
+        .sum()
+}
+
+fn any_weight(value: &AnyValue) -> usize {
+    match &value.value {
+        Some(Value::String(s)) => s.len(),
+        Some(Value::Bytes(b)) => b.len(),
+        Some(Value::Array(a)) => a.values.iter().map(any_weight).sum::<usize>() + 16,
+        Some(Value::KvList(l)) => weight(&l.values),
+        _ => 8,
+    }
+}
