@@ -13,13 +13,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
 
 from cfk_otel.testing import OtlpReceiver
 
@@ -48,8 +60,8 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 def exporter(receiver: OtlpReceiver, **options: Any) -> Any:
-    return native.SpanExporter(
-        f"{receiver.http_endpoint}/v1/traces", [], RESOURCE, SCOPES, schedule_delay=0.05, **options
+    return native.OtlpExporter(
+        "traces", f"{receiver.http_endpoint}/v1/traces", [], RESOURCE, SCOPES, schedule_delay=0.05, **options
     )
 
 
@@ -94,7 +106,7 @@ FLAGS = 0x100
 def hand_over(core: Any, span: ReadableSpan, scope: int) -> None:
     """What cfk_otel._core does with a finished span of its own: one call."""
     context = span.get_span_context()
-    core.record(
+    core.record_span(
         scope,
         context.trace_id,
         context.span_id,
@@ -136,8 +148,8 @@ def test_the_core_writes_what_the_sdk_writes(receiver: OtlpReceiver) -> None:
 
 def test_gzip_and_headers_reach_the_receiver(receiver: OtlpReceiver) -> None:
     receiver.required_headers = {"x-api-key": "k1"}
-    core = native.SpanExporter(
-        f"{receiver.http_endpoint}/v1/traces", [("x-api-key", "k1")], RESOURCE, SCOPES, gzip=True
+    core = native.OtlpExporter(
+        "traces", f"{receiver.http_endpoint}/v1/traces", [("x-api-key", "k1")], RESOURCE, SCOPES, gzip=True
     )
     hand_over(core, sdk_spans()[0], 0)
     assert core.force_flush(5.0)
@@ -176,7 +188,8 @@ def test_a_rejected_batch_is_counted_not_retried(receiver: OtlpReceiver) -> None
 
 def test_the_queue_is_bounded_in_count_and_bytes_and_drops_the_oldest(receiver: OtlpReceiver) -> None:
     receiver.status = 503  # every export fails and is retried, so the queue fills
-    core = native.SpanExporter(
+    core = native.OtlpExporter(
+        "traces",
         f"{receiver.http_endpoint}/v1/traces",
         [],
         RESOURCE,
@@ -188,7 +201,7 @@ def test_the_queue_is_bounded_in_count_and_bytes_and_drops_the_oldest(receiver: 
     )
     started = time.perf_counter()
     for i in range(1000):
-        core.record(0, 1, i + 1, 0, FLAGS, "", str(i), 2, 1, 2, {"i": i})
+        core.record_span(0, 1, i + 1, 0, FLAGS, "", str(i), 2, 1, 2, {"i": i})
     elapsed = time.perf_counter() - started
     stats = core.stats()
     assert stats["queued"] <= 100
@@ -205,7 +218,7 @@ def test_the_queue_is_bounded_in_count_and_bytes_and_drops_the_oldest(receiver: 
     assert len(names - set(range(900, 1000))) <= 10  # the oldest went first, but the batch in flight
 
     huge = {"blob": "x" * (1 << 20)}
-    core.record(0, 1, 2, 0, FLAGS, "", "huge", 2, 1, 2, huge)
+    core.record_span(0, 1, 2, 0, FLAGS, "", "huge", 2, 1, 2, huge)
     assert core.stats()["queued_bytes"] <= 64 * 1024
     started = time.perf_counter()
     assert core.shutdown(0.5) in (True, False)
@@ -214,7 +227,7 @@ def test_the_queue_is_bounded_in_count_and_bytes_and_drops_the_oldest(receiver: 
 
 def test_values_are_cut_at_the_attribute_length_limit(receiver: OtlpReceiver) -> None:
     core = exporter(receiver, attribute_value_length_limit=5)
-    core.record(0, 1, 2, 0, 1, "", "cut", 2, 1, 2, {"long": "abcdefgh", "short": "abc", "n": 123456789})
+    core.record_span(0, 1, 2, 0, 1, "", "cut", 2, 1, 2, {"long": "abcdefgh", "short": "abc", "n": 123456789})
     assert core.force_flush(5.0)
     assert receiver.wait_for(lambda: len(receiver.spans) == 1)
     assert receiver.spans[0].attributes == {"long": "abcde", "short": "abc", "n": 123456789}
@@ -222,7 +235,9 @@ def test_values_are_cut_at_the_attribute_length_limit(receiver: OtlpReceiver) ->
 
 
 def test_shutdown_is_bounded_when_the_receiver_is_away() -> None:
-    core = native.SpanExporter("http://127.0.0.1:9/v1/traces", [], RESOURCE, SCOPES, schedule_delay=0.01)
+    core = native.OtlpExporter(
+        "traces", "http://127.0.0.1:9/v1/traces", [], RESOURCE, SCOPES, schedule_delay=0.01
+    )
     hand_over(core, sdk_spans()[0], 0)
     time.sleep(0.1)
     started = time.perf_counter()
@@ -231,3 +246,53 @@ def test_shutdown_is_bounded_when_the_receiver_is_away() -> None:
     stats = core.stats()
     assert stats["dropped_export_failed"] == 1
     assert stats["last_error"]
+
+
+def sdk_logs() -> list[ReadableLogRecord]:
+    memory = InMemoryLogRecordExporter()
+    provider = LoggerProvider(resource=Resource.create(RESOURCE))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(memory))
+    logger = provider.get_logger("cfk_otel", "0.1.0")
+    in_span = set_span_in_context(
+        NonRecordingSpan(SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1)))
+    )
+    logger.emit(
+        body="GET /api/boards/{id} 200",
+        severity_number=SeverityNumber.INFO,
+        severity_text="INFO",
+        attributes={"http.route": "/api/boards/{id}", "duration_ms": 1.25, "status": 200},
+        context=in_span,
+    )
+    logger.emit(body={"structured": [1, "two", {"three": 3.0}]}, severity_number=SeverityNumber.ERROR)
+    logger.emit(body=b"\x00\x01", event_name="board.created")
+    logger.emit(body=None)
+    logger.emit(body=["a", 1], attributes={"tags": ["x", "y"]})
+    provider.shutdown()
+    return list(memory.get_finished_logs())
+
+
+def test_log_records_equal_the_sdks(receiver: OtlpReceiver) -> None:
+    records = sdk_logs()
+    core = native.OtlpExporter("logs", f"{receiver.http_endpoint}/v1/logs", [], RESOURCE, SCOPES)
+    for readable in records:
+        record = readable.log_record
+        core.record_log(
+            0,
+            record.timestamp or 0,
+            record.observed_timestamp or 0,
+            record.severity_number.value if record.severity_number else 0,
+            record.severity_text or "",
+            record.body,
+            dict(record.attributes or {}),
+            record.trace_id or 0,
+            record.span_id or 0,
+            int(record.trace_flags or 0),
+            record.event_name or "",
+        )
+    assert core.force_flush(5.0)
+    assert receiver.wait_for(lambda: len(receiver.logs) == len(records))
+    want = list(encode_logs(records).resource_logs[0].scope_logs[0].log_records)
+    assert [r.record for r in receiver.logs] == want
+    with pytest.raises(ValueError, match="sends Logs"):
+        core.record_span(0, 1, 2, 0, FLAGS, "", "x", 2, 1, 2, {})
+    core.shutdown(1.0)

@@ -3,8 +3,8 @@
 //! OpenTelemetry SDK instead when this module is missing or `CFK_OTEL_NATIVE=false`.
 
 mod export;
+mod otlp;
 mod proto;
-mod spans;
 mod value;
 
 use pyo3::prelude::*;
@@ -12,6 +12,6 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
-    m.add_class::<spans::SpanExporter>()?;
+    m.add_class::<otlp::OtlpExporter>()?;
     Ok(())
 }

@@ -74,7 +74,7 @@ pub fn weight(values: &[KeyValue]) -> usize {
         .sum()
 }
 
-fn any_weight(value: &AnyValue) -> usize {
+pub fn any_weight(value: &AnyValue) -> usize {
     match &value.value {
         Some(Value::String(s)) => s.len(),
         Some(Value::Bytes(b)) => b.len(),

@@ -1,0 +1,353 @@
+//! Finished spans and log records handed over by Python, and their OTLP/HTTP export.
+
+use prost::Message;
+use pyo3::exceptions::{PyIndexError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use crate::export::{Config, Exporter, Weighed};
+use crate::proto::{
+    AnyValue, Event, ExportLogsServiceRequest, ExportTraceServiceRequest, InstrumentationScope, LogRecord,
+    Resource, ResourceLogs, ResourceSpans, ScopeLogs, ScopeSpans, Span, Status,
+};
+use crate::value::{any_value, key_values, weight};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Signal {
+    Traces,
+    Logs,
+}
+
+enum Payload {
+    Span(Span),
+    Log(LogRecord),
+}
+
+/// One queued item: which scope it belongs to, its OTLP form, and what it weighs.
+pub struct Item {
+    scope: usize,
+    payload: Payload,
+    weight: usize,
+}
+
+impl Weighed for Item {
+    fn weight(&self) -> usize {
+        self.weight
+    }
+}
+
+fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], batch: Vec<Item>) -> Vec<u8> {
+    let mut spans: Vec<Vec<Span>> = vec![Vec::new(); scopes.len()];
+    let mut logs: Vec<Vec<LogRecord>> = vec![Vec::new(); scopes.len()];
+    for item in batch {
+        match item.payload {
+            Payload::Span(span) => spans[item.scope].push(span),
+            Payload::Log(log) => logs[item.scope].push(log),
+        }
+    }
+    let resource = Some(resource.clone());
+    match signal {
+        Signal::Traces => ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource,
+                scope_spans: scopes
+                    .iter()
+                    .zip(spans)
+                    .filter(|(_, spans)| !spans.is_empty())
+                    .map(|(scope, spans)| ScopeSpans {
+                        scope: Some(scope.clone()),
+                        spans,
+                        schema_url: String::new(),
+                    })
+                    .collect(),
+                schema_url: String::new(),
+            }],
+        }
+        .encode_to_vec(),
+        Signal::Logs => ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource,
+                scope_logs: scopes
+                    .iter()
+                    .zip(logs)
+                    .filter(|(_, logs)| !logs.is_empty())
+                    .map(|(scope, log_records)| ScopeLogs {
+                        scope: Some(scope.clone()),
+                        log_records,
+                        schema_url: String::new(),
+                    })
+                    .collect(),
+                schema_url: String::new(),
+            }],
+        }
+        .encode_to_vec(),
+    }
+}
+
+fn seconds(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+/// Exports one signal's finished spans or log records over OTLP/HTTP from a native thread.
+///
+/// One call per item (`record_span`, `record_log`), no Python objects kept: the item is converted
+/// to its OTLP form at once and queued; batching, encoding, compression and retries happen off the
+/// GIL (see `export.rs`).
+#[pyclass(module = "cfk_otel._native", frozen)]
+pub struct OtlpExporter {
+    exporter: Exporter<Item>,
+    signal: Signal,
+    scopes: usize,
+    limit: Option<usize>,
+}
+
+impl OtlpExporter {
+    fn check(&self, signal: Signal, scope: usize) -> PyResult<()> {
+        if signal != self.signal {
+            return Err(PyValueError::new_err(format!(
+                "this exporter sends {:?}",
+                self.signal
+            )));
+        }
+        if scope >= self.scopes {
+            return Err(PyIndexError::new_err("no such scope"));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl OtlpExporter {
+    #[new]
+    #[pyo3(signature = (
+        signal, url, headers, resource, scopes, *, gzip=false, timeout=10.0, max_queue_size=2048,
+        max_queue_bytes=16 << 20, max_export_batch_size=512, schedule_delay=5.0,
+        max_retry_elapsed=300.0, attribute_value_length_limit=None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        signal: &str,
+        url: String,
+        headers: Vec<(String, String)>,
+        resource: &Bound<'_, PyDict>,
+        scopes: Vec<(String, String)>,
+        gzip: bool,
+        timeout: f64,
+        max_queue_size: usize,
+        max_queue_bytes: usize,
+        max_export_batch_size: usize,
+        schedule_delay: f64,
+        max_retry_elapsed: f64,
+        attribute_value_length_limit: Option<usize>,
+    ) -> PyResult<Self> {
+        let signal = match signal {
+            "traces" => Signal::Traces,
+            "logs" => Signal::Logs,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown signal {other:?}: traces, logs"
+                )))
+            }
+        };
+        let config = Config {
+            url,
+            headers,
+            gzip,
+            timeout: seconds(timeout),
+            max_queue: max_queue_size.max(1),
+            max_queue_bytes: max_queue_bytes.max(1),
+            max_batch: max_export_batch_size.max(1),
+            delay: seconds(schedule_delay),
+            max_retry_elapsed: seconds(max_retry_elapsed),
+        };
+        let resource = Resource {
+            attributes: key_values(resource, None, 0)?,
+            dropped_attributes_count: 0,
+        };
+        let scopes: Vec<InstrumentationScope> = scopes
+            .into_iter()
+            .map(|(name, version)| InstrumentationScope {
+                name,
+                version,
+                ..Default::default()
+            })
+            .collect();
+        let count = scopes.len();
+        let encoder = move |batch| encode(signal, &resource, &scopes, batch);
+        Ok(Self {
+            exporter: Exporter::start(config, Box::new(encoder))?,
+            signal,
+            scopes: count,
+            limit: attribute_value_length_limit,
+        })
+    }
+
+    /// Queues one finished span. `events` is a list of `(name, time_unix_nano, attributes)`.
+    #[pyo3(signature = (
+        scope, trace_id, span_id, parent_span_id, flags, trace_state, name, kind, start, end,
+        attributes, events=None, status_code=0, status_message=String::new(),
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn record_span(
+        &self,
+        scope: usize,
+        trace_id: u128,
+        span_id: u64,
+        parent_span_id: u64,
+        flags: u32,
+        trace_state: String,
+        name: String,
+        kind: i32,
+        start: u64,
+        end: u64,
+        attributes: &Bound<'_, PyDict>,
+        events: Option<&Bound<'_, PyList>>,
+        status_code: i32,
+        status_message: String,
+    ) -> PyResult<()> {
+        self.check(Signal::Traces, scope)?;
+        let attributes = key_values(attributes, self.limit, 0)?;
+        let mut converted = Vec::new();
+        for event in events.into_iter().flat_map(|events| events.iter()) {
+            let (name, time, attrs): (String, u64, Bound<'_, PyDict>) = event.extract()?;
+            converted.push(Event {
+                time_unix_nano: time,
+                name,
+                attributes: key_values(&attrs, self.limit, 0)?,
+                dropped_attributes_count: 0,
+            });
+        }
+        let weight = 160
+            + name.len()
+            + trace_state.len()
+            + status_message.len()
+            + weight(&attributes)
+            + converted
+                .iter()
+                .map(|e| e.name.len() + 32 + weight(&e.attributes))
+                .sum::<usize>();
+        let span = Span {
+            trace_id: trace_id.to_be_bytes().to_vec(),
+            span_id: span_id.to_be_bytes().to_vec(),
+            trace_state,
+            parent_span_id: if parent_span_id == 0 {
+                Vec::new()
+            } else {
+                parent_span_id.to_be_bytes().to_vec()
+            },
+            flags,
+            name,
+            kind,
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            attributes,
+            dropped_attributes_count: 0,
+            events: converted,
+            dropped_events_count: 0,
+            // Always present, as the SDK writes it (an empty message for an unset status).
+            status: Some(Status {
+                message: status_message,
+                code: status_code,
+            }),
+        };
+        self.exporter.push(Item {
+            scope,
+            payload: Payload::Span(span),
+            weight,
+        });
+        Ok(())
+    }
+
+    /// Queues one log record. `trace_id` and `span_id` are 0 outside a span.
+    #[pyo3(signature = (
+        scope, time, observed_time, severity_number, severity_text, body, attributes,
+        trace_id=0, span_id=0, flags=0, event_name=String::new(),
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn record_log(
+        &self,
+        scope: usize,
+        time: u64,
+        observed_time: u64,
+        severity_number: i32,
+        severity_text: String,
+        body: &Bound<'_, PyAny>,
+        attributes: &Bound<'_, PyDict>,
+        trace_id: u128,
+        span_id: u64,
+        flags: u32,
+        event_name: String,
+    ) -> PyResult<()> {
+        self.check(Signal::Logs, scope)?;
+        let attributes = key_values(attributes, self.limit, 0)?;
+        // A None body is written as an empty value, as the SDK writes it.
+        let body = if body.is_none() {
+            Some(AnyValue::default())
+        } else {
+            any_value(body, self.limit, 0)?
+        };
+        let weight = 96
+            + severity_text.len()
+            + event_name.len()
+            + weight(&attributes)
+            + body.as_ref().map_or(0, crate::value::any_weight);
+        let record = LogRecord {
+            time_unix_nano: time,
+            observed_time_unix_nano: observed_time,
+            severity_number,
+            severity_text,
+            body,
+            attributes,
+            dropped_attributes_count: 0,
+            flags,
+            trace_id: if trace_id == 0 {
+                Vec::new()
+            } else {
+                trace_id.to_be_bytes().to_vec()
+            },
+            span_id: if span_id == 0 {
+                Vec::new()
+            } else {
+                span_id.to_be_bytes().to_vec()
+            },
+            event_name,
+        };
+        self.exporter.push(Item {
+            scope,
+            payload: Payload::Log(record),
+            weight,
+        });
+        Ok(())
+    }
+
+    /// Exports what is queued; False when `timeout` seconds passed first.
+    fn force_flush(&self, py: Python<'_>, timeout: f64) -> bool {
+        py.detach(|| self.exporter.flush(seconds(timeout)))
+    }
+
+    /// Exports what is queued within `timeout` seconds, then stops; what is left is dropped.
+    fn shutdown(&self, py: Python<'_>, timeout: f64) -> bool {
+        py.detach(|| self.exporter.shutdown(seconds(timeout)))
+    }
+
+    /// The counters: accepted, exported, dropped (queue full, export failed), rejected, failed
+    /// attempts, what is queued now (items and bytes), and the last error in words.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.exporter.stats();
+        let (queued, queued_bytes) = self.exporter.queued();
+        let out = PyDict::new(py);
+        out.set_item("accepted", stats.accepted.load(Relaxed))?;
+        out.set_item("exported", stats.exported.load(Relaxed))?;
+        out.set_item("dropped_queue_full", stats.dropped_queue_full.load(Relaxed))?;
+        out.set_item("dropped_export_failed", stats.dropped_export_failed.load(Relaxed))?;
+        out.set_item("rejected", stats.rejected.load(Relaxed))?;
+        out.set_item("failed_attempts", stats.failed_attempts.load(Relaxed))?;
+        out.set_item("queued", queued)?;
+        out.set_item("queued_bytes", queued_bytes)?;
+        let last = stats.last_error.lock().map(|e| e.clone()).unwrap_or(None);
+        out.set_item("last_error", last)?;
+        Ok(out)
+    }
+}
