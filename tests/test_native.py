@@ -8,6 +8,8 @@ is away or is slow costs the caller nothing and memory stays within the queue's 
 
 from __future__ import annotations
 
+import random
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,8 +18,11 @@ import pytest
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -32,6 +37,9 @@ from opentelemetry.trace import (
     TraceFlags,
     set_span_in_context,
 )
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.utils import floatToGoString
 
 from cfk_otel.testing import OtlpReceiver
 
@@ -296,3 +304,61 @@ def test_log_records_equal_the_sdks(receiver: OtlpReceiver) -> None:
     with pytest.raises(ValueError, match="sends Logs"):
         core.record_span(0, 1, 2, 0, FLAGS, "", "x", 2, 1, 2, {})
     core.shutdown(1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_numbers_are_written_as_prometheus_client_writes_them(seed: int) -> None:
+    rng = random.Random(seed)
+    edge = [0.0, -0.0, 1.0, 3.0, 0.1, 1e-5, 1e-4, 9999999.0, 1e7, 12345678.5, 1e15, 1e16, 1.5e16, 1e22, -2.5]
+    edge += [-1e-7, 1e300, 5e-324, float("inf"), float("-inf"), float("nan"), 2.0**53, 123456.0, 0.005]
+    drawn = [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(2000)]
+    drawn += [rng.uniform(0, 1e9) for _ in range(2000)] + [float(rng.randrange(10**12)) for _ in range(500)]
+    for value in edge + drawn:
+        assert native.float_to_go_string(value) == floatToGoString(value), value
+
+
+def test_the_scrape_text_equals_the_sdk_readers() -> None:
+    """The same measurements through the SDK's Prometheus reader and through the core."""
+    bounds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+    registry = CollectorRegistry()
+    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=registry)
+    aggregation = ExplicitBucketHistogramAggregation(bounds)
+    provider = MeterProvider(
+        metric_readers=[reader],
+        views=[View(instrument_name="http_request_duration_seconds", aggregation=aggregation)],
+    )
+    meter = provider.get_meter("cfk_otel")
+    sdk_counter = meter.create_counter("http_requests_total", description="Total HTTP requests")
+    sdk_histogram = meter.create_histogram(
+        "http_request_duration_seconds", unit="s", description="HTTP request duration in seconds"
+    )
+    counter = native.Family("http_requests_total", "Total HTTP requests", "", ["method", "path", "status"])
+    histogram = native.Family(
+        "http_request_duration_seconds",
+        "HTTP request duration in seconds",
+        "seconds",
+        ["method", "path"],
+        [float(b) for b in bounds],
+        [str(b) for b in bounds],
+    )
+    requests = [
+        ("GET", "/api/boards/{id}", "200", 0.004),
+        ("GET", "/api/boards/{id}", "200", 0.005),  # on a bound: that bucket (le is <=)
+        ("POST", '/a"b\\c\nd', "500", 12.5),
+        ("GET", "/api/boards/{id}", "404", 1234567.25),
+        ("GET", "/api/boards/{id}", "200", 0.3),
+    ]
+    for method, path, status, seconds in requests:
+        sdk_counter.add(1, {"method": method, "path": path, "status": status})
+        sdk_histogram.record(seconds, {"method": method, "path": path})
+        counter.add([method, path, status], 1.0)
+        histogram.observe([method, path], seconds)
+
+    assert native.render([counter, histogram]) == generate_latest(registry).decode()
+    ours = native.render([counter, histogram], openmetrics=True) + "# EOF\n"
+    assert ours == openmetrics_latest(registry).decode()
+    with pytest.raises(ValueError, match="takes labels"):
+        counter.add(["GET"], 1.0)
+    with pytest.raises(ValueError, match="ascend"):
+        native.Family("x", "", "", [], [1.0, 0.5])
+    provider.shutdown()

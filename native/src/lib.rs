@@ -3,6 +3,7 @@
 //! OpenTelemetry SDK instead when this module is missing or `CFK_OTEL_NATIVE=false`.
 
 mod export;
+mod metrics;
 mod otlp;
 mod proto;
 mod value;
@@ -13,5 +14,8 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<otlp::OtlpExporter>()?;
+    m.add_class::<metrics::Family>()?;
+    m.add_function(wrap_pyfunction!(metrics::render, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::float_to_go_string, m)?)?;
     Ok(())
 }

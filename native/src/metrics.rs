@@ -1,0 +1,327 @@
+//! The request metrics the core aggregates itself, and their Prometheus / OpenMetrics text.
+//!
+//! The text is what `prometheus_client` writes for the same families (the SDK's Prometheus
+//! reader goes through it): the same number formatting (`floatToGoString`), label escaping and
+//! line order, so a scrape reads the same on both paths. `tests/test_native.py` compares them.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Python's `repr(float)`: the shortest text that reads back to the same number, fixed notation
+/// for decimal exponents from -4 to 15, scientific with a signed two-digit exponent otherwise.
+pub fn python_repr(value: f64) -> String {
+    if value.is_nan() {
+        return "nan".into();
+    }
+    if value.is_infinite() {
+        return if value > 0.0 { "inf".into() } else { "-inf".into() };
+    }
+    if value == 0.0 {
+        return if value.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
+    }
+    // Ryu gives the shortest round-trip digits and, as Python, breaks an exact tie to even
+    // (Rust's own `{:e}` rounds it up): "-2.0655949856306962E15", "1E-5", "123.5".
+    let mut buffer = ryu::Buffer::new();
+    let text = buffer.format_finite(value);
+    let (mantissa, exponent) = text.split_once(['e', 'E']).unwrap_or((text, "0"));
+    let (sign, mantissa) = mantissa.strip_prefix('-').map_or(("", mantissa), |m| ("-", m));
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    // As digits d1 d2 ... and the decimal exponent of d1.
+    let mut digits: String = format!("{whole}{fraction}");
+    let mut exponent: i32 = exponent.parse::<i32>().unwrap_or(0) + whole.len() as i32 - 1;
+    let leading = digits.len() - digits.trim_start_matches('0').len();
+    digits.drain(..leading);
+    exponent -= leading as i32;
+    let digits = digits.trim_end_matches('0').to_string();
+    if (-4..16).contains(&exponent) {
+        let point = exponent + 1; // digits before the decimal point
+        let mut out = String::from(sign);
+        if point <= 0 {
+            out.push_str("0.");
+            out.extend(std::iter::repeat_n('0', (-point) as usize));
+            out.push_str(&digits);
+        } else if (point as usize) >= digits.len() {
+            out.push_str(&digits);
+            out.extend(std::iter::repeat_n('0', point as usize - digits.len()));
+            out.push_str(".0");
+        } else {
+            out.push_str(&digits[..point as usize]);
+            out.push('.');
+            out.push_str(&digits[point as usize..]);
+        }
+        out
+    } else {
+        let mut out = String::from(sign);
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        let _ = write!(
+            out,
+            "e{}{:02}",
+            if exponent < 0 { '-' } else { '+' },
+            exponent.abs()
+        );
+        out
+    }
+}
+
+/// prometheus_client's `floatToGoString`: Go switches to exponents sooner than Python.
+pub fn go_string(value: f64) -> String {
+    if value.is_nan() {
+        return "NaN".into();
+    }
+    if value.is_infinite() {
+        return if value > 0.0 { "+Inf".into() } else { "-Inf".into() };
+    }
+    let text = python_repr(value);
+    match text.find('.') {
+        Some(dot) if value > 0.0 && dot > 6 => {
+            let joined = format!("{}.{}{}", &text[..1], &text[1..dot], &text[dot + 1..]);
+            let mantissa = joined.trim_end_matches(['0', '.']);
+            format!("{mantissa}e+{:02}", dot - 1)
+        }
+        _ => text,
+    }
+}
+
+fn escape_label(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' => out.push_str("\\\""),
+            _ => out.push(c),
+        }
+    }
+}
+
+fn escape_help(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+#[derive(Clone)]
+enum Series {
+    Counter(f64),
+    Histogram { counts: Vec<u64>, sum: f64, count: u64 },
+}
+
+struct Table {
+    index: HashMap<Vec<String>, usize>,
+    rows: Vec<(Vec<String>, Series)>,
+}
+
+/// One metric family: a counter, or a histogram with fixed bucket bounds.
+#[pyclass(module = "cfk_otel._native", frozen)]
+pub struct Family {
+    name: String,
+    help: String,
+    unit: String,
+    label_names: Vec<String>,
+    bounds: Vec<f64>,
+    bound_labels: Vec<String>,
+    histogram: bool,
+    table: Mutex<Table>,
+}
+
+impl Family {
+    fn update(&self, labels: Vec<String>, change: impl FnOnce(&mut Series)) -> PyResult<()> {
+        if labels.len() != self.label_names.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} takes labels {:?}, got {} values",
+                self.name,
+                self.label_names,
+                labels.len()
+            )));
+        }
+        let mut table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = match table.index.get(&labels) {
+            Some(&at) => at,
+            None => {
+                let fresh = if self.histogram {
+                    Series::Histogram {
+                        counts: vec![0; self.bounds.len() + 1],
+                        sum: 0.0,
+                        count: 0,
+                    }
+                } else {
+                    Series::Counter(0.0)
+                };
+                let at = table.rows.len();
+                table.rows.push((labels.clone(), fresh));
+                table.index.insert(labels, at);
+                at
+            }
+        };
+        change(&mut table.rows[at].1);
+        Ok(())
+    }
+
+    fn labels(&self, values: &[String], le: Option<&str>, out: &mut String) {
+        if values.is_empty() && le.is_none() {
+            return;
+        }
+        out.push('{');
+        let mut first = true;
+        if let Some(le) = le {
+            out.push_str("le=\"");
+            out.push_str(le);
+            out.push('"');
+            first = false;
+        }
+        for (name, value) in self.label_names.iter().zip(values) {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(name);
+            out.push_str("=\"");
+            escape_label(value, out);
+            out.push('"');
+        }
+        out.push('}');
+    }
+
+    fn render_into(&self, openmetrics: bool, out: &mut String) {
+        let table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let kind = if self.histogram { "histogram" } else { "counter" };
+        let family = if openmetrics && !self.histogram {
+            self.name.strip_suffix("_total").unwrap_or(&self.name)
+        } else {
+            &self.name
+        };
+        let _ = writeln!(out, "# HELP {family} {}", escape_help(&self.help));
+        let _ = writeln!(out, "# TYPE {family} {kind}");
+        if openmetrics && !self.unit.is_empty() {
+            let _ = writeln!(out, "# UNIT {family} {}", self.unit);
+        }
+        for (values, series) in &table.rows {
+            match series {
+                Series::Counter(total) => {
+                    out.push_str(&self.name);
+                    self.labels(values, None, out);
+                    let _ = writeln!(out, " {}", go_string(*total));
+                }
+                Series::Histogram { counts, sum, count } => {
+                    let mut cumulative = 0u64;
+                    for (i, n) in counts.iter().enumerate() {
+                        cumulative += n;
+                        let le = self.bound_labels.get(i).map_or("+Inf", String::as_str);
+                        let _ = write!(out, "{}_bucket", self.name);
+                        self.labels(values, Some(le), out);
+                        let _ = writeln!(out, " {}", go_string(cumulative as f64));
+                    }
+                    let _ = write!(out, "{}_count", self.name);
+                    self.labels(values, None, out);
+                    let _ = writeln!(out, " {}", go_string(*count as f64));
+                    let _ = write!(out, "{}_sum", self.name);
+                    self.labels(values, None, out);
+                    let _ = writeln!(out, " {}", go_string(*sum));
+                }
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl Family {
+    /// A counter when `bounds` is None, else a histogram with those upper bounds (ascending),
+    /// written in `le` as `bound_labels` gives them (the SDK writes `str()` of each bound).
+    #[new]
+    #[pyo3(signature = (name, help, unit, label_names, bounds=None, bound_labels=None))]
+    fn new(
+        name: String,
+        help: String,
+        unit: String,
+        label_names: Vec<String>,
+        bounds: Option<Vec<f64>>,
+        bound_labels: Option<Vec<String>>,
+    ) -> PyResult<Self> {
+        let histogram = bounds.is_some();
+        let bounds = bounds.unwrap_or_default();
+        if bounds
+            .windows(2)
+            .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
+        {
+            return Err(PyValueError::new_err(format!(
+                "{name}: bucket bounds must ascend"
+            )));
+        }
+        let bound_labels = bound_labels.unwrap_or_else(|| bounds.iter().map(|b| go_string(*b)).collect());
+        if bound_labels.len() != bounds.len() {
+            return Err(PyValueError::new_err(format!("{name}: one label per bound")));
+        }
+        Ok(Self {
+            name,
+            help,
+            unit,
+            label_names,
+            bounds,
+            bound_labels,
+            histogram,
+            table: Mutex::new(Table {
+                index: HashMap::new(),
+                rows: Vec::new(),
+            }),
+        })
+    }
+
+    /// Adds `value` to a counter's series.
+    fn add(&self, labels: Vec<String>, value: f64) -> PyResult<()> {
+        self.update(labels, |series| {
+            if let Series::Counter(total) = series {
+                *total += value;
+            }
+        })
+    }
+
+    /// Records `value` in a histogram's series: its bucket is the first bound >= value.
+    fn observe(&self, labels: Vec<String>, value: f64) -> PyResult<()> {
+        let bucket = self.bounds.partition_point(|bound| *bound < value);
+        self.update(labels, |series| {
+            if let Series::Histogram { counts, sum, count } = series {
+                counts[bucket] += 1;
+                *sum += value;
+                *count += 1;
+            }
+        })
+    }
+
+    /// This family's exposition text (Prometheus 0.0.4, or OpenMetrics without `# EOF`).
+    #[pyo3(signature = (openmetrics=false))]
+    fn render(&self, openmetrics: bool) -> String {
+        let mut out = String::new();
+        self.render_into(openmetrics, &mut out);
+        out
+    }
+}
+
+/// Several families' text in one call (what a scrape asks for).
+#[pyfunction]
+#[pyo3(signature = (families, openmetrics=false))]
+pub fn render(families: Vec<PyRef<'_, Family>>, openmetrics: bool) -> String {
+    let mut out = String::with_capacity(families.len() * 1024);
+    for family in &families {
+        family.render_into(openmetrics, &mut out);
+    }
+    out
+}
+
+#[pyfunction]
+pub fn float_to_go_string(value: f64) -> String {
+    go_string(value)
+}
