@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -362,3 +364,55 @@ def test_the_scrape_text_equals_the_sdk_readers() -> None:
     with pytest.raises(ValueError, match="ascend"):
         native.Family("x", "", "", [], [1.0, 0.5])
     provider.shutdown()
+
+
+def test_metric_collections_equal_the_sdks_but_for_their_times(receiver: OtlpReceiver) -> None:
+    bounds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+    reader = InMemoryMetricReader()
+    aggregation = ExplicitBucketHistogramAggregation(bounds)
+    provider = MeterProvider(
+        resource=Resource.create(RESOURCE),
+        metric_readers=[reader],
+        views=[View(instrument_name="http_request_duration_seconds", aggregation=aggregation)],
+    )
+    meter = provider.get_meter("cfk_otel", "0.1.0")
+    sdk_counter = meter.create_counter("http_requests_total", description="Total HTTP requests")
+    sdk_histogram = meter.create_histogram(
+        "http_request_duration_seconds", unit="s", description="HTTP request duration in seconds"
+    )
+    counter = native.Family("http_requests_total", "Total HTTP requests", "", ["method", "path", "status"])
+    histogram = native.Family(
+        "http_request_duration_seconds",
+        "HTTP request duration in seconds",
+        "seconds",
+        ["method", "path"],
+        [float(b) for b in bounds],
+        otlp_unit="s",
+    )
+    for method, path, status, seconds in [
+        ("GET", "/a", "200", 0.004),
+        ("GET", "/a", "200", 0.005),
+        ("POST", "/b", "500", 12.5),
+        ("GET", "/a", "404", 0.3),
+    ]:
+        sdk_counter.add(1.0, {"method": method, "path": path, "status": status})
+        sdk_histogram.record(seconds, {"method": method, "path": path})
+        counter.add([method, path, status], 1.0)
+        histogram.observe([method, path], seconds)
+
+    core = native.OtlpExporter("metrics", f"{receiver.http_endpoint}/v1/metrics", [], RESOURCE, SCOPES)
+    core.record_metrics(0, [counter, histogram], 1, 2)
+    assert core.force_flush(5.0)
+    assert receiver.wait_for(lambda: len(receiver.metrics) == 2)
+
+    want = {
+        m.name: m
+        for m in encode_metrics(reader.get_metrics_data()).resource_metrics[0].scope_metrics[0].metrics
+    }
+    for got in (r.metric for r in receiver.metrics):
+        expected = want[got.name]
+        for point in [*expected.sum.data_points, *expected.histogram.data_points]:
+            point.start_time_unix_nano, point.time_unix_nano = 1, 2
+        assert got == expected
+    provider.shutdown()
+    core.shutdown(1.0)

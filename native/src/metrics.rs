@@ -4,6 +4,10 @@
 //! reader goes through it): the same number formatting (`floatToGoString`), label escaping and
 //! line order, so a scrape reads the same on both paths. `tests/test_native.py` compares them.
 
+use crate::proto::{
+    AnyValue, Histogram, HistogramDataPoint, KeyValue, Metric, MetricData, NumberDataPoint, Sum, Value,
+    CUMULATIVE,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::collections::HashMap;
@@ -111,7 +115,13 @@ fn escape_help(value: &str) -> String {
 #[derive(Clone)]
 enum Series {
     Counter(f64),
-    Histogram { counts: Vec<u64>, sum: f64, count: u64 },
+    Histogram {
+        counts: Vec<u64>,
+        sum: f64,
+        count: u64,
+        min: f64,
+        max: f64,
+    },
 }
 
 struct Table {
@@ -129,6 +139,10 @@ pub struct Family {
     bounds: Vec<f64>,
     bound_labels: Vec<String>,
     histogram: bool,
+    // The instrument's own name and unit, as OTLP carries them ("http.server..." or the
+    // document's name, "s"); the exposition name above has the unit and _total suffixes.
+    otlp_name: String,
+    otlp_unit: String,
     table: Mutex<Table>,
 }
 
@@ -154,6 +168,8 @@ impl Family {
                         counts: vec![0; self.bounds.len() + 1],
                         sum: 0.0,
                         count: 0,
+                        min: f64::INFINITY,
+                        max: f64::NEG_INFINITY,
                     }
                 } else {
                     Series::Counter(0.0)
@@ -216,7 +232,9 @@ impl Family {
                     self.labels(values, None, out);
                     let _ = writeln!(out, " {}", go_string(*total));
                 }
-                Series::Histogram { counts, sum, count } => {
+                Series::Histogram {
+                    counts, sum, count, ..
+                } => {
                     let mut cumulative = 0u64;
                     for (i, n) in counts.iter().enumerate() {
                         cumulative += n;
@@ -237,12 +255,92 @@ impl Family {
     }
 }
 
+impl Family {
+    /// This family's OTLP form: cumulative, every series since `start` (unix nanoseconds).
+    pub fn to_otlp(&self, start: u64, now: u64) -> Metric {
+        let table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let attributes = |values: &[String]| -> Vec<KeyValue> {
+            self.label_names
+                .iter()
+                .zip(values)
+                .map(|(key, value)| KeyValue {
+                    key: key.clone(),
+                    value: Some(AnyValue {
+                        value: Some(Value::String(value.clone())),
+                    }),
+                })
+                .collect()
+        };
+        let data = if self.histogram {
+            MetricData::Histogram(Histogram {
+                aggregation_temporality: CUMULATIVE,
+                data_points: table
+                    .rows
+                    .iter()
+                    .filter_map(|(values, series)| match series {
+                        Series::Histogram {
+                            counts,
+                            sum,
+                            count,
+                            min,
+                            max,
+                        } => Some(HistogramDataPoint {
+                            attributes: attributes(values),
+                            start_time_unix_nano: start,
+                            time_unix_nano: now,
+                            count: *count,
+                            sum: Some(*sum),
+                            bucket_counts: counts.clone(),
+                            explicit_bounds: self.bounds.clone(),
+                            flags: 0,
+                            min: Some(*min),
+                            max: Some(*max),
+                        }),
+                        Series::Counter(_) => None,
+                    })
+                    .collect(),
+            })
+        } else {
+            MetricData::Sum(Sum {
+                aggregation_temporality: CUMULATIVE,
+                is_monotonic: true,
+                data_points: table
+                    .rows
+                    .iter()
+                    .filter_map(|(values, series)| match series {
+                        Series::Counter(total) => Some(NumberDataPoint {
+                            attributes: attributes(values),
+                            start_time_unix_nano: start,
+                            time_unix_nano: now,
+                            as_double: Some(*total),
+                            flags: 0,
+                        }),
+                        Series::Histogram { .. } => None,
+                    })
+                    .collect(),
+            })
+        };
+        Metric {
+            name: self.otlp_name.clone(),
+            description: self.help.clone(),
+            unit: self.otlp_unit.clone(),
+            data: Some(data),
+        }
+    }
+}
+
 #[pymethods]
 impl Family {
     /// A counter when `bounds` is None, else a histogram with those upper bounds (ascending),
     /// written in `le` as `bound_labels` gives them (the SDK writes `str()` of each bound).
     #[new]
-    #[pyo3(signature = (name, help, unit, label_names, bounds=None, bound_labels=None))]
+    #[pyo3(signature = (
+        name, help, unit, label_names, bounds=None, bound_labels=None, otlp_name=None, otlp_unit=None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         name: String,
         help: String,
@@ -250,6 +348,8 @@ impl Family {
         label_names: Vec<String>,
         bounds: Option<Vec<f64>>,
         bound_labels: Option<Vec<String>>,
+        otlp_name: Option<String>,
+        otlp_unit: Option<String>,
     ) -> PyResult<Self> {
         let histogram = bounds.is_some();
         let bounds = bounds.unwrap_or_default();
@@ -266,6 +366,8 @@ impl Family {
             return Err(PyValueError::new_err(format!("{name}: one label per bound")));
         }
         Ok(Self {
+            otlp_name: otlp_name.unwrap_or_else(|| name.clone()),
+            otlp_unit: otlp_unit.unwrap_or_default(),
             name,
             help,
             unit,
@@ -293,10 +395,19 @@ impl Family {
     fn observe(&self, labels: Vec<String>, value: f64) -> PyResult<()> {
         let bucket = self.bounds.partition_point(|bound| *bound < value);
         self.update(labels, |series| {
-            if let Series::Histogram { counts, sum, count } = series {
+            if let Series::Histogram {
+                counts,
+                sum,
+                count,
+                min,
+                max,
+            } = series
+            {
                 counts[bucket] += 1;
                 *sum += value;
                 *count += 1;
+                *min = min.min(value);
+                *max = max.max(value);
             }
         })
     }

@@ -1,4 +1,5 @@
-//! Finished spans and log records handed over by Python, and their OTLP/HTTP export.
+//! Finished spans, log records and metric collections handed over by Python, and their OTLP/HTTP
+//! export.
 
 use prost::Message;
 use pyo3::exceptions::{PyIndexError, PyValueError};
@@ -8,9 +9,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use crate::export::{Config, Exporter, Weighed};
+use crate::metrics::Family;
 use crate::proto::{
-    AnyValue, Event, ExportLogsServiceRequest, ExportTraceServiceRequest, InstrumentationScope, LogRecord,
-    Resource, ResourceLogs, ResourceSpans, ScopeLogs, ScopeSpans, Span, Status,
+    AnyValue, Event, ExportLogsServiceRequest, ExportMetricsServiceRequest, ExportTraceServiceRequest,
+    InstrumentationScope, LogRecord, Metric, Resource, ResourceLogs, ResourceMetrics, ResourceSpans,
+    ScopeLogs, ScopeMetrics, ScopeSpans, Span, Status,
 };
 use crate::value::{any_value, key_values, weight};
 
@@ -18,11 +21,13 @@ use crate::value::{any_value, key_values, weight};
 enum Signal {
     Traces,
     Logs,
+    Metrics,
 }
 
 enum Payload {
     Span(Span),
     Log(LogRecord),
+    Metrics(Vec<Metric>),
 }
 
 /// One queued item: which scope it belongs to, its OTLP form, and what it weighs.
@@ -41,10 +46,12 @@ impl Weighed for Item {
 fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], batch: Vec<Item>) -> Vec<u8> {
     let mut spans: Vec<Vec<Span>> = vec![Vec::new(); scopes.len()];
     let mut logs: Vec<Vec<LogRecord>> = vec![Vec::new(); scopes.len()];
+    let mut metrics: Vec<Vec<Metric>> = vec![Vec::new(); scopes.len()];
     for item in batch {
         match item.payload {
             Payload::Span(span) => spans[item.scope].push(span),
             Payload::Log(log) => logs[item.scope].push(log),
+            Payload::Metrics(collected) => metrics[item.scope].extend(collected),
         }
     }
     let resource = Some(resource.clone());
@@ -76,6 +83,23 @@ fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], 
                     .map(|(scope, log_records)| ScopeLogs {
                         scope: Some(scope.clone()),
                         log_records,
+                        schema_url: String::new(),
+                    })
+                    .collect(),
+                schema_url: String::new(),
+            }],
+        }
+        .encode_to_vec(),
+        Signal::Metrics => ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource,
+                scope_metrics: scopes
+                    .iter()
+                    .zip(metrics)
+                    .filter(|(_, metrics)| !metrics.is_empty())
+                    .map(|(scope, metrics)| ScopeMetrics {
+                        scope: Some(scope.clone()),
+                        metrics,
                         schema_url: String::new(),
                     })
                     .collect(),
@@ -145,9 +169,10 @@ impl OtlpExporter {
         let signal = match signal {
             "traces" => Signal::Traces,
             "logs" => Signal::Logs,
+            "metrics" => Signal::Metrics,
             other => {
                 return Err(PyValueError::new_err(format!(
-                    "unknown signal {other:?}: traces, logs"
+                    "unknown signal {other:?}: traces, logs, metrics"
                 )))
             }
         };
@@ -317,6 +342,26 @@ impl OtlpExporter {
         self.exporter.push(Item {
             scope,
             payload: Payload::Log(record),
+            weight,
+        });
+        Ok(())
+    }
+
+    /// Queues one collection of `families` (cumulative since `start`, at `now`, in unix
+    /// nanoseconds): one export request, as a periodic metric reader makes.
+    fn record_metrics(
+        &self,
+        scope: usize,
+        families: Vec<PyRef<'_, Family>>,
+        start: u64,
+        now: u64,
+    ) -> PyResult<()> {
+        self.check(Signal::Metrics, scope)?;
+        let collected: Vec<Metric> = families.iter().map(|family| family.to_otlp(start, now)).collect();
+        let weight = collected.iter().map(|m| m.encoded_len()).sum::<usize>() + 64;
+        self.exporter.push(Item {
+            scope,
+            payload: Payload::Metrics(collected),
             weight,
         });
         Ok(())
