@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cfk-installed
+# The compiled core (native/, Rust): cargo comes from rustup, and its build output is kept
+# beside the collector's cache, so a second `make` on the same machine only relinks.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/cfk-otel/cargo-target
+NATIVE := $(wildcard native/Cargo.toml native/Cargo.lock native/src/*.rs)
 
 .PHONY: help venv services services-stop lint install-check test demo bench microbench env-table collector collector-check clean
 
@@ -19,7 +24,8 @@ help:
 	@echo "make collector        build (or reuse) the otelcol-cfk collector binary"
 	@echo "make collector-check  validate every backend's collector configuration"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(NATIVE)
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -34,6 +40,8 @@ services-stop:
 	@scripts/services stop
 
 lint: venv
+	cargo fmt --manifest-path native/Cargo.toml --check
+	cargo clippy --quiet --release --manifest-path native/Cargo.toml -- -D warnings
 	$(BIN)/ruff check cfk_otel tests benchmarks examples scripts
 	$(BIN)/ruff format --check cfk_otel tests benchmarks examples scripts
 	$(BIN)/mypy
