@@ -43,9 +43,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.utils import floatToGoString
 
+from cfk_otel import _native as native
 from cfk_otel.testing import OtlpReceiver
-
-native = pytest.importorskip("cfk_otel._native", reason="the compiled core is not built")
 
 RESOURCE = {"service.name": "cf-kanban", "service.version": "1.2.3", "deployment.environment": "test"}
 SCOPES = [("cfk_otel", "0.1.0"), ("cfk_otel.asyncpg", "0.1.0")]
