@@ -318,57 +318,19 @@ def test_numbers_are_written_as_prometheus_client_writes_them(seed: int) -> None
         assert native.float_to_go_string(value) == floatToGoString(value), value
 
 
-def test_the_scrape_text_equals_the_sdk_readers() -> None:
-    """The same measurements through the SDK's Prometheus reader and through the core."""
-    bounds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
-    registry = CollectorRegistry()
-    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=registry)
-    aggregation = ExplicitBucketHistogramAggregation(bounds)
-    provider = MeterProvider(
-        metric_readers=[reader],
-        views=[View(instrument_name="http_request_duration_seconds", aggregation=aggregation)],
-    )
-    meter = provider.get_meter("cfk_otel")
-    sdk_counter = meter.create_counter("http_requests_total", description="Total HTTP requests")
-    sdk_histogram = meter.create_histogram(
-        "http_request_duration_seconds", unit="s", description="HTTP request duration in seconds"
-    )
-    counter = native.Family("http_requests_total", "Total HTTP requests", "", ["method", "path", "status"])
-    histogram = native.Family(
-        "http_request_duration_seconds",
-        "HTTP request duration in seconds",
-        "seconds",
-        ["method", "path"],
-        [float(b) for b in bounds],
-        [str(b) for b in bounds],
-    )
-    requests = [
-        ("GET", "/api/boards/{id}", "200", 0.004),
-        ("GET", "/api/boards/{id}", "200", 0.005),  # on a bound: that bucket (le is <=)
-        ("POST", '/a"b\\c\nd', "500", 12.5),
-        ("GET", "/api/boards/{id}", "404", 1234567.25),
-        ("GET", "/api/boards/{id}", "200", 0.3),
-    ]
-    for method, path, status, seconds in requests:
-        sdk_counter.add(1, {"method": method, "path": path, "status": status})
-        sdk_histogram.record(seconds, {"method": method, "path": path})
-        counter.add([method, path, status], 1.0)
-        histogram.observe([method, path], seconds)
-
-    assert native.render([counter, histogram]) == generate_latest(registry).decode()
-    ours = native.render([counter, histogram], openmetrics=True) + "# EOF\n"
-    assert ours == openmetrics_latest(registry).decode()
-    with pytest.raises(ValueError, match="takes labels"):
-        counter.add(["GET"], 1.0)
-    with pytest.raises(ValueError, match="ascend"):
-        native.Family("x", "", "", [], [1.0, 0.5])
-    provider.shutdown()
+BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+REQUESTS = [
+    ("GET", "/api/boards/{id}", "200", 0.004),
+    ("GET", "/api/boards/{id}", "200", 0.005),  # on a bound: that bucket (le is <=)
+    ("POST", '/a"b\\c\nd', "500", 12.5),
+    ("GET", "/api/boards/{id}", "404", 1234567.25),
+    ("GET", "/api/boards/{id}", "200", 0.3),
+]
 
 
-def test_metric_collections_equal_the_sdks_but_for_their_times(receiver: OtlpReceiver) -> None:
-    bounds = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
-    reader = InMemoryMetricReader()
-    aggregation = ExplicitBucketHistogramAggregation(bounds)
+def measured_both_ways(reader: Any) -> tuple[MeterProvider, Any, Any]:
+    """REQUESTS recorded by the SDK (read by ``reader``) and by the core's two families."""
+    aggregation = ExplicitBucketHistogramAggregation(BOUNDS)
     provider = MeterProvider(
         resource=Resource.create(RESOURCE),
         metric_readers=[reader],
@@ -385,19 +347,37 @@ def test_metric_collections_equal_the_sdks_but_for_their_times(receiver: OtlpRec
         "HTTP request duration in seconds",
         "seconds",
         ["method", "path"],
-        [float(b) for b in bounds],
+        [float(b) for b in BOUNDS],
+        [str(b) for b in BOUNDS],
         otlp_unit="s",
     )
-    for method, path, status, seconds in [
-        ("GET", "/a", "200", 0.004),
-        ("GET", "/a", "200", 0.005),
-        ("POST", "/b", "500", 12.5),
-        ("GET", "/a", "404", 0.3),
-    ]:
+    for method, path, status, seconds in REQUESTS:
         sdk_counter.add(1.0, {"method": method, "path": path, "status": status})
         sdk_histogram.record(seconds, {"method": method, "path": path})
         counter.add([method, path, status], 1.0)
         histogram.observe([method, path], seconds)
+    return provider, counter, histogram
+
+
+def test_the_scrape_text_equals_the_sdk_readers() -> None:
+    """The same measurements through the SDK's Prometheus reader and through the core."""
+    registry = CollectorRegistry()
+    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=registry)
+    provider, counter, histogram = measured_both_ways(reader)
+
+    assert native.render([counter, histogram]) == generate_latest(registry).decode()
+    ours = native.render([counter, histogram], openmetrics=True) + "# EOF\n"
+    assert ours == openmetrics_latest(registry).decode()
+    with pytest.raises(ValueError, match="takes labels"):
+        counter.add(["GET"], 1.0)
+    with pytest.raises(ValueError, match="ascend"):
+        native.Family("x", "", "", [], [1.0, 0.5])
+    provider.shutdown()
+
+
+def test_metric_collections_equal_the_sdks_but_for_their_times(receiver: OtlpReceiver) -> None:
+    reader = InMemoryMetricReader()
+    provider, counter, histogram = measured_both_ways(reader)
 
     core = native.OtlpExporter("metrics", f"{receiver.http_endpoint}/v1/metrics", [], RESOURCE, SCOPES)
     core.record_metrics(0, [counter, histogram], 1, 2)
