@@ -110,6 +110,15 @@ fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], 
     }
 }
 
+/// An id's bytes, or none for 0: OTLP writes an absent parent or span as an empty field.
+fn id_bytes(bytes: &[u8]) -> Vec<u8> {
+    if bytes.iter().all(|b| *b == 0) {
+        Vec::new()
+    } else {
+        bytes.to_vec()
+    }
+}
+
 fn seconds(value: f64) -> Duration {
     Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(Duration::MAX)
 }
@@ -257,11 +266,7 @@ impl OtlpExporter {
             trace_id: trace_id.to_be_bytes().to_vec(),
             span_id: span_id.to_be_bytes().to_vec(),
             trace_state,
-            parent_span_id: if parent_span_id == 0 {
-                Vec::new()
-            } else {
-                parent_span_id.to_be_bytes().to_vec()
-            },
+            parent_span_id: id_bytes(&parent_span_id.to_be_bytes()),
             flags,
             name,
             kind,
@@ -327,16 +332,8 @@ impl OtlpExporter {
             attributes,
             dropped_attributes_count: 0,
             flags,
-            trace_id: if trace_id == 0 {
-                Vec::new()
-            } else {
-                trace_id.to_be_bytes().to_vec()
-            },
-            span_id: if span_id == 0 {
-                Vec::new()
-            } else {
-                span_id.to_be_bytes().to_vec()
-            },
+            trace_id: id_bytes(&trace_id.to_be_bytes()),
+            span_id: id_bytes(&span_id.to_be_bytes()),
             event_name,
         };
         self.exporter.push(Item {
