@@ -222,6 +222,7 @@ impl OtlpExporter {
     #[pyo3(signature = (
         scope, trace_id, span_id, parent_span_id, flags, trace_state, name, kind, start, end,
         attributes, events=None, status_code=0, status_message=String::new(),
+        dropped_attributes=0, dropped_events=0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn record_span(
@@ -240,6 +241,8 @@ impl OtlpExporter {
         events: Option<&Bound<'_, PyList>>,
         status_code: i32,
         status_message: String,
+        dropped_attributes: u32,
+        dropped_events: u32,
     ) -> PyResult<()> {
         self.check(Signal::Traces, scope)?;
         let attributes = key_values(attributes, self.limit, 0)?;
@@ -273,9 +276,9 @@ impl OtlpExporter {
             start_time_unix_nano: start,
             end_time_unix_nano: end,
             attributes,
-            dropped_attributes_count: 0,
+            dropped_attributes_count: dropped_attributes,
             events: converted,
-            dropped_events_count: 0,
+            dropped_events_count: dropped_events,
             // Always present, as the SDK writes it (an empty message for an unset status).
             status: Some(Status {
                 message: status_message,

@@ -19,8 +19,12 @@ pub fn cut(mut text: String, limit: Option<usize>) -> String {
 }
 
 /// The value's OTLP form, or None where the SDK's encoder has none (an int outside int64, an
-/// object of another type): the SDK then drops the attribute, and so does the core.
+/// object of another type): the SDK then drops the attribute, and so does the core. A Python
+/// `None` (what `BoundedAttributes` leaves of a value it could not clean) is an empty value.
 pub fn any_value(value: &Bound<'_, PyAny>, limit: Option<usize>, depth: usize) -> PyResult<Option<AnyValue>> {
+    if value.is_none() {
+        return Ok(Some(AnyValue::default()));
+    }
     let value = if value.is_instance_of::<PyString>() {
         Value::String(cut(value.extract::<String>()?, limit))
     } else if value.is_instance_of::<PyBool>() {

@@ -1,0 +1,80 @@
+# Types of the compiled core (native/, Rust with PyO3), for the type checker.
+from collections.abc import Mapping, Sequence
+from typing import Any, final
+
+@final
+class OtlpExporter:
+    def __init__(
+        self,
+        signal: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        resource: Mapping[str, Any],
+        scopes: Sequence[tuple[str, str]],
+        *,
+        gzip: bool = False,
+        timeout: float = 10.0,
+        max_queue_size: int = 2048,
+        max_queue_bytes: int = 16 << 20,
+        max_export_batch_size: int = 512,
+        schedule_delay: float = 5.0,
+        max_retry_elapsed: float = 300.0,
+        attribute_value_length_limit: int | None = None,
+    ) -> None: ...
+    def record_span(
+        self,
+        scope: int,
+        trace_id: int,
+        span_id: int,
+        parent_span_id: int,
+        flags: int,
+        trace_state: str,
+        name: str,
+        kind: int,
+        start: int,
+        end: int,
+        attributes: Mapping[str, Any],
+        events: Sequence[tuple[str, int, Mapping[str, Any]]] | None = None,
+        status_code: int = 0,
+        status_message: str = "",
+        dropped_attributes: int = 0,
+        dropped_events: int = 0,
+    ) -> None: ...
+    def record_log(
+        self,
+        scope: int,
+        time: int,
+        observed_time: int,
+        severity_number: int,
+        severity_text: str,
+        body: object,
+        attributes: Mapping[str, Any],
+        trace_id: int = 0,
+        span_id: int = 0,
+        flags: int = 0,
+        event_name: str = "",
+    ) -> None: ...
+    def record_metrics(self, scope: int, families: Sequence[Family], start: int, now: int) -> None: ...
+    def force_flush(self, timeout: float) -> bool: ...
+    def shutdown(self, timeout: float) -> bool: ...
+    def stats(self) -> dict[str, Any]: ...
+
+@final
+class Family:
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        unit: str,
+        label_names: Sequence[str],
+        bounds: Sequence[float] | None = None,
+        bound_labels: Sequence[str] | None = None,
+        otlp_name: str | None = None,
+        otlp_unit: str | None = None,
+    ) -> None: ...
+    def add(self, labels: Sequence[str], value: float) -> None: ...
+    def observe(self, labels: Sequence[str], value: float) -> None: ...
+    def render(self, openmetrics: bool = False) -> str: ...
+
+def render(families: Sequence[Family], openmetrics: bool = False) -> str: ...
+def float_to_go_string(value: float) -> str: ...
