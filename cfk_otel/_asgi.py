@@ -19,8 +19,8 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Status, StatusCode
 
 from . import _metrics
+from ._core import CoreSpan, Spans
 from ._routes import UNMATCHED, RouteResolver
-from ._span import LeanSpan, Spans
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -294,7 +294,7 @@ class TelemetryMiddleware:
             if key == b"user-agent":
                 attributes["user_agent.original"] = value.decode("latin-1")
                 break
-        if type(span) is LeanSpan:
+        if type(span) is CoreSpan:
             span.set_own(attributes)
         else:
             span.set_attributes(attributes)

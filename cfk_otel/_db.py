@@ -3,7 +3,7 @@
 The span carries the attributes of the OpenTelemetry asyncpg and redis
 instrumentations, built here (``_Conventions``) in every mode that
 ``OTEL_SEMCONV_STABILITY_OPT_IN`` selects, as theirs are; neither is a dependency.
-The span is lean when only our exporter would see it (``_span``). The timing feeds
+The span is the core's on the native path (``_core``). The timing feeds
 ``database_query_duration_seconds`` and ``redis_operation_duration_seconds`` whatever
 the sampler decided; their labels are bounded: the statement's leading keyword (never
 the SQL text) and the command name. A slow query is also logged, added to its span
@@ -41,7 +41,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _errors, _metrics, _sdk
-from ._span import Spans
+from ._core import Spans
 
 _log = logging.getLogger("cfk_otel.db")
 

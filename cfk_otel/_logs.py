@@ -641,6 +641,24 @@ class _StdoutHandler(logging.StreamHandler[IO[str]]):
 _OURS: Final = "_cfk_otel_handler"
 
 
+def notice(settings: Settings, message: str) -> None:
+    """One start-up line on stderr, in the console's format (a JSON object with
+    ``LOG_FORMAT=json``), and nowhere else: not on stdout, not exported. An info line:
+    quiet when ``LOG_LEVEL`` is above info. With ``LOG_OUTPUT=otlp`` the console stays
+    silent, and the line is logged (so exported) instead."""
+    if LEVELS[settings.log_level] > logging.INFO:
+        return
+    if settings.log_output == "otlp":
+        logging.getLogger("cfk_otel").info(message)
+        return
+    formatter = PrettyFormatter(settings) if settings.log_format == "pretty" else JsonFormatter(settings)
+    record = logging.LogRecord("cfk_otel", logging.INFO, __file__, 0, message, None, None)
+    try:
+        print(formatter.format(record), file=sys.stderr, flush=True)
+    except Exception:  # a closed stderr: the notice alone is lost
+        return
+
+
 def configure_logging(
     settings: Settings, provider: LoggerProvider | None, sink: OtlpHttpLogProcessor | None = None
 ) -> None:

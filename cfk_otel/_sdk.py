@@ -28,8 +28,8 @@ from opentelemetry.environment_variables import (
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from prometheus_client import CollectorRegistry
 
-from . import _errors, _metrics, _otlp, _settings, _uncaught
-from ._logs import configure_logging
+from . import _core, _errors, _metrics, _otlp, _settings, _uncaught
+from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
 
@@ -164,17 +164,16 @@ def _started_without_exporters() -> None:
 
 def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     resource_attributes = build_attributes(current)
-    # Our OTLP encoder under the SDK's batch processors (the exporters stay the SDK's own).
+    # Our OTLP log encoder under the SDK's batch processor (the exporter stays the SDK's own).
+    # Spans need nothing here: the app's are the SDK's, exported by its own processor, and
+    # ours go to the core (or the SDK's tracer) through _core.
     log_processors: list[object] = []
 
     def log_processor(exporter: Any) -> Any:
         log_processors.append(_otlp.log_processor(exporter))
         return log_processors[-1]
 
-    extra: dict[str, Any] = {
-        "export_span_processor": _otlp.span_processor,
-        "export_log_record_processor": log_processor,
-    }
+    extra: dict[str, Any] = {"export_log_record_processor": log_processor}
     registry = None
     if current.metrics_enabled:
         registry = CollectorRegistry(auto_describe=True)
@@ -187,8 +186,11 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         STATE.scrape = Scrape(registry, group_directory())
     if len(log_processors) == 1 and isinstance(log_processors[0], _otlp.OtlpHttpLogProcessor):
         STATE.log_sink = log_processors[0]
+    choice = _core.select(current)
+    _core.activate(choice, trace.get_tracer_provider())
     STATE.started = True
     apply_logging()
+    notice(current, f"cfk_otel: request path: {choice.describe()}")
     # atexit runs last-registered first, so this bounded shutdown runs before the SDK's own
     # unbounded per-provider handlers, which then find nothing left to do.
     atexit.register(shutdown)
@@ -226,6 +228,7 @@ def shutdown(timeout: float | None = None) -> bool:
         call(metrics.get_meter_provider(), millis),
         call(_logs.get_logger_provider()),
         lambda: _errors.close(budget),  # Sentry's queue, within the same bound
+        lambda: _core.shutdown(max(0.0, deadline - time.monotonic())),  # the core's spans
     ]
     # Providers shut down in parallel daemon threads: a collector that is down costs the
     # budget once, not once per signal, and an exporter stuck in a retry cannot hold the
@@ -242,7 +245,7 @@ def shutdown(timeout: float | None = None) -> bool:
     return finished
 
 
-def _guarded(job: Callable[[], None]) -> Callable[[], None]:
+def _guarded(job: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         try:
             job()

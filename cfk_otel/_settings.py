@@ -476,6 +476,14 @@ CFK_OTEL_STRICT = Variable(
     "true, false",
     "Refuse to start when any variable here is invalid, instead of using its default.",
 )
+CFK_OTEL_NATIVE = Variable(
+    "CFK_OTEL_NATIVE",
+    True,
+    _bool,
+    "true, false",
+    "Record cfk_otel's request and client spans in the compiled core; false runs the stock "
+    "OpenTelemetry SDK path instead (the reference; slower).",
+)
 CFK_OTEL_SHUTDOWN_TIMEOUT = Variable(
     "CFK_OTEL_SHUTDOWN_TIMEOUT",
     3.0,
@@ -609,6 +617,7 @@ VARIABLES: Final[tuple[Variable[Any], ...]] = (
     OTEL_RESOURCE_ATTRIBUTES,
     OTEL_PYTHON_DISABLED_INSTRUMENTATIONS,
     CFK_OTEL_STRICT,
+    CFK_OTEL_NATIVE,
     CFK_OTEL_SHUTDOWN_TIMEOUT,
     CFK_OTEL_DEFER_INIT,
     K8S_POD_NAME,
@@ -722,6 +731,7 @@ class Settings:
     sampler: str
     sampler_arg: float | None
     strict: bool
+    native: bool
     shutdown_timeout: float
     defer_init: str
     k8s_pod_name: str
@@ -881,6 +891,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         sampler=sampler,
         sampler_arg=sampler_arg,
         strict=read(CFK_OTEL_STRICT),
+        native=read(CFK_OTEL_NATIVE),
         shutdown_timeout=read(CFK_OTEL_SHUTDOWN_TIMEOUT),
         defer_init=read(CFK_OTEL_DEFER_INIT),
         k8s_pod_name=read(K8S_POD_NAME),

@@ -48,8 +48,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("_metrics.py", "getattr(provider, '_sdk_config')"): _SDK,
     ("_metrics.py", "getattr(provider, '_metric_readers')"): _SDK,
     ("_otlp.py", "getattr(span, '_attributes')"): _SDK,
-    ("_span.py", "getattr(provider, '_active_span_processor')"): _SDK,
-    ("_span.py", "getattr(active, '_span_processors')"): _SDK,
     ("_db.py", "instance._query"): _ASYNCPG,
     ("_logs.py", "import opentelemetry.sdk._logs._internal._logger_metrics"): _SDK,
     ("_logs.py", "logger._multi_log_record_processor"): _SDK,
@@ -70,19 +68,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("_otlp.py", "batch._queue"): _SDK,
     ("_otlp.py", "batch._max_queue_size"): _SDK,
     ("_otlp.py", "self._batch_processor"): _SDK,
-    ("_span.py", "import opentelemetry.sdk.trace._tracer_metrics"): _SDK,
-    ("_span.py", "sampler._root"): _SDK,
-    ("_span.py", "sampler._remote_parent_sampled"): _SDK,
-    ("_span.py", "sampler._remote_parent_not_sampled"): _SDK,
-    ("_span.py", "sampler._local_parent_sampled"): _SDK,
-    ("_span.py", "sampler._local_parent_not_sampled"): _SDK,
-    ("_span.py", "d._decision"): _SDK,
-    ("_span.py", "self._extra._dict"): _SDK,
     ("_otlp.py", "getattr(attributes, '_dict')"): _SDK,
-    ("_span.py", "tracer._is_enabled"): _SDK,
-    ("_span.py", "tracer._tracer_metrics"): _SDK,
-    ("_span.py", "tracer._span_limits"): _SDK,
-    ("_span.py", "tracer._instrumentation_scope"): _SDK,
 }
 
 

@@ -1,7 +1,9 @@
-"""cfk_otel/_span.py: the lean server span is exported exactly as the SDK's span would be."""
+"""cfk_otel/_core.py: the core's spans are exported exactly as the SDK's spans would be."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -9,7 +11,7 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -26,9 +28,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from cfk_otel import _otlp
+from cfk_otel import _core
 from cfk_otel._asgi import TelemetryMiddleware
-from cfk_otel._span import LeanSpan, Spans
+from cfk_otel._core import CoreSpan, Spans
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 
 RESOURCE = Resource.create({"service.name": "cf-kanban"})
@@ -61,14 +63,32 @@ class _Other(SpanProcessor):
         self.ended.append(span.name)
 
 
+@pytest.fixture(autouse=True)
+def _native(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # each _provider sets its own
+    yield
+    _core.shutdown(1.0)
+    _core.activate(_core.Choice(False, "not set up"))
+
+
 def _provider(receiver: OtlpReceiver, *extra: SpanProcessor, **kwargs: Any) -> TracerProvider:
+    """As set-up builds it: the SDK's processor for the app's spans, the core for ours (its
+    target from the environment). A processor added after set-up moves ours to the SDK."""
     provider = TracerProvider(resource=RESOURCE, **kwargs)
     provider.add_span_processor(
-        _otlp.span_processor(OTLPSpanExporter(endpoint=f"{receiver.http_endpoint}/v1/traces"))
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{receiver.http_endpoint}/v1/traces"))
     )
+    _core.shutdown(1.0)  # the previous receiver's exporter
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.http_endpoint  # restored by _native
+    _core.activate(_core.Choice(True, ""), provider)
     for processor in extra:
         provider.add_span_processor(processor)
     return provider
+
+
+def _flush(provider: TracerProvider) -> None:
+    provider.force_flush()
+    assert _core.flush(5.0)
 
 
 def _serve(provider: TracerProvider, requests: list[tuple[str, dict[str, str]]]) -> None:
@@ -76,7 +96,7 @@ def _serve(provider: TracerProvider, requests: list[tuple[str, dict[str, str]]])
     with TestClient(app, raise_server_exceptions=False) as client:
         for path, headers in requests:
             client.get(path, headers=headers)
-    provider.force_flush()
+    _flush(provider)
 
 
 def _comparable(span: ReceivedSpan) -> dict[str, Any]:
@@ -110,7 +130,7 @@ REQUESTS = [
 ]
 
 
-def test_lean_server_spans_arrive_as_the_sdk_spans_would() -> None:
+def test_core_server_spans_arrive_as_the_sdk_spans_would() -> None:
     with OtlpReceiver() as lean_receiver, OtlpReceiver() as sdk_receiver:
         other = _Other()
         _serve(_provider(lean_receiver), REQUESTS)
@@ -124,7 +144,7 @@ def test_lean_server_spans_arrive_as_the_sdk_spans_would() -> None:
         assert servers(lean_receiver) == servers(sdk_receiver)
         assert len(servers(lean_receiver)) == 4
         children = {s.attributes["server.span.type"] for s in lean_receiver.spans if s.name == "child"}
-        assert children == {"LeanSpan"}
+        assert children == {"CoreSpan"}
         assert {s.attributes["server.span.type"] for s in sdk_receiver.spans if s.name == "child"} == {
             "_Span"
         }
@@ -150,10 +170,10 @@ def test_a_processor_added_later_gets_the_sdk_span_from_then_on() -> None:
             client.get("/boards/1")
             provider.add_span_processor(SimpleSpanProcessor(memory))
             client.get("/boards/2")
-        provider.force_flush()
+        _flush(provider)
         assert receiver.wait_for(lambda: len(receiver.spans) == 4)
         types = [s.attributes["server.span.type"] for s in receiver.spans if s.name == "child"]
-        assert types == ["LeanSpan", "_Span"]
+        assert types == ["CoreSpan", "_Span"]
         assert [s.name for s in memory.get_finished_spans()] == ["child", "GET /boards/{board_id}"]
 
 
@@ -188,23 +208,22 @@ _PARENTS = {
 
 
 @pytest.mark.parametrize(
-    ("sampler", "static"),
+    "sampler",
     [
-        (ParentBased(ALWAYS_ON), True),
-        (ParentBased(ALWAYS_OFF), True),
-        (ParentBased(ALWAYS_ON, remote_parent_sampled=ALWAYS_OFF, local_parent_not_sampled=ALWAYS_ON), True),
-        (ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON, local_parent_sampled=ALWAYS_OFF), True),
-        (ParentBasedTraceIdRatio(0.5), False),
-        (ALWAYS_ON, False),
+        ParentBased(ALWAYS_ON),
+        ParentBased(ALWAYS_OFF),
+        ParentBased(ALWAYS_ON, remote_parent_sampled=ALWAYS_OFF, local_parent_not_sampled=ALWAYS_ON),
+        ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON, local_parent_sampled=ALWAYS_OFF),
+        ParentBasedTraceIdRatio(0.5),
+        ALWAYS_ON,
     ],
 )
-def test_lean_spans_take_the_samplers_decision_for_every_parent(sampler: Sampler, static: bool) -> None:
+def test_core_spans_take_the_samplers_decision_for_every_parent(sampler: Sampler) -> None:
     with OtlpReceiver() as receiver:
         spans = Spans(_provider(receiver, sampler=sampler))
         for label, parent in _PARENTS.items():
             context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
             span = spans.start("GET", context, SpanKind.SERVER, {"k": "v"})
-            assert (spans._decisions is not None) is static  # the fast path, where it applies
             expected = sampler.should_sample(
                 context, span.get_span_context().trace_id, "GET", attributes={"k": "v"}
             )
@@ -213,15 +232,19 @@ def test_lean_spans_take_the_samplers_decision_for_every_parent(sampler: Sampler
                 expected.decision is Decision.RECORD_AND_SAMPLE,
                 expected.trace_state or TraceState(),  # a span context's empty state
             ), label
-            assert type(span) is (LeanSpan if expected.decision.is_recording() else trace.NonRecordingSpan), (
+            assert type(span) is (CoreSpan if expected.decision.is_recording() else trace.NonRecordingSpan), (
                 label
             )
-            if type(span) is LeanSpan:
+            if type(span) is CoreSpan:
                 assert span.attributes == {"k": "v"}
                 assert got.trace_id == (parent.trace_id if parent else got.trace_id)
 
 
-def test_the_apps_attributes_are_bounded_by_the_span_limits() -> None:
+def test_the_apps_attributes_are_bounded_by_the_span_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The core reads the limits from the environment, as set-up builds the provider's.
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "20")
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "10")
+
     async def many(request: Request) -> PlainTextResponse:
         span = trace.get_current_span()
         for i in range(50):
@@ -235,7 +258,7 @@ def test_the_apps_attributes_are_bounded_by_the_span_limits() -> None:
         app = TelemetryMiddleware(Starlette(routes=[Route("/many", many)]), tracer_provider=provider)
         with TestClient(app) as client:
             client.get("/many")
-        provider.force_flush()
+        _flush(provider)
         span = receiver.wait_for_span(lambda s: s.name == "GET /many")
         assert len(span.attributes) == 20
         assert span.attributes["http.route"] == "/many"  # ours are kept first
@@ -247,8 +270,9 @@ def _own_keys(span: ReceivedSpan) -> list[str]:
     return [k for k in span.attributes if not k.startswith("app.")]
 
 
-def test_the_lean_span_is_an_api_span_and_ends_once(caplog: pytest.LogCaptureFixture) -> None:
-    memory_provider = TracerProvider(resource=RESOURCE)  # no processor: lean, exported nowhere
+def test_the_core_span_is_an_api_span_and_ends_once(caplog: pytest.LogCaptureFixture) -> None:
+    memory_provider = TracerProvider(resource=RESOURCE)  # the core's span, to a closed port
+    _core.activate(_core.Choice(True, ""), memory_provider)
     seen: list[trace.Span] = []
 
     async def keep(request: Request) -> PlainTextResponse:
@@ -259,7 +283,7 @@ def test_the_lean_span_is_an_api_span_and_ends_once(caplog: pytest.LogCaptureFix
     with TestClient(app) as client:
         client.get("/k")
     (span,) = seen
-    assert isinstance(span, LeanSpan)
+    assert isinstance(span, CoreSpan)
     assert not span.is_recording()
     assert span.name == "GET /k"
     span.end()
@@ -268,7 +292,9 @@ def test_the_lean_span_is_an_api_span_and_ends_once(caplog: pytest.LogCaptureFix
     assert "late" not in span.attributes
 
 
-def test_long_values_are_cut_as_the_sdk_cuts_them() -> None:
+def test_long_values_are_cut_as_the_sdk_cuts_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "10")
+
     async def long(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
@@ -279,7 +305,7 @@ def test_long_values_are_cut_as_the_sdk_cuts_them() -> None:
         spans = Spans(provider)  # a client span, as cfk_otel/_db.py starts them
         statement = {"db.statement": "SELECT * FROM a_long_table_name", "net.peer.port": 5432}
         spans.start("SELECT", None, SpanKind.CLIENT, statement).end()
-        provider.force_flush()
+        _flush(provider)
 
     limits = SpanLimits(max_attribute_length=10)
     with OtlpReceiver() as lean_receiver, OtlpReceiver() as sdk_receiver:

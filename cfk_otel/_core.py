@@ -1,0 +1,522 @@
+"""The seam between the request path and what records it: the compiled core or the SDK.
+
+cfk_otel's own spans (each request's server span, and the asyncpg and redis client spans)
+are started here, by :class:`Spans`. Which implementation records them is chosen once per
+process, at set-up (:func:`select`), and said once in the log:
+
+- **native**: the compiled core (``cfk_otel._native``, Rust). A span is a small Python
+  object while it is open, so the app can name it, add attributes and events and parent
+  its own spans on it through the OpenTelemetry API; when it ends it crosses into the core
+  in one call, and the core's own thread batches, encodes and exports it over OTLP/HTTP,
+  without the GIL, from a queue bounded in count and in bytes.
+- **sdk**: the stock OpenTelemetry SDK through its public API (``Tracer.start_span``,
+  its batch processor and exporter). It is the reference the core is tested against, and
+  what runs when the compiled module is missing, when ``CFK_OTEL_NATIVE=false``, or when
+  the core cannot honour the configuration (see :func:`otlp_target`).
+
+Only the public API of the SDK is used: the provider's ``sampler``, ``id_generator`` and
+``resource``, the span limits from the environment, ``BoundedAttributes`` for what the app
+adds. The app's own spans stay SDK spans, exported by the SDK's own processor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
+
+from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util import types
+
+from . import _settings
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._native import OtlpExporter
+
+_native: ModuleType | None
+try:
+    from . import _native
+except ImportError:  # a source checkout without the build, or a platform without a wheel
+    _native = None
+
+_log = logging.getLogger("cfk_otel")
+SCOPE: Final = "cfk_otel"
+_UNSET: Final = Status(StatusCode.UNSET)
+# OTLP's span flags as the SDK's encoder writes them: "is the parent remote" is known.
+_HAS_IS_REMOTE: Final = 0x100
+_IS_REMOTE: Final = 0x200
+_FLAGS: Final = {
+    (sampled, random): TraceFlags(
+        (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+    )
+    for sampled in (False, True)
+    for random in (False, True)
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and how one signal is exported over OTLP/HTTP, from the ``OTEL_EXPORTER_OTLP_*``
+    variables, as the SDK's exporter reads them."""
+
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    gzip: bool
+    timeout: float
+
+
+def _signal_env(env: Mapping[str, str], signal: str, name: str) -> str:
+    own = env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_{name}", "").strip()
+    return own or env.get(f"OTEL_EXPORTER_OTLP_{name}", "").strip()
+
+
+def _headers(value: str) -> tuple[tuple[str, str], ...]:
+    # The W3C baggage-like format the SDK reads: percent-encoded key=value pairs.
+    pairs = (item.split("=", 1) for item in value.split(",") if "=" in item)
+    return tuple((unquote(k).strip().lower(), unquote(v).strip()) for k, v in pairs if k.strip())
+
+
+def otlp_target(signal: str, env: Mapping[str, str]) -> Target | str:
+    """The core's export target for ``signal`` ("traces", "logs", "metrics"), or the reason
+    the core cannot honour the configuration (then the SDK's exporter is used)."""
+    protocol = _signal_env(env, signal, "PROTOCOL") or "http/protobuf"
+    if protocol != "http/protobuf":
+        return f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}"
+    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
+        if _signal_env(env, signal, name):
+            return f"OTEL_EXPORTER_OTLP_{name} (custom TLS material)"
+    own = env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT", "").strip()
+    if own:
+        url = own
+    else:
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+        url = f"{base.rstrip('/')}/v1/{signal}"
+    compression = _signal_env(env, signal, "COMPRESSION").lower()
+    if compression not in ("", "none", "gzip"):
+        return f"OTEL_EXPORTER_OTLP_COMPRESSION={compression}"
+    try:
+        timeout = float(_signal_env(env, signal, "TIMEOUT") or 10.0)
+    except ValueError:  # rejected and removed by the settings already; never here
+        timeout = 10.0
+    return Target(url, _headers(_signal_env(env, signal, "HEADERS")), compression == "gzip", timeout)
+
+
+def _number(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        value = int(env.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Which implementation records cfk_otel's spans in this process, and why."""
+
+    native: bool
+    reason: str
+
+    def describe(self) -> str:
+        return "native core" if self.native else f"OpenTelemetry SDK ({self.reason})"
+
+
+def select(settings: _settings.Settings, env: Mapping[str, str] | None = None) -> Choice:
+    """Choose the implementation for this process (see the module docstring)."""
+    env = os.environ if env is None else env
+    if not settings.native:
+        return Choice(False, "CFK_OTEL_NATIVE=false")
+    if _native is None:
+        return Choice(False, "the compiled core is not installed")
+    if settings.traces_exporters != ("otlp",):
+        return Choice(False, f"OTEL_TRACES_EXPORTER={','.join(settings.traces_exporters) or 'none'}")
+    target = otlp_target("traces", env)
+    if isinstance(target, str):
+        return Choice(False, target)
+    return Choice(True, "")
+
+
+_CHOICE = Choice(False, "not set up")
+# Bumped whenever what Spans decided on may have changed (set-up, a processor added).
+_GENERATION = [0]
+_LOCK = threading.Lock()
+_EXPORTERS: dict[
+    int, OtlpExporter
+] = {}  # process id -> the core's span exporter (threads do not survive fork)
+
+
+def activate(choice: Choice, provider: trace.TracerProvider | None = None) -> None:
+    """Record the choice made at set-up; :class:`Spans` follow it from their next span.
+
+    ``provider`` is the one set-up just built: from now on, a processor added to it moves
+    our spans onto the SDK's tracer, so that processor sees them too.
+    """
+    global _CHOICE  # noqa: PLW0603  (process state, written by set-up)
+    _CHOICE = choice
+    _GENERATION[0] += 1
+    if choice.native and isinstance(provider, sdk_trace.TracerProvider):
+        _watch(provider)
+
+
+def active() -> Choice:
+    return _CHOICE
+
+
+def _exporter(provider: sdk_trace.TracerProvider) -> OtlpExporter:
+    """The core's span exporter of this process, made on first use with the provider's resource."""
+    pid = os.getpid()
+    exporter = _EXPORTERS.get(pid)
+    if exporter is not None:
+        return exporter
+    with _LOCK:
+        exporter = _EXPORTERS.get(pid)
+        if exporter is None:
+            env = os.environ
+            target = otlp_target("traces", env)
+            assert isinstance(target, Target)  # select() checked it
+            assert _native is not None  # and that the core is there
+            limits = sdk_trace.SpanLimits()
+            exporter = _native.OtlpExporter(
+                "traces",
+                target.url,
+                list(target.headers),
+                dict(provider.resource.attributes),
+                [(SCOPE, __version__)],
+                gzip=target.gzip,
+                timeout=target.timeout,
+                max_queue_size=_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+                max_export_batch_size=_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+                schedule_delay=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
+                attribute_value_length_limit=limits.max_attribute_length,
+            )
+            _EXPORTERS.clear()  # a parent's exporter, inherited through fork, is not ours
+            _EXPORTERS[pid] = exporter
+    return exporter
+
+
+def flush(timeout: float) -> bool:
+    exporter = _EXPORTERS.get(os.getpid())
+    return True if exporter is None else bool(exporter.force_flush(timeout))
+
+
+def shutdown(timeout: float) -> bool:
+    """Export what is queued within ``timeout`` seconds and stop (a later span starts anew)."""
+    with _LOCK:
+        exporter = _EXPORTERS.pop(os.getpid(), None)
+    return True if exporter is None else bool(exporter.shutdown(timeout))
+
+
+def stats() -> dict[str, Any] | None:
+    """The core's export counters in this process (accepted, exported, dropped...), if it runs."""
+    exporter = _EXPORTERS.get(os.getpid())
+    return None if exporter is None else dict(exporter.stats())
+
+
+class CoreSpan(trace.Span):
+    """One of cfk_otel's spans on the native path: plain fields while open, one call into
+    the core when it ends. Behaves as the SDK's span does for everything the API allows."""
+
+    __slots__ = (
+        "_end_time",
+        "_extra",
+        "_home",
+        "_own",
+        "context",
+        "dropped_events",
+        "events",
+        "kind",
+        "name",
+        "parent",
+        "start_time",
+        "status",
+    )
+
+    def __init__(
+        self,
+        home: Spans,
+        name: str,
+        kind: SpanKind,
+        context: SpanContext,
+        parent: SpanContext | None,
+        attributes: dict[str, Any],
+    ) -> None:
+        self._home = home
+        self.name = name
+        self.kind = kind
+        self.context = context
+        self.parent = parent
+        # Ours (known keys, plain values; the span owns the dict) and the app's, kept
+        # apart: only the app's need the SDK's cleaning and limits.
+        self._own = attributes
+        self._extra: BoundedAttributes | None = None
+        self.events: list[tuple[str, int, dict[str, Any]]] = []
+        self.dropped_events = 0
+        self.status = _UNSET
+        self.start_time = time.time_ns()
+        self._end_time: int | None = None
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return self._merged()[0]
+
+    def _merged(self) -> tuple[dict[str, Any], int]:
+        """Ours first, then the app's while the span's attribute limit allows; and how many
+        of the app's were dropped."""
+        extra = self._extra
+        if extra is None:
+            return self._own, 0
+        merged = dict(self._own)
+        limit = self._home.limits.max_span_attributes
+        dropped = extra.dropped
+        for key, value in extra.items():
+            if key in merged or limit is None or len(merged) < limit:
+                merged[key] = value
+            else:
+                dropped += 1
+        return merged, dropped
+
+    def get_span_context(self) -> SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return self._end_time is None
+
+    def set_own(self, attributes: dict[str, Any]) -> None:
+        """cfk_otel's own attributes: fixed keys, values already of OTLP types (the core
+        cuts text at the attribute length limit)."""
+        if self._end_time is None:
+            self._own.update(attributes)
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        if self._end_time is not None:
+            _log.warning("Setting attribute on ended span.")
+            return
+        if self._extra is None:  # the app's: cleaned and bounded as the SDK does
+            limits = self._home.limits
+            self._extra = BoundedAttributes(
+                limits.max_span_attributes, max_value_len=limits.max_attribute_length, immutable=False
+            )
+        self._extra[key] = value
+
+    def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
+        if self._end_time is not None:
+            return
+        limits = self._home.limits
+        if limits.max_events is not None and len(self.events) >= limits.max_events:
+            self.dropped_events += 1
+            return
+        bounded = BoundedAttributes(
+            limits.max_event_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
+        )
+        self.events.append((name, timestamp or time.time_ns(), dict(bounded)))
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        # Links are set when a span starts; cfk_otel's spans start with none, and the core
+        # does not carry links added later (the SDK ignores most of them too).
+        self._home.warn_once("links added to cfk_otel's request or client spans are not exported")
+
+    def update_name(self, name: str) -> None:
+        if self._end_time is None:
+            self.name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        # As the SDK: OK is final, UNSET is ignored, a description only goes with ERROR.
+        if self._end_time is not None or self.status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, Status):
+            if status.status_code is not StatusCode.UNSET:
+                self.status = status
+        elif status is not StatusCode.UNSET:
+            self.status = Status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        module = type(exception).__module__
+        qualname = type(exception).__qualname__
+        event: dict[str, types.AnyValue] = {
+            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            event.update(attributes)
+        self.add_event("exception", event, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end_time is not None:
+            _log.warning("Calling end() on an ended span.")
+            return
+        self._end_time = end = end_time if end_time is not None else time.time_ns()
+        if not self.context.trace_flags.sampled:
+            return
+        parent = self.parent
+        status = self.status
+        attributes, dropped = self._merged()
+        exporter = self._home.exporter
+        assert exporter is not None  # a CoreSpan is only made with an exporter
+        try:
+            exporter.record_span(
+                0,
+                self.context.trace_id,
+                self.context.span_id,
+                parent.span_id if parent is not None else 0,
+                _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
+                self.context.trace_state.to_header(),
+                self.name,
+                self.kind.value + 1,  # OTLP counts from UNSPECIFIED
+                self.start_time,
+                end,
+                attributes,
+                self.events,
+                status.status_code.value,
+                status.description or "",
+                dropped,
+                self.dropped_events,
+            )
+        except Exception:  # never into the app; the span alone is lost
+            self._home.warn_once(f"span {self.name!r} could not be recorded; dropped", exc_info=True)
+
+    def __repr__(self) -> str:
+        return f"CoreSpan(name={self.name!r}, kind={self.kind!r}, context={self.context!r})"
+
+
+class Spans:
+    """Starts cfk_otel's spans: in the core on the native path, with the SDK's tracer otherwise.
+
+    ``tracer_provider`` defaults to the global one. On the native path the provider must
+    be the SDK's, and nothing else may need to see our spans: a processor added to it later
+    (``add_span_processor``) moves our spans back onto the SDK's tracer, so that processor
+    sees them.
+    """
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self._fixed_provider = tracer_provider
+        self._warned: set[str] = set()
+        self._provider: object = None
+        self._generation = -1
+        self._tracer: trace.Tracer | None = None
+        self._native: sdk_trace.TracerProvider | None = None
+        self.limits = sdk_trace.SpanLimits()
+        self.exporter: OtlpExporter | None = None
+
+    def warn_once(self, message: str, exc_info: bool = False) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            _log.warning("cfk_otel: %s", message, exc_info=exc_info)
+
+    def start(
+        self,
+        name: str,
+        parent: context_api.Context | None,
+        kind: SpanKind = SpanKind.SERVER,
+        attributes: dict[str, Any] | None = None,
+    ) -> trace.Span:
+        """Start a span named ``name`` whose parent is found in ``parent`` (None: the
+        current context). ``attributes`` are cfk_otel's own: plain OTLP values."""
+        try:
+            provider = self._fixed_provider or trace.get_tracer_provider()
+            if provider is not self._provider or _GENERATION[0] != self._generation:
+                self._choose(provider)
+            native = self._native
+            if native is None:
+                assert self._tracer is not None
+                return self._tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
+            return self._start_native(native, name, parent, kind, attributes)
+        except Exception:  # a failing sampler or id generator: the call goes on, untraced
+            self.warn_once("a span could not be started; continuing without it", exc_info=True)
+            return trace.INVALID_SPAN
+
+    def _choose(self, provider: trace.TracerProvider) -> None:
+        self._provider = provider
+        self._generation = _GENERATION[0]
+        self._tracer = provider.get_tracer(SCOPE, __version__)
+        self._native = None
+        if not (
+            _CHOICE.native
+            and isinstance(provider, sdk_trace.TracerProvider)
+            and isinstance(self._tracer, sdk_trace.Tracer)  # a disabled SDK gives a no-op tracer
+        ):
+            return
+        if not _watch(provider):
+            return  # the app added a processor of its own: it must see our spans
+        self.limits = sdk_trace.SpanLimits()
+        self.exporter = _exporter(provider)
+        self._native = provider
+
+    def _start_native(
+        self,
+        provider: sdk_trace.TracerProvider,
+        name: str,
+        parent: context_api.Context | None,
+        kind: SpanKind,
+        attributes: dict[str, Any] | None,
+    ) -> trace.Span:
+        if os.getpid() not in _EXPORTERS:  # a forked worker, or after shutdown: its own exporter
+            self.exporter = _exporter(provider)
+        # Tracer.start_span, through the provider's public parts.
+        parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
+        ids = provider.id_generator
+        if parent_context is None or not parent_context.is_valid:
+            parent_context = None
+            trace_id = ids.generate_trace_id()
+            random_trace_id = ids.is_trace_id_random()
+        else:
+            trace_id = parent_context.trace_id
+            random_trace_id = parent_context.trace_flags.random_trace_id
+        result = provider.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
+        decision = result.decision
+        span_context = SpanContext(
+            trace_id,
+            ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=_FLAGS[decision is Decision.RECORD_AND_SAMPLE, bool(random_trace_id)],
+            trace_state=result.trace_state,
+        )
+        if decision is Decision.DROP:
+            return trace.NonRecordingSpan(span_context)
+        sampled = dict(result.attributes) if result.attributes else {}
+        return CoreSpan(self, name, kind, span_context, parent_context, sampled)
+
+
+# Providers whose processors are known: only the set-up's. A provider is watched by
+# replacing its add_span_processor (a public method) on the instance.
+_WATCHED: dict[int, bool] = {}
+
+
+def _watch(provider: sdk_trace.TracerProvider) -> bool:
+    """Whether only the set-up's processors are on ``provider`` (True until the app adds one)."""
+    key = id(provider)
+    if key not in _WATCHED:
+        _WATCHED[key] = True
+        add = provider.add_span_processor
+
+        def add_span_processor(span_processor: sdk_trace.SpanProcessor) -> None:
+            add(span_processor)
+            _WATCHED[key] = False
+            _GENERATION[0] += 1
+
+        provider.add_span_processor = add_span_processor  # type: ignore[method-assign]
+    return _WATCHED[key]
