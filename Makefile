@@ -56,8 +56,11 @@ install-check:
 
 # The collector is built (or its cached build reused) before pytest, so a cold build's
 # progress shows here rather than inside a test fixture.
+# The whole suite on the native path, then the tests that launch apps again on the SDK
+# path (CFK_TEST_NATIVE=false, see tests/conftest.py): the reference the core is held to.
 test: venv services collector lint collector-check install-check
 	$(BIN)/python -m pytest
+	CFK_TEST_NATIVE=false $(BIN)/python -m pytest tests/e2e tests/integration tests/examples
 
 # The example app (examples/kanban) with the whole telemetry path: the collector, a real
 # Prometheus, a burst of traffic and a summary; DEMO_ARGS=--once exits after the summary.

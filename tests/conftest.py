@@ -128,6 +128,14 @@ class RunningApp:
         return self.exited_in or 0.0
 
 
+# `make test` runs the suite on the native path, then its app-launching parts again with
+# CFK_TEST_NATIVE=false: every app then records our spans with the SDK's tracer, the
+# reference (a test that sets CFK_OTEL_NATIVE itself keeps its own value).
+PATH_UNDER_TEST: dict[str, str] = (
+    {"CFK_OTEL_NATIVE": os.environ["CFK_TEST_NATIVE"]} if "CFK_TEST_NATIVE" in os.environ else {}
+)
+
+
 def launch(
     tmp_path: Path,
     command: list[str],
@@ -151,6 +159,7 @@ def launch(
             "PYTHONWARNINGS": "ignore::DeprecationWarning",
         }
     )
+    full_env.update(PATH_UNDER_TEST)
     full_env.update(env)
     log_path = tmp_path / f"app-{port}.log"
     stderr_path = tmp_path / f"app-{port}.stderr" if separate_stderr else None
