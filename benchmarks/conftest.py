@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import (
     BatchLogRecordProcessor,
@@ -37,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from pytest_benchmark.fixture import BenchmarkFixture
 from starlette.routing import Route
 
-from cfk_otel import _otlp
+from cfk_otel import _core, _otlp
 from cfk_otel._asgi import ASGIApp, Message, Receive, Scope, Send
 from cfk_otel._prometheus import ScrapeReader, reader_arguments
 from cfk_otel._resource import build_attributes
@@ -111,21 +110,21 @@ def tracer_provider(resource: Resource) -> Iterator[TracerProvider]:
 
 
 @pytest.fixture
-def otlp_tracer_provider(resource: Resource) -> Iterator[TracerProvider]:
-    """cfk_otel's production span path: our OTLP/HTTP processor, the provider's only one.
+def otlp_tracer_provider(resource: Resource, monkeypatch: pytest.MonkeyPatch) -> Iterator[TracerProvider]:
+    """cfk_otel's production span path: our spans recorded by the compiled core
+    (cfk_otel/_core.py, the native path set-up chooses), the app's through the SDK.
 
-    Its queue holds every span of the run (nothing is sent while benchmarking: the
-    endpoint is a closed port and the schedule longer than the run).
+    Nothing is sent while benchmarking: the endpoint is a closed port and the schedule
+    longer than the run; the core's queue is bounded, so it drops the oldest, as in production.
     """
-    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
-    processor = _otlp.span_processor(
-        exporter, max_queue_size=1 << 22, schedule_delay_millis=3_600_000, max_export_batch_size=1 << 22
-    )
-    assert isinstance(processor, _otlp.OtlpHttpSpanProcessor)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(processor)
+    provider.add_span_processor(BatchSpanProcessor(NullSpanExporter()))
+    _core.activate(_core.Choice(True, ""), provider)
     yield provider
-    processor._batch_processor._queue.clear()  # nothing to send at shutdown
+    _core.shutdown(0.1)
+    _core.activate(_core.Choice(False, "not set up"))
     provider.shutdown()
 
 

@@ -36,7 +36,7 @@ REQUESTS = 100  # per round; the report shows µs per request
 UPSTREAM_LEAN = ["receive", "send"]
 LEAN_LABEL = "OpenTelemetryMiddleware, exclude_spans=receive,send (1 span)"
 # The provider cfk_otel builds: our OTLP/HTTP processor alone, so the lean server span.
-LEAN_OURS = "TelemetryMiddleware, OTLP/HTTP processor alone (lean span, encoded at end)"
+LEAN_OURS = "TelemetryMiddleware, our spans in the compiled core (one call when each ends)"
 SDK_SPAN_OURS = "TelemetryMiddleware, batch processor over a null exporter (SDK span)"
 
 

@@ -6,7 +6,9 @@ Scenarios, interleaved round by round so drift hits them all alike:
   upstream              opentelemetry-instrument with the stock distro and the stock
                         OpenTelemetryMiddleware, OTLP traces + metrics + logs
   cfk_otel              opentelemetry-instrument with cfk_otel, all three signals, 100% sampling
-  cfk_otel_down         the same with the collector down (connection refused)
+  cfk_otel_sdk          the same on the SDK reference path (CFK_OTEL_NATIVE=false): our
+                        spans recorded by the SDK's tracer rather than the compiled core
+  cfk_otel_down         cfk_otel with the collector down (connection refused)
 
 Then, on the hello route, a ladder that shows where cfk_otel's cost goes, side by side:
   empty_middleware      an empty pure-ASGI middleware (examples/bench/app_floor.py)
@@ -62,6 +64,7 @@ _STEPS = {
     "cfk_no_export": {"OTEL_TRACES_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none", "LOG_REQUESTS": "false"},
     "cfk_spans": {"OTEL_LOGS_EXPORTER": "none", "LOG_REQUESTS": "false"},
     "cfk_spans_stdout_line": {"OTEL_LOGS_EXPORTER": "none"},
+    "cfk_otel_sdk": {"CFK_OTEL_NATIVE": "false"},
 }
 
 
@@ -261,7 +264,11 @@ def run_once(name: str, route: str, receiver: Receiver, closed: str, seconds: in
     arrived = receiver.arrived()  # the server flushed on SIGTERM
     # The stock set-up writes no log line per request (uvicorn's access log is off in every
     # scenario), so only its spans are expected; cfk_otel also ships its request lines.
-    expected = {"upstream": ("spans_received",), "cfk_otel": ("spans_received", "logs_received")}
+    expected = {
+        "upstream": ("spans_received",),
+        "cfk_otel": ("spans_received", "logs_received"),
+        "cfk_otel_sdk": ("spans_received", "logs_received"),
+    }
     if not all(arrived[k] for k in expected.get(name, ())):
         raise RuntimeError(f"{name}: the receiver got {arrived}; the run is void")
     return {
@@ -497,7 +504,7 @@ def main() -> int:
     parser.add_argument("--soak-seconds", type=int, default=60)
     parser.add_argument("--paired-rounds", type=int, default=5, help="side-by-side rounds (0: none)")
     parser.add_argument("--paired-seconds", type=int, default=5)
-    parser.add_argument("--scenarios", default="bare,upstream,cfk_otel,cfk_otel_down")
+    parser.add_argument("--scenarios", default="bare,upstream,cfk_otel,cfk_otel_sdk,cfk_otel_down")
     parser.add_argument("--routes", default="hello,work")
     parser.add_argument(
         "--no-ladder", dest="ladder", action="store_false", help="skip the hello route's cost ladder"
