@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
-from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import (
     BatchLogRecordProcessor,
@@ -36,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from pytest_benchmark.fixture import BenchmarkFixture
 from starlette.routing import Route
 
-from cfk_otel import _core, _otlp
+from cfk_otel import _core
 from cfk_otel._asgi import ASGIApp, Message, Receive, Scope, Send
 from cfk_otel._prometheus import ScrapeReader, reader_arguments
 from cfk_otel._resource import build_attributes
@@ -158,16 +157,15 @@ def logger_provider(resource: Resource, log_exporter: NullLogExporter) -> Iterat
 
 
 @pytest.fixture
-def otlp_log_sink() -> Iterator[_otlp.OtlpHttpLogProcessor]:
-    """cfk_otel's production log path: our OTLP/HTTP processor (queue only, as above)."""
-    exporter = OTLPLogExporter(endpoint="http://127.0.0.1:9/v1/logs", timeout=1)
-    processor = _otlp.log_processor(
-        exporter, max_queue_size=1 << 22, schedule_delay_millis=3_600_000, max_export_batch_size=1 << 22
-    )
-    assert isinstance(processor, _otlp.OtlpHttpLogProcessor)
-    yield processor
-    processor._batch_processor._queue.clear()  # nothing to send at shutdown
-    processor.shutdown()  # type: ignore[no-untyped-call]
+def otlp_log_sink(resource: Resource, monkeypatch: pytest.MonkeyPatch) -> Iterator[_core.LogSink]:
+    """cfk_otel's production log path: logging's records straight into the compiled core
+    (nothing sent while benchmarking: a closed port, a schedule longer than the run)."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("OTEL_BLRP_SCHEDULE_DELAY", "3600000")
+    provider = LoggerProvider(resource=resource)
+    yield _core.LogSink(provider)
+    _core.shutdown(0.1)
+    provider.shutdown()
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits, LogRecordProcessor
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
@@ -149,13 +151,27 @@ def select(settings: _settings.Settings, env: Mapping[str, str] | None = None) -
     return Choice(True, "")
 
 
+def select_logs(settings: _settings.Settings, env: Mapping[str, str] | None = None) -> Choice:
+    """Whether ``logging``'s records (request lines included) go straight to the core."""
+    env = os.environ if env is None else env
+    if not settings.native:
+        return Choice(False, "CFK_OTEL_NATIVE=false")
+    if _native is None:
+        return Choice(False, "the compiled core is not installed")
+    if settings.logs_exporters != ("otlp",):
+        return Choice(False, f"OTEL_LOGS_EXPORTER={','.join(settings.logs_exporters) or 'none'}")
+    target = otlp_target("logs", env)
+    if isinstance(target, str):
+        return Choice(False, target)
+    return Choice(True, "")
+
+
 _CHOICE = Choice(False, "not set up")
 # Bumped whenever what Spans decided on may have changed (set-up, a processor added).
 _GENERATION = [0]
 _LOCK = threading.Lock()
-_EXPORTERS: dict[
-    int, OtlpExporter
-] = {}  # process id -> the core's span exporter (threads do not survive fork)
+# The core's exporters, per process id and signal: their threads do not survive a fork.
+_EXPORTERS: dict[tuple[int, str], OtlpExporter] = {}
 
 
 def activate(choice: Choice, provider: trace.TracerProvider | None = None) -> None:
@@ -175,54 +191,64 @@ def active() -> Choice:
     return _CHOICE
 
 
-def _exporter(provider: sdk_trace.TracerProvider) -> OtlpExporter:
-    """The core's span exporter of this process, made on first use with the provider's resource."""
-    pid = os.getpid()
-    exporter = _EXPORTERS.get(pid)
+def _exporter(signal: str, resource: Resource, scopes: list[tuple[str, str]]) -> OtlpExporter:
+    """The core's exporter of ``signal`` in this process, made on first use."""
+    key = (os.getpid(), signal)
+    exporter = _EXPORTERS.get(key)
     if exporter is not None:
         return exporter
     with _LOCK:
-        exporter = _EXPORTERS.get(pid)
+        exporter = _EXPORTERS.get(key)
         if exporter is None:
             env = os.environ
-            target = otlp_target("traces", env)
+            target = otlp_target(signal, env)
             assert isinstance(target, Target)  # select() checked it
             assert _native is not None  # and that the core is there
-            limits = sdk_trace.SpanLimits()
+            prefix = "OTEL_BSP" if signal == "traces" else "OTEL_BLRP"
+            if signal == "traces":
+                length = sdk_trace.SpanLimits().max_attribute_length
+            else:
+                length = LogRecordLimits().max_log_record_attribute_length
             exporter = _native.OtlpExporter(
-                "traces",
+                signal,
                 target.url,
                 list(target.headers),
-                dict(provider.resource.attributes),
-                [(SCOPE, __version__)],
+                dict(resource.attributes),
+                scopes,
                 gzip=target.gzip,
                 timeout=target.timeout,
-                max_queue_size=_number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
-                max_export_batch_size=_number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
-                schedule_delay=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
-                attribute_value_length_limit=limits.max_attribute_length,
+                max_queue_size=_number(env, f"{prefix}_MAX_QUEUE_SIZE", 2048),
+                max_export_batch_size=_number(env, f"{prefix}_MAX_EXPORT_BATCH_SIZE", 512),
+                schedule_delay=_number(env, f"{prefix}_SCHEDULE_DELAY", 5000 if signal == "traces" else 1000)
+                / 1000,
+                attribute_value_length_limit=length,
             )
-            _EXPORTERS.clear()  # a parent's exporter, inherited through fork, is not ours
-            _EXPORTERS[pid] = exporter
+            for stale in [k for k in _EXPORTERS if k[0] != key[0]]:
+                del _EXPORTERS[stale]  # a parent's, inherited through fork, is not ours
+            _EXPORTERS[key] = exporter
     return exporter
 
 
 def flush(timeout: float) -> bool:
-    exporter = _EXPORTERS.get(os.getpid())
-    return True if exporter is None else bool(exporter.force_flush(timeout))
+    """Export what the core has queued in this process, within ``timeout`` seconds."""
+    pid = os.getpid()
+    exporters = [e for (p, _), e in list(_EXPORTERS.items()) if p == pid]
+    return all([bool(e.force_flush(timeout)) for e in exporters])
 
 
 def shutdown(timeout: float) -> bool:
-    """Export what is queued within ``timeout`` seconds and stop (a later span starts anew)."""
+    """Export what is queued within ``timeout`` seconds and stop (a later record starts anew)."""
+    pid = os.getpid()
     with _LOCK:
-        exporter = _EXPORTERS.pop(os.getpid(), None)
-    return True if exporter is None else bool(exporter.shutdown(timeout))
+        exporters = [_EXPORTERS.pop(k) for k in [k for k in _EXPORTERS if k[0] == pid]]
+    deadline = time.monotonic() + timeout
+    return all([bool(e.shutdown(max(0.0, deadline - time.monotonic()))) for e in exporters])
 
 
-def stats() -> dict[str, Any] | None:
-    """The core's export counters in this process (accepted, exported, dropped...), if it runs."""
-    exporter = _EXPORTERS.get(os.getpid())
-    return None if exporter is None else dict(exporter.stats())
+def stats() -> dict[str, dict[str, Any]]:
+    """The core's export counters in this process, per signal (accepted, exported, dropped...)."""
+    pid = os.getpid()
+    return {signal: dict(e.stats()) for (p, signal), e in list(_EXPORTERS.items()) if p == pid}
 
 
 class CoreSpan(trace.Span):
@@ -463,7 +489,7 @@ class Spans:
         if not _watch(provider):
             return  # the app added a processor of its own: it must see our spans
         self.limits = sdk_trace.SpanLimits()
-        self.exporter = _exporter(provider)
+        self.exporter = _exporter("traces", provider.resource, [(SCOPE, __version__)])
         self._native = provider
 
     def _start_native(
@@ -474,8 +500,8 @@ class Spans:
         kind: SpanKind,
         attributes: dict[str, Any] | None,
     ) -> trace.Span:
-        if os.getpid() not in _EXPORTERS:  # a forked worker, or after shutdown: its own exporter
-            self.exporter = _exporter(provider)
+        if (os.getpid(), "traces") not in _EXPORTERS:  # a forked worker, or after shutdown
+            self.exporter = _exporter("traces", provider.resource, [(SCOPE, __version__)])
         # Tracer.start_span, through the provider's public parts.
         parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
         ids = provider.id_generator
@@ -520,3 +546,85 @@ def _watch(provider: sdk_trace.TracerProvider) -> bool:
 
         provider.add_span_processor = add_span_processor  # type: ignore[method-assign]
     return _WATCHED[key]
+
+
+# Logger providers whose processors are known, as for tracer providers above.
+_WATCHED_LOGS: dict[int, bool] = {}
+
+
+def _watch_logs(provider: LoggerProvider) -> None:
+    key = id(provider)
+    if key in _WATCHED_LOGS:
+        return
+    _WATCHED_LOGS[key] = True
+    add = provider.add_log_record_processor
+
+    def add_log_record_processor(log_record_processor: LogRecordProcessor) -> None:
+        add(log_record_processor)
+        _WATCHED_LOGS[key] = False
+
+    provider.add_log_record_processor = add_log_record_processor  # type: ignore[method-assign]
+
+
+class LogSink:
+    """Records from ``logging`` (request lines included) straight into the core, on the
+    native path: one call per record, no SDK ``LogRecord``. The records the app emits
+    through the OpenTelemetry Logs API stay the SDK's, exported by its own processor.
+
+    Made by set-up for the provider it built; once the app adds a processor of its own
+    to that provider, :attr:`active` turns False and records go through the SDK's logger,
+    so that the processor sees them.
+    """
+
+    def __init__(self, provider: LoggerProvider) -> None:
+        self.provider = provider
+        self._limits = LogRecordLimits()
+        self._exporter: OtlpExporter | None = None
+        self._scopes: dict[str, int | None] = {}  # logger name -> the exporter's scope index
+        _watch_logs(provider)
+
+    @property
+    def active(self) -> bool:
+        return _WATCHED_LOGS.get(id(self.provider), False)
+
+    def record(
+        self,
+        name: str,
+        timestamp: int,
+        observed: int,
+        severity_number: int,
+        severity_text: str,
+        body: object,
+        attributes: dict[str, Any],
+        span: SpanContext | None,
+    ) -> bool:
+        """Queue one record in the core; False when the SDK must take it instead (more
+        attributes than its count limit, or more distinct logger names than the core names)."""
+        limit = self._limits.max_log_record_attributes
+        if limit is not None and len(attributes) > limit:
+            return False
+        exporter = _EXPORTERS.get((os.getpid(), "logs"))
+        if exporter is None or exporter is not self._exporter:  # first use, a fork, a shutdown
+            exporter = self._exporter = _exporter("logs", self.provider.resource, [])
+            self._scopes = {}
+        index = self._scopes.get(name, -1)
+        if index == -1:
+            index = self._scopes[name] = exporter.scope(name, "")
+        if index is None:
+            return False
+        if span is not None and span.is_valid:
+            exporter.record_log(
+                index,
+                timestamp,
+                observed,
+                severity_number,
+                severity_text,
+                body,
+                attributes,
+                span.trace_id,
+                span.span_id,
+                int(span.trace_flags),
+            )
+        else:
+            exporter.record_log(index, timestamp, observed, severity_number, severity_text, body, attributes)
+        return True

@@ -30,13 +30,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry._logs import Logger as OtelLogger
 from opentelemetry._logs import LoggerProvider, SeverityNumber
-from opentelemetry.sdk._logs import Logger as SdkLogger
-from opentelemetry.sdk._logs._internal._logger_metrics import NoOpLoggerMetrics
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from ._asgi import RequestInfo, RequestObserver
-from ._otlp import OtlpHttpLogProcessor, encode_log_record, encode_request_record
+from ._core import LogSink
 from ._redact import redact
 from ._settings import Settings
 
@@ -455,58 +451,56 @@ def _attribute(value: object) -> Any:
 
 
 class OtlpHandler(logging.Handler):
-    """Emits every ``logging`` record as an OpenTelemetry log record, once."""
+    """Emits every ``logging`` record as an OpenTelemetry log record, once.
+
+    On the native path (a ``sink``, see ``_core.LogSink``) each record goes straight into
+    the compiled core; otherwise, or once the app added a log processor of its own, through
+    the SDK's logger, as the reference path does.
+    """
 
     def __init__(
-        self, provider: LoggerProvider, level: int = logging.NOTSET, sink: OtlpHttpLogProcessor | None = None
+        self, provider: LoggerProvider, level: int = logging.NOTSET, sink: LogSink | None = None
     ) -> None:
         super().__init__(level)
         self._provider = provider
         self._loggers: dict[str, OtelLogger] = {}
-        # Request lines skip the SDK's LogRecord objects when the provider's only processor
-        # is our OTLP/HTTP one (the sink); everything else goes through the provider.
         self._sink = sink
-        self._resource: Resource | None = getattr(provider, "resource", None)
-        self._scope = InstrumentationScope(_REQUESTS_LOGGER)
-        self._prefixes: dict[str, bytes] = {}  # per logger name, for records encoded directly
-        # Request lines' (resource, scope), named once: each line is then queued as plain bytes.
-        self._prefix = (
-            sink.groups.prefix(self._resource, self._scope)
-            if sink is not None and self._resource is not None
-            else None
-        )
 
     @property
     def direct(self) -> bool:
-        """Whether request lines go straight to the sink (:meth:`emit_request`)."""
-        return self._sink is not None and self._resource is not None
+        """Whether records go straight to the core (:meth:`emit_request` among them)."""
+        return self._sink is not None and self._sink.active
 
     def emit_request(self, request: _RequestLine) -> None:
-        """A request line as an OTLP log record, encoded into the sink's queue."""
+        """A request line as an OTLP log record, straight into the core."""
         number, text = _SEVERITY[request.level]
         try:
-            prefix = self._prefix
-            data = encode_request_record(
-                prefix or b"",
-                int(request.created * 1e9),
+            stamp = int(request.created * 1e9)
+            if not self._sink.record(  # type: ignore[union-attr]  # direct: the sink is there
+                _REQUESTS_LOGGER,
+                stamp,
+                stamp,
                 number.value,
                 text,
                 request.message,
-                request.method,
-                request.path,
-                request.route,
-                request.status,
-                request.duration_ms,
+                request.fields,
                 request.span,
-            )
-            self._sink.emit_encoded(  # type: ignore[union-attr]  # direct: the sink is there
-                self._resource,  # type: ignore[arg-type]
-                self._scope,
-                data,
-                named=prefix is not None,
-            )
+            ):
+                self._emit(
+                    self._logger(_REQUESTS_LOGGER),
+                    _RequestRecord(request.level, request.message, request.fields, request.span),
+                    number,
+                    text,
+                    dict(request.fields),
+                )
         except Exception:  # a log line must never raise into the app
             self.handleError(_RequestRecord(request.level, request.message, request.fields, request.span))
+
+    def _logger(self, name: str) -> OtelLogger:
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers.setdefault(name, self._provider.get_logger(name))
+        return logger
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_OWN_LOGGERS):
@@ -515,12 +509,9 @@ class OtlpHandler(logging.Handler):
             if type(record) is _RequestRecord and self.direct:
                 self.emit_request(_RequestLine.of(record))
                 return
-            logger = self._loggers.get(record.name)
-            if logger is None:
-                logger = self._loggers.setdefault(record.name, self._provider.get_logger(record.name))
             number, text = _SEVERITY.get(record.levelno, (SeverityNumber.UNSPECIFIED, record.levelname))
             if type(record) is _RequestRecord:  # scalars under fixed keys, no code location
-                self._emit(logger, record, number, text, dict(record.cfk_context))
+                self._emit(self._logger(record.name), record, number, text, dict(record.cfk_context))
                 return
             attributes = {str(k): _attribute(v) for k, v in _redacted_context(record).items()}
             if record.name != _REQUESTS_LOGGER:  # a request line's code location says nothing
@@ -532,47 +523,23 @@ class OtlpHandler(logging.Handler):
                 attributes["exception.type"] = error["type"]
                 attributes["exception.message"] = error["message"]
                 attributes["exception.stacktrace"] = error["stack"]
-            self._emit(
-                logger, record, number, text, attributes, self._direct_prefix(logger, record.name, attributes)
-            )
+            if self.direct:
+                explicit = getattr(record, "cfk_span", None)
+                span = explicit if explicit is not None else trace.get_current_span().get_span_context()
+                if self._sink.record(  # type: ignore[union-attr]  # direct: the sink is there
+                    record.name,
+                    int(record.created * 1e9),
+                    time.time_ns(),
+                    number.value,
+                    text,
+                    _message(record),
+                    attributes,
+                    span,
+                ):
+                    return
+            self._emit(self._logger(record.name), record, number, text, attributes)
         except Exception:  # a log line must never raise into the app
             self.handleError(record)
-
-    def _direct_prefix(self, logger: OtelLogger, name: str, attributes: dict[str, Any]) -> bytes | None:
-        """The queue prefix for encoding this record straight to OTLP bytes, or None when
-        the SDK must build it.
-
-        Direct only where the SDK would add nothing: its logger is enabled, our OTLP/HTTP
-        processor is its only one, its self-metrics are off, and the attributes are within
-        the record limits untouched (no length limit, no more than the count limit, no
-        empty key). The SDK's ``Logger`` and processor tuple are private (SDK 1.45, pinned);
-        tests/test_logs.py compares both routes' records.
-        """
-        sink = self._sink
-        if sink is None or type(logger) is not SdkLogger:
-            return None
-        processors = logger._multi_log_record_processor._log_record_processors
-        limits = logger._log_record_limits
-        if not (
-            len(processors) == 1
-            and processors[0] is sink
-            and logger._is_enabled()
-            and type(logger._logger_metrics) is NoOpLoggerMetrics
-            and limits.max_log_record_attribute_length is None
-            and (
-                limits.max_log_record_attributes is None
-                or len(attributes) <= limits.max_log_record_attributes
-            )
-            and "" not in attributes
-        ):
-            return None
-        prefix = self._prefixes.get(name)
-        if prefix is None:
-            named = sink.groups.prefix(logger.resource, logger._instrumentation_scope)
-            if named is None:
-                return None
-            prefix = self._prefixes[name] = named
-        return prefix
 
     def _emit(
         self,
@@ -581,30 +548,9 @@ class OtlpHandler(logging.Handler):
         number: SeverityNumber,
         text: str,
         attributes: dict[str, Any],
-        prefix: bytes | None = None,
     ) -> None:
-        """One record: built by the SDK's ``logger``, or with a ``prefix`` (see
-        :meth:`_direct_prefix`) the same record encoded here and queued."""
+        """One record, built by the SDK's ``logger``."""
         explicit = getattr(record, "cfk_span", None)
-        if prefix is not None:
-            span = explicit if explicit is not None else trace.get_current_span().get_span_context()
-            data = encode_log_record(
-                timestamp=int(record.created * 1e9),
-                observed_timestamp=time.time_ns(),
-                severity_number=number.value,
-                severity_text=text,
-                body=_message(record),
-                attributes=attributes,
-                trace_flags=int(span.trace_flags),
-                trace_id=span.trace_id,
-                span_id=span.span_id,
-                prefix=prefix,
-            )
-            sdk_logger: SdkLogger = logger  # type: ignore[assignment]  # a prefix only for one
-            self._sink.emit_encoded(  # type: ignore[union-attr]  # nor without the sink
-                sdk_logger.resource, sdk_logger._instrumentation_scope, data, named=True
-            )
-            return
         ctx = trace.set_span_in_context(trace.NonRecordingSpan(explicit)) if explicit is not None else None
         logger.emit(
             timestamp=int(record.created * 1e9),
@@ -660,7 +606,7 @@ def notice(settings: Settings, message: str) -> None:
 
 
 def configure_logging(
-    settings: Settings, provider: LoggerProvider | None, sink: OtlpHttpLogProcessor | None = None
+    settings: Settings, provider: LoggerProvider | None, sink: LogSink | None = None
 ) -> None:
     """Own the root logger: our handlers only, at ``LOG_LEVEL``. Safe to call again.
 

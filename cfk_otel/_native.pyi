@@ -21,6 +21,7 @@ class OtlpExporter:
         max_retry_elapsed: float = 300.0,
         attribute_value_length_limit: int | None = None,
     ) -> None: ...
+    def scope(self, name: str, version: str) -> int | None: ...
     def record_span(
         self,
         scope: int,

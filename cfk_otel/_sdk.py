@@ -25,10 +25,11 @@ from opentelemetry.environment_variables import (
     OTEL_METRICS_EXPORTER,
     OTEL_TRACES_EXPORTER,
 )
+from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from prometheus_client import CollectorRegistry
 
-from . import _core, _errors, _metrics, _otlp, _settings, _uncaught
+from . import _core, _errors, _metrics, _settings, _uncaught
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -45,9 +46,8 @@ class _State:
     distro_selected: bool = False
     configurator_selected: bool = False
     scrape: Scrape | None = None
-    # The provider's one log processor when it is our OTLP/HTTP one: request lines go
-    # to it directly (see _otlp.OtlpHttpLogProcessor).
-    log_sink: _otlp.OtlpHttpLogProcessor | None = None
+    # On the native path, where logging's records (request lines included) go: the core.
+    log_sink: _core.LogSink | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -164,16 +164,10 @@ def _started_without_exporters() -> None:
 
 def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     resource_attributes = build_attributes(current)
-    # Our OTLP log encoder under the SDK's batch processor (the exporter stays the SDK's own).
-    # Spans need nothing here: the app's are the SDK's, exported by its own processor, and
-    # ours go to the core (or the SDK's tracer) through _core.
-    log_processors: list[object] = []
-
-    def log_processor(exporter: Any) -> Any:
-        log_processors.append(_otlp.log_processor(exporter))
-        return log_processors[-1]
-
-    extra: dict[str, Any] = {"export_log_record_processor": log_processor}
+    # The SDK's providers, processors and exporters as they come: what the app records
+    # through the OpenTelemetry API goes through them. Ours (our spans, logging's records)
+    # go to the compiled core on the native path (_core), or through the same SDK.
+    extra: dict[str, Any] = {}
     registry = None
     if current.metrics_enabled:
         registry = CollectorRegistry(auto_describe=True)
@@ -184,13 +178,16 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     _metrics.attach(metrics.get_meter_provider())  # our metrics, into its readers' collections
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
-    if len(log_processors) == 1 and isinstance(log_processors[0], _otlp.OtlpHttpLogProcessor):
-        STATE.log_sink = log_processors[0]
     choice = _core.select(current)
     _core.activate(choice, trace.get_tracer_provider())
+    logs = _core.select_logs(current)
+    logger_provider = _logs.get_logger_provider()
+    if logs.native and isinstance(logger_provider, LoggerProvider):
+        STATE.log_sink = _core.LogSink(logger_provider)
     STATE.started = True
     apply_logging()
-    notice(current, f"cfk_otel: request path: {choice.describe()}")
+    paths = f"{choice.describe()} for spans, {logs.describe()} for log records"
+    notice(current, f"cfk_otel: request path: {paths}")
     # atexit runs last-registered first, so this bounded shutdown runs before the SDK's own
     # unbounded per-provider handlers, which then find nothing left to do.
     atexit.register(shutdown)
@@ -228,7 +225,7 @@ def shutdown(timeout: float | None = None) -> bool:
         call(metrics.get_meter_provider(), millis),
         call(_logs.get_logger_provider()),
         lambda: _errors.close(budget),  # Sentry's queue, within the same bound
-        lambda: _core.shutdown(max(0.0, deadline - time.monotonic())),  # the core's spans
+        lambda: _core.shutdown(max(0.0, deadline - time.monotonic())),  # the core's spans and logs
     ]
     # Providers shut down in parallel daemon threads: a collector that is down costs the
     # budget once, not once per signal, and an exporter stuck in a retry cannot hold the

@@ -7,6 +7,7 @@ path, and what arrives over OTLP must be the same but for ids and times.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cfk_otel import _core, _settings
-from cfk_otel.testing import OtlpReceiver, ReceivedSpan
+from cfk_otel.testing import OtlpReceiver, ReceivedLog, ReceivedSpan
 from tests.conftest import Services, free_port, launch, uvicorn_command
 
 INCOMING_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -132,7 +133,34 @@ def _shape(spans: list[ReceivedSpan]) -> list[tuple[Any, ...]]:
     return sorted(shaped, key=repr)
 
 
-def _run(tmp_path: Path, services: Services, native: str) -> tuple[list[ReceivedSpan], str]:
+def _log_shape(logs: list[ReceivedLog], spans: list[ReceivedSpan]) -> list[tuple[Any, ...]]:
+    """Each log record as what must not differ between the two paths; its span by name."""
+    by_id = {s.span_id: s.name for s in spans}
+    return sorted(
+        (
+            log.scope,
+            re.sub(r"[\d.]+ms$", "", str(log.body)),  # a request line's duration
+            log.record.severity_number,
+            log.record.severity_text,
+            log.record.flags,
+            by_id.get(log.record.span_id.hex()),
+            log.record.trace_id.hex() == INCOMING_TRACE,
+            tuple(
+                sorted((k, repr(v)) for k, v in log.attributes.items() if k not in VOLATILE | {"duration_ms"})
+            ),
+            log.record.time_unix_nano > 0,
+            log.record.observed_time_unix_nano > 0,
+            log.record.dropped_attributes_count,
+        )
+        for log in logs
+        # uvicorn's own lines name the process and port: only its error report is compared.
+        if log.scope != "uvicorn.error" or log.body == "Exception in ASGI application"
+    )
+
+
+def _run(
+    tmp_path: Path, services: Services, native: str
+) -> tuple[list[ReceivedSpan], list[ReceivedLog], str]:
     with OtlpReceiver() as receiver:
         port = free_port()
         env = {
@@ -142,7 +170,6 @@ def _run(tmp_path: Path, services: Services, native: str) -> tuple[list[Received
             "DATABASE_URL": services.database_url,
             "REDIS_URL": services.redis_url,
             "OTEL_METRICS_EXPORTER": "none",
-            "OTEL_LOGS_EXPORTER": "none",
         }
         app = launch(tmp_path, uvicorn_command("core_app:app", port), env, port)
         try:
@@ -161,17 +188,29 @@ def _run(tmp_path: Path, services: Services, native: str) -> tuple[list[Received
                     and any(s.name == "own work" for s in receiver.spans)
                 )
             )
+            # Six request lines and the app's warning.
+            assert receiver.wait_for(
+                lambda: (
+                    sum(log.scope == "cfk_otel.requests" for log in receiver.logs) == 6
+                    and any(log.scope == "tests.core_app" for log in receiver.logs)
+                )
+            )
         finally:
             app.terminate()
-        return list(receiver.spans), app.output()
+        return list(receiver.spans), list(receiver.logs), app.output()
 
 
 def test_both_paths_export_the_same_spans(tmp_path: Path, services: Services) -> None:
-    native, native_out = _run(tmp_path, services, "true")
-    sdk, sdk_out = _run(tmp_path, services, "false")
-    assert "request path: native core" in native_out
-    assert "request path: OpenTelemetry SDK (CFK_OTEL_NATIVE=false)" in sdk_out
+    native, native_logs, native_out = _run(tmp_path, services, "true")
+    sdk, sdk_logs, sdk_out = _run(tmp_path, services, "false")
+    assert "request path: native core for spans, native core for log records" in native_out
+    assert "request path: OpenTelemetry SDK (CFK_OTEL_NATIVE=false) for spans" in sdk_out
     assert _shape(native) == _shape(sdk)
+    assert _log_shape(native_logs, native) == _log_shape(sdk_logs, sdk)
+    warning = next(log for log in native_logs if log.scope == "tests.core_app")
+    assert warning.body == "work done for board 7"
+    assert warning.attributes["items"] == 3
+    assert warning.record.trace_id.hex() == INCOMING_TRACE
     for spans in (native, sdk):
         assert {s.scope for s in spans} == {"cfk_otel", "tests.core_app"}
         resources = [{k: v for k, v in s.resource.items() if k not in VOLATILE} for s in spans]

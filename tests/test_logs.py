@@ -443,13 +443,37 @@ def _record(message: str, **extra: Any) -> logging.LogRecord:
     return record
 
 
-def test_app_records_encoded_directly_equal_the_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from opentelemetry import trace
+def _sink_provider(receiver: Any, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> tuple[Any, Any]:
+    """A logger provider as set-up builds it (the SDK's processor for the Logs API) and the
+    core's sink for logging's records, both sending to ``receiver``."""
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-    from opentelemetry.sdk._logs import LoggerProvider, LogRecordProcessor
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    from cfk_otel import _core
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.http_endpoint)
+    _core.shutdown(1.0)
+    provider = LoggerProvider(**kwargs)
+    provider.add_log_record_processor(
+        BatchLogRecordProcessor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
+    )
+    return provider, _core.LogSink(provider)
+
+
+def _flush(provider: Any) -> None:
+    from cfk_otel import _core
+
+    provider.force_flush()
+    assert _core.flush(5.0)
+
+
+def test_app_records_sent_by_the_core_equal_the_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk._logs import LogRecordProcessor
     from opentelemetry.sdk.resources import Resource
 
-    from cfk_otel import _logs, _otlp
+    from cfk_otel import _core
     from cfk_otel._logs import OtlpHandler
     from cfk_otel.testing import OtlpReceiver
 
@@ -459,15 +483,16 @@ def test_app_records_encoded_directly_equal_the_sdks(monkeypatch: pytest.MonkeyP
         _record("explicit span", cfk_span=span),
     ]
     with OtlpReceiver() as receiver:
-        provider = LoggerProvider(resource=Resource.create({"service.name": "cf-kanban"}))
-        sink = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
-        assert isinstance(sink, _otlp.OtlpHttpLogProcessor)
-        provider.add_log_record_processor(sink)
+        provider, sink = _sink_provider(
+            receiver, monkeypatch, resource=Resource.create({"service.name": "cf-kanban"})
+        )
         direct, via_sdk = OtlpHandler(provider, sink=sink), OtlpHandler(provider)
         taken: list[str] = []
-        encode = _logs.encode_log_record
-        # The direct route is the one that encodes in _logs (the SDK's goes through the sink).
-        monkeypatch.setattr(_logs, "encode_log_record", lambda **k: taken.append(k["body"]) or encode(**k))
+        original = _core.LogSink.record
+        # The direct route is the one that goes through the sink (the SDK's through its logger).
+        monkeypatch.setattr(
+            _core.LogSink, "record", lambda self, *a: taken.append(a[5]) or original(self, *a)
+        )
         with trace.use_span(trace.NonRecordingSpan(SpanContext(0x123, 0x456, False, TraceFlags(1)))):
             for record in records:
                 direct.handle(record)
@@ -489,7 +514,7 @@ def test_app_records_encoded_directly_equal_the_sdks(monkeypatch: pytest.MonkeyP
         direct.handle(_record("a second processor"))  # seen by it: the SDK's route again
         assert Counting.seen == 1
         assert taken == ["plain", "explicit span"]
-        provider.force_flush()
+        _flush(provider)
         assert receiver.wait_for(lambda: len(receiver.logs) == 5)
 
         def comparable(body: str) -> list[tuple[Any, ...]]:
@@ -519,29 +544,35 @@ def test_app_records_encoded_directly_equal_the_sdks(monkeypatch: pytest.MonkeyP
         assert plain[6].hex() == f"{0x123:032x}"  # the active span
         assert comparable("explicit span")[0][6].hex() == f"{0xABC:032x}"
         provider.shutdown()
+        _core.shutdown(1.0)
 
 
 def test_app_records_beyond_the_attribute_limit_go_through_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
-    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-    from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits
+    from opentelemetry.sdk._logs import LogRecordLimits
 
-    from cfk_otel import _logs, _otlp
+    from cfk_otel import _core
     from cfk_otel._logs import OtlpHandler
     from cfk_otel.testing import OtlpReceiver
 
+    monkeypatch.setenv("OTEL_LOGRECORD_ATTRIBUTE_COUNT_LIMIT", "3")  # the core reads it, as set-up does
     with OtlpReceiver() as receiver:
-        provider = LoggerProvider(log_record_limits=LogRecordLimits(max_attributes=3))
-        sink = _otlp.log_processor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
-        provider.add_log_record_processor(sink)
-        monkeypatch.setattr(_logs, "encode_log_record", lambda **k: pytest.fail("encoded directly"))
+        provider, sink = _sink_provider(
+            receiver, monkeypatch, log_record_limits=LogRecordLimits(max_attributes=3)
+        )
         with warnings.catch_warnings():  # the SDK warns that it dropped some
             warnings.simplefilter("ignore")
             OtlpHandler(provider, sink=sink).handle(_record("many", a=1, b=2, c=3, d=4))
-        provider.force_flush()
+        _flush(provider)
+        assert "logs" not in _core.stats()  # refused by the core, which made no exporter: the SDK took it
+        assert sink.record("x", 1, 1, 9, "INFO", "b", {"a": 1, "b": 2, "c": 3, "d": 4}, None) is False
+        assert sink.record("x", 1, 1, 9, "INFO", "b", {"a": 1, "b": 2, "c": 3}, None) is True
         assert receiver.wait_for(lambda: len(receiver.logs) == 1)
         assert len(receiver.logs[0].attributes) == 3
         assert receiver.logs[0].record.dropped_attributes_count > 0
+        assert _core.flush(5.0)
+        assert receiver.wait_for(lambda: len(receiver.logs) == 2)  # the one within the limit, by the core
         provider.shutdown()
+        _core.shutdown(1.0)
 
 
 # --- issue 19: every call shape of the document's "Usage" section ---------------------------

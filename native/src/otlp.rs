@@ -6,6 +6,7 @@ use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::export::{Config, Exporter, Weighed};
@@ -132,9 +133,13 @@ fn seconds(value: f64) -> Duration {
 pub struct OtlpExporter {
     exporter: Exporter<Item>,
     signal: Signal,
-    scopes: usize,
+    // Shared with the export thread's encoder; only ever appended to (see `scope`).
+    scopes: Arc<Mutex<Vec<InstrumentationScope>>>,
     limit: Option<usize>,
 }
+
+/// Scopes an exporter names at most: a log record's scope is its `logging` logger's name.
+const MAX_SCOPES: usize = 256;
 
 impl OtlpExporter {
     fn check(&self, signal: Signal, scope: usize) -> PyResult<()> {
@@ -144,7 +149,7 @@ impl OtlpExporter {
                 self.signal
             )));
         }
-        if scope >= self.scopes {
+        if scope >= self.scopes.lock().map_or(0, |scopes| scopes.len()) {
             return Err(PyIndexError::new_err("no such scope"));
         }
         Ok(())
@@ -208,14 +213,37 @@ impl OtlpExporter {
                 ..Default::default()
             })
             .collect();
-        let count = scopes.len();
-        let encoder = move |batch| encode(signal, &resource, &scopes, batch);
+        let scopes = Arc::new(Mutex::new(scopes));
+        let shared = Arc::clone(&scopes);
+        let encoder = move |batch| {
+            // A snapshot: scopes added while this batch is encoded are not in it, nor used by it.
+            let scopes = shared.lock().map(|s| s.clone()).unwrap_or_default();
+            encode(signal, &resource, &scopes, batch)
+        };
         Ok(Self {
             exporter: Exporter::start(config, Box::new(encoder))?,
             signal,
-            scopes: count,
+            scopes,
             limit: attribute_value_length_limit,
         })
+    }
+
+    /// The index of the scope named `name` and `version`, added when new; None once
+    /// `MAX_SCOPES` are named (the caller then records through the SDK).
+    fn scope(&self, name: String, version: String) -> Option<usize> {
+        let mut scopes = self.scopes.lock().ok()?;
+        if let Some(index) = scopes.iter().position(|s| s.name == name && s.version == version) {
+            return Some(index);
+        }
+        if scopes.len() >= MAX_SCOPES {
+            return None;
+        }
+        scopes.push(InstrumentationScope {
+            name,
+            version,
+            ..Default::default()
+        });
+        Some(scopes.len() - 1)
     }
 
     /// Queues one finished span. `events` is a list of `(name, time_unix_nano, attributes)`.

@@ -3,6 +3,7 @@ must keep on both of its implementations (tests/test_core.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from opentelemetry import trace
@@ -11,6 +12,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 tracer = trace.get_tracer("tests.core_app")
+log = logging.getLogger("tests.core_app")
 
 
 async def hello(request):
@@ -37,6 +39,7 @@ async def work(request):
         cached = await client.get("cfk:core")
     finally:
         await client.aclose()
+    log.warning("work done for board %s", request.path_params["board_id"], extra={"items": 3, "tags": ["a"]})
     return JSONResponse({"db": value, "redis": int(cached)})
 
 
