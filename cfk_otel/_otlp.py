@@ -20,6 +20,7 @@ files (field numbers noted beside each tag below).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -50,7 +51,43 @@ _double = struct.Struct("<d").pack
 _HAS_IS_REMOTE: Final = 0x100
 _IS_REMOTE: Final = 0x200
 _CACHE_LIMIT: Final = 4096  # entries per cache; a full cache is emptied, never grown
+# Values the string cache never keeps: one per request (paths, queries, user agents),
+# they would only push out the values that repeat, and 4096 8 KB paths are 64 MiB.
+_UNCACHED_KEYS: Final = frozenset({"url.path", "path", "url.query", "url.full", "user_agent.original"})
+_CACHED_LENGTH: Final = 256  # nor any longer text: what repeats is short
+_NO_LIMIT: Final = 1 << 62
+TRUNCATED: Final = "…[truncated {} chars]"
+# A log record's ceiling in encoded bytes: far below what log backends take (Loki and
+# CloudWatch Logs 256 KB, Datadog 1 MB), far above an ordinary record (a few hundred).
+RECORD_MAX_BYTES: Final = 64 << 10
 _NO_RESOURCE: Final = Resource.create({})
+
+
+def cut(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, with a marker saying how many went.
+
+    >>> cut("abcdef", 3)
+    'abc…[truncated 3 chars]'
+    """
+    if len(value) <= limit:
+        return value
+    return value[:limit] + TRUNCATED.format(len(value) - limit)
+
+
+class _Limits:
+    """Text attribute values are cut at these lengths (``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``,
+    ``OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT``); set by :func:`set_value_limits`."""
+
+    span = 8192
+    log = 8192
+    cached = _CACHED_LENGTH  # the longest value the cache keeps: never one that is cut
+
+
+def set_value_limits(span: int, log: int) -> None:
+    """Set once by the SDK set-up from the settings (tests set and restore it)."""
+    _Limits.span, _Limits.log = span, log
+    _Limits.cached = min(_CACHED_LENGTH, span, log)
+    _strings.clear()
 
 
 def _varint(n: int) -> bytes:
@@ -89,10 +126,13 @@ def _key(key: str) -> bytes:
     return encoded
 
 
-def _any(value: object) -> bytes:
-    """The AnyValue message's payload for an attribute value or log body."""
+def _any(value: object, limit: int = _NO_LIMIT) -> bytes:
+    """The AnyValue message's payload for an attribute value or log body, its text cut
+    at ``limit`` characters."""
     kind = type(value)
     if kind is str:
+        if len(value) > limit:  # type: ignore[arg-type]
+            value = cut(value, limit)  # type: ignore[arg-type]
         return b"\x0a" + _text(value)  # type: ignore[arg-type]  # string_value = 1
     if kind is bool:
         return b"\x10\x01" if value else b"\x10\x00"  # bool_value = 2
@@ -100,22 +140,22 @@ def _any(value: object) -> bytes:
         return b"\x18" + _int64(value)  # type: ignore[arg-type]  # int_value = 3
     if kind is float:
         return b"\x21" + _double(value)  # double_value = 4
-    return _any_other(value)
+    return _any_other(value, limit)
 
 
-def _any_other(value: object) -> bytes:
+def _any_other(value: object, limit: int) -> bytes:
     # None, subclasses (enums, str-based constants...) and containers.
     if value is None:
         return b""
     for base in (bool, str, int, float):  # bool before int: it is one
         if isinstance(value, base):
-            return _any(base(value))
+            return _any(base(value), limit)
     if isinstance(value, bytes | bytearray):
         return b"\x3a" + _message(bytes(value))  # bytes_value = 7
     if isinstance(value, Sequence):  # array_value = 5 (ArrayValue.values = 1)
-        return b"\x2a" + _message(b"".join(b"\x0a" + _message(_any(item)) for item in value))
+        return b"\x2a" + _message(b"".join(b"\x0a" + _message(_any(item, limit)) for item in value))
     if isinstance(value, Mapping):  # kvlist_value = 6 (KeyValueList.values = 1)
-        return b"\x32" + _message(b"".join(b"\x0a" + _key_value(str(k), v) for k, v in value.items()))
+        return b"\x32" + _message(b"".join(b"\x0a" + _key_value(str(k), v, limit) for k, v in value.items()))
     raise TypeError(f"cannot encode a {type(value).__name__} as an OTLP value")
 
 
@@ -125,21 +165,38 @@ def _int64(value: int) -> bytes:
     return _varint(value & _U64)
 
 
-def _key_value(key: str, value: object) -> bytes:
-    """A length-prefixed KeyValue message."""
+def _key_value(key: str, value: object, limit: int = _NO_LIMIT) -> bytes:
+    """A length-prefixed KeyValue message, its text cut at ``limit`` characters."""
     kind = type(value)
-    if kind is str or (kind is int and -1024 < value < 65536):  # type: ignore[operator]  # statuses, ports
-        cache_key = (key, value)
-        encoded = _strings.get(cache_key)
-        if encoded is None:
-            if len(_strings) >= _CACHE_LIMIT:
-                _strings.clear()
-            encoded = _strings[cache_key] = _message(_key(key) + b"\x12" + _message(_any(value)))
-        return encoded
-    return _message(_key(key) + b"\x12" + _message(_any(value)))
+    if kind is str:
+        if key in _UNCACHED_KEYS or len(value) > _Limits.cached:  # type: ignore[arg-type]
+            return _text_key_value(key, cut(value, limit))  # type: ignore[arg-type]
+    elif not (kind is int and -1024 < value < 65536):  # type: ignore[operator]  # statuses, ports
+        return _message(_key(key) + b"\x12" + _message(_any(value, limit)))
+    cache_key = (key, value)
+    encoded = _strings.get(cache_key)
+    if encoded is None:
+        if len(_strings) >= _CACHE_LIMIT:
+            _strings.clear()
+        encoded = _strings[cache_key] = _message(_key(key) + b"\x12" + _message(_any(value)))
+    return encoded
 
 
-def _attributes(tag: bytes, attributes: Mapping[str, object] | None, parts: list[bytes]) -> None:
+def _text_key_value(key: str, value: str) -> bytes:
+    """:func:`_key_value` for a text value it does not cache: the same bytes, in one
+    join for the short values that are most of them (a path, a user agent)."""
+    raw = value.encode("utf-8", "replace")
+    size = len(raw)
+    field = _keys.get(key) or _key(key)
+    total = len(field) + size + 4  # KeyValue: key = 1, value = 2 (AnyValue: string_value = 1)
+    if total < 0x80:
+        return b"".join((_SMALL[total], field, b"\x12", _SMALL[size + 2], b"\x0a", _SMALL[size], raw))
+    return _message(field + b"\x12" + _message(b"\x0a" + _varint(size) + raw))
+
+
+def _attributes(
+    tag: bytes, attributes: Mapping[str, object] | None, parts: list[bytes], limit: int = _NO_LIMIT
+) -> None:
     if not attributes:
         return
     # The SDK's BoundedAttributes keeps a plain dict; iterating it directly skips a lock
@@ -154,7 +211,7 @@ def _attributes(tag: bytes, attributes: Mapping[str, object] | None, parts: list
                 parts += (tag, encoded)
                 continue
         try:
-            encoded = _key_value(key, value)
+            encoded = _key_value(key, value, limit)
         except (TypeError, ValueError) as exc:  # dropped alone, as upstream does
             _log.warning("cfk_otel: attribute %r not exported: %s", key, exc)
             continue
@@ -317,13 +374,16 @@ def encode_span(span: ReadableSpan, prefix: bytes = b"") -> bytes:
     if span.end_time:
         parts += (b"\x41", _fixed64(span.end_time))  # end_time_unix_nano = 8
     # The span's own BoundedAttributes rather than the read-only proxy around it.
-    _attributes(b"\x4a", getattr(span, "_attributes", None) or span.attributes, parts)  # attributes = 9
+    limit = _Limits.span
+    _attributes(
+        b"\x4a", getattr(span, "_attributes", None) or span.attributes, parts, limit
+    )  # attributes = 9
     if span.dropped_attributes:
         parts += (b"\x50", _varint(span.dropped_attributes))  # = 10
     if span.events:
-        _events(span, parts)
+        _events(span, parts, limit)
     if span.links:
-        _links(span, parts)
+        _links(span, parts, limit)
     status = span.status
     status_parts = b""  # status = 15, always present (as upstream)
     if status.description:
@@ -334,12 +394,12 @@ def encode_span(span: ReadableSpan, prefix: bytes = b"") -> bytes:
     return b"".join(parts)
 
 
-def _events(span: ReadableSpan, parts: list[bytes]) -> None:
+def _events(span: ReadableSpan, parts: list[bytes], limit: int) -> None:
     for event in span.events:  # events = 11
         event_parts = [b"\x09", _fixed64(event.timestamp)]
         if event.name:
             event_parts += (b"\x12", _text(event.name))
-        _attributes(b"\x1a", event.attributes, event_parts)
+        _attributes(b"\x1a", event.attributes, event_parts, limit)
         if event.dropped_attributes:
             event_parts += (b"\x20", _varint(event.dropped_attributes))
         parts += (b"\x5a", _message(b"".join(event_parts)))
@@ -347,10 +407,10 @@ def _events(span: ReadableSpan, parts: list[bytes]) -> None:
         parts += (b"\x60", _varint(span.dropped_events))  # = 12
 
 
-def _links(span: ReadableSpan, parts: list[bytes]) -> None:
+def _links(span: ReadableSpan, parts: list[bytes], limit: int) -> None:
     for link in span.links:  # links = 13
         link_parts = _ids(link.context)
-        _attributes(b"\x22", link.attributes, link_parts)
+        _attributes(b"\x22", link.attributes, link_parts, limit)
         if link.dropped_attributes:
             link_parts += (b"\x28", _varint(link.dropped_attributes))
         link_flags = _HAS_IS_REMOTE | (_IS_REMOTE if link.context.is_remote else 0)
@@ -406,7 +466,11 @@ def encode_log_record(
     event_name: str | None = None,
     prefix: bytes = b"",
 ) -> bytes:
-    """One LogRecord message (without its length prefix), after ``prefix`` (see :class:`Groups`)."""
+    """One LogRecord message (without its length prefix), after ``prefix`` (see :class:`Groups`).
+
+    Text attribute values are cut at the log limit (see :func:`set_value_limits`), and a
+    record over :data:`RECORD_MAX_BYTES` is encoded again within it (:func:`_fitted`).
+    """
     parts: list[bytes] = [prefix]
     if timestamp:
         parts += (b"\x09", _fixed64(timestamp))  # time_unix_nano = 1
@@ -419,7 +483,7 @@ def encode_log_record(
     except (TypeError, ValueError):
         encoded_body = _any(str(body))
     parts += (b"\x2a", _message(encoded_body))  # body = 5, always present (as upstream)
-    _attributes(b"\x32", attributes, parts)  # attributes = 6
+    _attributes(b"\x32", attributes, parts, _Limits.log)  # attributes = 6
     if dropped_attributes:
         parts += (b"\x38", _varint(dropped_attributes))  # = 7
     if trace_flags:
@@ -432,7 +496,55 @@ def encode_log_record(
         parts += (b"\x59", _fixed64(observed_timestamp))  # observed_time_unix_nano = 11
     if event_name:
         parts += (b"\x62", _text(event_name))  # event_name = 12
-    return b"".join(parts)
+    data = b"".join(parts)
+    if len(data) > RECORD_MAX_BYTES:
+        return _fitted(
+            body,
+            attributes,
+            dropped_attributes,
+            timestamp=timestamp,
+            observed_timestamp=observed_timestamp,
+            severity_number=severity_number,
+            severity_text=severity_text,
+            trace_flags=trace_flags,
+            trace_id=trace_id,
+            span_id=span_id,
+            event_name=event_name,
+            prefix=prefix,
+        )
+    return data
+
+
+_FITTED_BODY: Final = 8192  # characters: at most 32 KiB in UTF-8, half the ceiling
+
+
+def _fitted(
+    body: object, attributes: Mapping[str, object] | None, dropped_attributes: int, **fields: Any
+) -> bytes:
+    """A record that was over :data:`RECORD_MAX_BYTES`, encoded within it: the body cut
+    to :data:`_FITTED_BODY` characters, then the attributes in order while they fit; the
+    others are counted in ``dropped_attributes_count``, as the SDK counts those over its limit."""
+    try:
+        encoded_body = _any(body)
+    except (TypeError, ValueError):
+        body = str(body)
+        encoded_body = _any(body)
+    if len(encoded_body) > RECORD_MAX_BYTES // 2:
+        body = cut(body if type(body) is str else repr(body), _FITTED_BODY)
+        encoded_body = _any(body)
+    room = RECORD_MAX_BYTES - 1024 - len(encoded_body)  # 1 KiB: the fixed fields
+    kept: dict[str, object] = {}
+    for key, value in (attributes or {}).items():
+        try:
+            size = len(_key_value(key, value, _Limits.log)) + 2
+        except (TypeError, ValueError):
+            continue  # dropped by the encoder anyway, with its warning
+        if size <= room:
+            kept[key] = value
+            room -= size
+        else:
+            dropped_attributes += 1
+    return encode_log_record(body=body, attributes=kept, dropped_attributes=dropped_attributes, **fields)
 
 
 # A request line's attributes, in this order: method, path, route, status, duration_ms.
@@ -477,7 +589,7 @@ def encode_request_record(
         b"\x32",
         cached(("method", method)) or _key_value("method", method),
         b"\x32",
-        cached(("path", path)) or _key_value("path", path),
+        _text_key_value("path", path),  # never cached: one per request (cut by the caller)
         b"\x32",
         cached(("route", route)) or _key_value("route", route),
         b"\x32",
@@ -531,9 +643,13 @@ class OtlpHttpSpanExporter(SpanExporter):
     def __init__(self, exporter: _HttpSpanExporter) -> None:
         self._sender = _Sender(exporter)
         self.groups = Groups()
+        self.queue = _Queue("span")  # the processor's: what each batch gives back
 
     def export(self, spans: Sequence[ReadableSpan | Encoded | bytes]) -> SpanExportResult:
-        ok = self._sender.send("spans", lambda batch: encode_spans(batch, self.groups), spans)
+        try:
+            ok = self._sender.send("spans", lambda batch: encode_spans(batch, self.groups), spans)
+        finally:
+            self.queue.release(spans)
         return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
@@ -549,9 +665,13 @@ class OtlpHttpLogExporter(LogRecordExporter):
     def __init__(self, exporter: _HttpLogExporter) -> None:
         self._sender = _Sender(exporter)
         self.groups = Groups()
+        self.queue = _Queue("log record")  # the processor's: what each batch gives back
 
     def export(self, batch: Sequence[ReadableLogRecord | Encoded | bytes]) -> LogRecordExportResult:
-        ok = self._sender.send("log records", lambda items: encode_logs(items, self.groups), batch)
+        try:
+            ok = self._sender.send("log records", lambda items: encode_logs(items, self.groups), batch)
+        finally:
+            self.queue.release(batch)
         return LogRecordExportResult.SUCCESS if ok else LogRecordExportResult.FAILURE
 
     def shutdown(self) -> None:
@@ -561,8 +681,18 @@ class OtlpHttpLogExporter(LogRecordExporter):
         return True
 
 
+def _size(item: object) -> int:
+    kind = type(item)
+    return len(item) if kind is bytes else len(item.data) if kind is Encoded else 0  # type: ignore[arg-type, attr-defined]
+
+
 class _Queue:
     """Puts encoded items into an SDK batch processor's queue, turning them away when full.
+
+    Full is the SDK's count (``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BLRP_MAX_QUEUE_SIZE``) or
+    :attr:`MAX_BYTES` of encoded items, counting the batch being exported (it is still in
+    memory, and with the collector down it is retried for seconds): 2048 spans of 8 KB
+    paths and 4 KB user agents would otherwise hold 24 MiB per queue.
 
     The SDK warns for every item a full queue drops: a logging record (with its stack
     walk) per span or log line, filtered as a duplicate only after it is built. With
@@ -572,18 +702,42 @@ class _Queue:
     """
 
     WARN_EVERY: Final = 60.0  # seconds
+    # About 10,000 ordinary spans or request lines (a few hundred bytes each): for them the
+    # count bounds first; only long values reach this.
+    MAX_BYTES: Final = 4 << 20
 
-    def __init__(self, batch: Any, what: str) -> None:
-        self._batch = batch  # the SDK's BatchProcessor (private `_batch_processor`)
+    def __init__(self, what: str, max_bytes: int = MAX_BYTES) -> None:
+        self._batch: Any = None  # the SDK's BatchProcessor (private `_batch_processor`), see attach
         self._what = what
+        self.max_bytes = max_bytes
+        self.bytes = 0  # queued or being exported; changed under the lock only
+        self._lock = threading.Lock()
         self.dropped = 0
         self._warn_at = 0.0
 
+    def attach(self, batch: Any) -> None:
+        self._batch = batch
+        if hasattr(os, "register_at_fork"):  # the SDK empties its queue in a forked child
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    def release(self, items: Sequence[object]) -> None:
+        """``items`` (a batch taken from the queue) are exported or dropped: their bytes go."""
+        size = sum(map(_size, items))
+        with self._lock:
+            self.bytes = max(0, self.bytes - size)
+
     def put(self, item: Encoded | bytes) -> None:
         batch = self._batch
-        if len(batch._queue) < batch._max_queue_size:
-            batch.emit(item)
-            return
+        size = len(item) if type(item) is bytes else len(item.data)  # type: ignore[union-attr]
+        with self._lock:  # the check, the SDK's append and the count as one step
+            if len(batch._queue) < batch._max_queue_size and self.bytes + size <= self.max_bytes:
+                self.bytes += size
+                batch.emit(item)
+                return
         self.dropped += 1
         now = time.monotonic()
         if now >= self._warn_at:
@@ -617,7 +771,8 @@ class OtlpHttpSpanProcessor(_EncodedQueue, BatchSpanProcessor):
     def __init__(self, exporter: _HttpSpanExporter, *args: Any, **kwargs: Any) -> None:
         ours = OtlpHttpSpanExporter(exporter)
         super().__init__(ours, *args, **kwargs)
-        self.queue = _Queue(self._batch_processor, "span")
+        self.queue = ours.queue
+        self.queue.attach(self._batch_processor)
         self.groups = ours.groups
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -651,7 +806,8 @@ class OtlpHttpLogProcessor(_EncodedQueue, BatchLogRecordProcessor):
     def __init__(self, exporter: _HttpLogExporter, *args: Any, **kwargs: Any) -> None:
         ours = OtlpHttpLogExporter(exporter)
         super().__init__(ours, *args, **kwargs)
-        self.queue = _Queue(self._batch_processor, "log record")
+        self.queue = ours.queue
+        self.queue.attach(self._batch_processor)
         self.groups = ours.groups
 
     def on_emit(self, log_record: ReadWriteLogRecord) -> None:

@@ -164,6 +164,7 @@ def _started_without_exporters() -> None:
 
 def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     resource_attributes = build_attributes(current)
+    _otlp.set_value_limits(current.span_value_limit, current.log_value_limit)
     # Our OTLP encoder under the SDK's batch processors (the exporters stay the SDK's own).
     log_processors: list[object] = []
 

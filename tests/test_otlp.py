@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry._logs import SeverityNumber
@@ -460,4 +461,141 @@ def test_a_full_queue_drops_quietly_and_warns_once(caplog: pytest.LogCaptureFixt
         "cfk_otel: the span export queue is full (collector down or slow?); 1 dropped so far"
     ]
     assert not [r for r in sdk_records if "Queue full" in r.getMessage()]  # no record built per drop
+    processor.shutdown()
+
+
+def test_high_cardinality_and_long_values_are_never_cached(
+    finished: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, memory = finished
+    tracer = provider.get_tracer("t")
+    _otlp._strings.clear()
+    long_value = "v" * (_otlp._CACHED_LENGTH + 1)
+    for i in range(3):
+        attributes = {
+            "url.path": f"/p/{i}",
+            "user_agent.original": f"agent {i}",
+            "client.address": f"10.0.0.{i}",
+            "app.note": long_value,
+            "http.route": "/p/{id}",
+        }
+        tracer.start_span("s", attributes=attributes).end()
+    spans = memory.get_finished_spans()
+    ours = ExportTraceServiceRequest.FromString(_otlp.encode_spans(spans))
+    assert ours == upstream_spans(spans)
+    # The request line's own path goes through the same cache.
+    _otlp.encode_request_record(b"", 1, 9, "INFO", "GET /p/9", "GET", "/p/9", "/p/{id}", 200, 1.0, None)
+    assert {key for key, _ in _otlp._strings} == {"client.address", "http.route", "method", "route", "status"}
+
+
+@pytest.mark.parametrize("key", ["url.path", "k" * 120])
+@pytest.mark.parametrize("size", [0, 1, 100, 110, 117, 118, 125, 126, 127, 128, 300, 20_000])
+def test_uncached_text_values_encode_as_the_general_path(key: str, size: int) -> None:
+    for value in ("p" * size, "é" * size, "\udcff" + "p" * size):
+        general = _otlp._message(_otlp._key(key) + b"\x12" + _otlp._message(_otlp._any(value)))
+        assert _otlp._text_key_value(key, value) == general
+
+
+@pytest.fixture
+def limits() -> Iterator[None]:
+    _otlp.set_value_limits(10, 20)
+    yield
+    _otlp.set_value_limits(8192, 8192)
+
+
+def test_long_span_attribute_values_are_cut_with_a_marker(
+    finished: tuple[TracerProvider, InMemorySpanExporter], limits: None
+) -> None:
+    provider, memory = finished
+    with provider.get_tracer("t").start_as_current_span("s") as span:
+        span.set_attributes({"url.path": "/" + "p" * 30, "short": "ok", "list": ["x" * 12, "y"], "n": 7})
+        span.add_event("e", {"note": "n" * 11})
+    (decoded,) = (
+        ExportTraceServiceRequest.FromString(_otlp.encode_spans(memory.get_finished_spans()))
+        .resource_spans[0]
+        .scope_spans[0]
+        .spans
+    )
+    values = {kv.key: kv.value for kv in decoded.attributes}
+    assert values["url.path"].string_value == "/ppppppppp…[truncated 21 chars]"
+    assert values["short"].string_value == "ok"
+    assert [v.string_value for v in values["list"].array_value.values] == [
+        "xxxxxxxxxx…[truncated 2 chars]",
+        "y",
+    ]
+    assert values["n"].int_value == 7
+    assert decoded.events[0].attributes[0].value.string_value == "nnnnnnnnnn…[truncated 1 chars]"
+
+
+def _decoded_record(data: bytes) -> Any:
+    request = ExportLogsServiceRequest.FromString(_otlp.encode_logs([_otlp.Encoded(RESOURCE, None, data)]))
+    return request.resource_logs[0].scope_logs[0].log_records[0]
+
+
+def test_log_attribute_values_are_cut_at_the_log_limit(limits: None) -> None:
+    data = _otlp.encode_log_record(
+        timestamp=1,
+        observed_timestamp=2,
+        severity_number=9,
+        severity_text="INFO",
+        body="b" * 40,
+        attributes={"path": "/" + "p" * 30, "extra": "e" * 20},
+    )
+    record = _decoded_record(data)
+    values = {kv.key: kv.value.string_value for kv in record.attributes}
+    assert values == {"path": "/" + "p" * 19 + "…[truncated 11 chars]", "extra": "e" * 20}
+    assert record.body.string_value == "b" * 40  # the body is cut by its own rule (MAX_MESSAGE)
+
+
+def test_a_log_record_over_the_ceiling_is_fitted_within_it() -> None:
+    attributes = {f"k{i}": "v" * 8000 for i in range(20)}  # each within the 8192 limit
+    data = _otlp.encode_log_record(
+        timestamp=1,
+        observed_timestamp=2,
+        severity_number=9,
+        severity_text="INFO",
+        body="m" * 1_000_000,
+        attributes=attributes,
+        trace_id=5,
+        span_id=6,
+    )
+    assert len(data) <= _otlp.RECORD_MAX_BYTES
+    record = _decoded_record(data)
+    assert record.body.string_value == "m" * 8192 + f"…[truncated {1_000_000 - 8192} chars]"
+    kept = [kv.key for kv in record.attributes]
+    assert kept == [f"k{i}" for i in range(len(kept))]
+    assert 0 < len(kept) < 20
+    assert record.dropped_attributes_count == 20 - len(kept)
+    assert (record.trace_id[-1], record.span_id[-1], record.severity_text) == (5, 6, "INFO")
+    # A body that is not text: its repr, cut.
+    data = _otlp.encode_log_record(
+        timestamp=1,
+        observed_timestamp=2,
+        severity_number=9,
+        severity_text="INFO",
+        body={"big": "x" * 100_000},
+        attributes=None,
+    )
+    assert len(data) <= _otlp.RECORD_MAX_BYTES
+    assert _decoded_record(data).body.string_value.startswith("{'big': 'xxx")
+
+
+def test_a_queue_full_in_bytes_drops_and_gives_back_what_each_batch_took(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
+    processor = _otlp.span_processor(exporter, schedule_delay_millis=3_600_000)
+    assert isinstance(processor, _otlp.OtlpHttpSpanProcessor)
+    queue, batch = processor.queue, processor._batch_processor
+    queue.max_bytes = 1000
+    with batch._export_lock, caplog.at_level(logging.WARNING, logger="cfk_otel"):
+        for _ in range(10):
+            processor.emit_encoded(RESOURCE, None, b"x" * 300)
+        assert len(batch._queue) == 3  # 300, 600 and 900 bytes are within the bound
+        assert (queue.bytes, queue.dropped) == (900, 7)
+    assert "the span export queue is full" in caplog.text
+    processor.force_flush()  # the batch is exported (and fails: nothing listens): its bytes go
+    assert (len(batch._queue), queue.bytes) == (0, 0)
+    processor.emit_encoded(RESOURCE, None, b"x" * 300)
+    assert (len(batch._queue), queue.bytes) == (1, 300)
     processor.shutdown()
