@@ -897,3 +897,23 @@ def test_a_line_over_the_byte_ceiling_is_fitted_within_it(capture: Capture) -> N
     assert (many["message"], many["level"], many["service"]) == ("many", "info", "cf-kanban")
     assert failed["error"]["type"] == "ValueError"
     assert "ValueError" in failed["error"]["stack"]
+
+
+def test_the_request_lines_path_is_cut_at_the_log_limit(settings: Settings) -> None:
+    from opentelemetry.trace import INVALID_SPAN_CONTEXT
+
+    from cfk_otel._asgi import RequestInfo
+    from cfk_otel._logs import request_observer
+
+    c = Capture("cfk_otel.requests", JsonFormatter(settings))
+    try:
+        observe = request_observer(load({"OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT": "20"}))
+        assert observe is not None
+        path = "/" + "p" * 1_000_000
+        observe(RequestInfo({"path": path}, "http", "GET", "/{p}", 404, 0.01, None, INVALID_SPAN_CONTEXT))
+        (line,) = c.lines()
+    finally:
+        c.close()
+    cut = "/" + "p" * 19 + "…[truncated 999981 chars]"
+    assert line["path"] == cut
+    assert line["message"] == f"GET {cut} 404 10ms"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -599,3 +600,31 @@ def test_a_queue_full_in_bytes_drops_and_gives_back_what_each_batch_took(
     processor.emit_encoded(RESOURCE, None, b"x" * 300)
     assert (len(batch._queue), queue.bytes) == (1, 300)
     processor.shutdown()
+
+
+def test_failed_exports_free_their_request_bodies_once_they_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDK's HTTP client leaves each failed attempt in a reference cycle (exception,
+    # traceback, frame) that holds the body: freed only by a full collection.
+    freed: list[int] = []
+
+    class Body(bytes):
+        def __del__(self) -> None:
+            freed.append(len(self))
+
+    sender = _otlp._Sender(OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1))
+    # The client logs each retry with its exception, which pytest's log capture would keep
+    # (with the body, through its traceback) until the test ends.
+    monkeypatch.setattr(
+        logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter"), "disabled", True
+    )
+    monkeypatch.setattr(_otlp, "_garbage", [_otlp._GARBAGE_BYTES - 1500])
+    gc.collect()
+    gc.disable()  # no collection but ours
+    try:
+        assert not sender.send("spans", lambda batch: Body(b"x" * 1000), [])
+        assert freed == []  # 1000 bytes more: still under the threshold, left to Python
+        assert not sender.send("spans", lambda batch: Body(b"y" * 1000), [])
+        assert freed == [1000, 1000]  # over it: both bodies freed
+        assert _otlp._garbage == [0]
+    finally:
+        gc.enable()
