@@ -25,6 +25,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -747,7 +748,8 @@ class _Queue:
     def attach(self, batch: Any) -> None:
         self._batch = batch
         if hasattr(os, "register_at_fork"):  # the SDK empties its queue in a forked child
-            os.register_at_fork(after_in_child=self._forked)
+            forked = weakref.WeakMethod(self._forked)  # as the SDK: no queue kept alive by this
+            os.register_at_fork(after_in_child=lambda: (method := forked()) and method())
 
     def _forked(self) -> None:
         self._lock = threading.Lock()

@@ -628,3 +628,19 @@ def test_failed_exports_free_their_request_bodies_once_they_add_up(monkeypatch: 
         assert _otlp._garbage == [0]
     finally:
         gc.enable()
+
+
+def test_a_forked_child_starts_with_an_empty_byte_count() -> None:
+    import os
+
+    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=1)
+    processor = _otlp.span_processor(exporter, schedule_delay_millis=3_600_000)
+    assert isinstance(processor, _otlp.OtlpHttpSpanProcessor)
+    processor.emit_encoded(RESOURCE, None, b"x" * 300)
+    assert processor.queue.bytes == 300
+    pid = os.fork()
+    if pid == 0:  # the SDK empties its queue in the child; the count must follow
+        os._exit(0 if processor.queue.bytes == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    processor.shutdown()
