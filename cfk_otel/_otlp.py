@@ -207,6 +207,10 @@ def _attributes(
     strings = _strings
     for key, value in plain.items():
         kind = type(value)
+        if kind is str and key in _UNCACHED_KEYS:  # one per request: no lookup (nor hash of it)
+            text: str = value if len(value) <= limit else cut(value, limit)  # type: ignore[arg-type, assignment]
+            parts += (tag, _text_key_value(key, text))
+            continue
         if kind is str or kind is int:
             encoded = strings.get((key, value))
             if encoded is not None:
