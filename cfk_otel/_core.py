@@ -170,6 +170,9 @@ _CHOICE = Choice(False, "not set up")
 # Bumped whenever what Spans decided on may have changed (set-up, a processor added).
 _GENERATION = [0]
 _LOCK = threading.Lock()
+# Each queue of the core holds at most this many bytes (besides its count bound): with the
+# collector away, long unique paths and user agents must not grow memory past a few MiB.
+QUEUE_BYTES: Final = 2 << 20
 # The core's exporters, per process id and signal: their threads do not survive a fork.
 _EXPORTERS: dict[tuple[int, str], OtlpExporter] = {}
 
@@ -191,6 +194,19 @@ def active() -> Choice:
     return _CHOICE
 
 
+# cfk_otel's own value-length limits per signal (OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT and the
+# log-record one, 8192 by default), set by set-up; the core cuts with a marker at them.
+_VALUE_LIMITS: dict[str, int] = {}
+
+
+def set_value_limits(spans: int | None, logs: int | None) -> None:
+    """The settings' value-length limits, for exporters made from now on (None: the SDK's
+    from the environment, without a marker)."""
+    _VALUE_LIMITS.clear()
+    if spans is not None and logs is not None:
+        _VALUE_LIMITS.update(traces=spans, logs=logs)
+
+
 def _exporter(signal: str, resource: Resource, scopes: list[tuple[str, str]]) -> OtlpExporter:
     """The core's exporter of ``signal`` in this process, made on first use."""
     key = (os.getpid(), signal)
@@ -205,9 +221,11 @@ def _exporter(signal: str, resource: Resource, scopes: list[tuple[str, str]]) ->
             assert isinstance(target, Target)  # select() checked it
             assert _native is not None  # and that the core is there
             prefix = "OTEL_BSP" if signal == "traces" else "OTEL_BLRP"
-            if signal == "traces":
+            # Without set-up (tests, benchmarks): the SDK's limit from the environment.
+            length = _VALUE_LIMITS.get(signal)
+            if length is None and signal == "traces":
                 length = sdk_trace.SpanLimits().max_attribute_length
-            else:
+            elif length is None:
                 length = LogRecordLimits().max_log_record_attribute_length
             exporter = _native.OtlpExporter(
                 signal,
@@ -222,6 +240,8 @@ def _exporter(signal: str, resource: Resource, scopes: list[tuple[str, str]]) ->
                 schedule_delay=_number(env, f"{prefix}_SCHEDULE_DELAY", 5000 if signal == "traces" else 1000)
                 / 1000,
                 attribute_value_length_limit=length,
+                truncation_marker=signal in _VALUE_LIMITS,
+                max_queue_bytes=QUEUE_BYTES,
             )
             for stale in [k for k in _EXPORTERS if k[0] != key[0]]:
                 del _EXPORTERS[stale]  # a parent's, inherited through fork, is not ours

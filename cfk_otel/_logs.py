@@ -52,7 +52,15 @@ _SEVERITY: Final = {
     logging.CRITICAL: (SeverityNumber.FATAL, "FATAL"),
 }
 MAX_MESSAGE: Final = 16_384
+# What ends a value cut at its length limit (the compiled core writes the same marker).
 _TRUNCATED: Final = "…[truncated {} chars]"
+# A stdout line's ceiling in bytes: a line over it is written again with its longest
+# fields cut (see _fitted_line).
+LINE_MAX_BYTES: Final = 64 << 10
+_FITTED_FIELD: Final = 1024  # characters a field over the ceiling keeps
+# Text values in a record's context (``extra=``, bound fields) are cut at this length:
+# OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT, set by configure_logging.
+_value_limit = [8192]
 # Exporters logging their own failures must never feed themselves.
 _OWN_LOGGERS: Final = ("opentelemetry", "grpc", "urllib3")
 # Standard LogRecord attributes; anything else on a record came from ``extra=`` and is context.
@@ -123,6 +131,10 @@ def _redacted_context(record: logging.LogRecord) -> dict[str, Any]:
     if last[0]() is record and last[1] == len(record.__dict__):
         return last[2]
     context: dict[str, Any] = redact(_context_of(record))
+    limit = _value_limit[0]
+    for key, value in context.items():
+        if type(value) is str and len(value) > limit:
+            context[key] = cut(value, limit)
     if not _OWN_FIELDS.isdisjoint(context):
         context = _prefixed(context, _OWN_FIELDS)
     _last_context = (weakref.ref(record), len(record.__dict__), context)
@@ -254,6 +266,49 @@ def _safe_str(value: object) -> str:
         return _safe_repr(value)
 
 
+def cut(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, with a marker saying how many went.
+
+    >>> cut("abcdef", 3)
+    'abc…[truncated 3 chars]'
+    """
+    if len(value) <= limit:
+        return value
+    return value[:limit] + _TRUNCATED.format(len(value) - limit)
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "replace"))
+
+
+def _fitted_line(document: dict[str, Any]) -> str:
+    """The line of a ``document`` that was over :data:`LINE_MAX_BYTES`, within it: its
+    longest fields first cut to :data:`_FITTED_FIELD` characters (a nested one as its JSON
+    text, the error's message and stack each), then, if that is not enough, the context
+    fields from the last, counted in ``cfk_otel.dropped_fields``."""
+    fitted = dict(document)
+    sizes = sorted(((_utf8_size(_dumps({"v": v})), k) for k, v in document.items()), reverse=True)
+    for size, key in sizes:
+        if size <= _FITTED_FIELD:
+            break
+        value = fitted[key]
+        if key == "error" and isinstance(value, dict):
+            fitted[key] = {k: cut(v, _FITTED_FIELD) if isinstance(v, str) else v for k, v in value.items()}
+        else:
+            fitted[key] = cut(value if isinstance(value, str) else _dumps({"v": value})[5:-1], _FITTED_FIELD)
+        line = _dumps(fitted)
+        if _utf8_size(line) <= LINE_MAX_BYTES:
+            return line
+    dropped = 0
+    for key in reversed(list(fitted)):
+        if _utf8_size(line := _dumps({**fitted, "cfk_otel.dropped_fields": dropped})) <= LINE_MAX_BYTES:
+            return line
+        if key not in _FIXED:
+            del fitted[key]
+            dropped += 1
+    return _dumps({**fitted, "cfk_otel.dropped_fields": dropped})
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: the document's fields, then the context.
 
@@ -316,7 +371,12 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if type(record) is _RequestRecord and self._dd is None:
             return self._line(_RequestLine.of(record))
-        return _dumps(self.document(record))
+        document = self.document(record)
+        line = _dumps(document)
+        # A character is at most 4 bytes in UTF-8: most lines need no encoding to know.
+        if len(line) * 4 > LINE_MAX_BYTES and _utf8_size(line) > LINE_MAX_BYTES:
+            return _fitted_line(document)
+        return line
 
     def _line(self, request: _RequestLine) -> str:
         """The request line :meth:`document` would give, written directly: it runs per request.
@@ -613,6 +673,7 @@ def configure_logging(
     Called at start-up and again after uvicorn applies its own logging configuration.
     """
     level = LEVELS[settings.log_level]
+    _value_limit[0] = settings.log_value_limit
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -998,6 +1059,7 @@ def request_observer(settings: Settings) -> RequestObserver | None:
     if not settings.log_requests:
         return None
     rate = settings.log_requests_sample_rate
+    limit = settings.log_value_limit
     seen: tuple[object, ...] = ()
     route: _Route | None = None
 
@@ -1018,6 +1080,8 @@ def request_observer(settings: Settings) -> RequestObserver | None:
         if not span.is_valid:  # type: ignore[union-attr]  # a RequestInfo always has one
             span = None
         method, path = info.method, info.scope.get("path", "")
+        if len(path) > limit:
+            path = cut(path, limit)
         duration_ms = round(info.duration * 1_000_000) / 1000  # µs precision; round(x, 3) costs 3x
         request = _RequestLine(
             time.time(),

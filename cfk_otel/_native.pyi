@@ -20,6 +20,7 @@ class OtlpExporter:
         schedule_delay: float = 5.0,
         max_retry_elapsed: float = 300.0,
         attribute_value_length_limit: int | None = None,
+        truncation_marker: bool = False,
     ) -> None: ...
     def scope(self, name: str, version: str) -> int | None: ...
     def record_span(

@@ -164,6 +164,7 @@ def _started_without_exporters() -> None:
 
 def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     resource_attributes = build_attributes(current)
+    _core.set_value_limits(current.span_value_limit, current.log_value_limit)
     # The SDK's providers, processors and exporters as they come: what the app records
     # through the OpenTelemetry API goes through them. Ours (our spans, logging's records)
     # go to the compiled core on the native path (_core), or through the same SDK.

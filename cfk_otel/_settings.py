@@ -204,6 +204,19 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise InvalidValue from None
+        if not low <= number <= high:
+            raise InvalidValue
+        return number
+
+    return parse
+
+
 def _positive_number(value: str) -> float:
     try:
         number = float(value.strip())
@@ -341,6 +354,28 @@ LOG_REQUESTS = Variable(
     _bool,
     "true, false",
     "One log line per HTTP request (replaces uvicorn's access log).",
+)
+# Text attribute values longer than this are cut, with a marker, in spans and log records
+# (OTLP and the stdout line). 8192 characters keeps any real URL (servers and proxies cap
+# the request line near 8 KB), a SQL statement or a stack trace whole, and keeps a hostile
+# 1 MB header or ``extra`` field from reaching the queues. The specification's default is
+# no limit; cfk_otel sets one so that memory stays bounded whatever the input.
+_VALUE_LENGTH: Final = "a whole number of characters from 1 to 1048576"
+OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT: Variable[int | None] = Variable(
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    8192,
+    _whole(1, 1 << 20),
+    _VALUE_LENGTH,
+    "Longest text attribute value of a span (and of a log record, unless set below); "
+    "longer ones are cut and end with `…[truncated N chars]`.",
+)
+OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT: Variable[int | None] = Variable(
+    "OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    None,
+    _whole(1, 1 << 20),
+    _VALUE_LENGTH,
+    "Longest text value in a log record (OTLP attribute, stdout field); "
+    "unset: `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`.",
 )
 LOG_REQUESTS_SAMPLE_RATE: Variable[float | None] = Variable(
     "LOG_REQUESTS_SAMPLE_RATE",
@@ -596,6 +631,8 @@ VARIABLES: Final[tuple[Variable[Any], ...]] = (
     LOG_OUTPUT,
     LOG_REQUESTS,
     LOG_REQUESTS_SAMPLE_RATE,
+    OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT,
+    OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT,
     DD_LOGS_INJECTION,
     DD_SERVICE,
     DD_VERSION,
@@ -712,6 +749,8 @@ class Settings:
     log_output: str
     log_requests: bool
     log_requests_sample_rate: float
+    span_value_limit: int
+    log_value_limit: int
     dd_logs_injection: bool
     dd_service: str
     dd_env: str
@@ -860,6 +899,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     for var in (*_SIGNAL_PROTOCOLS, OTEL_EXPORTER_OTLP_HEADERS, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS):
         read(var)
     _check_sdk_numbers(env, problems)
+    span_value_limit = read(OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT) or 8192
 
     settings = Settings(
         service_name=service_name,
@@ -872,6 +912,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         log_output=read(LOG_OUTPUT),
         log_requests=read(LOG_REQUESTS),
         log_requests_sample_rate=_or(read(LOG_REQUESTS_SAMPLE_RATE), 1.0),
+        span_value_limit=span_value_limit,
+        log_value_limit=read(OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT) or span_value_limit,
         dd_logs_injection=read(DD_LOGS_INJECTION),
         dd_service=read(DD_SERVICE) or service_name,
         dd_env=read(DD_ENV) or environment,

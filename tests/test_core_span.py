@@ -66,9 +66,11 @@ class _Other(SpanProcessor):
 @pytest.fixture(autouse=True)
 def _native(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # each _provider sets its own
+    _core.set_value_limits(None, None)  # the SDK's limits, as without set-up
     yield
     _core.shutdown(1.0)
     _core.activate(_core.Choice(False, "not set up"))
+    _core.set_value_limits(None, None)
 
 
 def _provider(receiver: OtlpReceiver, *extra: SpanProcessor, **kwargs: Any) -> TracerProvider:
@@ -348,3 +350,26 @@ def test_a_failing_sampler_never_fails_the_request(lean: bool, caplog: pytest.Lo
             statuses = [client.get("/plain").status_code for _ in range(3)]
     assert statuses == [200, 200, 200]
     assert caplog.text.count("a span could not be started") == 1
+
+
+def test_the_settings_limit_cuts_with_a_marker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set-up's limit (OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT, 8192 by default) cuts our values
+    and the app's in the core, and says how much went (issue 20)."""
+
+    async def long(request: Request) -> PlainTextResponse:
+        trace.get_current_span().set_attribute("app.blob", "y" * 100)
+        return PlainTextResponse("ok")
+
+    _core.set_value_limits(12, 12)
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver)
+        app = TelemetryMiddleware(
+            Starlette(routes=[Route("/long/{rest:path}", long)]), tracer_provider=provider
+        )
+        with TestClient(app) as client:
+            client.get("/long/" + "x" * 50)
+        _flush(provider)
+        span = receiver.wait_for_span(lambda s: s.name == "GET /long/{rest}")
+    assert span.attributes["url.path"] == "/long/xxxxxx…[truncated 44 chars]"
+    assert span.attributes["app.blob"] == "yyyyyyyyyyyy…[truncated 88 chars]"
+    assert span.attributes["http.route"] == "/long/{rest}"  # within the limit: whole

@@ -454,6 +454,7 @@ def _sink_provider(receiver: Any, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.http_endpoint)
     _core.shutdown(1.0)
+    _core.set_value_limits(None, None)  # the SDK's limits, as without set-up
     provider = LoggerProvider(**kwargs)
     provider.add_log_record_processor(
         BatchLogRecordProcessor(OTLPLogExporter(endpoint=f"{receiver.http_endpoint}/v1/logs"))
@@ -891,3 +892,60 @@ def test_a_str_subclass_is_a_message_without_a_warning(capture: Capture, warning
     [line] = capture.lines()
     assert (line["message"], line["k"]) == ("<b>safe</b>", 1)
     assert warnings_seen == []
+
+
+def test_long_context_values_are_cut_with_a_marker(capture: Capture) -> None:
+    log = get_logger(capture.std.name)
+    log.info("big extra", {"blob": "x" * 1_048_576, "short": "ok"})
+    capture.std.info("stdlib extra", extra={"blob": "y" * 10_000})
+    log.log_request("GET", "/" + "p" * 20_000, 200, 1.0)
+    first, second, request = capture.lines()
+    assert first["blob"] == "x" * 8192 + f"…[truncated {1_048_576 - 8192} chars]"
+    assert first["short"] == "ok"
+    assert second["blob"] == "y" * 8192 + "…[truncated 1808 chars]"
+    assert request["path"] == "/" + "p" * 8191 + "…[truncated 11809 chars]"
+    assert all(len(line) < 30_000 for line in capture.stream.getvalue().splitlines())
+
+
+def test_a_line_over_the_byte_ceiling_is_fitted_within_it(capture: Capture) -> None:
+    from cfk_otel._logs import LINE_MAX_BYTES
+
+    log = get_logger(capture.std.name)
+    log.info("nested", {"nested": {"a": "é" * 1_000_000}, "small": 1})
+    log.info("many", {f"k{i}": "v" * 8000 for i in range(100)})
+    try:
+        raise ValueError("e" * 100_000)
+    except ValueError:
+        capture.std.exception("failed", extra={"big": ["z" * 8000] * 20})
+    lines = capture.stream.getvalue().splitlines()
+    assert all(len(line.encode()) <= LINE_MAX_BYTES for line in lines)
+    nested, many, failed = capture.lines()
+    assert nested["nested"].startswith('{"a":"ééé')
+    assert nested["nested"].endswith("…[truncated 998984 chars]")  # its JSON text: 1,000,008 chars
+    assert nested["small"] == 1
+    assert nested["message"] == "nested"
+    assert many["cfk_otel.dropped_fields"] > 0
+    assert many["k0"].endswith("…[truncated 6976 chars]")
+    assert (many["message"], many["level"], many["service"]) == ("many", "info", "cf-kanban")
+    assert failed["error"]["type"] == "ValueError"
+    assert "ValueError" in failed["error"]["stack"]
+
+
+def test_the_request_lines_path_is_cut_at_the_log_limit(settings: Settings) -> None:
+    from opentelemetry.trace import INVALID_SPAN_CONTEXT
+
+    from cfk_otel._asgi import RequestInfo
+    from cfk_otel._logs import request_observer
+
+    c = Capture("cfk_otel.requests", JsonFormatter(settings))
+    try:
+        observe = request_observer(load({"OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT": "20"}))
+        assert observe is not None
+        path = "/" + "p" * 1_000_000
+        observe(RequestInfo({"path": path}, "http", "GET", "/{p}", 404, 0.01, None, INVALID_SPAN_CONTEXT))
+        (line,) = c.lines()
+    finally:
+        c.close()
+    cut = "/" + "p" * 19 + "…[truncated 999981 chars]"
+    assert line["path"] == cut
+    assert line["message"] == f"GET {cut} 404 10ms"

@@ -16,7 +16,7 @@ use crate::proto::{
     InstrumentationScope, LogRecord, Metric, Resource, ResourceLogs, ResourceMetrics, ResourceSpans,
     ScopeLogs, ScopeMetrics, ScopeSpans, Span, Status,
 };
-use crate::value::{any_value, key_values, weight};
+use crate::value::{any_value, key_values, weight, Limit};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Signal {
@@ -135,7 +135,7 @@ pub struct OtlpExporter {
     signal: Signal,
     // Shared with the export thread's encoder; only ever appended to (see `scope`).
     scopes: Arc<Mutex<Vec<InstrumentationScope>>>,
-    limit: Option<usize>,
+    limit: Option<Limit>,
 }
 
 /// Scopes an exporter names at most: a log record's scope is its `logging` logger's name.
@@ -162,7 +162,7 @@ impl OtlpExporter {
     #[pyo3(signature = (
         signal, url, headers, resource, scopes, *, gzip=false, timeout=10.0, max_queue_size=2048,
         max_queue_bytes=16 << 20, max_export_batch_size=512, schedule_delay=5.0,
-        max_retry_elapsed=300.0, attribute_value_length_limit=None,
+        max_retry_elapsed=300.0, attribute_value_length_limit=None, truncation_marker=false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -179,6 +179,7 @@ impl OtlpExporter {
         schedule_delay: f64,
         max_retry_elapsed: f64,
         attribute_value_length_limit: Option<usize>,
+        truncation_marker: bool,
     ) -> PyResult<Self> {
         let signal = match signal {
             "traces" => Signal::Traces,
@@ -224,7 +225,10 @@ impl OtlpExporter {
             exporter: Exporter::start(config, Box::new(encoder))?,
             signal,
             scopes,
-            limit: attribute_value_length_limit,
+            limit: attribute_value_length_limit.map(|chars| Limit {
+                chars,
+                marker: truncation_marker,
+            }),
         })
     }
 
@@ -347,7 +351,7 @@ impl OtlpExporter {
         let body = if body.is_none() {
             Some(AnyValue::default())
         } else {
-            any_value(body, self.limit, 0)?
+            any_value(body, None, 0)? // the body is the message: cut by the caller, as the SDK leaves it
         };
         let weight = 96
             + severity_text.len()

@@ -8,11 +8,27 @@ use crate::proto::{AnyValue, ArrayValue, KeyValue, KeyValueList, Value};
 /// Nesting deeper than this is written as the value's `str()` (a guard against hostile input).
 const MAX_DEPTH: usize = 8;
 
-/// Cuts `text` to at most `limit` characters (the `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` rule).
-pub fn cut(mut text: String, limit: Option<usize>) -> String {
+/// The longest text value kept (the `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` rule), and whether a cut
+/// value says so (`…[truncated N chars]`, as cfk_otel's own limits write it; the SDK's do not).
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    pub chars: usize,
+    pub marker: bool,
+}
+
+/// Cuts `text` to at most `limit` characters, with the marker if the limit has one.
+pub fn cut(mut text: String, limit: Option<Limit>) -> String {
     if let Some(limit) = limit {
-        if let Some((index, _)) = text.char_indices().nth(limit) {
+        if let Some((index, _)) = text.char_indices().nth(limit.chars) {
+            let removed = if limit.marker {
+                text[index..].chars().count()
+            } else {
+                0
+            };
             text.truncate(index);
+            if limit.marker {
+                text.push_str(&format!("…[truncated {removed} chars]"));
+            }
         }
     }
     text
@@ -21,7 +37,7 @@ pub fn cut(mut text: String, limit: Option<usize>) -> String {
 /// The value's OTLP form, or None where the SDK's encoder has none (an int outside int64, an
 /// object of another type): the SDK then drops the attribute, and so does the core. A Python
 /// `None` (what `BoundedAttributes` leaves of a value it could not clean) is an empty value.
-pub fn any_value(value: &Bound<'_, PyAny>, limit: Option<usize>, depth: usize) -> PyResult<Option<AnyValue>> {
+pub fn any_value(value: &Bound<'_, PyAny>, limit: Option<Limit>, depth: usize) -> PyResult<Option<AnyValue>> {
     if value.is_none() {
         return Ok(Some(AnyValue::default()));
     }
@@ -57,7 +73,7 @@ pub fn any_value(value: &Bound<'_, PyAny>, limit: Option<usize>, depth: usize) -
     Ok(Some(AnyValue { value: Some(value) }))
 }
 
-pub fn key_values(dict: &Bound<'_, PyDict>, limit: Option<usize>, depth: usize) -> PyResult<Vec<KeyValue>> {
+pub fn key_values(dict: &Bound<'_, PyDict>, limit: Option<Limit>, depth: usize) -> PyResult<Vec<KeyValue>> {
     let mut out = Vec::with_capacity(dict.len());
     for (key, value) in dict.iter() {
         if let Some(value) = any_value(&value, limit, depth)? {

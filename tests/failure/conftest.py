@@ -13,7 +13,7 @@ import http.client
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -82,12 +82,12 @@ class Client:
         self.timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
 
-    def get(self, path: str) -> Reply:
+    def get(self, path: str, headers: Mapping[str, str] | None = None) -> Reply:
         if self._conn is None:
             self._conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
         start = time.perf_counter()
         try:
-            self._conn.request("GET", path)
+            self._conn.request("GET", path, headers=headers or {})
             response = self._conn.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException) as exc:
