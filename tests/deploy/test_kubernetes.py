@@ -28,7 +28,11 @@ ENV_REF = re.compile(r"\$\{env:([A-Z0-9_]+)(:-[^}]*)?\}")
 DERIVED_BY_RUN = {
     "CFK_SENTRY_OTLP_ENDPOINT": "SENTRY_DSN",
     "CFK_SENTRY_KEY": "SENTRY_DSN",
-    "CFK_REDIS_ENDPOINT": "REDIS_URL",
+    "CFK_DATADOG_INTAKE_ENDPOINT": "DD_API_KEY",  # https://otlp.${DD_SITE:-datadoghq.com}
+    "CFK_CLOUDWATCH_LOGS_ENDPOINT": "AWS_REGION",
+    "CFK_CLOUDWATCH_TRACES_ENDPOINT": "AWS_REGION",
+    "CFK_CLOUDWATCH_METRICS_ENDPOINT": "AWS_REGION",
+    "CFK_CLOUDWATCH_LOG_STREAM": "AWS_REGION",  # CLOUDWATCH_LOG_STREAM, else the pod's name
 }
 
 
@@ -83,6 +87,8 @@ def daemonset_environment(docs: list[dict[str, Any]]) -> dict[str, str]:
     secrets = {
         "SENTRY_DSN": "https://0123456789abcdef0123456789abcdef@o1.ingest.sentry.io/42",
         "DD_API_KEY": "a" * 32,
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "b" * 40,
     }
     for var in c["env"]:
         if "value" in var:
