@@ -490,3 +490,10 @@ def test_prometheus_names_are_pinned(collector_bin: Path) -> None:
         "deployment.environment.name",
     ]
     assert exporter["endpoint"].startswith("127.0.0.1:")
+
+
+def test_kubernetes_overlay_needs_the_node_name(collector_bin: Path) -> None:
+    env = {k: v for k, v in DUMMY.items() if k != "K8S_NODE_NAME"}
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="debug", CFK_KUBERNETES="true", **env)
+    assert result.returncode == 2
+    assert "CFK_KUBERNETES=true needs K8S_NODE_NAME" in result.stderr

@@ -152,6 +152,7 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 @pytest.mark.parametrize("failure", ["redis-stopped", "exporter-stopped"])
 def test_redis_down_fires_the_alert_expression(
     collector: Collector,
+    services: Services,  # `scripts/services start` installs the exporter when missing
     own_redis: tuple[str, subprocess.Popen[bytes]],
     start_prometheus: Callable[[str], Prometheus],
     tmp_path: Path,
