@@ -209,24 +209,12 @@ def test_gomemlimit_sits_between_the_memory_limiters_soft_and_hard_limits() -> N
     assert mebibytes(c["resources"]["requests"]["memory"]) <= limit
 
 
-def test_rbac_is_read_only_on_what_k8s_attributes_needs() -> None:
+def test_the_collector_has_no_kubernetes_api_access() -> None:
+    """k8s_attributes, the one reader of the API, is not in the 0.165 build: no RBAC, no token."""
     docs = render("collector")
-    role = one(docs, "ClusterRole", "otelcol-cfk")
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
-    expected = {
-        (group, resource, verb)
-        for group, resource in (("", "pods"), ("", "namespaces"), ("apps", "replicasets"))
-        for verb in ("get", "watch", "list")
-    }
-    assert granted == expected
-    binding = one(docs, "ClusterRoleBinding", "otelcol-cfk")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "otelcol-cfk", "namespace": "cfk-otel"}]
+    assert not [d for d in docs if d["kind"] in {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}]
+    account = one(docs, "ServiceAccount", "otelcol-cfk")
+    assert account["automountServiceAccountToken"] is False
 
 
 def test_app_probes_are_the_documents_on_the_apps_paths() -> None:
