@@ -10,6 +10,9 @@ STAMP := $(VENV)/.cfk-installed
 # beside the collector's cache, so a second `make` on the same machine only relinks.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/cfk-otel/cargo-target
+# The collector's modules (contrib 0.165) need Go >= 1.26.9: the go command fetches this
+# toolchain from the module proxy (collector/build.sh exports the same).
+export GOTOOLCHAIN := go1.27.3
 NATIVE := $(wildcard native/Cargo.toml native/Cargo.lock native/src/*.rs)
 
 .PHONY: help venv services services-stop lint install-check test demo bench microbench env-table collector collector-check clean
@@ -95,19 +98,28 @@ collector:
 
 # Every backend's collector config validated alone, all together, each receiver (with the
 # prometheus backend it exports through), and everything with the Kubernetes overlay
-# (offline `otelcol-cfk validate`, dummy values for the variables).
+# (offline `otelcol-cfk validate`, dummy values for the variables). Datadog and CloudWatch
+# twice: direct (agentless intake / AWS's endpoints with SigV4) and through an Agent/sidecar.
 COLLECTOR_BACKENDS := debug prometheus loki sentry datadog cloudwatch
 COLLECTOR_RECEIVERS := redis postgresql
 COLLECTOR_DUMMY_ENV := LOKI_ENDPOINT=http://loki.invalid:3100/otlp \
 	SENTRY_DSN=https://0123abcd@sentry.invalid/1 \
-	DD_OTLP_ENDPOINT=http://datadog-agent.invalid:4318 DD_API_KEY=0123abcd \
-	CLOUDWATCH_OTLP_ENDPOINT=http://cloudwatch-agent.invalid:4318 CLOUDWATCH_LOG_GROUP=/cf-kanban/check \
-	REDIS_URL=redis://:0123abcd@redis.invalid:6379/0 POSTGRES_EXPORTER_ENDPOINT=postgres-exporter.invalid:9187
+	DD_API_KEY=0123abcd DD_SITE=datadoghq.eu \
+	AWS_REGION=eu-west-3 CLOUDWATCH_LOG_GROUP=/cf-kanban/check \
+	AWS_ACCESS_KEY_ID=AKIDEXAMPLE AWS_SECRET_ACCESS_KEY=0123abcd AWS_EC2_METADATA_DISABLED=true \
+	REDIS_EXPORTER_ENDPOINT=redis-exporter.invalid:9121 POSTGRES_EXPORTER_ENDPOINT=postgres-exporter.invalid:9187 \
+	K8S_NODE_NAME=node-1.invalid
+COLLECTOR_AGENT_ENV := DD_OTLP_ENDPOINT=http://datadog-agent.invalid:4318 \
+	CLOUDWATCH_OTLP_ENDPOINT=http://cloudwatch-agent.invalid:4318
 
 collector-check: collector
 	@for b in $(COLLECTOR_BACKENDS) "$(COLLECTOR_BACKENDS)"; do \
 	  env $(COLLECTOR_DUMMY_ENV) CFK_BACKENDS="$$b" collector/run --validate >/dev/null || exit 1; \
 	  echo "collector config OK: $$b"; \
+	done
+	@for b in datadog cloudwatch "$(COLLECTOR_BACKENDS)"; do \
+	  env $(COLLECTOR_DUMMY_ENV) $(COLLECTOR_AGENT_ENV) CFK_BACKENDS="$$b" collector/run --validate >/dev/null || exit 1; \
+	  echo "collector config OK: $$b (Agent / sidecar routes)"; \
 	done
 	@for r in $(COLLECTOR_RECEIVERS); do \
 	  env $(COLLECTOR_DUMMY_ENV) CFK_BACKENDS=prometheus CFK_RECEIVERS="$$r" collector/run --validate >/dev/null || exit 1; \

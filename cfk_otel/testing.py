@@ -154,13 +154,20 @@ class OtlpReceiver(_LoopbackReceiver):
     """
 
     def __init__(
-        self, path_prefix: str = "/otlp", required_headers: dict[str, str] | None = None, http_port: int = 0
+        self,
+        path_prefix: str = "/otlp",
+        required_headers: dict[str, str] | None = None,
+        http_port: int = 0,
+        authorize: Callable[[str, dict[str, str], bytes], bool] | None = None,
     ) -> None:
         # HTTP paths are {path_prefix}/v1/{traces,metrics,logs}, the prefix optional when it is
         # the default (Loki's /otlp); a request missing a required header (an API key) gets 401.
+        # ``authorize(path, headers, raw body)`` may check a request signature: False gets 403
+        # (counted in ``unauthorized``, like a missing header).
         super().__init__(http_port)
         self.path_prefix = path_prefix
         self.required_headers = {k.lower(): v for k, v in (required_headers or {}).items()}
+        self.authorize = authorize
         self.spans: list[ReceivedSpan] = []
         self.metrics: list[ReceivedMetric] = []
         self.logs: list[ReceivedLog] = []
@@ -308,6 +315,14 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                     receiver.unauthorized += 1
                     receiver._lock.notify_all()
                 self._reply(401)
+                return
+            if receiver.authorize is not None and not receiver.authorize(
+                self.path, {k.lower(): v for k, v in self.headers.items()}, body
+            ):
+                with receiver._lock:
+                    receiver.unauthorized += 1
+                    receiver._lock.notify_all()
+                self._reply(403)
                 return
             if receiver.status != 200:
                 with receiver._lock:

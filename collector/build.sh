@@ -21,7 +21,7 @@
 set -euo pipefail
 
 # The builder release; must match the collector release every module in the manifest is on.
-OCB_VERSION="v0.161.0"
+OCB_VERSION="v0.165.0"
 OCB_MODULE="go.opentelemetry.io/collector/cmd/builder"
 NAME="otelcol-cfk"
 
@@ -54,6 +54,8 @@ if [[ -z "${GO:-}" ]]; then
 fi
 export PATH="$(dirname "$GO"):$PATH"   # the builder runs `go` from PATH
 export GOWORK=off                        # never pick up a go.work from a parent directory
+# Contrib 0.165 needs Go >= 1.26.9; the go command fetches this toolchain from the module proxy.
+export GOTOOLCHAIN=go1.27.3
 
 sha256() { sha256sum | cut -d' ' -f1; }
 

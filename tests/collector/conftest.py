@@ -24,7 +24,18 @@ COLLECTOR = ROOT / "collector"
 RUN = COLLECTOR / "run"
 DEPLOY_PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 # Variables a developer's shell may hold that would leak into the launched collector.
-_LEAKY = ("CFK_", "SENTRY_", "DD_", "LOKI_", "CLOUDWATCH_", "OTEL_", "REDIS_", "POSTGRES_EXPORTER_")
+_LEAKY = (
+    "CFK_",
+    "SENTRY_",
+    "DD_",
+    "LOKI_",
+    "CLOUDWATCH_",
+    "OTEL_",
+    "REDIS_",
+    "POSTGRES_EXPORTER_",
+    "AWS_",
+    "K8S_",
+)
 
 
 @pytest.fixture(scope="session")
@@ -312,3 +323,159 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
     yield start
     for prom in started:
         stop_prometheus(prom)
+
+
+# --- Debian's prometheus-redis-exporter (the collector scrapes it: no redis receiver at 0.165)
+
+
+def start_redis_exporter(redis_url: str, log_path: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    """redis_exporter on a free loopback port for ``redis_url`` (the password goes in its
+    environment, REDIS_PASSWORD, never on the command line); (port, process) once it serves."""
+    binary = shutil.which("prometheus-redis-exporter") or unavailable(
+        "prometheus-redis-exporter is not installed (scripts/services install)"
+    )
+    from urllib.parse import urlsplit
+
+    url = urlsplit(redis_url)
+    port = free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "REDIS_ADDR": f"redis://{url.hostname}:{url.port or 6379}",
+        "REDIS_PASSWORD": url.password or "",
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(binary), f"-web.listen-address=127.0.0.1:{port}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1):
+                return port, process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"redis_exporter did not serve:\n{log_path.read_text()}") from None
+            time.sleep(0.1)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+# --- AWS's OTLP endpoints (CloudWatch Logs, X-Ray, CloudWatch metrics), SigV4 checked ---------
+
+
+@dataclass
+class SigV4Check:
+    """Verifies AWS Signature Version 4 on each request with botocore's signer: the signature
+    is recomputed from the request (method, path, the headers it says it signed, the body as
+    sent, its X-Amz-Date) with the test credentials, for the expected service and region."""
+
+    access_key: str
+    secret_key: str
+    service: str
+    region: str
+    session_token: str | None = None
+    seen: list[dict[str, str]] = field(default_factory=list)  # parsed Authorization, per request
+    failures: list[str] = field(default_factory=list)
+
+    def __call__(self, path: str, headers: dict[str, str], body: bytes) -> bool:
+        reason = self.verify(path, headers, body)
+        if reason:
+            self.failures.append(reason)
+        return not reason
+
+    def verify(self, path: str, headers: dict[str, str], body: bytes) -> str:
+        import hmac
+        import re as re_
+
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest, HTTPHeaders
+        from botocore.credentials import Credentials
+
+        match = re_.fullmatch(
+            r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
+            r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})",
+            headers.get("authorization", ""),
+        )
+        if not match:
+            return "no SigV4 Authorization header"
+        key, day, region, service, signed, signature = match.groups()
+        self.seen.append({"access_key": key, "region": region, "service": service, "signed": signed})
+        amz_date = headers.get("x-amz-date", "")
+        if key != self.access_key or region != self.region or service != self.service:
+            return f"scope {key}/{region}/{service}, expected {self.access_key}/{self.region}/{self.service}"
+        if not amz_date.startswith(day):
+            return "X-Amz-Date does not match the credential scope"
+        if self.session_token is not None and headers.get("x-amz-security-token") != self.session_token:
+            return "session token missing"
+        names = signed.split(";")
+        if not {"host", "x-amz-date"} <= set(names) or any(n not in headers for n in names):
+            return f"signed headers {names} incomplete"
+
+        class Recompute(SigV4Auth):
+            def headers_to_sign(self, request: Any) -> Any:
+                chosen = HTTPHeaders()
+                for name in names:  # exactly what the client says it signed
+                    chosen[name] = request.headers[name]
+                return chosen
+
+        request = AWSRequest(method="POST", url=f"http://{headers['host']}{path}", data=body, headers=headers)
+        request.context["timestamp"] = amz_date
+        signer = Recompute(Credentials(self.access_key, self.secret_key, self.session_token), service, region)
+        expected = signer.signature(
+            signer.string_to_sign(request, signer.canonical_request(request)), request
+        )
+        return "" if hmac.compare_digest(expected, signature) else "signature mismatch"
+
+
+AWS_TEST_KEY = "AKIDCFKOTELTEST00001"
+AWS_TEST_SECRET = "cfk-otel-test-secret-0123456789abcdefghij"
+AWS_TEST_TOKEN = "cfk-otel-test-session-token"
+
+
+@dataclass
+class CloudWatchStandIns:
+    """One stand-in per AWS endpoint, as AWS has one host per service."""
+
+    logs: OtlpReceiver
+    traces: OtlpReceiver
+    metrics: OtlpReceiver
+    checks: dict[str, SigV4Check]
+
+    def env(self, region: str = "eu-west-3", secret: str = AWS_TEST_SECRET, **extra: str) -> dict[str, str]:
+        return {
+            "AWS_REGION": region,
+            "AWS_ACCESS_KEY_ID": AWS_TEST_KEY,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_SESSION_TOKEN": AWS_TEST_TOKEN,
+            "AWS_EC2_METADATA_DISABLED": "true",  # nothing but the environment's credentials
+            "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            "CLOUDWATCH_LOGS_ENDPOINT": f"{self.logs.http_endpoint}/v1/logs",
+            "CLOUDWATCH_TRACES_ENDPOINT": f"{self.traces.http_endpoint}/v1/traces",
+            "CLOUDWATCH_METRICS_ENDPOINT": f"{self.metrics.http_endpoint}/v1/metrics",
+            **extra,
+        }
+
+
+@pytest.fixture
+def cloudwatch() -> Iterator[CloudWatchStandIns]:
+    checks = {
+        signal: SigV4Check(AWS_TEST_KEY, AWS_TEST_SECRET, service, "eu-west-3", AWS_TEST_TOKEN)
+        for signal, service in (("logs", "logs"), ("traces", "xray"), ("metrics", "monitoring"))
+    }
+    receivers = {signal: OtlpReceiver(path_prefix="", authorize=check) for signal, check in checks.items()}
+    for r in receivers.values():
+        r.start()
+    try:
+        yield CloudWatchStandIns(receivers["logs"], receivers["traces"], receivers["metrics"], checks)
+    finally:
+        for r in receivers.values():
+            r.stop()

@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 import pytest
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from prometheus_client.parser import text_string_to_metric_families
 
 from cfk_otel.testing import OtlpReceiver
-from tests.collector.conftest import Collector, SentryOtlp
+from tests.collector.conftest import AWS_TEST_SECRET, CloudWatchStandIns, Collector, SentryOtlp
 from tests.conftest import free_port, uvicorn_command
 
 pytestmark = pytest.mark.timeout(60)
@@ -171,7 +172,7 @@ def test_datadog_agent_intake_gets_all_three_with_the_api_key(
     assert {h.get("dd-protocol") for h in otlp_backend.headers} == {"otlp"}
 
 
-def test_cloudwatch_sidecar_intake_gets_the_log_group(
+def test_cloudwatch_sidecar_intake_gets_the_log_group(  # the sidecar route (CLOUDWATCH_OTLP_ENDPOINT)
     run_app: Any, collector: Collector, otlp_backend: OtlpReceiver
 ) -> None:
     collector.start(
@@ -184,3 +185,92 @@ def test_cloudwatch_sidecar_intake_gets_the_log_group(
     span = otlp_backend.wait_for_span(lambda s: s.attributes.get("url.path") == "/api/tickets/5")
     assert span.resource["aws.log.group.names"] == "/cf-kanban/test"
     assert otlp_backend.wait_for(lambda: any(r.body == "ticket 5 requested" for r in otlp_backend.logs))
+
+
+def test_cloudwatch_direct_to_aws_endpoints_signed_with_sigv4(
+    run_app: Any, collector: Collector, cloudwatch: CloudWatchStandIns
+) -> None:
+    """AWS_REGION + CLOUDWATCH_LOG_GROUP and the credential chain (here: the environment's
+    keys and session token): each signal to its own AWS endpoint, signed for its service."""
+    collector.start(
+        "cloudwatch", CLOUDWATCH_LOG_GROUP="/cf-kanban/test", **cloudwatch.env(CLOUDWATCH_LOG_STREAM="pod-1")
+    )
+    app = start_app(run_app, collector)
+    assert app.get("/api/tickets/21")[0] == 200
+
+    cloudwatch.traces.wait_for_span(lambda s: s.attributes.get("url.path") == "/api/tickets/21")
+    logs = cloudwatch.logs
+    assert logs.wait_for(lambda: any(r.body == "ticket 21 requested" for r in logs.logs))
+    metrics = cloudwatch.metrics
+    assert metrics.wait_for(lambda: any(m.name == "http_requests_total" for m in metrics.metrics))
+    for signal, check in cloudwatch.checks.items():
+        assert check.failures == [], (signal, check.failures)
+        assert check.seen, signal
+        assert {s["service"] for s in check.seen} == {check.service}, signal  # logs, xray, monitoring
+        assert {s["region"] for s in check.seen} == {"eu-west-3"}, signal
+    assert {p for r in (logs, cloudwatch.traces, metrics) for p in r.paths} == {
+        "/v1/logs",
+        "/v1/traces",
+        "/v1/metrics",
+    }
+    assert set(logs.paths) == {"/v1/logs"}
+    assert {h["x-aws-log-group"] for h in logs.headers} == {"/cf-kanban/test"}
+    assert {h["x-aws-log-stream"] for h in logs.headers} == {"pod-1"}
+    assert {h.get("content-encoding") for h in logs.headers} == {"gzip"}  # signed as sent
+    assert AWS_TEST_SECRET not in collector.output()
+
+
+def test_cloudwatch_with_a_wrong_secret_is_refused(
+    run_app: Any, collector: Collector, cloudwatch: CloudWatchStandIns
+) -> None:
+    collector.start(
+        "cloudwatch", CLOUDWATCH_LOG_GROUP="/cf-kanban/test", **cloudwatch.env(secret="wrong" * 8)
+    )
+    app = start_app(run_app, collector)
+    assert app.get("/api/tickets/22")[0] == 200
+    assert cloudwatch.logs.wait_for(lambda: cloudwatch.logs.unauthorized > 0)
+    assert cloudwatch.traces.wait_for(lambda: cloudwatch.traces.unauthorized > 0)
+    assert cloudwatch.checks["traces"].failures[0] == "signature mismatch"
+    assert cloudwatch.logs.logs == []
+    assert cloudwatch.traces.spans == []
+
+
+def test_datadog_agentless_intake_gets_all_three_with_deltas(run_app: Any, collector: Collector) -> None:
+    """DD_API_KEY (+ DD_SITE; here the intake override): OTLP/HTTP to /v1/{traces,metrics,logs}
+    with dd-api-key and dd-protocol, metrics as deltas."""
+    key = "f" * 32
+    with OtlpReceiver(path_prefix="", required_headers={"dd-api-key": key, "dd-protocol": "otlp"}) as intake:
+        collector.start("datadog", DD_API_KEY=key, DD_OTLP_INTAKE_ENDPOINT=intake.http_endpoint)
+        app = start_app(run_app, collector)
+        for i in range(3):
+            assert app.get(f"/api/tickets/dd-{i}")[0] == 200
+        intake.wait_for_span(lambda s: s.attributes.get("url.path") == "/api/tickets/dd-2")
+        assert intake.wait_for(lambda: any(r.body == "ticket dd-2 requested" for r in intake.logs))
+
+        def ticket_requests() -> float:
+            # Deltas add up to the number of requests (the first point of a series is kept
+            # as is: its start time is after the collector's).
+            return sum(
+                p.as_int or p.as_double
+                for m in intake.metrics
+                if m.name == "http_requests_total"
+                for p in m.metric.sum.data_points
+                if any(a.key == "path" and a.value.string_value == TICKET for a in p.attributes)
+            )
+
+        assert intake.wait_for(lambda: ticket_requests() == 3), ticket_requests()
+        for i in range(2):
+            assert app.get(f"/api/tickets/dd-more-{i}")[0] == 200
+        assert intake.wait_for(lambda: ticket_requests() == 5), ticket_requests()
+        time.sleep(1)
+        assert ticket_requests() == 5  # deltas: nothing counted twice
+        temporalities = {
+            getattr(m.metric, kind).aggregation_temporality
+            for m in intake.metrics
+            for kind in ("sum", "histogram", "exponential_histogram")
+            if m.metric.HasField(kind)
+        }
+        assert temporalities == {AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA}
+        assert intake.unauthorized == 0
+        assert set(intake.paths) == {"/v1/traces", "/v1/metrics", "/v1/logs"}
+        assert {h.get("content-type") for h in intake.headers} == {"application/x-protobuf"}

@@ -25,19 +25,32 @@ DUMMY = {
     "DD_API_KEY": SECRET,
     "CLOUDWATCH_OTLP_ENDPOINT": "http://cloudwatch-agent.invalid:4318",
     "CLOUDWATCH_LOG_GROUP": "/cf-kanban/production",
-    "REDIS_URL": f"redis://:{SECRET}@redis.invalid:6379/0",
+    "REDIS_EXPORTER_ENDPOINT": "redis-exporter.invalid:9121",
     "POSTGRES_EXPORTER_ENDPOINT": "postgres-exporter.invalid:9187",
+    "K8S_NODE_NAME": "node-1.invalid",
 }
+# Datadog's agentless intake and CloudWatch's own endpoints (no Agent, no sidecar).
+DIRECT = {k: v for k, v in DUMMY.items() if k not in {"DD_OTLP_ENDPOINT", "CLOUDWATCH_OTLP_ENDPOINT"}}
+# sigv4auth resolves the AWS credentials when the collector starts, `validate` included.
+DIRECT |= {
+    "DD_SITE": "datadoghq.eu",
+    "AWS_REGION": "eu-west-3",
+    "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": SECRET,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+ROUTES = {"agent": DUMMY, "direct": DIRECT}
 
 
 def test_every_backend_has_a_config_file() -> None:
     files = {p.stem for p in (COLLECTOR / "config").glob("*.yaml")}
-    assert files == {"base", "kubernetes", *BACKENDS, *RECEIVERS}
+    assert files == {"base", "kubernetes", *BACKENDS, *RECEIVERS, "datadog-agent", "cloudwatch-agent"}
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_each_backend_validates_alone(collector_bin: Path, backend: str) -> None:
-    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS=backend, **DUMMY)
+def test_each_backend_validates_alone(collector_bin: Path, backend: str, route: str) -> None:
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS=backend, **ROUTES[route])
     assert result.returncode == 0, result.stderr
 
 
@@ -49,15 +62,16 @@ def test_each_receiver_validates_with_the_prometheus_backend(collector_bin: Path
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("kubernetes", ["false", "true"])
-def test_all_backends_validate_together(collector_bin: Path, kubernetes: str) -> None:
+def test_all_backends_validate_together(collector_bin: Path, kubernetes: str, route: str) -> None:
     result = run_launcher(
         collector_bin,
         "--validate",
         CFK_BACKENDS=",".join(BACKENDS),
         CFK_RECEIVERS=",".join(RECEIVERS),
         CFK_KUBERNETES=kubernetes,
-        **DUMMY,
+        **ROUTES[route],
     )
     assert result.returncode == 0, result.stderr
     assert SECRET not in result.stdout + result.stderr
@@ -101,8 +115,8 @@ def test_dry_run_assembles_base_then_backends_in_order(collector_bin: Path) -> N
     [
         ("loki", ["LOKI_ENDPOINT"]),
         ("sentry", ["SENTRY_DSN"]),
-        ("datadog", ["DD_OTLP_ENDPOINT", "DD_API_KEY"]),
-        ("cloudwatch", ["CLOUDWATCH_OTLP_ENDPOINT", "CLOUDWATCH_LOG_GROUP"]),
+        ("datadog", ["DD_API_KEY"]),
+        ("cloudwatch", ["CLOUDWATCH_LOG_GROUP"]),
     ],
 )
 def test_missing_variables_are_named_before_start(
@@ -118,8 +132,92 @@ def test_missing_variables_are_named_before_start(
         assert SECRET not in result.stderr
 
 
+def test_direct_routes_name_their_missing_variables(collector_bin: Path) -> None:
+    env = {k: v for k, v in DIRECT.items() if k not in {"AWS_REGION", "CLOUDWATCH_LOG_GROUP", "DD_API_KEY"}}
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="datadog,cloudwatch", **env)
+    assert result.returncode == 2, result
+    for name, backend in (("DD_API_KEY", "datadog"), ("AWS_REGION", "cloudwatch")):
+        assert f"missing environment variable: {name} ({backend})" in result.stderr
+    assert "missing environment variable: CLOUDWATCH_LOG_GROUP (cloudwatch)" in result.stderr
+    assert "DD_SITE" not in result.stderr  # defaults to datadoghq.com
+
+
 @pytest.mark.parametrize(
-    ("receiver", "missing"), [("redis", ["REDIS_URL"]), ("postgresql", ["POSTGRES_EXPORTER_ENDPOINT"])]
+    ("variable", "value", "message"),
+    [
+        ("DD_SITE", f"{SECRET}.example.com", "DD_SITE is not a Datadog site"),
+        ("AWS_REGION", f"us-east-1;{SECRET}", "AWS_REGION is not an AWS region"),
+    ],
+)
+def test_bad_site_or_region_is_refused_without_echoing_it(
+    collector_bin: Path, variable: str, value: str, message: str
+) -> None:
+    env = {**DIRECT, variable: value}
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="datadog,cloudwatch", **env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert SECRET not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "derived"),
+    [
+        (
+            {"AWS_REGION": "eu-west-3", "DD_SITE": "us3.datadoghq.com", "HOSTNAME": "node-a"},
+            "https://logs.eu-west-3.amazonaws.com/v1/logs|https://xray.eu-west-3.amazonaws.com/v1/traces"
+            "|https://monitoring.eu-west-3.amazonaws.com/v1/metrics|node-a|https://otlp.us3.datadoghq.com",
+        ),
+        (
+            {"AWS_REGION": "us-east-1", "CLOUDWATCH_LOG_STREAM": "cf-kanban"},
+            "https://logs.us-east-1.amazonaws.com/v1/logs|https://xray.us-east-1.amazonaws.com/v1/traces"
+            "|https://monitoring.us-east-1.amazonaws.com/v1/metrics|cf-kanban|https://otlp.datadoghq.com",
+        ),
+        (  # the overrides (proxies, tests)
+            {
+                "AWS_REGION": "us-east-1",
+                "CLOUDWATCH_LOGS_ENDPOINT": "http://127.0.0.1:1/l",
+                "CLOUDWATCH_TRACES_ENDPOINT": "http://127.0.0.1:1/t",
+                "CLOUDWATCH_METRICS_ENDPOINT": "http://127.0.0.1:1/m",
+                "CLOUDWATCH_LOG_STREAM": "s",
+                "DD_OTLP_INTAKE_ENDPOINT": "http://127.0.0.1:2",
+            },
+            "http://127.0.0.1:1/l|http://127.0.0.1:1/t|http://127.0.0.1:1/m|s|http://127.0.0.1:2",
+        ),
+    ],
+)
+def test_direct_endpoints_derived_from_region_and_site(
+    tmp_path: Path, env: dict[str, str], derived: str
+) -> None:
+    fake = tmp_path / "otelcol"
+    names = ("LOGS_ENDPOINT", "TRACES_ENDPOINT", "METRICS_ENDPOINT", "LOG_STREAM")
+    fields = [f"$CFK_CLOUDWATCH_{n}" for n in names] + ["$CFK_DATADOG_INTAKE_ENDPOINT"]
+    fake.write_text('#!/bin/sh\necho "' + "|".join(fields) + '"\n')
+    fake.chmod(0o755)
+    result = run_launcher(
+        fake,
+        "--validate",
+        CFK_BACKENDS="datadog,cloudwatch",
+        DD_API_KEY=SECRET,
+        CLOUDWATCH_LOG_GROUP="/g",
+        **env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == derived
+
+
+def test_agent_routes_pick_their_own_files(collector_bin: Path) -> None:
+    configs = {}
+    for route, env in ROUTES.items():
+        result = run_launcher(collector_bin, "--dry-run", CFK_BACKENDS="datadog,cloudwatch", **env)
+        assert result.returncode == 0, result.stderr
+        configs[route] = [Path(a).name for a in result.stdout.split() if a.endswith(".yaml")]
+    assert configs["agent"] == ["base.yaml", "datadog-agent.yaml", "cloudwatch-agent.yaml"]
+    assert configs["direct"] == ["base.yaml", "datadog.yaml", "cloudwatch.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("receiver", "missing"),
+    [("redis", ["REDIS_EXPORTER_ENDPOINT"]), ("postgresql", ["POSTGRES_EXPORTER_ENDPOINT"])],
 )
 def test_missing_receiver_variables_are_named_before_start(
     collector_bin: Path, receiver: str, missing: list[str]
@@ -160,42 +258,6 @@ def test_receivers_come_after_the_backends(collector_bin: Path) -> None:
     assert configs == ["base.yaml", "prometheus.yaml", "postgresql.yaml", "redis.yaml"]
 
 
-@pytest.mark.parametrize(
-    ("url", "derived"),
-    [
-        ("redis://:pw@127.0.0.1:56379/0", "127.0.0.1:56379||pw|true"),
-        ("redis://cache", "cache:6379|||true"),
-        (
-            "rediss://app:p%40ss%2Fw%25rd@redis.example.com:6380/2",
-            "redis.example.com:6380|app|p@ss/w%rd|false",
-        ),
-        ("redis://[::1]:7000", "[::1]:7000|||true"),
-    ],
-)
-def test_redis_settings_derived_from_redis_url(tmp_path: Path, url: str, derived: str) -> None:
-    # A fake "collector" that prints the variables redis.yaml reads.
-    fake = tmp_path / "otelcol"
-    variables = ("ENDPOINT", "USERNAME", "PASSWORD", "TLS_INSECURE")
-    fake.write_text('#!/bin/sh\necho "' + "|".join(f"$CFK_REDIS_{v}" for v in variables) + '"\n')
-    fake.chmod(0o755)
-    result = run_launcher(fake, "--validate", CFK_BACKENDS="prometheus", CFK_RECEIVERS="redis", REDIS_URL=url)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == derived
-
-
-def test_malformed_redis_url_is_refused_without_echoing_it(collector_bin: Path) -> None:
-    result = run_launcher(
-        collector_bin,
-        "--validate",
-        CFK_BACKENDS="prometheus",
-        CFK_RECEIVERS="redis",
-        REDIS_URL=f"http://{SECRET}@h",
-    )
-    assert result.returncode == 2
-    assert "REDIS_URL is not a Redis URL" in result.stderr
-    assert SECRET not in result.stderr
-
-
 def test_empty_variable_counts_as_missing(collector_bin: Path) -> None:
     result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="datadog", **{**DUMMY, "DD_API_KEY": ""})
     assert result.returncode == 2
@@ -209,7 +271,16 @@ def test_every_missing_variable_of_every_backend_at_once(collector_bin: Path) ->
     )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "missing environment variable" in line]
-    assert len(lines) == 8, result.stderr
+    # The Agent / sidecar endpoints are optional now (issue 23): the direct routes need these.
+    assert [line.split(": ")[-1] for line in lines] == [
+        "LOKI_ENDPOINT (loki)",
+        "SENTRY_DSN (sentry)",
+        "DD_API_KEY (datadog)",
+        "CLOUDWATCH_LOG_GROUP (cloudwatch)",
+        "AWS_REGION (cloudwatch)",
+        "REDIS_EXPORTER_ENDPOINT (redis)",
+        "POSTGRES_EXPORTER_ENDPOINT (postgresql)",
+    ], result.stderr
 
 
 def test_unknown_backend_lists_the_known_ones(collector_bin: Path) -> None:
@@ -277,7 +348,7 @@ PIPELINES = {
     "cloudwatch": {"traces/cloudwatch", "metrics/cloudwatch", "logs/cloudwatch"},
 }
 # Receivers: one metrics pipeline each, into the prometheus backend's exporter.
-RECEIVER_PIPELINES = {"redis": ["redis"], "postgresql": ["prometheus/postgresql"]}
+RECEIVER_PIPELINES = {"redis": ["prometheus/redis"], "postgresql": ["prometheus/postgresql"]}
 
 
 def merged_config(collector_bin: Path, backends: str, **env: str) -> dict[str, Any]:
@@ -299,20 +370,38 @@ def test_backends_compose_into_their_own_pipelines(collector_bin: Path) -> None:
         assert pipeline["receivers"] == receivers, receiver
         assert pipeline["exporters"] == ["prometheus"], receiver
         assert pipeline["processors"][0] == "memory_limiter", receiver
-        assert pipeline["processors"][-1] == "batch", receiver
+        assert "batch" not in pipeline["processors"], receiver
     for name, pipeline in pipelines.items():
         assert pipeline["receivers"] == ["otlp"], name
         assert pipeline["processors"][0] == "memory_limiter", name
-        assert pipeline["processors"][-1] == "batch", name
+        # No in-memory batch processor: what the collector acknowledged is already on disk.
+        assert "batch" not in pipeline["processors"], name
         [exporter] = pipeline["exporters"]
-        assert exporter.split("/")[-1] == name.split("/")[1] or exporter == name.split("/")[1], name
+        assert (
+            exporter.split("/")[-1].split("_")[0] == name.split("/")[1] or exporter == name.split("/")[1]
+        ), name
     assert "k8s_attributes" not in config["processors"]
+    assert "batch" not in config["processors"]
 
 
-def test_every_network_exporter_queues_on_disk_and_retries(collector_bin: Path) -> None:
-    config = merged_config(collector_bin, ",".join(BACKENDS), **DUMMY)
+NETWORK_EXPORTERS = {
+    "agent": {"otlp_http/loki", "otlp_http/sentry", "otlp_http/datadog", "otlp_http/cloudwatch"},
+    "direct": {
+        "otlp_http/loki",
+        "otlp_http/sentry",
+        "otlp_http/datadog",
+        "otlp_http/cloudwatch_logs",
+        "otlp_http/cloudwatch_traces",
+        "otlp_http/cloudwatch_metrics",
+    },
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_network_exporter_queues_on_disk_and_retries(collector_bin: Path, route: str) -> None:
+    config = merged_config(collector_bin, ",".join(BACKENDS), **ROUTES[route])
     network = {k: v for k, v in config["exporters"].items() if k not in {"debug", "prometheus"}}
-    assert set(network) == {"otlp_http/loki", "otlp_http/sentry", "otlp_http/datadog", "otlp_http/cloudwatch"}
+    assert set(network) == NETWORK_EXPORTERS[route]
     for name, exporter in network.items():
         # v0.161 prints an enabled queue as present (an optional section), not enabled: true.
         assert exporter["sending_queue"], name
@@ -324,22 +413,69 @@ def test_every_network_exporter_queues_on_disk_and_retries(collector_bin: Path) 
         assert retry["max_elapsed_time"] >= 10 * 60 * 10**9, name
         assert retry["max_interval"] <= 30 * 10**9, name
         assert exporter["sending_queue"]["queue_size"] >= 5000, name  # batches: > 1 h at 1/s
+        # Batching happens in the persistent queue (after the data is on disk). The sizers
+        # print as {} here: test_queue_sizers_in_the_files checks them.
+        batch = exporter["sending_queue"]["batch"]
+        assert 0 < batch["min_size"] <= batch["max_size"], name
+        assert 0 < batch["flush_timeout"] <= 5 * 10**9, name
     assert config["extensions"]["file_storage"]["directory"]
-    assert config["service"]["extensions"] == ["health_check", "file_storage"]
+    assert config["service"]["extensions"][:2] == ["health_check", "file_storage"]
 
 
-def test_kubernetes_overlay_adds_k8s_attributes_to_every_otlp_pipeline(collector_bin: Path) -> None:
+def test_queue_sizers_in_the_files() -> None:
+    """The queue counts requests (CFK_QUEUE_SIZE), its batches count items (spans, points, records)."""
+    import yaml
+
+    queues = [
+        exporter["sending_queue"]
+        for path in sorted((COLLECTOR / "config").glob("*.yaml"))
+        for exporter in (yaml.safe_load(path.read_text()).get("exporters") or {}).values()
+        if "sending_queue" in exporter
+    ]
+    assert len(queues) == 8  # loki, sentry, datadog x2, cloudwatch-agent, cloudwatch x3
+    for queue in queues:
+        assert queue["storage"] == "file_storage"
+        assert queue["sizer"] == "requests"
+        assert queue["batch"]["sizer"] == "items"
+
+
+def test_direct_routes_sign_with_sigv4_and_send_deltas_to_datadog(collector_bin: Path) -> None:
+    config = merged_config(collector_bin, ",".join(BACKENDS), **DIRECT)
+    exporters, pipelines = config["exporters"], config["service"]["pipelines"]
+    services = {
+        name: ext["service"] for name, ext in config["extensions"].items() if name.startswith("sigv4")
+    }
+    assert set(services.values()) == {"logs", "xray", "monitoring"}
+    assert set(services) <= set(config["service"]["extensions"])
+    for signal, service in (("logs", "logs"), ("traces", "xray"), ("metrics", "monitoring")):
+        exporter = exporters[f"otlp_http/cloudwatch_{signal}"]
+        assert services[exporter["auth"]["authenticator"]] == service, signal
+        assert config["extensions"][exporter["auth"]["authenticator"]]["region"] == "eu-west-3"
+        assert pipelines[f"{signal}/cloudwatch"]["exporters"] == [f"otlp_http/cloudwatch_{signal}"]
+    assert (
+        exporters["otlp_http/cloudwatch_logs"]["logs_endpoint"]
+        == "https://logs.eu-west-3.amazonaws.com/v1/logs"
+    )
+    headers = {h["name"] for h in exporters["otlp_http/cloudwatch_logs"]["headers"]}
+    assert {"x-aws-log-group", "x-aws-log-stream"} <= headers
+    assert exporters["otlp_http/datadog"]["endpoint"] == "https://otlp.datadoghq.eu"
+    assert pipelines["metrics/datadog"]["processors"][-1] == "cumulative_to_delta"
+    others = [p for name, p in pipelines.items() if name != "metrics/datadog"]
+    assert all("cumulative_to_delta" not in p["processors"] for p in others)
+
+
+def test_kubernetes_overlay_adds_the_node_to_every_otlp_pipeline(collector_bin: Path) -> None:
     config = merged_config(
         collector_bin, ",".join(BACKENDS), CFK_RECEIVERS=",".join(RECEIVERS), CFK_KUBERNETES="true", **DUMMY
     )
     for name, pipeline in config["service"]["pipelines"].items():
         if pipeline["receivers"] == ["otlp"]:
-            assert pipeline["processors"][:2] == ["memory_limiter", "k8s_attributes"], name
-        else:  # the app's pod is not where Redis/PostgreSQL metrics come from
-            assert "k8s_attributes" not in pipeline["processors"], name
+            assert pipeline["processors"][:2] == ["memory_limiter", "resource/kubernetes"], name
+        else:  # the collector's node is not where Redis/PostgreSQL metrics come from
+            assert "resource/kubernetes" not in pipeline["processors"], name
     assert config["service"]["pipelines"]["logs/cloudwatch"]["processors"][-2:] == [
+        "resource",
         "resource/cloudwatch",
-        "batch",
     ]
 
 
@@ -354,3 +490,10 @@ def test_prometheus_names_are_pinned(collector_bin: Path) -> None:
         "deployment.environment.name",
     ]
     assert exporter["endpoint"].startswith("127.0.0.1:")
+
+
+def test_kubernetes_overlay_needs_the_node_name(collector_bin: Path) -> None:
+    env = {k: v for k, v in DUMMY.items() if k != "K8S_NODE_NAME"}
+    result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="debug", CFK_KUBERNETES="true", **env)
+    assert result.returncode == 2
+    assert "CFK_KUBERNETES=true needs K8S_NODE_NAME" in result.stderr

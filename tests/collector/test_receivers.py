@@ -1,15 +1,14 @@
 """Server metrics the collector collects itself (CFK_RECEIVERS), end to end: the real Redis
-and PostgreSQL, the real collector started by collector/run with the shipped redis.yaml /
-postgresql.yaml, and a real Prometheus scraping it with deploy/prometheus/prometheus.yml's
-otel-collector job. The outage halves run the alert rules' own expressions on real data."""
+and PostgreSQL behind Debian's redis_exporter / postgres_exporter, the real collector started
+by collector/run with the shipped redis.yaml / postgresql.yaml, and a real Prometheus scraping
+it with deploy/prometheus/prometheus.yml's otel-collector job. The outage halves run the alert
+rules' own expressions on real data."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,18 +16,19 @@ import pytest
 import redis
 import yaml
 
-from tests.collector.conftest import Collector, Prometheus
+from tests.collector.conftest import Collector, Prometheus, start_redis_exporter, stop_process
 from tests.conftest import ROOT, Services, free_port, unavailable
 
 pytestmark = pytest.mark.timeout(90)
 
 RULES = ROOT / "deploy" / "prometheus" / "alerting-rules.yml"
-REDIS_SERIES = {  # what the dashboard's Redis row and the brief need
+REDIS_SERIES = {  # what the dashboard's Redis row, RedisDown and the brief need
+    "redis_up",
     "redis_memory_used_bytes",
-    "redis_clients_connected",
+    "redis_connected_clients",
     "redis_keyspace_hits_total",
     "redis_keyspace_misses_total",
-    "redis_uptime_seconds_total",
+    "redis_uptime_in_seconds",
 }
 
 
@@ -62,17 +62,32 @@ def alert_expr(name: str, **windows: str) -> str:
     return str(expr)
 
 
+@pytest.fixture
+def redis_exporter(services: Services, tmp_path: Path) -> Iterator[int]:
+    """Debian's prometheus-redis-exporter on a free loopback port, against the test Redis."""
+    port, process = start_redis_exporter(services.redis_url, tmp_path / "redis-exporter.log")
+    yield port
+    stop_process(process)
+
+
 def test_redis_server_metrics_reach_prometheus(
-    collector: Collector, services: Services, start_prometheus: Callable[[str], Prometheus]
+    collector: Collector,
+    services: Services,
+    redis_exporter: int,
+    start_prometheus: Callable[[str], Prometheus],
 ) -> None:
-    url = urllib.parse.urlsplit(services.redis_url)
     collector.start(
-        "prometheus", CFK_RECEIVERS="redis", REDIS_URL=services.redis_url, CFK_RECEIVER_INTERVAL="1s"
+        "prometheus",
+        CFK_RECEIVERS="redis",
+        REDIS_EXPORTER_ENDPOINT=f"127.0.0.1:{redis_exporter}",
+        CFK_RECEIVER_INTERVAL="1s",
     )
     assert "cfk-redis-password" not in collector.output()
     prometheus = start_prometheus(f"127.0.0.1:{collector.prometheus_port}")
-    where = f'job="otel-collector", exported_job="redis", exported_instance="127.0.0.1:{url.port}"'
+    where = f'job="otel-collector", exported_job="redis", exported_instance="127.0.0.1:{redis_exporter}"'
 
+    assert wait_for_value(prometheus, f"redis_up{{{where}}}", lambda v: v == 1) == 1
+    assert wait_for_value(prometheus, f"up{{{where}}}", lambda v: v == 1) == 1
     hits_before = wait_for_value(prometheus, f"redis_keyspace_hits_total{{{where}}}", lambda v: v >= 0)
     misses_before = wait_for_value(prometheus, f"redis_keyspace_misses_total{{{where}}}", lambda v: v >= 0)
     client = redis.Redis.from_url(services.redis_url)
@@ -85,7 +100,7 @@ def test_redis_server_metrics_reach_prometheus(
             assert client.get(f"{key}:missing:{i}") is None
         stats = client.info()
         # Other tests may share this Redis: what we did is a lower bound, INFO right after it
-        # (which the collector reads too) the value Prometheus must reach.
+        # (which the exporter reads too) the value Prometheus must reach.
         hits = wait_for_value(
             prometheus, f"redis_keyspace_hits_total{{{where}}}", lambda v: v >= stats["keyspace_hits"]
         )
@@ -94,21 +109,19 @@ def test_redis_server_metrics_reach_prometheus(
         )
         assert hits - hits_before >= 5
         assert misses - misses_before >= 3
-        # Our client and the collector's own connection, at least.
-        wait_for_value(prometheus, f"redis_clients_connected{{{where}}}", lambda v: v >= 2)
+        # Our client and the exporter's own connection, at least.
+        wait_for_value(prometheus, f"redis_connected_clients{{{where}}}", lambda v: v >= 2)
     finally:
         client.close()
     memory = wait_for_value(prometheus, f"redis_memory_used_bytes{{{where}}}", lambda v: v > 0)
     assert stats["used_memory"] / 4 < memory < stats["used_memory"] * 4
-    uptime = wait_for_value(prometheus, f"redis_uptime_seconds_total{{{where}}}", lambda v: v > 0)
+    uptime = wait_for_value(prometheus, f"redis_uptime_in_seconds{{{where}}}", lambda v: v > 0)
     assert abs(uptime - stats["uptime_in_seconds"]) < 30
 
     names = {r["metric"]["__name__"] for r in prometheus.query(f'{{{where}, __name__=~"redis_.*"}}')}
     assert names >= REDIS_SERIES, sorted(names)
-    assert "redis_up" not in names  # the receiver has no up metric (RedisDown uses the uptime)
     [series] = prometheus.query(f"redis_memory_used_bytes{{{where}}}")
     assert series["metric"]["deployment_environment_name"] == "production"  # CFK_DEFAULT_ENVIRONMENT
-    assert series["metric"]["service_name"] == "redis"
 
 
 @pytest.fixture
@@ -136,32 +149,43 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     process.wait()
 
 
+@pytest.mark.parametrize("failure", ["redis-stopped", "exporter-stopped"])
 def test_redis_down_fires_the_alert_expression(
     collector: Collector,
+    services: Services,  # `scripts/services start` installs the exporter when missing
     own_redis: tuple[str, subprocess.Popen[bytes]],
     start_prometheus: Callable[[str], Prometheus],
+    tmp_path: Path,
+    failure: str,
 ) -> None:
     url, server = own_redis
-    port = urllib.parse.urlsplit(url).port
-    collector.start("prometheus", CFK_RECEIVERS="redis", REDIS_URL=url, CFK_RECEIVER_INTERVAL="1s")
-    prometheus = start_prometheus(f"127.0.0.1:{collector.prometheus_port}")
-    # RedisDown as written, its windows scaled to 1 s collections: 1m -> 5s, 15m -> 2m.
-    redis_down = alert_expr("RedisDown", **{"1m": "5s", "15m": "2m"})
-    where = f'exported_job="redis", exported_instance="127.0.0.1:{port}"'
-    wait_for_value(prometheus, f"changes(redis_uptime_seconds_total{{{where}}}[5s])", lambda v: v > 0)
-    assert prometheus.query(redis_down) == []  # up: the uptime advances
+    port, exporter = start_redis_exporter(url, tmp_path / "redis-exporter.log")
+    try:
+        collector.start(
+            "prometheus",
+            CFK_RECEIVERS="redis",
+            REDIS_EXPORTER_ENDPOINT=f"127.0.0.1:{port}",
+            CFK_RECEIVER_INTERVAL="1s",
+        )
+        prometheus = start_prometheus(f"127.0.0.1:{collector.prometheus_port}")
+        redis_down = alert_expr("RedisDown")
+        where = f'exported_job="redis", exported_instance="127.0.0.1:{port}"'
+        wait_for_value(prometheus, f"redis_up{{{where}}}", lambda v: v == 1)
+        assert prometheus.query(redis_down) == []  # up
 
-    server.kill()
-    server.wait()
-    deadline = time.monotonic() + 20
-    while not (firing := prometheus.query(redis_down)):
-        assert time.monotonic() < deadline, collector.output()[-2000:]
-        time.sleep(0.5)
-    assert [f["metric"] for f in firing] == [{"exported_instance": f"127.0.0.1:{port}"}]
-    # The collector keeps serving the last values (metric_expiration), only the uptime stops.
-    assert prometheus.query(f"redis_memory_used_bytes{{{where}}}")
-    assert re.search(r"(?i)error scraping metrics", collector.output()), collector.output()[-2000:]
-    assert collector.health() == 200
+        stopped = server if failure == "redis-stopped" else exporter
+        stopped.kill()  # redis_up 0 (the exporter's view), or up 0 (the collector's scrape)
+        stopped.wait()
+        deadline = time.monotonic() + 20
+        while not (firing := prometheus.query(redis_down)):
+            assert time.monotonic() < deadline, collector.output()[-2000:]
+            time.sleep(0.5)
+        assert [(f["metric"]["exported_job"], f["metric"]["exported_instance"]) for f in firing] == [
+            ("redis", f"127.0.0.1:{port}")
+        ], firing
+        assert collector.health() == 200
+    finally:
+        stop_process(exporter)
 
 
 @pytest.fixture

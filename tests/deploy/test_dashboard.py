@@ -2,7 +2,8 @@
 
 The real app (tests/apps/metrics_app.py under opentelemetry-instrument, real PostgreSQL and
 Redis) serves /api/metrics; the real collector runs its shipped redis receiver
-(CFK_RECEIVERS=redis) against the real Redis; a real Prometheus scrapes both with the jobs of
+(CFK_RECEIVERS=redis: Debian's redis_exporter on the real Redis, scraped by the collector); a
+real Prometheus scrapes both with the jobs of
 deploy/prometheus/prometheus.yml.
 Every panel's query must parse, and return data unless it is listed in EXPECTED_EMPTY.
 """
@@ -24,7 +25,14 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
-from tests.collector.conftest import Collector, Prometheus, launch_prometheus, stop_prometheus
+from tests.collector.conftest import (
+    Collector,
+    Prometheus,
+    launch_prometheus,
+    start_redis_exporter,
+    stop_process,
+    stop_prometheus,
+)
 from tests.conftest import Services, free_port, uvicorn_command
 from tests.deploy.conftest import DASHBOARD, PROMETHEUS_DIR, load_yaml
 
@@ -126,15 +134,20 @@ def start_prometheus(tmp_path: Path, app_target: str, collector_target: str) -> 
 @pytest.fixture
 def redis_collector(collector_bin: Path, services: Services, tmp_path: Path) -> Iterator[int]:
     """The real collector with the shipped redis receiver (CFK_RECEIVERS=redis,
-    collector/config/redis.yaml) on the test Redis; yields its exporter port."""
+    collector/config/redis.yaml: a redis_exporter on the test Redis); yields its exporter port."""
+    exporter_port, exporter = start_redis_exporter(services.redis_url, tmp_path / "redis-exporter.log")
     collector = Collector(collector_bin, tmp_path)
-    collector.start(
-        "prometheus", CFK_RECEIVERS="redis", REDIS_URL=services.redis_url, CFK_RECEIVER_INTERVAL="1s"
-    )
     try:
+        collector.start(
+            "prometheus",
+            CFK_RECEIVERS="redis",
+            REDIS_EXPORTER_ENDPOINT=f"127.0.0.1:{exporter_port}",
+            CFK_RECEIVER_INTERVAL="1s",
+        )
         yield collector.prometheus_port
     finally:
         collector.stop()
+        stop_process(exporter)
 
 
 def query(prometheus: Prometheus, expr: str) -> tuple[bool, list[dict[str, Any]] | str]:

@@ -28,7 +28,11 @@ ENV_REF = re.compile(r"\$\{env:([A-Z0-9_]+)(:-[^}]*)?\}")
 DERIVED_BY_RUN = {
     "CFK_SENTRY_OTLP_ENDPOINT": "SENTRY_DSN",
     "CFK_SENTRY_KEY": "SENTRY_DSN",
-    "CFK_REDIS_ENDPOINT": "REDIS_URL",
+    "CFK_DATADOG_INTAKE_ENDPOINT": "DD_API_KEY",  # https://otlp.${DD_SITE:-datadoghq.com}
+    "CFK_CLOUDWATCH_LOGS_ENDPOINT": "AWS_REGION",
+    "CFK_CLOUDWATCH_TRACES_ENDPOINT": "AWS_REGION",
+    "CFK_CLOUDWATCH_METRICS_ENDPOINT": "AWS_REGION",
+    "CFK_CLOUDWATCH_LOG_STREAM": "AWS_REGION",  # CLOUDWATCH_LOG_STREAM, else the pod's name
 }
 
 
@@ -83,6 +87,8 @@ def daemonset_environment(docs: list[dict[str, Any]]) -> dict[str, str]:
     secrets = {
         "SENTRY_DSN": "https://0123456789abcdef0123456789abcdef@o1.ingest.sentry.io/42",
         "DD_API_KEY": "a" * 32,
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "b" * 40,
     }
     for var in c["env"]:
         if "value" in var:
@@ -203,24 +209,12 @@ def test_gomemlimit_sits_between_the_memory_limiters_soft_and_hard_limits() -> N
     assert mebibytes(c["resources"]["requests"]["memory"]) <= limit
 
 
-def test_rbac_is_read_only_on_what_k8s_attributes_needs() -> None:
+def test_the_collector_has_no_kubernetes_api_access() -> None:
+    """k8s_attributes, the one reader of the API, is not in the 0.165 build: no RBAC, no token."""
     docs = render("collector")
-    role = one(docs, "ClusterRole", "otelcol-cfk")
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
-    expected = {
-        (group, resource, verb)
-        for group, resource in (("", "pods"), ("", "namespaces"), ("apps", "replicasets"))
-        for verb in ("get", "watch", "list")
-    }
-    assert granted == expected
-    binding = one(docs, "ClusterRoleBinding", "otelcol-cfk")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "otelcol-cfk", "namespace": "cfk-otel"}]
+    assert not [d for d in docs if d["kind"] in {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}]
+    account = one(docs, "ServiceAccount", "otelcol-cfk")
+    assert account["automountServiceAccountToken"] is False
 
 
 def test_app_probes_are_the_documents_on_the_apps_paths() -> None:
