@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
 from opentelemetry import context as context_api
+from opentelemetry import metrics
 from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
@@ -269,6 +270,47 @@ def stats() -> dict[str, dict[str, Any]]:
     """The core's export counters in this process, per signal (accepted, exported, dropped...)."""
     pid = os.getpid()
     return {signal: dict(e.stats()) for (p, signal), e in list(_EXPORTERS.items()) if p == pid}
+
+
+DROP_REASONS: Final = ("queue_full", "export_failed")
+_DROPS_SAID = [False]
+
+
+def observe_drops(options: metrics.CallbackOptions) -> list[metrics.Observation]:
+    """``cfk_otel_telemetry_dropped_total{signal,reason}``: what the core gave up on, a full
+    queue (the collector away longer than the queue lasts) or an export retried past its
+    time. The first drop is also said once in the log."""
+    observations = []
+    for signal, counters in sorted(stats().items()):
+        for reason in DROP_REASONS:
+            dropped = int(counters[f"dropped_{reason}"])
+            observations.append(metrics.Observation(dropped, {"signal": signal, "reason": reason}))
+            if dropped and not _DROPS_SAID[0]:
+                _DROPS_SAID[0] = True
+                _log.warning(
+                    "cfk_otel: telemetry was dropped (%d %s, %s; last export error: %s); "
+                    "counted in cfk_otel_telemetry_dropped_total and shown in /api/health",
+                    dropped,
+                    "spans" if signal == "traces" else "log records",
+                    reason.replace("_", " "),
+                    counters.get("last_error") or "none",
+                )
+    return observations
+
+
+def health() -> dict[str, dict[str, Any]]:
+    """What ``/api/health`` shows of the core's export, per signal."""
+    return {
+        signal: {
+            "exported": counters["exported"],
+            "queued": counters["queued"],
+            "dropped": {reason: counters[f"dropped_{reason}"] for reason in DROP_REASONS},
+            "rejected": counters["rejected"],
+            "failedAttempts": counters["failed_attempts"],
+            "lastError": counters["last_error"],
+        }
+        for signal, counters in sorted(stats().items())
+    }
 
 
 class CoreSpan(trace.Span):

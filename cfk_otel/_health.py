@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from . import _sdk
+from . import _core, _sdk
 from ._asgi import ASGIApp, Message, Receive, Scope, Send
 from ._settings import Settings
 
@@ -281,7 +281,12 @@ class HealthRegistry:
         if self.shutting_down:  # SIGTERM may have arrived while the checks ran
             outcomes = (*outcomes, _SHUTDOWN_OUTCOME)
         status = _overall(outcomes)
-        return (503 if status == "unhealthy" else 200), self._body(status, outcomes, run.timestamp)
+        body = self._body(status, outcomes, run.timestamp)
+        if probe == "health":
+            telemetry = _core.health()  # what the compiled core exported and dropped
+            if telemetry:
+                body["telemetry"] = telemetry
+        return (503 if status == "unhealthy" else 200), body
 
     def _body(self, status: HealthStatus, outcomes: Iterable[_Outcome], timestamp: str) -> dict[str, Any]:
         return {

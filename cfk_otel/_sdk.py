@@ -181,6 +181,12 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         STATE.scrape = Scrape(registry, group_directory())
     choice = _core.select(current)
     _core.activate(choice, trace.get_tracer_provider())
+    if choice.native:
+        metrics.get_meter("cfk_otel").create_observable_counter(
+            "cfk_otel_telemetry_dropped",
+            callbacks=[_core.observe_drops],
+            description="Spans and log records the compiled core dropped, by signal and reason",
+        )
     logs = _core.select_logs(current)
     logger_provider = _logs.get_logger_provider()
     if logs.native and isinstance(logger_provider, LoggerProvider):

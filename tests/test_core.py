@@ -237,3 +237,45 @@ def test_both_paths_export_the_same_spans(tmp_path: Path, services: Services) ->
     request_line = next(line for line in lines if line.get("path") == "/boards/7/work")
     assert request_line["trace_id"] == INCOMING_TRACE
     assert request_line["span_id"] == server.span_id
+
+
+def test_drops_are_counted_said_once_and_shown_in_health(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the collector refusing, a full queue drops the oldest: counted in
+    cfk_otel_telemetry_dropped_total, said once in the log, and in /api/health (issue 23)."""
+    from opentelemetry import metrics
+
+    with OtlpReceiver() as receiver:
+        receiver.status = 503  # every export is retried, so the queue fills
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.http_endpoint)
+        monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "5")
+        monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "5")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+        provider = sdk_trace.TracerProvider()
+        _core.shutdown(1.0)
+        _core.activate(_core.Choice(True, ""), provider)
+        try:
+            _core._DROPS_SAID[0] = False  # once per process: as if this were the first drop
+            spans = _core.Spans(provider)
+            for i in range(40):
+                spans.start(f"GET /{i}", None).end()
+            assert receiver.wait_for(lambda: receiver.rejected > 0, timeout=5.0)  # an attempt was refused
+            options = metrics.CallbackOptions()
+            first = {
+                (o.attributes or {})["reason"]: o.value
+                for o in _core.observe_drops(options)
+                if (o.attributes or {})["signal"] == "traces"
+            }
+            assert first["queue_full"] >= 40 - 5 - 5  # at most a queue and a batch in flight kept
+            assert first["export_failed"] == 0
+            _core.observe_drops(options)
+            assert caplog.text.count("telemetry was dropped") == 1
+            shown = _core.health()["traces"]
+            assert shown["dropped"]["queue_full"] >= first["queue_full"]
+            assert shown["lastError"] == "HTTP 503"
+            assert receiver.http_endpoint not in str(shown)
+        finally:
+            _core.activate(_core.Choice(False, "not set up"))
+            _core.shutdown(0.5)
+            provider.shutdown()
