@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
 from opentelemetry import context as context_api
-from opentelemetry import metrics
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits, LogRecordProcessor
