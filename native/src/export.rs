@@ -325,9 +325,14 @@ fn send<T: Weighed + Send>(shared: &Shared<T>, agent: &ureq::Agent, batch: Vec<T
             queue = wait(&shared.wake, queue, resume - now);
         }
         drop(queue);
-        backoff = (backoff * 2).min(Duration::from_secs(32));
+        // Capped low: the collector is a DaemonSet on the same node, so a retry is cheap, and
+        // a collector back from a restart is used within seconds, before the queue fills.
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
+
+/// The longest pause between two attempts of one batch (before jitter).
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 fn post(config: &Config, agent: &ureq::Agent, body: &[u8]) -> Outcome {
     let mut request = agent
