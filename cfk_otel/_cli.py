@@ -6,29 +6,38 @@ import argparse
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from . import _checklist, _settings
+from ._logs import escape_control
 from ._version import __version__
 
 _HIDDEN = "<set, hidden>"
 
 
 def mask(var: _settings.Variable[object], raw: str) -> str:
-    """A variable's value as it may be printed: secrets hidden, URL credentials removed."""
+    """A variable's value as it may be printed: secrets hidden; URL credentials, queries and
+    fragments redacted as the settings' messages redact them; control characters escaped.
+    Never raises, whatever the value (a bad port, an unclosed bracket, stray bytes)."""
     if var.secret:
         return _HIDDEN if raw else ""
-    parts = urlsplit(raw) if "://" in raw else None
-    if parts is not None and (parts.username or parts.password):
-        host = parts.hostname or ""
-        netloc = f"****@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return raw
+    return _printable(raw)
+
+
+def _printable(value: str) -> str:
+    """Any other value as the terminal may show it (see :func:`mask`)."""
+    return _terminal(_settings.shown(value, secret=False))
+
+
+def _terminal(text: str) -> str:
+    """``text`` with control characters escaped and lone surrogates (undecodable bytes in
+    the environment) written as escapes, so that printing it cannot fail."""
+    return escape_control(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _endpoint(settings: _settings.Settings) -> tuple[str, int]:
     default = "http://localhost:4317" if settings.otlp_protocol == "grpc" else "http://localhost:4318"
-    parts = urlsplit(settings.otlp_endpoint or default)
+    parts = urlsplit(settings.otlp_endpoint or default)  # the settings accepted it: it splits
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.hostname or "localhost", port
 
@@ -41,6 +50,23 @@ def _check_endpoint(settings: _settings.Settings, timeout: float) -> str | None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return f"OTLP endpoint {host}:{port} does not answer ({reason}); telemetry would be dropped"
+
+
+def _print_configuration(env: Mapping[str, str], settings: _settings.Settings) -> None:
+    print(f"cfk_otel {__version__}: effective configuration")
+    width = max(len(v.name) for v in _settings.VARIABLES)
+    for var in _settings.VARIABLES:
+        raw = env.get(var.name)
+        default = var.default_text()
+        if raw is not None:
+            shown = mask(var, raw)
+        else:
+            shown = default if default == "(unset)" else f"{default} (default)"
+        print(f"  {var.name:<{width}}  {shown}")
+    service, version, environment = (
+        _printable(v) for v in (settings.service_name, settings.service_version, settings.environment)
+    )
+    print(f"service {service!r}, version {version!r}, environment {environment!r}")
 
 
 def doctor(env: Mapping[str, str], timeout: float = 2.0, production: bool = False) -> int:
@@ -58,20 +84,7 @@ def doctor(env: Mapping[str, str], timeout: float = 2.0, production: bool = Fals
     else:
         problems.extend(str(p) for p in settings.problems)
 
-    print(f"cfk_otel {__version__}: effective configuration")
-    width = max(len(v.name) for v in _settings.VARIABLES)
-    for var in _settings.VARIABLES:
-        raw = env.get(var.name)
-        default = var.default_text()
-        if raw is not None:
-            shown = mask(var, raw)
-        else:
-            shown = default if default == "(unset)" else f"{default} (default)"
-        print(f"  {var.name:<{width}}  {shown}")
-    print(
-        f"service {settings.service_name!r}, version {settings.service_version!r}, "
-        f"environment {settings.environment!r}"
-    )
+    _print_configuration(env, settings)
 
     if settings.sdk_disabled:
         print("telemetry is disabled (OTEL_SDK_DISABLED=true)")
@@ -87,14 +100,27 @@ def doctor(env: Mapping[str, str], timeout: float = 2.0, production: bool = Fals
     if settings.sentry_dsn is None:
         print("Sentry: SENTRY_DSN is not set; errors are not sent to Sentry")
 
-    problems.extend(_checklist.report(settings, env, strict=production))
+    try:
+        problems.extend(_checklist.report(settings, env, strict=production))
+    except Exception as exc:  # a bug here must still end in a report, not a traceback
+        problems.append(f"the production checklist could not be run ({type(exc).__name__})")
     if problems:
         print(f"\n{len(problems)} problem(s):")
         for problem in problems:
-            print(f"  - {problem.removeprefix('cfk_otel: ')}")
+            print(f"  - {_terminal(problem.removeprefix('cfk_otel: '))}")
         return 1
     print("\nno problems found")
     return 0
+
+
+def _doctor_guarded(env: Mapping[str, str], timeout: float, production: bool) -> int:
+    try:
+        return doctor(env, timeout, production)
+    except Exception as exc:  # never a traceback: say what failed, exit non-zero
+        print(
+            f"cfk-otel doctor: could not finish ({type(exc).__name__}); please report this", file=sys.stderr
+        )
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import os  # noqa: PLC0415
 
-    return doctor(os.environ, args.timeout, args.production)
+    return _doctor_guarded(os.environ, args.timeout, args.production)
 
 
 if __name__ == "__main__":
