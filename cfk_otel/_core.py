@@ -137,30 +137,25 @@ class Choice:
 
 
 def select(settings: _settings.Settings, env: Mapping[str, str] | None = None) -> Choice:
-    """Choose the implementation for this process (see the module docstring)."""
-    env = os.environ if env is None else env
-    if not settings.native:
-        return Choice(False, "CFK_OTEL_NATIVE=false")
-    if _native is None:
-        return Choice(False, "the compiled core is not installed")
-    if settings.traces_exporters != ("otlp",):
-        return Choice(False, f"OTEL_TRACES_EXPORTER={','.join(settings.traces_exporters) or 'none'}")
-    target = otlp_target("traces", env)
-    if isinstance(target, str):
-        return Choice(False, target)
-    return Choice(True, "")
+    """Who records our spans in this process (see the module docstring)."""
+    return _select(settings, "traces", settings.traces_exporters, env)
 
 
 def select_logs(settings: _settings.Settings, env: Mapping[str, str] | None = None) -> Choice:
     """Whether ``logging``'s records (request lines included) go straight to the core."""
-    env = os.environ if env is None else env
+    return _select(settings, "logs", settings.logs_exporters, env)
+
+
+def _select(
+    settings: _settings.Settings, signal: str, exporters: tuple[str, ...], env: Mapping[str, str] | None
+) -> Choice:
     if not settings.native:
         return Choice(False, "CFK_OTEL_NATIVE=false")
     if _native is None:
         return Choice(False, "the compiled core is not installed")
-    if settings.logs_exporters != ("otlp",):
-        return Choice(False, f"OTEL_LOGS_EXPORTER={','.join(settings.logs_exporters) or 'none'}")
-    target = otlp_target("logs", env)
+    if exporters != ("otlp",):
+        return Choice(False, f"OTEL_{signal.upper()}_EXPORTER={','.join(exporters) or 'none'}")
+    target = otlp_target(signal, os.environ if env is None else env)
     if isinstance(target, str):
         return Choice(False, target)
     return Choice(True, "")
