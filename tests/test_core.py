@@ -262,9 +262,7 @@ def test_drops_are_counted_said_once_and_shown_in_health(
                 spans.start(f"GET /{i}", None).end()
             # An attempt was refused and the core has taken note of it (the receiver counts the
             # request before the core reads the answer).
-            assert receiver.wait_for(
-                lambda: _core.stats()["traces"]["failed_attempts"] > 0, timeout=5.0
-            )
+            assert receiver.wait_for(lambda: _core.stats()["traces"]["failed_attempts"] > 0, timeout=5.0)
             options = metrics.CallbackOptions()
             first = {
                 (o.attributes or {})["reason"]: o.value
