@@ -510,6 +510,53 @@ def _attribute(value: object) -> Any:
     return _dumps({"v": value})[5:-1]
 
 
+# An OTLP log record's attributes, in UTF-8 bytes, at most (as a stdout line's): far below
+# what log backends take (Loki and CloudWatch Logs 256 KB, Datadog 1 MB), far above an
+# ordinary record (a few hundred bytes).
+RECORD_MAX_BYTES: Final = 64 << 10
+
+
+def _weight(value: Any) -> int:
+    """Characters a record attribute's value holds (each at most 4 bytes in UTF-8)."""
+    if type(value) is str:
+        return len(value)
+    if type(value) is list:
+        return sum(len(v) for v in value)
+    return 16
+
+
+def _as_text(value: Any) -> str:
+    return value if type(value) is str else _dumps({"v": value})[5:-1]
+
+
+def _within_ceiling(attributes: dict[str, Any]) -> dict[str, Any]:
+    """A record's attributes within :data:`RECORD_MAX_BYTES`: as they are, nearly always;
+    otherwise the longest text values cut to 1024 characters (with the marker), then, if
+    that is not enough, the context's last fields dropped and counted in
+    ``cfk_otel.dropped_fields``, as a stdout line is fitted. The code location and the
+    exception stay."""
+    if sum(len(k) + _weight(v) for k, v in attributes.items()) * 4 <= RECORD_MAX_BYTES:
+        return attributes  # the usual case: no encoding needed to know
+
+    def size(fields: dict[str, Any]) -> int:
+        return sum(_utf8_size(k) + _utf8_size(_as_text(v)) for k, v in fields.items())
+
+    fitted = dict(attributes)
+    for key in sorted(fitted, key=lambda k: _weight(fitted[k]), reverse=True):
+        if size(fitted) <= RECORD_MAX_BYTES or _weight(fitted[key]) <= _FITTED_FIELD:
+            break
+        fitted[key] = cut(_as_text(fitted[key]), _FITTED_FIELD)
+    dropped = 0
+    for key in [k for k in reversed(list(fitted)) if not k.startswith(("code.", "exception."))]:
+        if size(fitted) + 64 <= RECORD_MAX_BYTES:
+            break
+        del fitted[key]
+        dropped += 1
+    if dropped:
+        fitted["cfk_otel.dropped_fields"] = dropped
+    return fitted
+
+
 class OtlpHandler(logging.Handler):
     """Emits every ``logging`` record as an OpenTelemetry log record, once.
 
@@ -583,6 +630,7 @@ class OtlpHandler(logging.Handler):
                 attributes["exception.type"] = error["type"]
                 attributes["exception.message"] = error["message"]
                 attributes["exception.stacktrace"] = error["stack"]
+            attributes = _within_ceiling(attributes)
             if self.direct:
                 explicit = getattr(record, "cfk_span", None)
                 span = explicit if explicit is not None else trace.get_current_span().get_span_context()

@@ -949,3 +949,22 @@ def test_the_request_lines_path_is_cut_at_the_log_limit(settings: Settings) -> N
     cut = "/" + "p" * 19 + "…[truncated 999981 chars]"
     assert line["path"] == cut
     assert line["message"] == f"GET {cut} 404 10ms"
+
+
+def test_an_otlp_record_over_the_ceiling_is_fitted_within_it() -> None:
+    """Issue 20: a record's attributes stay within 64 KiB in UTF-8, whatever the context."""
+    from cfk_otel._logs import RECORD_MAX_BYTES, _within_ceiling
+
+    small = {"userId": "u-1", "n": 3, "code.file.path": "/app/x.py"}
+    assert _within_ceiling(small) is small  # the usual case: untouched
+    many = {f"field{i:03}": "é" * 2000 for i in range(100)}  # 400 KB of UTF-8
+    many["code.function.name"] = "create"
+    many["exception.stacktrace"] = "Traceback..."
+    fitted = _within_ceiling(many)
+    encoded = sum(len(k.encode()) + len(str(v).encode()) for k, v in fitted.items())
+    assert encoded <= RECORD_MAX_BYTES
+    assert fitted["field000"].endswith("…[truncated 976 chars]")
+    assert fitted["code.function.name"] == "create"  # the location and the error stay
+    assert fitted["exception.stacktrace"] == "Traceback..."
+    dropped = fitted.get("cfk_otel.dropped_fields", 0)
+    assert len([k for k in fitted if k.startswith("field")]) + dropped == 100
