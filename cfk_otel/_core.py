@@ -26,6 +26,7 @@ import os
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,7 +37,7 @@ from opentelemetry import context as context_api
 from opentelemetry import metrics, trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
-from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits, LogRecordProcessor
+from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -182,11 +183,7 @@ def activate(choice: Choice, provider: trace.TracerProvider | None = None) -> No
     _CHOICE = choice
     _GENERATION[0] += 1
     if choice.native and isinstance(provider, sdk_trace.TracerProvider):
-        _watch(provider)
-
-
-def active() -> Choice:
-    return _CHOICE
+        _watch(provider, "add_span_processor")
 
 
 # cfk_otel's own value-length limits per signal (OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT and the
@@ -542,7 +539,7 @@ class Spans:
             and isinstance(self._tracer, sdk_trace.Tracer)  # a disabled SDK gives a no-op tracer
         ):
             return
-        if not _watch(provider):
+        if not _watch(provider, "add_span_processor"):
             return  # the app added a processor of its own: it must see our spans
         self.limits = sdk_trace.SpanLimits()
         self.exporter = _exporter("traces", provider.resource, [(SCOPE, __version__)])
@@ -583,43 +580,25 @@ class Spans:
         return CoreSpan(self, name, kind, span_context, parent_context, sampled)
 
 
-# Providers whose processors are known: only the set-up's. A provider is watched by
-# replacing its add_span_processor (a public method) on the instance.
-_WATCHED: dict[int, bool] = {}
+# Providers whose processors are known: only the set-up's, until the app adds one of its
+# own through the provider's public add method, which is replaced on the instance to say so.
+_WATCHED: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
 
 
-def _watch(provider: sdk_trace.TracerProvider) -> bool:
-    """Whether only the set-up's processors are on ``provider`` (True until the app adds one)."""
-    key = id(provider)
-    if key not in _WATCHED:
-        _WATCHED[key] = True
-        add = provider.add_span_processor
+def _watch(provider: object, add_method: str) -> bool:
+    """Whether only the set-up's processors are on ``provider`` (True until the app adds one
+    through ``add_method``); watching starts at the first call."""
+    if provider not in _WATCHED:
+        _WATCHED[provider] = True
+        add = getattr(provider, add_method)
 
-        def add_span_processor(span_processor: sdk_trace.SpanProcessor) -> None:
-            add(span_processor)
-            _WATCHED[key] = False
-            _GENERATION[0] += 1
+        def add_processor(processor: object) -> None:
+            add(processor)
+            _WATCHED[provider] = False
+            _GENERATION[0] += 1  # Spans and LogSinks decide again
 
-        provider.add_span_processor = add_span_processor  # type: ignore[method-assign]
-    return _WATCHED[key]
-
-
-# Logger providers whose processors are known, as for tracer providers above.
-_WATCHED_LOGS: dict[int, bool] = {}
-
-
-def _watch_logs(provider: LoggerProvider) -> None:
-    key = id(provider)
-    if key in _WATCHED_LOGS:
-        return
-    _WATCHED_LOGS[key] = True
-    add = provider.add_log_record_processor
-
-    def add_log_record_processor(log_record_processor: LogRecordProcessor) -> None:
-        add(log_record_processor)
-        _WATCHED_LOGS[key] = False
-
-    provider.add_log_record_processor = add_log_record_processor  # type: ignore[method-assign]
+        setattr(provider, add_method, add_processor)
+    return _WATCHED[provider]
 
 
 class LogSink:
@@ -637,11 +616,15 @@ class LogSink:
         self._limits = LogRecordLimits()
         self._exporter: OtlpExporter | None = None
         self._scopes: dict[str, int | None] = {}  # logger name -> the exporter's scope index
-        _watch_logs(provider)
+        self._active = _watch(provider, "add_log_record_processor")
+        self._generation = _GENERATION[0]
 
     @property
     def active(self) -> bool:
-        return _WATCHED_LOGS.get(id(self.provider), False)
+        if self._generation != _GENERATION[0]:  # a processor added somewhere: ask again
+            self._generation = _GENERATION[0]
+            self._active = _watch(self.provider, "add_log_record_processor")
+        return self._active
 
     def record(
         self,
