@@ -74,17 +74,27 @@ _FLAGS: Final = {
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where and how one signal is exported over OTLP/HTTP, from the ``OTEL_EXPORTER_OTLP_*``
-    variables, as the SDK's exporter reads them."""
+    variables, as the SDK's exporter reads them. The TLS material is the PEM text of the
+    files the variables name, read once."""
 
     url: str
     headers: tuple[tuple[str, str], ...]
     gzip: bool
     timeout: float
+    certificate: bytes | None = None
+    client_certificate: bytes | None = None
+    client_key: bytes | None = None
 
 
 def _signal_env(env: Mapping[str, str], signal: str, name: str) -> str:
     own = env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_{name}", "").strip()
     return own or env.get(f"OTEL_EXPORTER_OTLP_{name}", "").strip()
+
+
+def _signal_variable(env: Mapping[str, str], signal: str, name: str) -> str:
+    """Which variable :func:`_signal_env` took the value from."""
+    own = f"OTEL_EXPORTER_OTLP_{signal.upper()}_{name}"
+    return own if env.get(own, "").strip() else f"OTEL_EXPORTER_OTLP_{name}"
 
 
 def _headers(value: str) -> tuple[tuple[str, str], ...]:
@@ -93,15 +103,49 @@ def _headers(value: str) -> tuple[tuple[str, str], ...]:
     return tuple((unquote(k).strip().lower(), unquote(v).strip()) for k, v in pairs if k.strip())
 
 
+# Where requests (the SDK's HTTP client) finds its roots when no OTLP certificate is named:
+# an app that trusts its collector's private CA this way keeps doing so on the core.
+_REQUESTS_ROOTS: Final = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def _tls(env: Mapping[str, str], signal: str) -> tuple[bytes | None, bytes | None, bytes | None] | str:
+    """The PEM text of the CA, client certificate and client key files for ``signal``, as the
+    SDK pairs them (a key without a certificate is not used), or why they cannot be used."""
+    read: list[bytes | None] = []
+    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
+        path, variable = _signal_env(env, signal, name), _signal_variable(env, signal, name)
+        if not path and name == "CERTIFICATE":
+            variable = next((v for v in _REQUESTS_ROOTS if env.get(v, "").strip()), "")
+            path = env.get(variable, "").strip() if variable else ""
+        if not path or (name == "CLIENT_KEY" and read[1] is None):
+            read.append(None)
+            continue
+        try:
+            with open(path, "rb") as file:
+                read.append(file.read(1 << 20))  # a PEM bundle; never a whole disk
+        except OSError as error:
+            return f"{variable}: cannot read the file ({error.strerror or type(error).__name__})"
+    certificate, client_certificate, client_key = read
+    if _native is not None and (certificate or client_certificate):
+        try:
+            _native.check_tls(certificate, client_certificate, client_key)
+        except ValueError as error:
+            return f"OTEL_EXPORTER_OTLP_* TLS files for {signal}: {error}"
+    return certificate, client_certificate, client_key
+
+
 def otlp_target(signal: str, env: Mapping[str, str]) -> Target | str:
     """The core's export target for ``signal`` ("traces", "logs", "metrics"), or the reason
     the core cannot honour the configuration (then the SDK's exporter is used)."""
     protocol = _signal_env(env, signal, "PROTOCOL") or "http/protobuf"
     if protocol != "http/protobuf":
         return f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}"
-    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
-        if _signal_env(env, signal, name):
-            return f"OTEL_EXPORTER_OTLP_{name} (custom TLS material)"
+    for variable in (
+        "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+        f"OTEL_PYTHON_EXPORTER_OTLP_HTTP_{signal.upper()}_CREDENTIAL_PROVIDER",
+    ):
+        if env.get(variable, "").strip():
+            return f"{variable} (a requests session of the app's)"
     own = env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT", "").strip()
     if own:
         url = own
@@ -115,7 +159,11 @@ def otlp_target(signal: str, env: Mapping[str, str]) -> Target | str:
         timeout = float(_signal_env(env, signal, "TIMEOUT") or 10.0)
     except ValueError:  # rejected and removed by the settings already; never here
         timeout = 10.0
-    return Target(url, _headers(_signal_env(env, signal, "HEADERS")), compression == "gzip", timeout)
+    tls = _tls(env, signal)
+    if isinstance(tls, str):
+        return tls
+    headers = _headers(_signal_env(env, signal, "HEADERS"))
+    return Target(url, headers, compression == "gzip", timeout, *tls)
 
 
 def _number(env: Mapping[str, str], name: str, default: int) -> int:
@@ -210,7 +258,8 @@ def _exporter(signal: str, resource: Resource, scopes: list[tuple[str, str]]) ->
         if exporter is None:
             env = os.environ
             target = otlp_target(signal, env)
-            assert isinstance(target, Target)  # select() checked it
+            if isinstance(target, str):  # select() said yes, but a TLS file went since
+                raise RuntimeError(f"cfk_otel cannot export {signal} from the core: {target}")
             assert _native is not None  # and that the core is there
             prefix = "OTEL_BSP" if signal == "traces" else "OTEL_BLRP"
             # Without set-up (tests, benchmarks): the SDK's limit from the environment.
@@ -234,6 +283,9 @@ def _exporter(signal: str, resource: Resource, scopes: list[tuple[str, str]]) ->
                 attribute_value_length_limit=length,
                 truncation_marker=signal in _VALUE_LIMITS,
                 max_queue_bytes=QUEUE_BYTES,
+                certificate=target.certificate,
+                client_certificate=target.client_certificate,
+                client_key=target.client_key,
             )
             for stale in [k for k in _EXPORTERS if k[0] != key[0]]:
                 del _EXPORTERS[stale]  # a parent's, inherited through fork, is not ours

@@ -2,7 +2,10 @@
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
-@final
+def check_tls(
+    certificate: bytes | None = None, client_certificate: bytes | None = None, client_key: bytes | None = None
+) -> None: ...
+
 class OtlpExporter:
     def __init__(
         self,
@@ -21,6 +24,9 @@ class OtlpExporter:
         max_retry_elapsed: float = 300.0,
         attribute_value_length_limit: int | None = None,
         truncation_marker: bool = False,
+        certificate: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
     ) -> None: ...
     def scope(self, name: str, version: str) -> int | None: ...
     def record_span(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import ssl
 import threading
 import time
 import zlib
@@ -109,13 +110,16 @@ class _LoopbackReceiver:
     backend that went away and came back at the same address (what it received is kept).
     """
 
-    def __init__(self, http_port: int = 0) -> None:
+    def __init__(self, http_port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self._lock = threading.Condition()
         self._http: ThreadingHTTPServer | None = None
         self._http_port = http_port
+        self._tls = tls
 
     def _serve(self, handler: type[BaseHTTPRequestHandler], name: str) -> int:
         self._http = ThreadingHTTPServer(("127.0.0.1", self._http_port), handler)
+        if self._tls is not None:  # each connection's handshake runs as it is accepted
+            self._http.socket = self._tls.wrap_socket(self._http.socket, server_side=True)
         self._http.daemon_threads = True
         threading.Thread(target=self._http.serve_forever, name=name, daemon=True).start()
         return int(self._http.server_address[1])
@@ -159,12 +163,14 @@ class OtlpReceiver(_LoopbackReceiver):
         required_headers: dict[str, str] | None = None,
         http_port: int = 0,
         authorize: Callable[[str, dict[str, str], bytes], bool] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        # ``tls``: a server context makes the HTTP side HTTPS (a failed handshake is no request).
         # HTTP paths are {path_prefix}/v1/{traces,metrics,logs}, the prefix optional when it is
         # the default (Loki's /otlp); a request missing a required header (an API key) gets 401.
         # ``authorize(path, headers, raw body)`` may check a request signature: False gets 403
         # (counted in ``unauthorized``, like a missing header).
-        super().__init__(http_port)
+        super().__init__(http_port, tls)
         self.path_prefix = path_prefix
         self.required_headers = {k.lower(): v for k, v in (required_headers or {}).items()}
         self.authorize = authorize
@@ -205,7 +211,8 @@ class OtlpReceiver(_LoopbackReceiver):
 
     @property
     def http_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def clear(self) -> None:
         with self._lock:

@@ -59,12 +59,12 @@ def test_otlp_target_reads_the_variables_as_the_sdk_does() -> None:
         ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL=grpc"),
         ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL=grpc"),
         (
-            {"OTEL_EXPORTER_OTLP_CERTIFICATE": "/ca.pem"},
-            "OTEL_EXPORTER_OTLP_CERTIFICATE (custom TLS material)",
+            {"OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": "/no/such/ca.pem"},
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE: cannot read the file (No such file or directory)",
         ),
         (
-            {"OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY": "/k.pem"},
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY (custom TLS material)",
+            {"OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER": "my_session"},
+            "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER (a requests session of the app's)",
         ),
         ({"OTEL_TRACES_EXPORTER": "otlp,console"}, "OTEL_TRACES_EXPORTER=otlp,console"),
         ({"OTEL_TRACES_EXPORTER": "none"}, "OTEL_TRACES_EXPORTER=none"),

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use ureq::tls::{parse_pem, Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
 
 /// How an exporter sends, and how much it may hold.
 #[derive(Clone, Debug)]
@@ -25,6 +26,72 @@ pub struct Config {
     pub max_batch: usize,
     pub delay: Duration,
     pub max_retry_elapsed: Duration,
+    /// Custom roots and a client certificate; None: Mozilla's roots, no client certificate.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS material from PEM text, read as the SDK's OTLP/HTTP exporter reads its files:
+/// - `ca`: the certificates trusted as roots, instead of the bundled ones
+///   (`OTEL_EXPORTER_OTLP_CERTIFICATE`);
+/// - `cert`: the client certificate chain (`OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`), with its
+///   private key from `key` (`OTEL_EXPORTER_OTLP_CLIENT_KEY`) or, without one, from the same file;
+///   a key without a certificate is ignored.
+///
+/// Errors say which part is wrong, never what it holds.
+pub fn tls_config(
+    ca: Option<&[u8]>,
+    cert: Option<&[u8]>,
+    key: Option<&[u8]>,
+) -> Result<Option<TlsConfig>, String> {
+    if ca.is_none() && cert.is_none() {
+        return Ok(None);
+    }
+    let mut builder = TlsConfig::builder();
+    if let Some(ca) = ca {
+        let (roots, _) = pem_items(ca, "certificate")?;
+        if roots.is_empty() {
+            return Err("certificate: no PEM certificate in the file".into());
+        }
+        builder = builder.root_certs(RootCerts::new_with_certs(&roots));
+    }
+    if let Some(cert) = cert {
+        let (chain, own_key) = pem_items(cert, "client certificate")?;
+        if chain.is_empty() {
+            return Err("client certificate: no PEM certificate in the file".into());
+        }
+        let private_key = match key {
+            Some(key) => pem_items(key, "client key")?.1,
+            None => own_key,
+        };
+        let Some(private_key) = private_key else {
+            return Err(if key.is_some() {
+                "client key: no PEM private key in the file".into()
+            } else {
+                "client certificate: no private key in the file, and no client key given".into()
+            });
+        };
+        builder = builder.client_cert(Some(ClientCert::new_with_certs(&chain, private_key)));
+    }
+    Ok(Some(builder.build()))
+}
+
+/// The certificates of a PEM text, and its first private key.
+fn pem_items(
+    pem: &[u8],
+    what: &str,
+) -> Result<(Vec<Certificate<'static>>, Option<PrivateKey<'static>>), String> {
+    let mut certificates = Vec::new();
+    let mut key = None;
+    for item in parse_pem(pem) {
+        match item.map_err(|_| format!("{what}: the file is not valid PEM"))? {
+            PemItem::Certificate(certificate) => certificates.push(certificate),
+            PemItem::PrivateKey(private_key) => {
+                key.get_or_insert(private_key);
+            }
+            _ => {}
+        }
+    }
+    Ok((certificates, key))
 }
 
 /// Something the queue holds: it knows roughly how many bytes it keeps alive.
@@ -267,7 +334,11 @@ fn run<T: Weighed + Send>(shared: &Shared<T>) {
 }
 
 fn agent(config: &Config) -> ureq::Agent {
-    ureq::Agent::config_builder()
+    let mut builder = ureq::Agent::config_builder();
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.clone());
+    }
+    builder
         .timeout_global(Some(config.timeout))
         .http_status_as_error(false)
         .user_agent(concat!("cfk-otel-native/", env!("CARGO_PKG_VERSION")))

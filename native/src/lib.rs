@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<otlp::OtlpExporter>()?;
+    m.add_function(wrap_pyfunction!(otlp::check_tls, m)?)?;
     m.add_class::<metrics::Family>()?;
     m.add_function(wrap_pyfunction!(metrics::render, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::float_to_go_string, m)?)?;

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::export::{Config, Exporter, Weighed};
+use crate::export::{tls_config, Config, Exporter, Weighed};
 use crate::metrics::Family;
 use crate::proto::{
     AnyValue, Event, ExportLogsServiceRequest, ExportMetricsServiceRequest, ExportTraceServiceRequest,
@@ -124,6 +124,24 @@ fn seconds(value: f64) -> Duration {
     Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(Duration::MAX)
 }
 
+/// Raises `ValueError` when the TLS material (PEM text) cannot be used, saying which part;
+/// what `OtlpExporter` would raise for the same arguments, without starting one.
+#[pyfunction]
+#[pyo3(signature = (certificate=None, client_certificate=None, client_key=None))]
+pub fn check_tls(
+    certificate: Option<Vec<u8>>,
+    client_certificate: Option<Vec<u8>>,
+    client_key: Option<Vec<u8>>,
+) -> PyResult<()> {
+    tls_config(
+        certificate.as_deref(),
+        client_certificate.as_deref(),
+        client_key.as_deref(),
+    )
+    .map(|_| ())
+    .map_err(PyValueError::new_err)
+}
+
 /// Exports one signal's finished spans or log records over OTLP/HTTP from a native thread.
 ///
 /// One call per item (`record_span`, `record_log`), no Python objects kept: the item is converted
@@ -163,6 +181,7 @@ impl OtlpExporter {
         signal, url, headers, resource, scopes, *, gzip=false, timeout=10.0, max_queue_size=2048,
         max_queue_bytes=16 << 20, max_export_batch_size=512, schedule_delay=5.0,
         max_retry_elapsed=300.0, attribute_value_length_limit=None, truncation_marker=false,
+        certificate=None, client_certificate=None, client_key=None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -180,6 +199,9 @@ impl OtlpExporter {
         max_retry_elapsed: f64,
         attribute_value_length_limit: Option<usize>,
         truncation_marker: bool,
+        certificate: Option<Vec<u8>>,
+        client_certificate: Option<Vec<u8>>,
+        client_key: Option<Vec<u8>>,
     ) -> PyResult<Self> {
         let signal = match signal {
             "traces" => Signal::Traces,
@@ -201,6 +223,12 @@ impl OtlpExporter {
             max_batch: max_export_batch_size.max(1),
             delay: seconds(schedule_delay),
             max_retry_elapsed: seconds(max_retry_elapsed),
+            tls: tls_config(
+                certificate.as_deref(),
+                client_certificate.as_deref(),
+                client_key.as_deref(),
+            )
+            .map_err(PyValueError::new_err)?,
         };
         let resource = Resource {
             attributes: key_values(resource, None, 0)?,
