@@ -68,12 +68,12 @@ def _sentry(s: _settings.Settings, env: Mapping[str, str]) -> Finding:
 def _metrics(s: _settings.Settings, env: Mapping[str, str]) -> Finding:
     if not s.metrics_enabled:
         return Finding(ITEMS[2], "fail", "METRICS_ENABLED=false: there is nothing for Prometheus to scrape")
-    if s.metrics_path != _settings.METRICS_PATH.default:
+    if s.metrics_path != _settings.variable("METRICS_PATH").default:
         return Finding(
             ITEMS[2],
             "fail",
             f"served at {s.metrics_path}, but deploy/prometheus/prometheus.yml scrapes "
-            f"{_settings.METRICS_PATH.default}: change its metrics_path",
+            f"{_settings.variable('METRICS_PATH').default}: change its metrics_path",
         )
     return Finding(
         ITEMS[2], "ok", f"{s.metrics_path}" + ("" if s.metrics_bearer_token else ", no bearer token")
@@ -104,8 +104,8 @@ def _probes(s: _settings.Settings, env: Mapping[str, str]) -> Finding:
     moved = [
         f"{var.name}={actual}"
         for var, actual in (
-            (_settings.HEALTH_LIVE_PATH, s.health_live_path),
-            (_settings.HEALTH_READY_PATH, s.health_ready_path),
+            (_settings.variable("HEALTH_LIVE_PATH"), s.health_live_path),
+            (_settings.variable("HEALTH_READY_PATH"), s.health_ready_path),
         )
         if actual != var.default
     ]

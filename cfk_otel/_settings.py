@@ -1,8 +1,9 @@
 """Every environment variable cfk_otel reads, declared once and parsed once.
 
-Each :class:`Variable` carries its default, the values it accepts and one line of
-documentation; the README's table is checked against :data:`VARIABLES` by the test
-suite, and ``cfk-otel env`` prints it.
+Each variable is declared on the :class:`Settings` field it fills (:func:`setting`): its
+name, parser, default, accepted values and one line of documentation, once. The README's
+table (checked against :data:`VARIABLES` by the test suite), ``cfk-otel env``, the
+validation messages and :func:`load` all come from that declaration.
 
 A bad value never stops the app unless ``CFK_OTEL_STRICT=true``: :func:`load` returns
 the problems next to settings that use the documented default instead.
@@ -14,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final, Generic, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -289,393 +290,441 @@ def _redis_url(value: str) -> str | None:
 
 # --- the declaration --------------------------------------------------------------------
 
-SERVICE_NAME = Variable(
-    "SERVICE_NAME", "cf-kanban", _text, "any text", "Service name for traces, metrics and logs."
-)
-OTEL_SERVICE_NAME = Variable(
-    "OTEL_SERVICE_NAME",
-    "",
-    _text,
-    "any text",
-    "Standard name of the service; wins over SERVICE_NAME when both are set.",
-)
-SERVICE_VERSION = Variable(
-    "SERVICE_VERSION",
-    "",
-    _text,
-    "any text",
-    "Service version; defaults to the part after '@' in SENTRY_RELEASE, else 'unknown'.",
-)
-SERVICE_ENVIRONMENT = Variable(
-    "SERVICE_ENVIRONMENT",
-    "",
-    _text,
-    "any text",
-    "Deployment environment; defaults to SENTRY_ENVIRONMENT, then DD_ENV, then 'production'.",
-)
-LOG_LEVEL = Variable(
-    "LOG_LEVEL",
-    "info",
-    _choice(*LOG_LEVELS, aliases={"warning": "warn", "critical": "fatal"}),
-    "debug, info, warn, error, fatal",
-    "Lowest level written.",
-)
-LOG_FORMAT = Variable(
-    "LOG_FORMAT",
-    "json",
-    _choice(*LOG_FORMATS),
-    "json, pretty",
-    "json for log aggregation, pretty for a terminal.",
-)
-NO_COLOR: Variable[bool | None] = Variable(
-    "NO_COLOR",
-    None,
-    _set,
-    "any text (set and not empty: no colour)",
-    "LOG_FORMAT=pretty without ANSI colours, even on a terminal (https://no-color.org).",
-)
-FORCE_COLOR: Variable[bool | None] = Variable(
-    "FORCE_COLOR",
-    None,
-    _set,
-    "any text (set and not empty: colour)",
-    "LOG_FORMAT=pretty in colour even when stdout is not a terminal; NO_COLOR wins.",
-)
-LOG_OUTPUT = Variable(
-    "LOG_OUTPUT",
-    "both",
-    _choice("stdout", "otlp", "both"),
-    "stdout, otlp, both",
-    "Where log records go: JSON lines on stdout (kubectl logs), OTLP to the collector, or both.",
-)
-LOG_REQUESTS = Variable(
-    "LOG_REQUESTS",
-    True,
-    _bool,
-    "true, false",
-    "One log line per HTTP request (replaces uvicorn's access log).",
-)
+_VARIABLE: Final = "cfk_otel.variable"
+
+
+def setting(
+    name: str, default: Any, parse: Callable[[str], Any], accepted: str, doc: str, secret: bool = False
+) -> Any:
+    """A :class:`Settings` field read from the environment variable ``name``: the variable
+    is declared here, once (its field, parser, default, accepted values and doc), and the
+    README's table, ``cfk-otel env``, the validation messages and :func:`load` come from it.
+    A secret's value is left out of the settings' ``repr``."""
+    variable = Variable(name, default, parse, accepted, doc, secret)
+    return field(default=default, repr=not secret, metadata={_VARIABLE: variable})
+
+
 # Text attribute values longer than this are cut, with a marker, in spans and log records
 # (OTLP and the stdout line). 8192 characters keeps any real URL (servers and proxies cap
 # the request line near 8 KB), a SQL statement or a stack trace whole, and keeps a hostile
 # 1 MB header or ``extra`` field from reaching the queues. The specification's default is
 # no limit; cfk_otel sets one so that memory stays bounded whatever the input.
 _VALUE_LENGTH: Final = "a whole number of characters from 1 to 1048576"
-OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT: Variable[int | None] = Variable(
-    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
-    8192,
-    _whole(1, 1 << 20),
-    _VALUE_LENGTH,
-    "Longest text attribute value of a span (and of a log record, unless set below); "
-    "longer ones are cut and end with `…[truncated N chars]`.",
-)
-OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT: Variable[int | None] = Variable(
-    "OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT",
-    None,
-    _whole(1, 1 << 20),
-    _VALUE_LENGTH,
-    "Longest text value in a log record (OTLP attribute, stdout field); "
-    "unset: `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`.",
-)
-LOG_REQUESTS_SAMPLE_RATE: Variable[float | None] = Variable(
-    "LOG_REQUESTS_SAMPLE_RATE",
-    1.0,
-    _rate,
-    "a number from 0 to 1",
-    "Share of request lines kept for responses below 400; 4xx and 5xx are always logged.",
-)
-DD_LOGS_INJECTION = Variable(
-    "DD_LOGS_INJECTION",
-    False,
-    _bool,
-    "true, false",
-    "Add Datadog's dd.trace_id, dd.span_id, dd.service, dd.env and dd.version to each line.",
-)
-DD_SERVICE = Variable(
-    "DD_SERVICE", "", _text, "any text", "dd.service in log lines; defaults to the service name."
-)
-DD_VERSION = Variable(
-    "DD_VERSION", "", _text, "any text", "dd.version in log lines; defaults to the version."
-)
-SENTRY_DSN = Variable(
-    "SENTRY_DSN",
-    None,
-    _dsn,
-    "a Sentry DSN (https://KEY@HOST/PROJECT)",
-    "Sentry project DSN; unset means nothing is sent to Sentry.",
-    secret=True,
-)
-SENTRY_ENVIRONMENT = Variable(
-    "SENTRY_ENVIRONMENT", "", _text, "any text", "Sentry environment; defaults to the service environment."
-)
-SENTRY_RELEASE = Variable("SENTRY_RELEASE", "", _text, "any text", "Sentry release, e.g. cf-kanban@1.0.0.")
-SENTRY_TRACES_SAMPLE_RATE = Variable(
-    "SENTRY_TRACES_SAMPLE_RATE",
-    None,
-    _rate,
-    "a number from 0 to 1",
-    "Share of traces kept: sets the OpenTelemetry sampler (parentbased_traceidratio) "
-    "when OTEL_TRACES_SAMPLER is unset; traces reach Sentry through the collector.",
-)
-SENTRY_PROFILES_SAMPLE_RATE = Variable(
-    "SENTRY_PROFILES_SAMPLE_RATE",
-    None,
-    _rate,
-    "a number from 0 to 1",
-    "Share of worker processes running Sentry's continuous profiler (needs SENTRY_DSN).",
-)
-SENTRY_CAPTURE_4XX = Variable(
-    "SENTRY_CAPTURE_4XX",
-    "none",
-    _status_codes(400, 499),
-    "none, all, or status codes separated by commas (e.g. 401,403,429)",
-    "4xx responses reported to Sentry as warnings (5xx are always reported as errors).",
-)
-OTEL_SDK_DISABLED = Variable("OTEL_SDK_DISABLED", False, _bool, "true, false", "Turns all telemetry off.")
-OTEL_EXPORTER_OTLP_ENDPOINT = Variable(
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    None,
-    _url,
-    "an http:// or https:// URL",
-    "Collector address (default http://localhost:4318 for http/protobuf, :4317 for grpc).",
-)
-OTEL_EXPORTER_OTLP_PROTOCOL = Variable(
-    "OTEL_EXPORTER_OTLP_PROTOCOL",
-    "http/protobuf",
-    _choice(*OTLP_PROTOCOLS),
-    "grpc, http/protobuf",
-    "OTLP transport for all three signals; http/protobuf is the specification's default and "
-    "our fast path (spans and logs encoded by cfk_otel).",
-)
-OTEL_EXPORTER_OTLP_HEADERS = Variable(
-    "OTEL_EXPORTER_OTLP_HEADERS",
-    "",
-    _text,
-    "key=value pairs separated by commas",
-    "Extra headers sent with every OTLP request (e.g. authorization).",
-    secret=True,
-)
-OTEL_TRACES_EXPORTER: Variable[tuple[str, ...]] = Variable(
-    "OTEL_TRACES_EXPORTER",
-    ("otlp",),
-    _exporters,
-    "otlp, console, none (comma-separated)",
-    "Where spans go.",
-)
-OTEL_METRICS_EXPORTER: Variable[tuple[str, ...]] = Variable(
-    "OTEL_METRICS_EXPORTER",
-    ("otlp",),
-    _exporters,
-    "otlp, console, none (comma-separated)",
-    "Where metrics are pushed (the /api/metrics scrape endpoint is separate).",
-)
-OTEL_LOGS_EXPORTER: Variable[tuple[str, ...]] = Variable(
-    "OTEL_LOGS_EXPORTER",
-    ("otlp",),
-    _exporters,
-    "otlp, console, none (comma-separated)",
-    "Where log records are pushed.",
-)
-OTEL_TRACES_SAMPLER = Variable(
-    "OTEL_TRACES_SAMPLER",
-    "parentbased_always_on",
-    _choice(*SAMPLERS),
-    ", ".join(SAMPLERS),
-    "Head sampler for traces.",
-)
-OTEL_TRACES_SAMPLER_ARG = Variable(
-    "OTEL_TRACES_SAMPLER_ARG",
-    None,
-    _rate,
-    "a number from 0 to 1",
-    "Ratio for the traceidratio samplers.",
-)
-OTEL_RESOURCE_ATTRIBUTES = Variable(
-    "OTEL_RESOURCE_ATTRIBUTES",
-    "",
-    _text,
-    "key=value pairs separated by commas",
-    "Extra resource attributes; the explicit variables above win over the same key here.",
-)
-OTEL_PYTHON_DISABLED_INSTRUMENTATIONS = Variable(
-    "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",
-    "",
-    _text,
-    "instrumentation names separated by commas (cfk_uvicorn, cfk_asyncpg, cfk_redis, ...)",
-    "Instrumentations opentelemetry-instrument must not load.",
-)
-CFK_OTEL_STRICT = Variable(
-    "CFK_OTEL_STRICT",
-    False,
-    _bool,
-    "true, false",
-    "Refuse to start when any variable here is invalid, instead of using its default.",
-)
-CFK_OTEL_NATIVE = Variable(
-    "CFK_OTEL_NATIVE",
-    True,
-    _bool,
-    "true, false",
-    "Record cfk_otel's request and client spans in the compiled core; false runs the stock "
-    "OpenTelemetry SDK path instead (the reference; slower).",
-)
-CFK_OTEL_SHUTDOWN_TIMEOUT = Variable(
-    "CFK_OTEL_SHUTDOWN_TIMEOUT",
-    3.0,
-    _seconds(0.0, 30.0),
-    "seconds, more than 0 and at most 30",
-    "Upper bound on flushing telemetry at exit, for all signals together.",
-)
-CFK_OTEL_DEFER_INIT = Variable(
-    "CFK_OTEL_DEFER_INIT",
-    "auto",
-    _choice("auto", "true", "false"),
-    "auto, true, false",
-    "Start the SDK in each forked worker instead of the parent (auto: under gunicorn).",
-)
-K8S_POD_NAME = Variable(
-    "K8S_POD_NAME", "", _text, "any text", "Pod name from the downward API (resource k8s.pod.name)."
-)
-K8S_POD_UID = Variable(
-    "K8S_POD_UID", "", _text, "any text", "Pod UID from the downward API (resource k8s.pod.uid)."
-)
-K8S_NAMESPACE_NAME = Variable(
-    "K8S_NAMESPACE_NAME", "", _text, "any text", "Namespace from the downward API (k8s.namespace.name)."
-)
-K8S_NODE_NAME = Variable(
-    "K8S_NODE_NAME", "", _text, "any text", "Node name from the downward API (resource k8s.node.name)."
-)
-DD_ENV = Variable(
-    "DD_ENV", "", _text, "any text", "Datadog's environment tag; a fallback for the environment."
-)
-METRICS_ENABLED = Variable(
-    "METRICS_ENABLED", True, _bool, "true, false", "Serve the Prometheus scrape endpoint from the app."
-)
-METRICS_PATH = Variable(
-    "METRICS_PATH", "/api/metrics", _path, "an absolute URL path", "Path of the Prometheus scrape endpoint."
-)
-METRICS_BEARER_TOKEN = Variable(
-    "METRICS_BEARER_TOKEN",
-    None,
-    _optional_text,
-    "any text",
-    "When set, scrapes must send 'Authorization: Bearer <token>'.",
-    secret=True,
-)
-HEALTH_ENABLED = Variable(
-    "HEALTH_ENABLED", True, _bool, "true, false", "Serve the health endpoints from the app."
-)
-HEALTH_PATH = Variable(
-    "HEALTH_PATH", "/api/health", _path, "an absolute URL path", "Full health report (200/503)."
-)
-HEALTH_LIVE_PATH = Variable(
-    "HEALTH_LIVE_PATH", "/api/health/live", _path, "an absolute URL path", "Liveness probe path."
-)
-HEALTH_READY_PATH = Variable(
-    "HEALTH_READY_PATH", "/api/health/ready", _path, "an absolute URL path", "Readiness probe path."
-)
-HEALTH_CHECK_TIMEOUT = Variable(
-    "HEALTH_CHECK_TIMEOUT",
-    1.0,
-    _seconds(0.0, 30.0),
-    "seconds, more than 0 and at most 30",
-    "Time limit of each health check.",
-)
-HEALTH_CACHE_TTL = Variable(
-    "HEALTH_CACHE_TTL",
-    2.0,
-    _seconds(-1e-9, 300.0),
-    "seconds, 0 to 300",
-    "How long health results are reused, so probe storms cannot hammer dependencies.",
-)
-HEALTH_TELEMETRY = Variable(
-    "HEALTH_TELEMETRY",
-    False,
-    _bool,
-    "true, false",
-    "Count and trace requests to the health and metrics endpoints too.",
-)
-SLOW_QUERY_THRESHOLD = Variable(
-    "SLOW_QUERY_THRESHOLD",
-    1.0,
-    _seconds(0.0, 3600.0),
-    "seconds, more than 0",
-    "A database query slower than this logs a warning and adds a span event.",
-)
-DATABASE_URL = Variable(
-    "DATABASE_URL",
-    None,
-    _database_url,
-    "a postgresql:// URL",
-    "PostgreSQL for the built-in database health check.",
-    secret=True,
-)
-REDIS_URL = Variable(
-    "REDIS_URL",
-    None,
-    _redis_url,
-    "a redis://, rediss:// or unix:// URL",
-    "Redis for the built-in Redis health check.",
-    secret=True,
-)
 
-VARIABLES: Final[tuple[Variable[Any], ...]] = (
-    SERVICE_NAME,
-    OTEL_SERVICE_NAME,
-    SERVICE_VERSION,
-    SERVICE_ENVIRONMENT,
-    LOG_LEVEL,
-    LOG_FORMAT,
-    NO_COLOR,
-    FORCE_COLOR,
-    LOG_OUTPUT,
-    LOG_REQUESTS,
-    LOG_REQUESTS_SAMPLE_RATE,
-    OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT,
-    OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT,
-    DD_LOGS_INJECTION,
-    DD_SERVICE,
-    DD_VERSION,
-    SENTRY_DSN,
-    SENTRY_ENVIRONMENT,
-    SENTRY_RELEASE,
-    SENTRY_TRACES_SAMPLE_RATE,
-    SENTRY_PROFILES_SAMPLE_RATE,
-    SENTRY_CAPTURE_4XX,
-    OTEL_SDK_DISABLED,
-    OTEL_EXPORTER_OTLP_ENDPOINT,
-    OTEL_EXPORTER_OTLP_PROTOCOL,
-    OTEL_EXPORTER_OTLP_HEADERS,
-    OTEL_TRACES_EXPORTER,
-    OTEL_METRICS_EXPORTER,
-    OTEL_LOGS_EXPORTER,
-    OTEL_TRACES_SAMPLER,
-    OTEL_TRACES_SAMPLER_ARG,
-    OTEL_RESOURCE_ATTRIBUTES,
-    OTEL_PYTHON_DISABLED_INSTRUMENTATIONS,
-    CFK_OTEL_STRICT,
-    CFK_OTEL_NATIVE,
-    CFK_OTEL_SHUTDOWN_TIMEOUT,
-    CFK_OTEL_DEFER_INIT,
-    K8S_POD_NAME,
-    K8S_POD_UID,
-    K8S_NAMESPACE_NAME,
-    K8S_NODE_NAME,
-    DD_ENV,
-    METRICS_ENABLED,
-    METRICS_PATH,
-    METRICS_BEARER_TOKEN,
-    HEALTH_ENABLED,
-    HEALTH_PATH,
-    HEALTH_LIVE_PATH,
-    HEALTH_READY_PATH,
-    HEALTH_CHECK_TIMEOUT,
-    HEALTH_CACHE_TTL,
-    HEALTH_TELEMETRY,
-    SLOW_QUERY_THRESHOLD,
-    DATABASE_URL,
-    REDIS_URL,
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The parsed environment, one field per variable. Build it with :func:`load`.
+
+    Some fields hold what their variable gives after the fallbacks :func:`load` applies
+    (``service_name``, ``service_version``, ``environment``, the ``dd_*`` and ``sentry_*``
+    names, the sampler, the value-length limits); the rest hold the parsed value as it is.
+    """
+
+    service_name: str = setting(
+        "SERVICE_NAME",
+        "cf-kanban",
+        _text,
+        "any text",
+        "Service name for traces, metrics and logs.",
+    )
+    otel_service_name: str = setting(
+        "OTEL_SERVICE_NAME",
+        "",
+        _text,
+        "any text",
+        "Standard name of the service; wins over SERVICE_NAME when both are set.",
+    )
+    service_version: str = setting(
+        "SERVICE_VERSION",
+        "",
+        _text,
+        "any text",
+        "Service version; defaults to the part after '@' in SENTRY_RELEASE, else 'unknown'.",
+    )
+    environment: str = setting(
+        "SERVICE_ENVIRONMENT",
+        "",
+        _text,
+        "any text",
+        "Deployment environment; defaults to SENTRY_ENVIRONMENT, then DD_ENV, then 'production'.",
+    )
+    log_level: str = setting(
+        "LOG_LEVEL",
+        "info",
+        _choice(*LOG_LEVELS, aliases={"warning": "warn", "critical": "fatal"}),
+        "debug, info, warn, error, fatal",
+        "Lowest level written.",
+    )
+    log_format: str = setting(
+        "LOG_FORMAT",
+        "json",
+        _choice(*LOG_FORMATS),
+        "json, pretty",
+        "json for log aggregation, pretty for a terminal.",
+    )
+    no_color: bool = setting(
+        "NO_COLOR",
+        None,
+        _set,
+        "any text (set and not empty: no colour)",
+        "LOG_FORMAT=pretty without ANSI colours, even on a terminal (https://no-color.org).",
+    )
+    force_color: bool = setting(
+        "FORCE_COLOR",
+        None,
+        _set,
+        "any text (set and not empty: colour)",
+        "LOG_FORMAT=pretty in colour even when stdout is not a terminal; NO_COLOR wins.",
+    )
+    log_output: str = setting(
+        "LOG_OUTPUT",
+        "both",
+        _choice("stdout", "otlp", "both"),
+        "stdout, otlp, both",
+        "Where log records go: JSON lines on stdout (kubectl logs), OTLP to the collector, or both.",
+    )
+    log_requests: bool = setting(
+        "LOG_REQUESTS",
+        True,
+        _bool,
+        "true, false",
+        "One log line per HTTP request (replaces uvicorn's access log).",
+    )
+    log_requests_sample_rate: float = setting(
+        "LOG_REQUESTS_SAMPLE_RATE",
+        1.0,
+        _rate,
+        "a number from 0 to 1",
+        "Share of request lines kept for responses below 400; 4xx and 5xx are always logged.",
+    )
+    span_value_limit: int = setting(
+        "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+        8192,
+        _whole(1, 1 << 20),
+        _VALUE_LENGTH,
+        "Longest text attribute value of a span (and of a log record, unless set below); "
+        "longer ones are cut and end with `…[truncated N chars]`.",
+    )
+    log_value_limit: int = setting(
+        "OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+        None,
+        _whole(1, 1 << 20),
+        _VALUE_LENGTH,
+        "Longest text value in a log record (OTLP attribute, stdout field); "
+        "unset: `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT`.",
+    )
+    dd_logs_injection: bool = setting(
+        "DD_LOGS_INJECTION",
+        False,
+        _bool,
+        "true, false",
+        "Add Datadog's dd.trace_id, dd.span_id, dd.service, dd.env and dd.version to each line.",
+    )
+    dd_service: str = setting(
+        "DD_SERVICE",
+        "",
+        _text,
+        "any text",
+        "dd.service in log lines; defaults to the service name.",
+    )
+    dd_version: str = setting(
+        "DD_VERSION",
+        "",
+        _text,
+        "any text",
+        "dd.version in log lines; defaults to the version.",
+    )
+    sentry_dsn: str | None = setting(
+        "SENTRY_DSN",
+        None,
+        _dsn,
+        "a Sentry DSN (https://KEY@HOST/PROJECT)",
+        "Sentry project DSN; unset means nothing is sent to Sentry.",
+        secret=True,
+    )
+    sentry_environment: str = setting(
+        "SENTRY_ENVIRONMENT",
+        "",
+        _text,
+        "any text",
+        "Sentry environment; defaults to the service environment.",
+    )
+    sentry_release: str | None = setting(
+        "SENTRY_RELEASE",
+        "",
+        _text,
+        "any text",
+        "Sentry release, e.g. cf-kanban@1.0.0.",
+    )
+    sentry_traces_sample_rate: float | None = setting(
+        "SENTRY_TRACES_SAMPLE_RATE",
+        None,
+        _rate,
+        "a number from 0 to 1",
+        "Share of traces kept: sets the OpenTelemetry sampler (parentbased_traceidratio) "
+        "when OTEL_TRACES_SAMPLER is unset; traces reach Sentry through the collector.",
+    )
+    sentry_profiles_sample_rate: float | None = setting(
+        "SENTRY_PROFILES_SAMPLE_RATE",
+        None,
+        _rate,
+        "a number from 0 to 1",
+        "Share of worker processes running Sentry's continuous profiler (needs SENTRY_DSN).",
+    )
+    sentry_capture_4xx: frozenset[int] = setting(
+        "SENTRY_CAPTURE_4XX",
+        "none",
+        _status_codes(400, 499),
+        "none, all, or status codes separated by commas (e.g. 401,403,429)",
+        "4xx responses reported to Sentry as warnings (5xx are always reported as errors).",
+    )
+    sdk_disabled: bool = setting("OTEL_SDK_DISABLED", False, _bool, "true, false", "Turns all telemetry off.")
+    otlp_endpoint: str | None = setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        None,
+        _url,
+        "an http:// or https:// URL",
+        "Collector address (default http://localhost:4318 for http/protobuf, :4317 for grpc).",
+    )
+    otlp_protocol: str = setting(
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "http/protobuf",
+        _choice(*OTLP_PROTOCOLS),
+        "grpc, http/protobuf",
+        "OTLP transport for all three signals; http/protobuf is the specification's default and "
+        "our fast path (spans and logs encoded by cfk_otel).",
+    )
+    otlp_headers: str = setting(
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "",
+        _text,
+        "key=value pairs separated by commas",
+        "Extra headers sent with every OTLP request (e.g. authorization).",
+        secret=True,
+    )
+    traces_exporters: tuple[str, ...] = setting(
+        "OTEL_TRACES_EXPORTER",
+        ("otlp",),
+        _exporters,
+        "otlp, console, none (comma-separated)",
+        "Where spans go.",
+    )
+    metrics_exporters: tuple[str, ...] = setting(
+        "OTEL_METRICS_EXPORTER",
+        ("otlp",),
+        _exporters,
+        "otlp, console, none (comma-separated)",
+        "Where metrics are pushed (the /api/metrics scrape endpoint is separate).",
+    )
+    logs_exporters: tuple[str, ...] = setting(
+        "OTEL_LOGS_EXPORTER",
+        ("otlp",),
+        _exporters,
+        "otlp, console, none (comma-separated)",
+        "Where log records are pushed.",
+    )
+    sampler: str = setting(
+        "OTEL_TRACES_SAMPLER",
+        "parentbased_always_on",
+        _choice(*SAMPLERS),
+        ", ".join(SAMPLERS),
+        "Head sampler for traces.",
+    )
+    sampler_arg: float | None = setting(
+        "OTEL_TRACES_SAMPLER_ARG",
+        None,
+        _rate,
+        "a number from 0 to 1",
+        "Ratio for the traceidratio samplers.",
+    )
+    resource_attributes: str = setting(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "",
+        _text,
+        "key=value pairs separated by commas",
+        "Extra resource attributes; the explicit variables above win over the same key here.",
+    )
+    disabled_instrumentations: str = setting(
+        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",
+        "",
+        _text,
+        "instrumentation names separated by commas (cfk_uvicorn, cfk_asyncpg, cfk_redis, ...)",
+        "Instrumentations opentelemetry-instrument must not load.",
+    )
+    strict: bool = setting(
+        "CFK_OTEL_STRICT",
+        False,
+        _bool,
+        "true, false",
+        "Refuse to start when any variable here is invalid, instead of using its default.",
+    )
+    native: bool = setting(
+        "CFK_OTEL_NATIVE",
+        True,
+        _bool,
+        "true, false",
+        "Record cfk_otel's request and client spans in the compiled core; false runs the stock "
+        "OpenTelemetry SDK path instead (the reference; slower).",
+    )
+    shutdown_timeout: float = setting(
+        "CFK_OTEL_SHUTDOWN_TIMEOUT",
+        3.0,
+        _seconds(0.0, 30.0),
+        "seconds, more than 0 and at most 30",
+        "Upper bound on flushing telemetry at exit, for all signals together.",
+    )
+    defer_init: str = setting(
+        "CFK_OTEL_DEFER_INIT",
+        "auto",
+        _choice("auto", "true", "false"),
+        "auto, true, false",
+        "Start the SDK in each forked worker instead of the parent (auto: under gunicorn).",
+    )
+    k8s_pod_name: str = setting(
+        "K8S_POD_NAME",
+        "",
+        _text,
+        "any text",
+        "Pod name from the downward API (resource k8s.pod.name).",
+    )
+    k8s_pod_uid: str = setting(
+        "K8S_POD_UID",
+        "",
+        _text,
+        "any text",
+        "Pod UID from the downward API (resource k8s.pod.uid).",
+    )
+    k8s_namespace: str = setting(
+        "K8S_NAMESPACE_NAME",
+        "",
+        _text,
+        "any text",
+        "Namespace from the downward API (k8s.namespace.name).",
+    )
+    k8s_node_name: str = setting(
+        "K8S_NODE_NAME",
+        "",
+        _text,
+        "any text",
+        "Node name from the downward API (resource k8s.node.name).",
+    )
+    dd_env: str = setting(
+        "DD_ENV",
+        "",
+        _text,
+        "any text",
+        "Datadog's environment tag; a fallback for the environment.",
+    )
+    metrics_enabled: bool = setting(
+        "METRICS_ENABLED",
+        True,
+        _bool,
+        "true, false",
+        "Serve the Prometheus scrape endpoint from the app.",
+    )
+    metrics_path: str = setting(
+        "METRICS_PATH",
+        "/api/metrics",
+        _path,
+        "an absolute URL path",
+        "Path of the Prometheus scrape endpoint.",
+    )
+    metrics_bearer_token: str | None = setting(
+        "METRICS_BEARER_TOKEN",
+        None,
+        _optional_text,
+        "any text",
+        "When set, scrapes must send 'Authorization: Bearer <token>'.",
+        secret=True,
+    )
+    health_enabled: bool = setting(
+        "HEALTH_ENABLED",
+        True,
+        _bool,
+        "true, false",
+        "Serve the health endpoints from the app.",
+    )
+    health_path: str = setting(
+        "HEALTH_PATH",
+        "/api/health",
+        _path,
+        "an absolute URL path",
+        "Full health report (200/503).",
+    )
+    health_live_path: str = setting(
+        "HEALTH_LIVE_PATH",
+        "/api/health/live",
+        _path,
+        "an absolute URL path",
+        "Liveness probe path.",
+    )
+    health_ready_path: str = setting(
+        "HEALTH_READY_PATH",
+        "/api/health/ready",
+        _path,
+        "an absolute URL path",
+        "Readiness probe path.",
+    )
+    health_check_timeout: float = setting(
+        "HEALTH_CHECK_TIMEOUT",
+        1.0,
+        _seconds(0.0, 30.0),
+        "seconds, more than 0 and at most 30",
+        "Time limit of each health check.",
+    )
+    health_cache_ttl: float = setting(
+        "HEALTH_CACHE_TTL",
+        2.0,
+        _seconds(-1e-9, 300.0),
+        "seconds, 0 to 300",
+        "How long health results are reused, so probe storms cannot hammer dependencies.",
+    )
+    health_telemetry: bool = setting(
+        "HEALTH_TELEMETRY",
+        False,
+        _bool,
+        "true, false",
+        "Count and trace requests to the health and metrics endpoints too.",
+    )
+    slow_query_threshold: float = setting(
+        "SLOW_QUERY_THRESHOLD",
+        1.0,
+        _seconds(0.0, 3600.0),
+        "seconds, more than 0",
+        "A database query slower than this logs a warning and adds a span event.",
+    )
+    database_url: str | None = setting(
+        "DATABASE_URL",
+        None,
+        _database_url,
+        "a postgresql:// URL",
+        "PostgreSQL for the built-in database health check.",
+        secret=True,
+    )
+    redis_url: str | None = setting(
+        "REDIS_URL",
+        None,
+        _redis_url,
+        "a redis://, rediss:// or unix:// URL",
+        "Redis for the built-in Redis health check.",
+        secret=True,
+    )
+    problems: tuple[Problem, ...] = field(default=())
+
+
+# (field name, variable) in the order of the README's table.
+_FIELDS: Final[tuple[tuple[str, Variable[Any]], ...]] = tuple(
+    (f.name, f.metadata[_VARIABLE]) for f in fields(Settings) if _VARIABLE in f.metadata
 )
+VARIABLES: Final[tuple[Variable[Any], ...]] = tuple(variable for _, variable in _FIELDS)
+_BY_NAME: Final[dict[str, Variable[Any]]] = {variable.name: variable for variable in VARIABLES}
+
+
+def variable(name: str) -> Variable[Any]:
+    """The declared variable called ``name`` (``KeyError`` for one cfk_otel does not read)."""
+    return _BY_NAME[name]
+
 
 # Per-signal protocol overrides the SDK honours; validated like the shared one.
 _SIGNAL_PROTOCOLS: Final = tuple(
@@ -733,64 +782,6 @@ def _check_sdk_numbers(env: Mapping[str, str], problems: list[Problem]) -> None:
             # The SDK would refuse the default batch size (512) over this smaller queue.
             accepted = f"a whole number of at least the export batch size, {batch:g}"
             problems.append(Problem(queue_name, shown(env[queue_name], secret=False), accepted, "2048"))
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The parsed environment. Build it with :func:`load`."""
-
-    service_name: str
-    service_version: str
-    environment: str
-    log_level: str
-    log_format: str
-    no_color: bool
-    force_color: bool
-    log_output: str
-    log_requests: bool
-    log_requests_sample_rate: float
-    span_value_limit: int
-    log_value_limit: int
-    dd_logs_injection: bool
-    dd_service: str
-    dd_env: str
-    dd_version: str
-    sentry_dsn: str | None
-    sentry_environment: str
-    sentry_release: str | None
-    sentry_traces_sample_rate: float | None
-    sentry_profiles_sample_rate: float | None
-    sentry_capture_4xx: frozenset[int]
-    sdk_disabled: bool
-    otlp_endpoint: str | None
-    otlp_protocol: str
-    traces_exporters: tuple[str, ...]
-    metrics_exporters: tuple[str, ...]
-    logs_exporters: tuple[str, ...]
-    sampler: str
-    sampler_arg: float | None
-    strict: bool
-    native: bool
-    shutdown_timeout: float
-    defer_init: str
-    k8s_pod_name: str
-    k8s_pod_uid: str
-    k8s_namespace: str
-    k8s_node_name: str
-    metrics_enabled: bool
-    metrics_path: str
-    metrics_bearer_token: str | None
-    health_enabled: bool
-    health_path: str
-    health_live_path: str
-    health_ready_path: str
-    health_check_timeout: float
-    health_cache_ttl: float
-    health_telemetry: bool
-    slow_query_threshold: float
-    database_url: str | None
-    redis_url: str | None
-    problems: tuple[Problem, ...] = field(default=())
 
 
 def _or(value: float | None, default: float) -> float:
@@ -865,96 +856,51 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     """
     env = os.environ if env is None else env
     problems: list[Problem] = []
+    values: dict[str, Any] = {name: _read(var, env, problems) for name, var in _FIELDS}
+    for var in _SIGNAL_PROTOCOLS:  # read by the SDK itself: named here, removed before it sees them
+        _read(var, env, problems)
+    _check_sdk_numbers(env, problems)
 
-    def read(var: Variable[T]) -> T:
-        return _read(var, env, problems)
-
-    resource = _resource_attributes(read(OTEL_RESOURCE_ATTRIBUTES))
+    # The fallbacks between variables.
+    resource = _resource_attributes(values["resource_attributes"])
     service_name = (
-        read(OTEL_SERVICE_NAME)
-        or (read(SERVICE_NAME) if SERVICE_NAME.name in env else "")
+        values["otel_service_name"]
+        or (values["service_name"] if "SERVICE_NAME" in env else "")
         or resource.get("service.name")
-        or SERVICE_NAME.default
+        or variable("SERVICE_NAME").default
     )
-    sentry_release = read(SENTRY_RELEASE) or None
-    version = read(SERVICE_VERSION) or resource.get("service.version", "")
+    sentry_release = values["sentry_release"] or None
+    version = values["service_version"] or resource.get("service.version", "")
     if not version and sentry_release and "@" in sentry_release:
         version = sentry_release.rsplit("@", 1)[1]
     environment = (
-        read(SERVICE_ENVIRONMENT)
+        values["environment"]
         or resource.get("deployment.environment.name")
-        or read(SENTRY_ENVIRONMENT)
-        or read(DD_ENV)
+        or values["sentry_environment"]
+        or values["dd_env"]
         or "production"
     )
-
-    sampler = read(OTEL_TRACES_SAMPLER)
-    sampler_arg = read(OTEL_TRACES_SAMPLER_ARG)
-    sentry_traces_rate = read(SENTRY_TRACES_SAMPLE_RATE)
-    if sentry_traces_rate is not None and OTEL_TRACES_SAMPLER.name not in env:
+    if values["sentry_traces_sample_rate"] is not None and "OTEL_TRACES_SAMPLER" not in env:
         # OpenTelemetry is the one tracer: Sentry's share of traces is the sampler's (docs/sentry.md).
-        sampler, sampler_arg = "parentbased_traceidratio", sentry_traces_rate
-    # Read by the SDK and opentelemetry-instrument themselves: checked here, so a bad
-    # value is named, and removed before they see it.
-    for var in (*_SIGNAL_PROTOCOLS, OTEL_EXPORTER_OTLP_HEADERS, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS):
-        read(var)
-    _check_sdk_numbers(env, problems)
-    span_value_limit = read(OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT) or 8192
-
-    settings = Settings(
+        values.update(sampler="parentbased_traceidratio", sampler_arg=values["sentry_traces_sample_rate"])
+    span_value_limit = values["span_value_limit"] or 8192
+    values.update(
         service_name=service_name,
         service_version=version or "unknown",
         environment=environment,
-        log_level=read(LOG_LEVEL),
-        log_format=read(LOG_FORMAT),
-        no_color=bool(read(NO_COLOR)),
-        force_color=bool(read(FORCE_COLOR)),
-        log_output=read(LOG_OUTPUT),
-        log_requests=read(LOG_REQUESTS),
-        log_requests_sample_rate=_or(read(LOG_REQUESTS_SAMPLE_RATE), 1.0),
+        no_color=bool(values["no_color"]),
+        force_color=bool(values["force_color"]),
+        log_requests_sample_rate=_or(values["log_requests_sample_rate"], 1.0),
         span_value_limit=span_value_limit,
-        log_value_limit=read(OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT) or span_value_limit,
-        dd_logs_injection=read(DD_LOGS_INJECTION),
-        dd_service=read(DD_SERVICE) or service_name,
-        dd_env=read(DD_ENV) or environment,
-        dd_version=read(DD_VERSION) or version or "unknown",
-        sentry_dsn=read(SENTRY_DSN),
-        sentry_environment=read(SENTRY_ENVIRONMENT) or environment,
+        log_value_limit=values["log_value_limit"] or span_value_limit,
+        dd_service=values["dd_service"] or service_name,
+        dd_env=values["dd_env"] or environment,
+        dd_version=values["dd_version"] or version or "unknown",
+        sentry_environment=values["sentry_environment"] or environment,
         sentry_release=sentry_release,
-        sentry_traces_sample_rate=sentry_traces_rate,
-        sentry_profiles_sample_rate=read(SENTRY_PROFILES_SAMPLE_RATE),
-        sentry_capture_4xx=status_set(read(SENTRY_CAPTURE_4XX)),
-        sdk_disabled=read(OTEL_SDK_DISABLED),
-        otlp_endpoint=read(OTEL_EXPORTER_OTLP_ENDPOINT),
-        otlp_protocol=read(OTEL_EXPORTER_OTLP_PROTOCOL),
-        traces_exporters=read(OTEL_TRACES_EXPORTER),
-        metrics_exporters=read(OTEL_METRICS_EXPORTER),
-        logs_exporters=read(OTEL_LOGS_EXPORTER),
-        sampler=sampler,
-        sampler_arg=sampler_arg,
-        strict=read(CFK_OTEL_STRICT),
-        native=read(CFK_OTEL_NATIVE),
-        shutdown_timeout=read(CFK_OTEL_SHUTDOWN_TIMEOUT),
-        defer_init=read(CFK_OTEL_DEFER_INIT),
-        k8s_pod_name=read(K8S_POD_NAME),
-        k8s_pod_uid=read(K8S_POD_UID),
-        k8s_namespace=read(K8S_NAMESPACE_NAME),
-        k8s_node_name=read(K8S_NODE_NAME),
-        metrics_enabled=read(METRICS_ENABLED),
-        metrics_path=read(METRICS_PATH),
-        metrics_bearer_token=read(METRICS_BEARER_TOKEN),
-        health_enabled=read(HEALTH_ENABLED),
-        health_path=read(HEALTH_PATH),
-        health_live_path=read(HEALTH_LIVE_PATH),
-        health_ready_path=read(HEALTH_READY_PATH),
-        health_check_timeout=read(HEALTH_CHECK_TIMEOUT),
-        health_cache_ttl=read(HEALTH_CACHE_TTL),
-        health_telemetry=read(HEALTH_TELEMETRY),
-        slow_query_threshold=read(SLOW_QUERY_THRESHOLD),
-        database_url=read(DATABASE_URL),
-        redis_url=read(REDIS_URL),
-        problems=tuple(problems),
+        sentry_capture_4xx=status_set(values["sentry_capture_4xx"]),
     )
+    settings = Settings(**values, problems=tuple(problems))
     if problems and settings.strict:
         raise ConfigurationError(problems)
     return settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -10,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from cfk_otel import ConfigurationError
-from cfk_otel._settings import DECLARED, VARIABLES, Variable, load, markdown_table
+from cfk_otel._settings import DECLARED, VARIABLES, Settings, Variable, load, markdown_table, variable
 
 
 def test_defaults() -> None:
@@ -123,6 +124,26 @@ def test_every_variable_is_documented_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     assert markdown_table() in readme, "README's variable table is stale: paste `cfk-otel env`"
     assert len({v.name for v in VARIABLES}) == len(VARIABLES)
+
+
+def test_each_variable_is_declared_once_on_its_field() -> None:
+    """Issue 21 point 4: the Settings field is where its variable is declared, so a field
+    cannot exist without a variable, nor a variable without a field, nor be read twice."""
+    declared = [f for f in dataclasses.fields(Settings) if f.name != "problems"]
+    assert [variable(v.name) for v in VARIABLES] == list(VARIABLES)
+    assert len(declared) == len(VARIABLES)
+    for f, var in zip(declared, VARIABLES, strict=True):
+        assert f.default == var.default, f.name
+    s = load({"HEALTH_PATH": "/ready", "OTEL_EXPORTER_OTLP_HEADERS": "a=b", "LOG_LEVEL": "debug"})
+    assert (s.health_path, s.otlp_headers, s.log_level) == ("/ready", "a=b", "debug")
+
+
+def test_secret_fields_stay_out_of_the_settings_repr() -> None:
+    env = {v.name: f"https://user:{SECRET}@host/1" for v in VARIABLES if v.secret}
+    env["OTEL_EXPORTER_OTLP_HEADERS"] = f"authorization=Bearer {SECRET}"
+    settings = load(env)
+    assert SECRET in str(settings.sentry_dsn)  # parsed, not lost
+    assert SECRET not in repr(settings)
 
 
 # --- hostile values (issue 20) --------------------------------------------------------------

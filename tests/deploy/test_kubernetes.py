@@ -222,17 +222,17 @@ def test_app_probes_are_the_documents_on_the_apps_paths() -> None:
     port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
     assert port == 3000
     assert c["livenessProbe"] == {
-        "httpGet": {"path": _settings.HEALTH_LIVE_PATH.default, "port": port},
+        "httpGet": {"path": _settings.variable("HEALTH_LIVE_PATH").default, "port": port},
         "initialDelaySeconds": 10,
         "periodSeconds": 30,
     }
     assert c["readinessProbe"] == {
-        "httpGet": {"path": _settings.HEALTH_READY_PATH.default, "port": port},
+        "httpGet": {"path": _settings.variable("HEALTH_READY_PATH").default, "port": port},
         "initialDelaySeconds": 5,
         "periodSeconds": 10,
     }
     assert c["startupProbe"] == {
-        "httpGet": {"path": _settings.HEALTH_READY_PATH.default, "port": port},
+        "httpGet": {"path": _settings.variable("HEALTH_READY_PATH").default, "port": port},
         "failureThreshold": 30,
         "periodSeconds": 10,
     }

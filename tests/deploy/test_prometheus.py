@@ -110,7 +110,7 @@ def test_scrape_job_is_the_documents() -> None:
     config = load_yaml(CONFIG)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     app = jobs["cf-kanban"]
-    assert app["metrics_path"] == _settings.METRICS_PATH.default == "/api/metrics"
+    assert app["metrics_path"] == _settings.variable("METRICS_PATH").default == "/api/metrics"
     assert app["scrape_interval"] == "15s"
     assert app["dns_sd_configs"][0]["port"] == 3000
     # The collector is one more target: the app's job/instance it relays become
