@@ -116,3 +116,30 @@ def test_the_distro_warns_once_from_its_own_thread(
     assert [r.getMessage() for r in caplog.records if r.name == "cfk_otel"] == [
         "cfk_otel: the installed ... Fix, in one command: pip x"
     ]
+
+
+def test_each_instrumented_library_is_an_optional_extra_at_the_version_instrumented() -> None:
+    """Issue 21 point 6: asyncpg, redis, uvicorn and gunicorn are optional, and the extra
+    that adds one asks for what its instrumentor accepts (nothing else declares them)."""
+    import tomllib
+    from importlib.metadata import entry_points
+
+    from packaging.requirements import Requirement
+
+    from tests.conftest import ROOT
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {Requirement(r).name for r in project["dependencies"]}
+    extras = {
+        Requirement(r).name: str(Requirement(r).specifier)
+        for name, requirements in project["optional-dependencies"].items()
+        if name not in ("test", "bench")
+        for r in requirements
+    }
+    ours = [e for e in entry_points(group="opentelemetry_instrumentor") if e.value.startswith("cfk_otel.")]
+    assert {e.name for e in ours} == {"cfk_uvicorn", "cfk_gunicorn", "cfk_asyncpg", "cfk_redis"}
+    for entry in ours:
+        for dependency in entry.load()().instrumentation_dependencies():
+            requirement = Requirement(dependency)
+            assert requirement.name not in runtime, f"{requirement.name} must stay optional"
+            assert extras.get(requirement.name) == str(requirement.specifier), entry.name
