@@ -20,6 +20,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from . import _metrics
 from ._core import CoreSpan, Spans
+from ._redact import exception_attributes, scrub_text, scrub_url
 from ._routes import UNMATCHED, RouteResolver
 
 Scope = MutableMapping[str, Any]
@@ -275,7 +276,8 @@ class TelemetryMiddleware:
         client = scope.get("client")
         attributes: dict[str, Any] = {
             "http.request.method": method,
-            "url.path": scope.get("path", ""),
+            # An absolute-form target (GET http://user:pw@host/...) loses its userinfo.
+            "url.path": scrub_url(scope.get("path", "")),
             "url.scheme": scope.get("scheme", "http"),
             "network.protocol.version": scope.get("http_version", "1.1"),
         }
@@ -299,9 +301,9 @@ class TelemetryMiddleware:
         else:
             span.set_attributes(attributes)
         if error is not None:
-            span.record_exception(error)
+            span.record_exception(error, exception_attributes(error))
             span.set_attribute("error.type", type(error).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, str(error)))
+            span.set_status(Status(StatusCode.ERROR, scrub_text(str(error))))
         elif status >= 500:
             span.set_attribute("error.type", str(status))
             span.set_status(Status(StatusCode.ERROR))

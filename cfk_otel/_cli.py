@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from . import _checklist, _settings
 from ._logs import escape_control
+from ._redact import scrub_text
 from ._version import __version__
 
 _HIDDEN = "<set, hidden>"
@@ -25,8 +26,9 @@ def mask(var: _settings.Variable[object], raw: str) -> str:
 
 
 def _printable(value: str) -> str:
-    """Any other value as the terminal may show it (see :func:`mask`)."""
-    return _terminal(_settings.shown(value, secret=False))
+    """Any other value as the terminal may show it (see :func:`mask`), through the secrets
+    policy too (a ``token=`` pair in ``OTEL_RESOURCE_ATTRIBUTES``)."""
+    return _terminal(scrub_text(_settings.shown(value, secret=False)))
 
 
 def _terminal(text: str) -> str:

@@ -42,6 +42,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _errors, _metrics, _sdk
 from ._core import Spans
+from ._redact import exception_attributes, scrub_text
 
 _log = logging.getLogger("cfk_otel.db")
 
@@ -222,8 +223,8 @@ class _Client:
     def failed(self, span: trace.Span, error: BaseException) -> None:
         # As both instrumentations do (the SDK's default for a span that an error left).
         try:
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            span.record_exception(error, exception_attributes(error))
+            span.set_status(Status(StatusCode.ERROR, scrub_text(f"{type(error).__name__}: {error}")))
             if self.new:
                 span.set_attribute(ERROR_TYPE, type(error).__qualname__)
         except Exception:  # e.g. an error whose str() fails: the app still gets its own error

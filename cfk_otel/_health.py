@@ -29,7 +29,6 @@ import importlib
 import inspect
 import json
 import logging
-import re
 import socket
 import threading
 import time
@@ -38,12 +37,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, ClassVar, Final, Literal, TypeAlias
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from . import _core, _sdk
+from . import _core, _redact, _sdk
 from ._asgi import ASGIApp, Message, Receive, Scope, Send
 from ._settings import Settings
 
@@ -463,47 +461,29 @@ def _summarise(exc: BaseException, timeout: float) -> str:
 
 
 # Whatever the secret, user:password@ in a URL is never shown.
-_USERINFO: Final = re.compile(r"(?<=://)[^/@\s]+@")
-
-
 class _Scrubber:
-    """Removes the configured connection strings and their passwords from any text."""
+    """Health messages and details through the one secrets policy, with the configured
+    connection strings' secrets as known values."""
 
     def __init__(self, secrets: Iterable[str | None]) -> None:
-        words: set[str] = set()
-        for secret in secrets:
-            if secret:
-                words.update(_secret_parts(secret))
-        self._words = sorted(words, key=len, reverse=True)
+        self._known = _redact.Known(secrets)
 
     def text(self, value: str) -> str:
-        for word in self._words:  # longest first: a whole URL before its password
-            value = value.replace(word, "***")
-        return _USERINFO.sub("***@", value)[:_MAX_MESSAGE]
+        return _redact.scrub_text(value, self._known)[:_MAX_MESSAGE]
 
     def details(self, value: Mapping[str, Any]) -> dict[str, Any]:
-        return {str(k): self._value(v, 8) for k, v in value.items()}
+        return {str(k): self._value(k, v, 8) for k, v in value.items()}
 
-    def _value(self, value: object, depth: int) -> object:
+    def _value(self, key: object, value: object, depth: int) -> object:
+        if _redact.is_secret_key(key):
+            return _redact.REDACTED
         if value is None or isinstance(value, bool | int | float):
             return value
         if depth and isinstance(value, Mapping):
-            return {str(k): self._value(v, depth - 1) for k, v in value.items()}
+            return {str(k): self._value(k, v, depth - 1) for k, v in value.items()}
         if depth and isinstance(value, list | tuple | set | frozenset):
-            return [self._value(v, depth - 1) for v in value]
+            return [self._value(None, v, depth - 1) for v in value]
         return self.text(str(value))
-
-
-def _secret_parts(secret: str) -> set[str]:
-    parts = {secret}
-    with contextlib.suppress(ValueError):
-        url = urlsplit(secret)
-        if url.password:
-            parts.update({url.password, unquote(url.password)})
-        for key, value in parse_qsl(url.query):
-            if value and any(word in key.lower() for word in ("pass", "secret", "token", "key")):
-                parts.add(value)
-    return {p for p in parts if p}
 
 
 # --- the built-in dependency checks ----------------------------------------------------------

@@ -33,7 +33,7 @@ from opentelemetry._logs import LoggerProvider, SeverityNumber
 
 from ._asgi import RequestInfo, RequestObserver
 from ._core import LogSink
-from ._redact import redact
+from ._redact import scrub, scrub_text, scrub_url
 from ._settings import Settings
 
 LEVELS: Final = {
@@ -124,13 +124,14 @@ _last_context: tuple[Callable[[], object], int, dict[str, Any]] = (lambda: None,
 
 
 def _redacted_context(record: logging.LogRecord) -> dict[str, Any]:
-    """The record's context with secrets hidden: worked out once per record and shared by
+    """The record's context with secrets hidden (secret keys, credentials in text; see
+    :mod:`cfk_otel._redact`): worked out once per record and shared by
     our handlers (stdout and OTLP), again if a filter added to the record since."""
     global _last_context  # noqa: PLW0603  (a one-entry cache)
     last = _last_context
     if last[0]() is record and last[1] == len(record.__dict__):
         return last[2]
-    context: dict[str, Any] = redact(_context_of(record))
+    context: dict[str, Any] = scrub(_context_of(record))
     limit = _value_limit[0]
     for key, value in context.items():
         if type(value) is str and len(value) > limit:
@@ -246,8 +247,8 @@ def _error_fields(exc_info: Any) -> dict[str, str] | None:
     exc_type, exc, tb = exc_info
     return {
         "type": exc_type.__qualname__,
-        "message": _truncate(_safe_str(exc)),
-        "stack": "".join(traceback.format_exception(exc_type, exc, tb)),
+        "message": scrub_text(_truncate(_safe_str(exc))),
+        "stack": scrub_text("".join(traceback.format_exception(exc_type, exc, tb))),
     }
 
 
@@ -256,7 +257,7 @@ def _message(record: logging.LogRecord) -> str:
         message = record.getMessage()
     except Exception:  # bad %-arguments: keep both parts rather than lose the line
         message = f"{_safe_repr(record.msg)} % {_safe_repr(record.args)}"
-    return _truncate(message.rstrip("\n"))
+    return scrub_text(_truncate(message.rstrip("\n")))
 
 
 def _safe_str(value: object) -> str:
@@ -1127,7 +1128,8 @@ def request_observer(settings: Settings) -> RequestObserver | None:
         span: trace.SpanContext | None = info.span_context
         if not span.is_valid:  # type: ignore[union-attr]  # a RequestInfo always has one
             span = None
-        method, path = info.method, info.scope.get("path", "")
+        # An absolute-form target (GET http://user:pw@host/...) loses its userinfo.
+        method, path = info.method, scrub_url(info.scope.get("path", ""))
         if len(path) > limit:
             path = cut(path, limit)
         duration_ms = round(info.duration * 1_000_000) / 1000  # µs precision; round(x, 3) costs 3x

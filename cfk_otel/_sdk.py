@@ -29,7 +29,7 @@ from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from prometheus_client import CollectorRegistry
 
-from . import _core, _errors, _metrics, _settings, _uncaught
+from . import _core, _errors, _metrics, _redact, _settings, _uncaught
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -77,6 +77,7 @@ def prepare() -> _settings.Settings:
         return STATE.settings
     current = _settings.load()  # raises ConfigurationError in strict mode
     STATE.settings = current
+    _redact.known_secrets(current.secret_values())
     for problem in current.problems:
         print(problem, file=sys.stderr, flush=True)
         os.environ.pop(problem.variable, None)

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -47,7 +46,7 @@ from sentry_sdk.utils import event_from_exception
 
 from . import _errors
 from ._asgi import ASGIApp, Message, Receive, RequestInfo, Scope, Send
-from ._redact import REDACTED, is_secret_key
+from ._redact import scrub
 from ._routes import UNMATCHED, RouteResolver
 from ._settings import Settings
 
@@ -68,10 +67,6 @@ _HEADERS: Final = frozenset({b"host", b"user-agent", b"accept", b"content-type",
 _SCOPE_KEY: Final = "cfk_otel.sentry"
 _REPORTED: Final = "__cfk_otel_reported__"
 _LOOP_HANDLER: Final = "_cfk_otel_sentry"
-_MAX_DEPTH: Final = 64
-_URL_USERINFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@'\"<>]+@")
-_AUTH_SCHEME: Final = re.compile(r"(?i)\b(bearer|basic|digest)\s+[a-z0-9._~+/=\-]{4,}")
-_KEY_VALUE: Final = re.compile(r"""([A-Za-z_][\w.\-]{0,63})(["']?\s*[:=]\s*["']?)([^\s"',;&)}\]]+)""")
 _processor_added = False
 
 
@@ -244,51 +239,6 @@ def before_send(event: Event, hint: Hint) -> Event | None:
 def _mark_reported(error: BaseException) -> None:
     with contextlib.suppress(AttributeError, TypeError):  # exceptions with __slots__
         setattr(error, _REPORTED, True)
-
-
-def scrub(value: Any, depth: int = 0) -> Any:
-    """A copy of ``value`` with secrets withheld, at any depth.
-
-    Keys follow the shared rule (:func:`cfk_otel._redact.is_secret_key`); ``(key, value)``
-    pairs such as header lists count as keys; text loses URL credentials, ``Bearer``
-    tokens and ``secret=value`` pairs.
-
-    >>> scrub({"extra": {"headers": [["Authorization", "Bearer x"]], "dsn": "https://k@h/1"}})
-    {'extra': {'headers': [['Authorization', '[REDACTED]']], 'dsn': '[REDACTED]'}}
-    """
-    if isinstance(value, str):
-        return scrub_text(value)
-    if not isinstance(value, Mapping | list | tuple):
-        return value
-    if depth >= _MAX_DEPTH:
-        return REDACTED
-    if isinstance(value, Mapping):
-        return {k: REDACTED if is_secret_key(k) else scrub(v, depth + 1) for k, v in value.items()}
-    if len(value) == 2 and isinstance(value[0], str) and is_secret_key(value[0]):
-        return [value[0], REDACTED]
-    return [scrub(v, depth + 1) for v in value]
-
-
-def scrub_text(text: str) -> str:
-    """Text without credentials.
-
-    >>> scrub_text("connect postgresql://app:pw@db/cfk?sslmode=require token=abc failed")
-    'connect postgresql://[REDACTED]@db/cfk?sslmode=require token=[REDACTED] failed'
-    """
-    if "://" in text and "@" in text:
-        text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
-    if " " in text:
-        text = _AUTH_SCHEME.sub(rf"\1 {REDACTED}", text)
-    if "=" in text or ":" in text:
-        text = _KEY_VALUE.sub(_hide_value, text)
-    return text
-
-
-def _hide_value(match: re.Match[str]) -> str:
-    key, sep, value = match.groups()
-    if value == REDACTED or not is_secret_key(key):
-        return match.group(0)
-    return f"{key}{sep}{REDACTED}"
 
 
 def _link_trace(event: Event, hint: Hint) -> Event:

@@ -139,6 +139,21 @@ def _exporters(value: str) -> tuple[str, ...]:
     return () if names == ("none",) else names
 
 
+# OTLP headers as the SDK's exporters read them (W3C baggage style, and liberally a value with
+# spaces): a pair it cannot read, it prints whole on stderr, secret and all, once per
+# exporter. So one bad pair refuses the variable here, where the message hides its value.
+_HEADER_KEY: Final = r"[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+"
+_HEADER_PAIR: Final = re.compile(
+    rf"[ \t]*{_HEADER_KEY}[ \t]*=[ \t]*[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
+)
+
+
+def _header_pairs(value: str) -> str:
+    if any(item.strip() and not _HEADER_PAIR.fullmatch(item.strip()) for item in value.split(",")):
+        raise InvalidValue
+    return value.strip()
+
+
 def _rate(value: str) -> float | None:
     if not value.strip():
         return None
@@ -498,8 +513,8 @@ class Settings:
     otlp_headers: str = setting(
         "OTEL_EXPORTER_OTLP_HEADERS",
         "",
-        _text,
-        "key=value pairs separated by commas",
+        _header_pairs,
+        "key=value pairs separated by commas, values URL-encoded (no ';', ',', '\\' or '\"')",
         "Extra headers sent with every OTLP request (e.g. authorization).",
         secret=True,
     )
@@ -712,6 +727,12 @@ class Settings:
     )
     problems: tuple[Problem, ...] = field(default=())
 
+    def secret_values(self) -> tuple[str, ...]:
+        """The values of the secret variables that are set: the secrets policy withholds
+        them wherever they appear (:func:`cfk_otel._redact.known_secrets`)."""
+        values = (getattr(self, name) for name, var in _FIELDS if var.secret)
+        return tuple(v for v in values if isinstance(v, str) and v)
+
 
 # (field name, variable) in the order of the README's table.
 _FIELDS: Final[tuple[tuple[str, Variable[Any]], ...]] = tuple(
@@ -734,6 +755,20 @@ _SIGNAL_PROTOCOLS: Final = tuple(
         _choice(*OTLP_PROTOCOLS),
         "grpc, http/protobuf",
         f"OTLP transport for {signal.lower()} only.",
+    )
+    for signal in ("TRACES", "METRICS", "LOGS")
+)
+
+
+# Per-signal headers the SDK honours; checked like the shared ones (they hold secrets too).
+_SIGNAL_HEADERS: Final = tuple(
+    Variable(
+        f"OTEL_EXPORTER_OTLP_{signal}_HEADERS",
+        "",
+        _header_pairs,
+        variable("OTEL_EXPORTER_OTLP_HEADERS").accepted,
+        f"OTLP headers for {signal.lower()} only.",
+        secret=True,
     )
     for signal in ("TRACES", "METRICS", "LOGS")
 )
@@ -765,7 +800,7 @@ _SDK_NUMBERS: Final[tuple[Variable[Any], ...]] = (
 
 
 # Every variable read and checked here, for tests and tools that must cover them all.
-DECLARED: Final[tuple[Variable[Any], ...]] = (*VARIABLES, *_SIGNAL_PROTOCOLS, *_SDK_NUMBERS)
+DECLARED: Final[tuple[Variable[Any], ...]] = (*VARIABLES, *_SIGNAL_PROTOCOLS, *_SIGNAL_HEADERS, *_SDK_NUMBERS)
 
 
 def _check_sdk_numbers(env: Mapping[str, str], problems: list[Problem]) -> None:
@@ -857,7 +892,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     problems: list[Problem] = []
     values: dict[str, Any] = {name: _read(var, env, problems) for name, var in _FIELDS}
-    for var in _SIGNAL_PROTOCOLS:  # read by the SDK itself: named here, removed before it sees them
+    for var in (*_SIGNAL_PROTOCOLS, *_SIGNAL_HEADERS):  # the SDK reads them: named here, removed first
         _read(var, env, problems)
     _check_sdk_numbers(env, problems)
 

@@ -544,11 +544,18 @@ def test_secrets_never_reach_a_body() -> None:
     for secret in ("hunter2-pw", "r3dis-pw", "other-pw", "qs-secret", dsn):
         assert secret not in text
     body = response.json()
-    assert body["checks"][0]["message"].startswith("ConnectionError: could not connect to ***")
+    assert body["checks"][0]["message"].startswith("ConnectionError: could not connect to [REDACTED]")
     details = body["checks"][1]["details"]
     assert details["n"] == 3
-    assert details["nested"] == [{"pw": "***"}, ["***"]]
+    assert details["nested"] == [{"pw": "[REDACTED]"}, ["[REDACTED]"]]
     assert details["obj"].startswith("<object object")
+
+
+def test_a_short_password_neither_garbles_nor_reveals() -> None:
+    """Issue 21: with the password "x", "does not exist" used to become "does not e***ist"."""
+    reg = registry(secrets=("postgresql://app:x@db/kanban",))
+    reg.register("c", lambda: HealthCheckResult("unhealthy", "database does not exist"))
+    assert run(reg.report)[1]["checks"][0]["message"] == "database does not exist"
 
 
 def test_long_messages_are_truncated() -> None:

@@ -398,8 +398,8 @@ def test_both_handlers_share_one_redaction_and_see_what_a_filter_adds(
     from cfk_otel import _logs
 
     calls: list[object] = []
-    original = _logs.redact
-    monkeypatch.setattr(_logs, "redact", lambda value: calls.append(value) or original(value))
+    original = _logs.scrub
+    monkeypatch.setattr(_logs, "scrub", lambda value: calls.append(value) or original(value))
     provider = LoggerProvider()
     memory = InMemoryLogRecordExporter()
     provider.add_log_record_processor(SimpleLogRecordProcessor(memory))
