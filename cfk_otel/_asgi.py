@@ -18,7 +18,7 @@ from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Status, StatusCode
 
-from . import _metrics
+from . import _errors, _metrics
 from ._core import CoreSpan, Spans
 from ._routes import UNMATCHED, RouteResolver
 
@@ -178,6 +178,7 @@ class TelemetryMiddleware:
         span = self._spans.start(method, parent)
         token = context.attach(trace.set_span_in_context(span, parent))
         status = 0
+        close_code: int | None = None
 
         ws = (
             _WebSocketMessages(
@@ -188,7 +189,7 @@ class TelemetryMiddleware:
         )
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, close_code
             mtype = message["type"]
             if mtype == "http.response.start":
                 status = message["status"]
@@ -199,8 +200,10 @@ class TelemetryMiddleware:
                 status = 101
                 self.metrics.websocket_connections.inc()
                 return
-            elif mtype == "websocket.close" and not status:
-                status = 403
+            elif mtype == "websocket.close":
+                close_code = message.get("code") or 1000
+                if not status:
+                    status = 403
             await send(message)
 
         # FastAPI (0.165 and later) has telemetry of its own: a second server span, rooted
@@ -223,14 +226,15 @@ class TelemetryMiddleware:
                 )
             try:
                 route = fixed_route or self._routes.template(scope, root_path, status)
-                self._record(span, scope, kind, method, route, status, time.perf_counter() - start, error)
+                elapsed = time.perf_counter() - start
+                self._record(span, scope, kind, method, route, status, elapsed, error, close_code)
             except Exception:  # telemetry must never fail a request
                 if not self._warned:
                     self._warned = True
                     _log.warning("cfk_otel: recording a request failed; continuing", exc_info=True)
 
     def _websocket_ended(self, scope: Scope, route: str, start: float) -> None:
-        self.metrics.websocket_connections.dec()
+        self.metrics.websocket_connections.finish()
         with contextlib.suppress(Exception):
             self.metrics.websocket_duration.observe(time.perf_counter() - start, {"path": route})
 
@@ -244,15 +248,14 @@ class TelemetryMiddleware:
         status: int,
         elapsed: float,
         error: BaseException | None,
+        close_code: int | None = None,
     ) -> None:
         self._finish(span, scope, kind, method, route, status, error)
         if kind == "http":
             self._requests.add_by_key((method, route, str(status)), 1.0)
             self._duration.record_by_key((method, route), elapsed)
-        if error is not None:
-            self.metrics.errors.inc({"type": type(error).__qualname__, "severity": "error"})
-        elif status >= 500:
-            self.metrics.errors.inc({"type": f"http_{status}", "severity": "error"})
+        if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
+            _errors.count_request(self.metrics, kind, route, status, error, close_code)
         if self._observers:
             info = RequestInfo(scope, kind, method, route, status, elapsed, error, span.get_span_context())
             for observer in self._observers:

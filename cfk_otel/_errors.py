@@ -13,6 +13,7 @@ does not know is logged once and replaced by ``error``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from . import _metrics
-from ._settings import Settings
+from ._routes import UNMATCHED
+from ._settings import SENTRY_CAPTURE_4XX, Settings, status_set
 
 if TYPE_CHECKING:
     from ._asgi import ASGIApp, RequestObserver
@@ -40,13 +42,19 @@ SENTRY_LEVELS: Final = {
 }
 # ``errors_total{severity}`` uses the document's names, like LOG_LEVEL.
 SEVERITY: Final = {"debug": "debug", "info": "info", "warning": "warn", "error": "error", "fatal": "fatal"}
-_MAX_WARNED: Final = 16
+_MAX_WARNED: Final = 64
+# WebSocket close codes that mean the server failed (RFC 6455: 1011 internal error, 1014
+# bad gateway). Others are normal, client faults or the client going away.
+ABNORMAL_CLOSE_CODES: Final = frozenset({1011, 1014})
+_COUNTED: Final = "__cfk_otel_counted__"
 
 
 @dataclass
 class _State:
     active: bool = False  # Sentry was initialised with a DSN in this process
     settings: Settings | None = None
+    # The 4xx reported and counted (SENTRY_CAPTURE_4XX); the default until start() runs.
+    capture_4xx: frozenset[int] = status_set(SENTRY_CAPTURE_4XX.default)
     warned: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -54,7 +62,7 @@ class _State:
 STATE = _State()
 
 
-def sentry_level(level: object) -> str:
+def sentry_level(level: object, call: str = "capture_error") -> str:
     """Sentry's name for one of the document's levels; unknown levels become ``error``.
 
     >>> sentry_level("warn"), sentry_level("FATAL")
@@ -62,38 +70,104 @@ def sentry_level(level: object) -> str:
     """
     name = SENTRY_LEVELS.get(level.lower()) if isinstance(level, str) else None
     if name is None:
-        _warn_once(f"level:{level!r}", "cfk_otel: unknown error level %r; using 'error'", level)
+        _warn_once(
+            f"level:{call}:{level!r}",
+            "cfk_otel: %s(): unknown level %r (use debug, info, warn, error or fatal); using 'error'",
+            call,
+            level,
+        )
         return "error"
     return name
 
 
 def capture_error(
     error: BaseException,
-    level: str = "error",
+    context: Mapping[str, object] | str | None = None,
     tags: Mapping[str, object] | None = None,
     extra: Mapping[str, object] | None = None,
+    *,
+    level: str | None = None,
 ) -> str | None:
     """Report a handled exception; returns the Sentry event id (``None`` without Sentry).
 
-    Also counts ``errors_total{type=<exception class>, severity=<level>}``. Tags are short
-    strings Sentry can search and group by; ``extra`` is free-form context (scrubbed of
-    secrets like everything else sent).
+    The document's shape is a context dict, ``{"level", "tags", "extra"}``; keywords
+    work too, and win over the dict. Other keys of the dict are kept in ``extra``. Also
+    counts ``errors_total{type=<exception class>, severity=<level>}``, Sentry or not.
+    Tags are short strings Sentry can search and group by; ``extra`` is free-form context
+    (scrubbed of secrets like everything else sent). Never raises.
 
     >>> try:
     ...     move_ticket(ticket_id)
     ... except TicketLocked as exc:  # doctest: +SKIP
-    ...     capture_error(exc, level="warn", tags={"component": "tickets-api"}, extra={"ticketId": 7})
+    ...     capture_error(exc, {"level": "warn", "tags": {"component": "api"}, "extra": {"ticketId": 7}})
+    ...     capture_error(exc, level="warn", tags={"component": "tickets-api"})  # the same
     """
-    level_name = sentry_level(level)
-    if not isinstance(error, BaseException):
-        _warn_once("error-type", "cfk_otel: capture_error() needs an exception, got %s", type(error).__name__)
-        return capture_message(str(error), level_name, extra)
-    _count(type(error).__qualname__, level_name)
-    if not STATE.active:
-        return None
-    from . import _sentry  # noqa: PLC0415  (imported only once Sentry is on)
+    try:
+        level_name, all_tags, all_extra = _error_context(context, level, tags, extra)
+        if not isinstance(error, BaseException):
+            _warn_once(
+                "error-type", "cfk_otel: capture_error() needs an exception, got %s", type(error).__name__
+            )
+            return capture_message(str(error), level_name, all_extra)
+        count_exception(error, SEVERITY[level_name])
+        if not STATE.active:
+            return None
+        from . import _sentry  # noqa: PLC0415  (imported only once Sentry is on)
 
-    return _sentry.capture_error(error, level_name, tags, extra)
+        return _sentry.capture_error(error, level_name, all_tags, all_extra)
+    except Exception:  # error tracking never breaks the app
+        _warn_once("capture_error", "cfk_otel: capture_error() failed", exc_info=True)
+        return None
+
+
+def _error_context(
+    context: object, level: object, tags: object, extra: object
+) -> tuple[str, dict[str, object], dict[str, object]]:
+    # Positional since the first versions: capture_error(err, "warn", {tags}, {extra}).
+    given_level: object = "error"
+    all_tags: dict[str, object] = {}
+    all_extra: dict[str, object] = {}
+    if isinstance(context, str):
+        given_level = context
+    elif isinstance(context, Mapping):
+        for key, value in context.items():
+            if key == "level":
+                given_level = value
+            elif key == "tags":
+                all_tags.update(_mapping(value, "capture_error", "tags"))
+            elif key == "extra":
+                all_extra.update(_mapping(value, "capture_error", "extra"))
+            else:  # kept, where Sentry shows free-form context
+                all_extra[str(key)] = value
+    elif context is not None:
+        _warn_once(
+            "capture_error:context",
+            "cfk_otel: capture_error(): the context must be a dict such as "
+            "{'level': 'error', 'tags': {...}, 'extra': {...}}, got %s; kept in extra",
+            type(context).__name__,
+        )
+        all_extra["context"] = context
+    if level is not None:
+        given_level = level
+    all_tags.update(_mapping(tags, "capture_error", "tags"))
+    all_extra.update(_mapping(extra, "capture_error", "extra"))
+    return sentry_level(given_level, "capture_error"), all_tags, all_extra
+
+
+def _mapping(value: object, call: str, what: str) -> Mapping[str, object]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    _warn_once(
+        f"{call}:{what}",
+        "cfk_otel: %s(): %s must be a dict, got %s; kept under %r",
+        call,
+        what,
+        type(value).__name__,
+        what,
+    )
+    return {what: value}
 
 
 def capture_message(
@@ -101,36 +175,107 @@ def capture_message(
 ) -> str | None:
     """Report a message, with context as key/value pairs; returns the Sentry event id.
 
-    Messages are not errors: they are not counted in ``errors_total``.
+    The document's shape is ``capture_message(message, level, context)``; context
+    keywords are merged into it. Messages are not errors: they are not counted in
+    ``errors_total``. Never raises.
 
-    >>> capture_message("Onboarding done", "info", {"userId": uid}, duration=45000)  # doctest: +SKIP
+    >>> capture_message("Onboarding done", "info", {"userId": uid, "duration": 45000})  # doctest: +SKIP
     """
-    level_name = sentry_level(level)
-    if not STATE.active:
+    try:
+        level_name = sentry_level(level, "capture_message")
+        data = {**_mapping(context, "capture_message", "context"), **fields}
+        if not STATE.active:
+            return None
+        from . import _sentry  # noqa: PLC0415
+
+        return _sentry.capture_message(str(message), level_name, data)
+    except Exception:
+        _warn_once("capture_message", "cfk_otel: capture_message() failed", exc_info=True)
         return None
-    data = {**(context or {}), **fields}
-    from . import _sentry  # noqa: PLC0415
-
-    return _sentry.capture_message(str(message), level_name, data)
 
 
-def set_user(user: Mapping[str, object] | None) -> None:
+def set_user(user: Mapping[str, object] | None = None, /, **fields: object) -> None:
     """Attach a user (``id``, ``email``, ``username``, ...) to the events of this request.
 
-    Each HTTP request and WebSocket session has its own Sentry scope, so the user set
-    here never shows on another request's events, concurrent or later. Called outside a
-    request, it applies to the process's later events outside requests. ``None`` clears it.
-    Only what is set here identifies a user: IP addresses and cookies are never sent.
+    As in the document, ``set_user({"id": ..., "email": ...})``; keywords work too
+    (``set_user(id=..., email=...)``). Each HTTP request and WebSocket session has its
+    own Sentry scope, so the user set here never shows on another request's events,
+    concurrent or later. Called outside a request, it applies to the process's later
+    events outside requests. ``set_user(None)`` clears it. Only what is set here
+    identifies a user: IP addresses and cookies are never sent. Never raises.
 
     >>> set_user({"id": "user-123", "email": "ann@example.com"})  # doctest: +SKIP
     """
-    if user and user.get("id") is not None:  # active_users counts them, Sentry or not
-        _metrics.default().note_user(str(user["id"]))
-    if not STATE.active:
-        return
-    from . import _sentry  # noqa: PLC0415
+    try:
+        data = {**_mapping(user, "set_user", "user"), **fields} if user is not None or fields else None
+        if data and data.get("id") is not None:  # active_users counts them, Sentry or not
+            _metrics.default().note_user(str(data["id"]))
+        if not STATE.active:
+            return
+        from . import _sentry  # noqa: PLC0415
 
-    _sentry.set_user(user)
+        _sentry.set_user(data)
+    except Exception:
+        _warn_once("set_user", "cfk_otel: set_user() failed", exc_info=True)
+
+
+# --- errors_total: this module is its one writer -------------------------------------------
+
+
+def count(error_type: str, severity: str, registry: _metrics.Metrics | None = None) -> None:
+    """Count one error in ``errors_total{type,severity}`` (the document's severity names).
+
+    Every source counts through here, with Sentry or without: requests (exceptions, 5xx,
+    4xx in ``SENTRY_CAPTURE_4XX``, WebSocket closes 1011/1014), slow queries, uncaught
+    exceptions (threads, top level, asyncio tasks) and :func:`capture_error`.
+    """
+    try:
+        _add(registry or _metrics.default(), error_type, SEVERITY.get(severity, severity))
+    except Exception:
+        _warn_once("count", "cfk_otel: counting an error failed", exc_info=True)
+
+
+def _add(registry: _metrics.Metrics, error_type: str, severity: str) -> None:
+    registry.errors.add_by_key((error_type, severity), 1.0)
+
+
+def count_exception(
+    error: BaseException, severity: str = "error", registry: _metrics.Metrics | None = None
+) -> None:
+    """Count an exception once, however many of our hooks see it (a task's exception
+    reaches both the loop handler of :mod:`cfk_otel._uncaught` and Sentry's)."""
+    if getattr(error, _COUNTED, False):
+        return
+    with contextlib.suppress(AttributeError, TypeError):  # exceptions with __slots__
+        setattr(error, _COUNTED, True)
+    count(type(error).__qualname__, severity, registry)
+
+
+def count_request(
+    registry: _metrics.Metrics,
+    kind: str,
+    route: str,
+    status: int,
+    error: BaseException | None,
+    close_code: int | None,
+) -> None:
+    """The errors one finished request or WebSocket session stands for (the middleware's
+    call, made only when it has an error, a status of 400 or more, or a close code)."""
+    if error is not None:
+        count_exception(error, "error", registry)
+    elif kind == "http":
+        if status >= 500:
+            count(f"http_{status}", "error", registry)
+        elif reportable_4xx(status, route):
+            count(f"http_{status}", "warn", registry)
+    elif close_code in ABNORMAL_CLOSE_CODES:
+        count(f"websocket_{close_code}", "error", registry)
+
+
+def reportable_4xx(status: int, route: str) -> bool:
+    """A 4xx the document reports: its status is in ``SENTRY_CAPTURE_4XX``, and it is not a
+    404 for a path no route matches (scanners and typos, not the app's errors)."""
+    return status in STATE.capture_4xx and not (status == 404 and route == UNMATCHED)
 
 
 # --- the distro's side: start, stop, hooks ------------------------------------------------
@@ -144,6 +289,7 @@ def start(settings: Settings) -> None:
     """
     _apply_trace_sample_rate(settings)
     STATE.settings = settings
+    STATE.capture_4xx = settings.sentry_capture_4xx
     if not settings.sentry_dsn or STATE.active:
         return
     try:
@@ -194,21 +340,23 @@ def instrument(app: ASGIApp, observers: list[RequestObserver]) -> ASGIApp:
 
 
 def report_slow_query(sql: str, seconds: float) -> None:
-    """A query slower than ``SLOW_QUERY_THRESHOLD`` as a Sentry warning: its SQL, never its arguments."""
+    """A query slower than ``SLOW_QUERY_THRESHOLD``: counted, and a Sentry warning (its SQL,
+    never its arguments) when Sentry is on."""
+    count("slow_query", "warn")
     if not STATE.active:
         return
     try:
         from . import _sentry  # noqa: PLC0415
 
         _sentry.capture_slow_query(sql, seconds)
-        _count("slow_query", "warning")
     except Exception:
         _warn_once("slow-query", "cfk_otel: reporting a slow query failed", exc_info=True)
 
 
-def report_unhandled(error: BaseException, mechanism: str) -> None:
-    """An exception nobody caught (a thread, the main program, an asyncio task) to Sentry,
-    as unhandled, once (see :mod:`cfk_otel._uncaught`). Nothing without Sentry."""
+def report_unhandled(error: BaseException, mechanism: str, severity: str = "error") -> None:
+    """An exception nobody caught (a thread, the main program, an asyncio task): counted,
+    and to Sentry as unhandled when Sentry is on, once (see :mod:`cfk_otel._uncaught`)."""
+    count_exception(error, severity)
     if not STATE.active:
         return
     try:
@@ -217,13 +365,6 @@ def report_unhandled(error: BaseException, mechanism: str) -> None:
         _sentry._capture_unhandled(error, mechanism)
     except Exception:
         _warn_once("unhandled", "cfk_otel: reporting an uncaught exception failed", exc_info=True)
-
-
-def _count(error_type: str, level: str) -> None:
-    try:
-        _metrics.count_error(error_type, SEVERITY.get(level, "error"))
-    except Exception:
-        _warn_once("count", "cfk_otel: counting an error failed", exc_info=True)
 
 
 def _warn_once(key: str, message: str, *args: object, exc_info: bool = False) -> None:
@@ -238,4 +379,5 @@ def _reset_for_tests() -> None:
     """TESTS ONLY: stop Sentry and forget this module's state."""
     close(1.0)
     STATE.settings = None
+    STATE.capture_4xx = status_set(SENTRY_CAPTURE_4XX.default)
     STATE.warned.clear()

@@ -47,15 +47,19 @@ from sentry_sdk.utils import event_from_exception
 
 from . import _errors
 from ._asgi import ASGIApp, Message, Receive, RequestInfo, Scope, Send
+from ._errors import ABNORMAL_CLOSE_CODES
 from ._redact import REDACTED, is_secret_key
 from ._routes import UNMATCHED, RouteResolver
 from ._settings import Settings
 
 _log = logging.getLogger("cfk_otel.errors")
 
-# Server close codes that mean the server failed (RFC 6455: 1011 internal error, 1014 bad
-# gateway). Others are normal, client faults or the client going away: not reported.
-ABNORMAL_CLOSE_CODES: Final = frozenset({1011, 1014})
+# One issue (method, route, status) sends at most ISSUE_BURST events at once and
+# ISSUE_EVENTS_PER_MINUTE on average: a client hammering one failing route costs one
+# trickle of events, while errors_total counts every response.
+ISSUE_EVENTS_PER_MINUTE: Final = 6.0
+ISSUE_BURST: Final = 10.0
+_MAX_ISSUES: Final = 1024
 # Lines about failures we report ourselves (uvicorn's "Exception in ASGI application", the
 # request line of a 5xx) or that carry client addresses (access logs).
 _IGNORED_LOGGERS: Final = ("uvicorn.error", "cfk_otel.requests", "uvicorn.access", "gunicorn.access")
@@ -103,6 +107,34 @@ class Budget:
 
 
 budget = Budget(EVENTS_PER_SECOND, EVENT_BURST)
+
+
+class IssueBudgets:
+    """A :class:`Budget` per issue fingerprint, for the reports built from a status code.
+
+    Fingerprints are bounded (method x route template x status), but past
+    :data:`_MAX_ISSUES` of them the oldest budget is forgotten.
+
+    >>> budgets = IssueBudgets(rate=0.0, burst=1.0)
+    >>> a, b = ("GET", "/a", "404"), ("GET", "/b", "404")
+    >>> budgets.take(a), budgets.take(a), budgets.take(b)
+    (True, False, True)
+    """
+
+    def __init__(self, rate: float = ISSUE_EVENTS_PER_MINUTE / 60.0, burst: float = ISSUE_BURST) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._budgets: dict[tuple[str, ...], Budget] = {}
+        self._lock = threading.Lock()
+
+    def take(self, fingerprint: tuple[str, ...]) -> bool:
+        with self._lock:
+            issue = self._budgets.get(fingerprint)
+            if issue is None:
+                if len(self._budgets) >= _MAX_ISSUES:
+                    del self._budgets[next(iter(self._budgets))]
+                issue = self._budgets[fingerprint] = Budget(self._rate, self._burst)
+        return issue.take()
 
 
 def _within_budget() -> bool:
@@ -379,7 +411,7 @@ class RequestScopes:
                 if kind == "lifespan":
                     with _guard("reporting a lifespan failure"):
                         _capture_unhandled(exc, "cfk_otel.lifespan")
-                        _errors._count(type(exc).__qualname__, "error")
+                        _errors.count_exception(exc)
                 raise
             return
         with sentry_sdk.isolation_scope() as isolation:
@@ -407,15 +439,19 @@ class ErrorObserver:
 
     - an unhandled exception (HTTP or WebSocket): an ``error`` event with its stack;
     - a 5xx response without one: an ``error`` event ``HTTP 503 Service Unavailable``;
-    - a 4xx response, when its status is in ``SENTRY_CAPTURE_4XX``: a ``warning``;
+    - a 4xx response, when its status is in ``SENTRY_CAPTURE_4XX`` (all by default) and it
+      is not a 404 for a path no route matches: a ``warning``;
     - a WebSocket the app closed with 1011 or 1014: an ``error``.
 
-    Events carry the request span's trace and span ids. Exceptions and 5xx are counted in
-    ``errors_total`` by the middleware already; the 4xx and close reports are counted here.
+    Reports built from a status are grouped into one issue per method, route template and
+    status (their fingerprint), and limited per issue (:class:`IssueBudgets`). Events carry
+    the request span's trace and span ids. The middleware counts them all in
+    ``errors_total`` (through :func:`cfk_otel._errors.count_request`), reported or not.
     """
 
     def __init__(self, capture_4xx: frozenset[int]) -> None:
         self._capture_4xx = capture_4xx
+        self._issues = IssueBudgets()
 
     def __call__(self, info: RequestInfo) -> None:
         try:
@@ -436,17 +472,15 @@ class ErrorObserver:
         if info.kind == "http":
             if status >= 500:
                 self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="error")
-            elif status in self._capture_4xx:
+            elif status in self._capture_4xx and not (status == 404 and info.route == UNMATCHED):
                 self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="warning")
-                _errors._count(f"http_{status}", "warning")
         elif state is not None and state.close_code in ABNORMAL_CLOSE_CODES:
             code = state.close_code
             reason = f": {state.close_reason}" if state.close_reason else ""
             self._report(info, state, message=f"WebSocket closed with {code}{reason}", level="error")
-            _errors._count(f"websocket_{code}", "error")
 
-    @staticmethod
     def _report(
+        self,
         info: RequestInfo,
         state: _RequestState | None,
         *,
@@ -454,7 +488,9 @@ class ErrorObserver:
         message: str = "",
         level: str = "error",
     ) -> None:
-        if error is None and not _within_budget():
+        # One issue per method + route template + status (+ close code for a WebSocket).
+        fingerprint = (info.kind, info.method, info.route, str(info.status), message)
+        if error is None and not (self._issues.take(fingerprint) and _within_budget()):
             return
         # The request's span is no longer current here: make it so for _link_trace.
         token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(info.span_context)))
@@ -468,8 +504,8 @@ class ErrorObserver:
                 if error is not None:
                     _capture_unhandled(error, f"cfk_otel.{info.kind}")
                 else:
-                    fingerprint = [info.kind, info.method, info.route, str(info.status), message]
-                    sentry_sdk.capture_event({"message": message, "level": level, "fingerprint": fingerprint})  # type: ignore[typeddict-item]
+                    event = {"message": message, "level": level, "fingerprint": list(fingerprint)}
+                    sentry_sdk.capture_event(event)  # type: ignore[arg-type]
         finally:
             otel_context.detach(token)
 
@@ -524,7 +560,7 @@ def _report_background(context: Mapping[str, Any]) -> None:
         run_in.run(_capture_background, error, str(context.get("message", "")), name)
     except RuntimeError:  # that context is running right now
         contextvars.Context().run(_capture_background, error, str(context.get("message", "")), name)
-    _errors._count(type(error).__qualname__, "error")
+    _errors.count_exception(error)
 
 
 def _capture_background(error: Exception, message: str, task_name: str) -> None:

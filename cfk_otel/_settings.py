@@ -426,10 +426,12 @@ SENTRY_PROFILES_SAMPLE_RATE = Variable(
 )
 SENTRY_CAPTURE_4XX = Variable(
     "SENTRY_CAPTURE_4XX",
-    "none",
+    "all",
     _status_codes(400, 499),
-    "none, all, or status codes separated by commas (e.g. 401,403,429)",
-    "4xx responses reported to Sentry as warnings (5xx are always reported as errors).",
+    "all, none, or status codes separated by commas (e.g. 401,403,429)",
+    "4xx responses reported to Sentry as warnings, one issue per method, route and status, and "
+    "counted in errors_total (severity warn); 404s on paths no route matches never are. "
+    "5xx are always reported as errors.",
 )
 OTEL_SDK_DISABLED = Variable("OTEL_SDK_DISABLED", False, _bool, "true, false", "Turns all telemetry off.")
 OTEL_EXPORTER_OTLP_ENDPOINT = Variable(

@@ -78,7 +78,7 @@ def _record(
 ) -> None:
     # Sentry first: it marks the exception reported, so the logging integration's event
     # for the record below is dropped as a duplicate.
-    _errors.report_unhandled(error, mechanism)
+    _errors.report_unhandled(error, mechanism, "fatal" if level >= logging.CRITICAL else "error")
     _log.log(
         level,
         message,

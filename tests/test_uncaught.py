@@ -54,9 +54,11 @@ def hooks() -> Iterator[None]:
 @pytest.fixture
 def reported(monkeypatch: pytest.MonkeyPatch) -> list[tuple[BaseException, str]]:
     calls: list[tuple[BaseException, str]] = []
-    monkeypatch.setattr(
-        _errors, "report_unhandled", lambda error, mechanism: calls.append((error, mechanism))
-    )
+
+    def report(error: BaseException, mechanism: str, severity: str = "error") -> None:
+        calls.append((error, mechanism))
+
+    monkeypatch.setattr(_errors, "report_unhandled", report)
     return calls
 
 
