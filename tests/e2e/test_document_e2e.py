@@ -68,6 +68,14 @@ def test_the_documents_samples_arrive_everywhere(run_app: Any) -> None:
         ):
             assert f"# TYPE {name} " in text, name
 
+        # Over OTLP, the first export carries the unlabelled gauge at 0, and each labelled
+        # metric without series as a metric with no data points (OTLP has no HELP-only form).
+        assert otlp.wait_for(lambda: otlp_value(otlp, "websocket_connections_active", {}) == 0)
+        unused = [m for m in otlp.metrics if m.name == "ticket_transitions_total"]
+        assert unused
+        assert [len(m.metric.sum.data_points) for m in unused] == [0] * len(unused)
+        assert unused[0].metric.description == "Ticket state transitions"
+
         status, _, body = app.get("/samples")
         assert (status, body) == (200, b"ok")
 
