@@ -705,3 +705,22 @@ def test_4xx_are_reported_by_default_one_issue_per_route_and_rate_limited(sentry
     assert conflict["fingerprint"] == ["http", "GET", "/status/{code}", "409", "HTTP 409 Conflict"]
     assert conflict["tags"]["http.route"] == "/status/{code}"
     assert events[10]["tags"]["http.route"] == "/status/{code}"
+
+
+def test_without_sentry_a_failed_background_task_counts_once(counted: list[tuple[str, str]]) -> None:
+    from cfk_otel import _uncaught
+
+    async def fail() -> None:
+        raise LookupError("nobody awaited me")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: None)
+        _uncaught.watch_loop(loop)  # as uvicorn's start-up does (cfk_otel._uvicorn)
+        task = loop.create_task(fail())
+        await asyncio.sleep(0.05)
+        del task
+        gc.collect()
+
+    asyncio.run(main())
+    assert counted == [("LookupError", "error")]
