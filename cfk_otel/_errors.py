@@ -1,14 +1,17 @@
 """Error tracking: the document's ``capture_error``, ``capture_message`` and ``set_user``.
 
 Reports go to Sentry when ``SENTRY_DSN`` is set. Without it nothing is sent and
-``sentry_sdk`` is never imported (it takes about 0.3 s to import): the calls only count
-``errors_total`` where the document says so, and return ``None``.
+``sentry_sdk`` is never imported (it takes about 0.3 s to import): the calls return
+``None``. Either way this module is the one writer of ``errors_total{type,severity}``
+(:func:`count`): requests, slow queries, uncaught exceptions and ``capture_error`` all
+count through it.
 
 The Sentry side (what is captured automatically, scrubbing, per-request isolation,
 sample rates) lives in :mod:`cfk_otel._sentry` and is described in ``docs/sentry.md``.
 
-These functions are on the hot path of the app: they never raise. A level the document
-does not know is logged once and replaced by ``error``.
+These functions are on the hot path of the app: they never raise. A bad argument (a
+level the document does not know, a context that is not a dict) is named once in the log
+with its call, and what was given is still sent where it can be.
 """
 
 from __future__ import annotations

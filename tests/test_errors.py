@@ -724,3 +724,12 @@ def test_without_sentry_a_failed_background_task_counts_once(counted: list[tuple
 
     asyncio.run(main())
     assert counted == [("LookupError", "error")]
+
+
+def test_errors_total_has_one_writer() -> None:
+    """Only cfk_otel/_errors.py writes errors_total; _metrics.py declares it."""
+    for path in sorted((ROOT / "cfk_otel").glob("*.py")):
+        if path.name in ("_errors.py", "_metrics.py"):
+            continue
+        text = path.read_text()
+        assert not re.search(r"\.errors\.(inc|add_by_key)\b|count_error\(", text), path.name
