@@ -511,7 +511,8 @@ CFK_OTEL_STRICT = Variable(
     False,
     _bool,
     "true, false",
-    "Refuse to start when any variable here is invalid, instead of using its default.",
+    "Refuse to start when any variable here is invalid, instead of using its default; "
+    "a metric recorded with wrong labels raises instead of being dropped and logged once.",
 )
 CFK_OTEL_NATIVE = Variable(
     "CFK_OTEL_NATIVE",

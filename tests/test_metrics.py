@@ -453,3 +453,22 @@ def test_every_metric_is_in_the_first_collection(m: Metrics, reader: InMemoryMet
     for name in ("http_requests_total", "active_agents_count", "errors_total", "my_feature_usage"):
         assert list(found[name].data.data_points) == []
         assert found[name].description
+
+
+def test_strict_mode_follows_cfk_otel_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_sdk's start-up hands CFK_OTEL_STRICT to the metrics."""
+    from cfk_otel import _metrics, _sdk, _settings
+
+    monkeypatch.setattr(_metrics, "STRICT", False)
+    monkeypatch.setattr(_sdk, "build_attributes", lambda settings: {})
+    monkeypatch.setattr(_sdk._errors, "start", lambda settings: None)
+
+    class Stop(Exception):
+        pass
+
+    def initialize(*args: object) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        _sdk._initialize(initialize, _settings.load({"CFK_OTEL_STRICT": "true", "METRICS_ENABLED": "false"}))
+    assert _metrics.STRICT is True
