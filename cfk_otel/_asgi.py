@@ -10,24 +10,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Status, StatusCode
 
-from . import _metrics
+from . import _errors_total, _metrics
 from ._core import CoreSpan, Spans
 from ._redact import exception_attributes, scrub_text, scrub_url
 from ._routes import UNMATCHED, RouteResolver
+from ._types import ASGIApp, Message, Receive, RequestInfo, RequestObserver, Scope, Send
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+__all__ = [
+    "ASGIApp",
+    "Message",
+    "Receive",
+    "RequestInfo",
+    "RequestObserver",
+    "Scope",
+    "Send",
+    "TelemetryMiddleware",
+]
+
 
 _log = logging.getLogger("cfk_otel")
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
@@ -73,23 +79,6 @@ class _Incoming:
             if key in fields:
                 return propagate.extract(headers, getter=_GETTER)
         return None
-
-
-@dataclass(slots=True)  # not frozen: that would cost 2 µs per request to build
-class RequestInfo:
-    """What an observer learns about one finished request or websocket session (read only)."""
-
-    scope: Scope
-    kind: str  # "http" or "websocket"
-    method: str
-    route: str  # the route template, or "unmatched"
-    status: int  # 101 for an accepted websocket, 500 for an unhandled exception
-    duration: float  # seconds
-    error: BaseException | None
-    span_context: trace.SpanContext
-
-
-RequestObserver = Callable[[RequestInfo], None]
 
 
 class _WebSocketMessages:
@@ -179,6 +168,7 @@ class TelemetryMiddleware:
         span = self._spans.start(method, parent)
         token = context.attach(trace.set_span_in_context(span, parent))
         status = 0
+        close_code: int | None = None
 
         ws = (
             _WebSocketMessages(
@@ -189,7 +179,7 @@ class TelemetryMiddleware:
         )
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, close_code
             mtype = message["type"]
             if mtype == "http.response.start":
                 status = message["status"]
@@ -200,8 +190,10 @@ class TelemetryMiddleware:
                 status = 101
                 self.metrics.websocket_connections.inc()
                 return
-            elif mtype == "websocket.close" and not status:
-                status = 403
+            elif mtype == "websocket.close":
+                close_code = message.get("code") or 1000
+                if not status:
+                    status = 403
             await send(message)
 
         # FastAPI (0.165 and later) has telemetry of its own: a second server span, rooted
@@ -224,14 +216,15 @@ class TelemetryMiddleware:
                 )
             try:
                 route = fixed_route or self._routes.template(scope, root_path, status)
-                self._record(span, scope, kind, method, route, status, time.perf_counter() - start, error)
+                elapsed = time.perf_counter() - start
+                self._record(span, scope, kind, method, route, status, elapsed, error, close_code)
             except Exception:  # telemetry must never fail a request
                 if not self._warned:
                     self._warned = True
                     _log.warning("cfk_otel: recording a request failed; continuing", exc_info=True)
 
     def _websocket_ended(self, scope: Scope, route: str, start: float) -> None:
-        self.metrics.websocket_connections.dec()
+        self.metrics.websocket_connections.finish()
         with contextlib.suppress(Exception):
             self.metrics.websocket_duration.observe(time.perf_counter() - start, {"path": route})
 
@@ -245,15 +238,14 @@ class TelemetryMiddleware:
         status: int,
         elapsed: float,
         error: BaseException | None,
+        close_code: int | None = None,
     ) -> None:
         self._finish(span, scope, kind, method, route, status, error)
         if kind == "http":
             self._requests.add_by_key((method, route, str(status)), 1.0)
             self._duration.record_by_key((method, route), elapsed)
-        if error is not None:
-            self.metrics.errors.inc({"type": type(error).__qualname__, "severity": "error"})
-        elif status >= 500:
-            self.metrics.errors.inc({"type": f"http_{status}", "severity": "error"})
+        if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
+            _errors_total.count_request(self.metrics, kind, route, status, error, close_code)
         if self._observers:
             info = RequestInfo(scope, kind, method, route, status, elapsed, error, span.get_span_context())
             for observer in self._observers:

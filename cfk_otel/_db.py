@@ -40,7 +40,7 @@ from opentelemetry.semconv.attributes.network_attributes import NETWORK_TRANSPOR
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import _errors, _metrics, _sdk
+from . import _errors_total, _metrics, _sdk
 from ._core import Spans
 from ._redact import exception_attributes, scrub_text
 
@@ -153,7 +153,7 @@ def _report_slow(span: trace.Span, query: object, seconds: float) -> None:
     span.add_event(
         "slow_query", {"db.query.text": sql, "db.operation.name": sql_operation(query), "duration_s": seconds}
     )
-    _errors.report_slow_query(sql, seconds)  # a Sentry warning when Sentry is on
+    _errors_total.slow_query(sql, sql_operation(query), seconds)  # counted; Sentry hears of it
 
 
 class _Conventions:
@@ -206,8 +206,11 @@ class _Client:
     """What one instrumentor's wrappers share: where spans start, the semantic
     conventions in force, and each connection's fixed attributes (built once)."""
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None) -> None:
+    def __init__(
+        self, tracer_provider: trace.TracerProvider | None, slow_query_threshold: float = 1.0
+    ) -> None:
         self.spans = Spans(tracer_provider)
+        self.slow_query_threshold = slow_query_threshold  # SLOW_QUERY_THRESHOLD, read once
         self.db = _Conventions("database")
         self.http = _Conventions("http")  # the redis instrumentation names its server by these
         self.new = self.db.new
@@ -288,7 +291,7 @@ async def _traced_query(
         elapsed = time.perf_counter() - start
         try:
             _metrics.default().database_query_duration.record_by_key((operation,), elapsed)
-            if elapsed >= _sdk.settings().slow_query_threshold:
+            if elapsed >= client.slow_query_threshold:
                 _report_slow(span, query, elapsed)
         except Exception:
             _log.debug("cfk_otel: recording a query failed", exc_info=True)
@@ -345,7 +348,7 @@ class AsyncpgInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ("asyncpg >= 0.27",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        client = _Client(kwargs.get("tracer_provider"))
+        client = _Client(kwargs.get("tracer_provider"), _sdk.settings().slow_query_threshold)
         for module, name, source in _present(_ASYNCPG_TARGETS):
             wrapt.wrap_function_wrapper(module, name, _asyncpg_wrapper(client, source))
         wrapt.wrap_function_wrapper("asyncpg.pool", "Pool.__init__", _track_pool)
@@ -524,7 +527,7 @@ class RedisInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ("redis >= 4.3",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        client = _Client(kwargs.get("tracer_provider"))
+        client = _Client(kwargs.get("tracer_provider"), _sdk.settings().slow_query_threshold)
         for module, name, pipeline, is_async in _present(_REDIS_TARGETS):
             wrapper = _redis_wrapper_async(client, pipeline) if is_async else _redis_wrapper(client, pipeline)
             wrapt.wrap_function_wrapper(module, name, wrapper)

@@ -1,14 +1,17 @@
 """Error tracking: the document's ``capture_error``, ``capture_message`` and ``set_user``.
 
 Reports go to Sentry when ``SENTRY_DSN`` is set. Without it nothing is sent and
-``sentry_sdk`` is never imported (it takes about 0.3 s to import): the calls only count
-``errors_total`` where the document says so, and return ``None``.
+``sentry_sdk`` is never imported (it takes about 0.3 s to import): the calls return
+``None``. Either way ``capture_error`` counts in ``errors_total{type,severity}``, through
+its one writer, :mod:`cfk_otel._errors_total`; with Sentry on, this module subscribes
+Sentry to what instrumentation finds there (slow queries, uncaught exceptions).
 
 The Sentry side (what is captured automatically, scrubbing, per-request isolation,
 sample rates) lives in :mod:`cfk_otel._sentry` and is described in ``docs/sentry.md``.
 
-These functions are on the hot path of the app: they never raise. A level the document
-does not know is logged once and replaced by ``error``.
+These functions are on the hot path of the app: they never raise. A bad argument (a
+level the document does not know, a context that is not a dict) is named once in the log
+with its call, and what was given is still sent where it can be.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from . import _metrics
-from ._settings import Settings
+from . import _guard, _metrics
+from ._errors_total import FINDINGS, SEVERITY, count_exception, set_capture_4xx
+from ._guard import warn_once
+from ._settings import Settings, status_set, variable
 
 if TYPE_CHECKING:
-    from ._asgi import ASGIApp, RequestObserver
+    from ._types import ASGIApp, RequestObserver
 
 _log = logging.getLogger("cfk_otel.errors")
 
@@ -38,23 +43,19 @@ SENTRY_LEVELS: Final = {
     "fatal": "fatal",
     "critical": "fatal",
 }
-# ``errors_total{severity}`` uses the document's names, like LOG_LEVEL.
-SEVERITY: Final = {"debug": "debug", "info": "info", "warning": "warn", "error": "error", "fatal": "fatal"}
-_MAX_WARNED: Final = 16
 
 
 @dataclass
 class _State:
     active: bool = False  # Sentry was initialised with a DSN in this process
     settings: Settings | None = None
-    warned: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 STATE = _State()
 
 
-def sentry_level(level: object) -> str:
+def sentry_level(level: object, call: str = "capture_error") -> str:
     """Sentry's name for one of the document's levels; unknown levels become ``error``.
 
     >>> sentry_level("warn"), sentry_level("FATAL")
@@ -62,38 +63,104 @@ def sentry_level(level: object) -> str:
     """
     name = SENTRY_LEVELS.get(level.lower()) if isinstance(level, str) else None
     if name is None:
-        _warn_once(f"level:{level!r}", "cfk_otel: unknown error level %r; using 'error'", level)
+        warn_once(
+            f"level:{call}:{level!r}",
+            "cfk_otel: %s(): unknown level %r (use debug, info, warn, error or fatal); using 'error'",
+            call,
+            level,
+        )
         return "error"
     return name
 
 
 def capture_error(
     error: BaseException,
-    level: str = "error",
+    context: Mapping[str, object] | str | None = None,
     tags: Mapping[str, object] | None = None,
     extra: Mapping[str, object] | None = None,
+    *,
+    level: str | None = None,
 ) -> str | None:
     """Report a handled exception; returns the Sentry event id (``None`` without Sentry).
 
-    Also counts ``errors_total{type=<exception class>, severity=<level>}``. Tags are short
-    strings Sentry can search and group by; ``extra`` is free-form context (scrubbed of
-    secrets like everything else sent).
+    The document's shape is a context dict, ``{"level", "tags", "extra"}``; keywords
+    work too, and win over the dict. Other keys of the dict are kept in ``extra``. Also
+    counts ``errors_total{type=<exception class>, severity=<level>}``, Sentry or not.
+    Tags are short strings Sentry can search and group by; ``extra`` is free-form context
+    (scrubbed of secrets like everything else sent). Never raises.
 
     >>> try:
     ...     move_ticket(ticket_id)
     ... except TicketLocked as exc:  # doctest: +SKIP
-    ...     capture_error(exc, level="warn", tags={"component": "tickets-api"}, extra={"ticketId": 7})
+    ...     capture_error(exc, {"level": "warn", "tags": {"component": "api"}, "extra": {"ticketId": 7}})
+    ...     capture_error(exc, level="warn", tags={"component": "tickets-api"})  # the same
     """
-    level_name = sentry_level(level)
-    if not isinstance(error, BaseException):
-        _warn_once("error-type", "cfk_otel: capture_error() needs an exception, got %s", type(error).__name__)
-        return capture_message(str(error), level_name, extra)
-    _count(type(error).__qualname__, level_name)
-    if not STATE.active:
-        return None
-    from . import _sentry  # noqa: PLC0415  (imported only once Sentry is on)
+    try:
+        level_name, all_tags, all_extra = _error_context(context, level, tags, extra)
+        if not isinstance(error, BaseException):
+            warn_once(
+                "error-type", "cfk_otel: capture_error() needs an exception, got %s", type(error).__name__
+            )
+            return capture_message(str(error), level_name, all_extra)
+        count_exception(error, SEVERITY[level_name])
+        if not STATE.active:
+            return None
+        from . import _sentry  # noqa: PLC0415  (imported only once Sentry is on)
 
-    return _sentry.capture_error(error, level_name, tags, extra)
+        return _sentry.capture_error(error, level_name, all_tags, all_extra)
+    except Exception:  # error tracking never breaks the app
+        warn_once("capture_error", "cfk_otel: capture_error() failed", exc_info=True)
+        return None
+
+
+def _error_context(
+    context: object, level: object, tags: object, extra: object
+) -> tuple[str, dict[str, object], dict[str, object]]:
+    # Positional since the first versions: capture_error(err, "warn", {tags}, {extra}).
+    given_level: object = "error"
+    all_tags: dict[str, object] = {}
+    all_extra: dict[str, object] = {}
+    if isinstance(context, str):
+        given_level = context
+    elif isinstance(context, Mapping):
+        for key, value in context.items():
+            if key == "level":
+                given_level = value
+            elif key == "tags":
+                all_tags.update(_mapping(value, "capture_error", "tags"))
+            elif key == "extra":
+                all_extra.update(_mapping(value, "capture_error", "extra"))
+            else:  # kept, where Sentry shows free-form context
+                all_extra[str(key)] = value
+    elif context is not None:
+        warn_once(
+            "capture_error:context",
+            "cfk_otel: capture_error(): the context must be a dict such as "
+            "{'level': 'error', 'tags': {...}, 'extra': {...}}, got %s; kept in extra",
+            type(context).__name__,
+        )
+        all_extra["context"] = context
+    if level is not None:
+        given_level = level
+    all_tags.update(_mapping(tags, "capture_error", "tags"))
+    all_extra.update(_mapping(extra, "capture_error", "extra"))
+    return sentry_level(given_level, "capture_error"), all_tags, all_extra
+
+
+def _mapping(value: object, call: str, what: str) -> Mapping[str, object]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    warn_once(
+        f"{call}:{what}",
+        "cfk_otel: %s(): %s must be a dict, got %s; kept under %r",
+        call,
+        what,
+        type(value).__name__,
+        what,
+    )
+    return {what: value}
 
 
 def capture_message(
@@ -101,36 +168,48 @@ def capture_message(
 ) -> str | None:
     """Report a message, with context as key/value pairs; returns the Sentry event id.
 
-    Messages are not errors: they are not counted in ``errors_total``.
+    The document's shape is ``capture_message(message, level, context)``; context
+    keywords are merged into it. Messages are not errors: they are not counted in
+    ``errors_total``. Never raises.
 
-    >>> capture_message("Onboarding done", "info", {"userId": uid}, duration=45000)  # doctest: +SKIP
+    >>> capture_message("Onboarding done", "info", {"userId": uid, "duration": 45000})  # doctest: +SKIP
     """
-    level_name = sentry_level(level)
-    if not STATE.active:
+    try:
+        level_name = sentry_level(level, "capture_message")
+        data = {**_mapping(context, "capture_message", "context"), **fields}
+        if not STATE.active:
+            return None
+        from . import _sentry  # noqa: PLC0415
+
+        return _sentry.capture_message(str(message), level_name, data)
+    except Exception:
+        warn_once("capture_message", "cfk_otel: capture_message() failed", exc_info=True)
         return None
-    data = {**(context or {}), **fields}
-    from . import _sentry  # noqa: PLC0415
-
-    return _sentry.capture_message(str(message), level_name, data)
 
 
-def set_user(user: Mapping[str, object] | None) -> None:
+def set_user(user: Mapping[str, object] | None = None, /, **fields: object) -> None:
     """Attach a user (``id``, ``email``, ``username``, ...) to the events of this request.
 
-    Each HTTP request and WebSocket session has its own Sentry scope, so the user set
-    here never shows on another request's events, concurrent or later. Called outside a
-    request, it applies to the process's later events outside requests. ``None`` clears it.
-    Only what is set here identifies a user: IP addresses and cookies are never sent.
+    As in the document, ``set_user({"id": ..., "email": ...})``; keywords work too
+    (``set_user(id=..., email=...)``). Each HTTP request and WebSocket session has its
+    own Sentry scope, so the user set here never shows on another request's events,
+    concurrent or later. Called outside a request, it applies to the process's later
+    events outside requests. ``set_user(None)`` clears it. Only what is set here
+    identifies a user: IP addresses and cookies are never sent. Never raises.
 
     >>> set_user({"id": "user-123", "email": "ann@example.com"})  # doctest: +SKIP
     """
-    if user and user.get("id") is not None:  # active_users counts them, Sentry or not
-        _metrics.default().note_user(str(user["id"]))
-    if not STATE.active:
-        return
-    from . import _sentry  # noqa: PLC0415
+    try:
+        data = {**_mapping(user, "set_user", "user"), **fields} if user is not None or fields else None
+        if data and data.get("id") is not None:  # active_users counts them, Sentry or not
+            _metrics.default().note_user(str(data["id"]))
+        if not STATE.active:
+            return
+        from . import _sentry  # noqa: PLC0415
 
-    _sentry.set_user(user)
+        _sentry.set_user(data)
+    except Exception:
+        warn_once("set_user", "cfk_otel: set_user() failed", exc_info=True)
 
 
 # --- the distro's side: start, stop, hooks ------------------------------------------------
@@ -144,12 +223,16 @@ def start(settings: Settings) -> None:
     """
     _apply_trace_sample_rate(settings)
     STATE.settings = settings
+    set_capture_4xx(settings.sentry_capture_4xx)
     if not settings.sentry_dsn or STATE.active:
         return
     try:
         from . import _sentry  # noqa: PLC0415
 
         STATE.active = _sentry.init(settings)
+        if STATE.active:  # what instrumentation finds reaches Sentry too
+            FINDINGS.slow_query.append(_sentry.capture_slow_query)
+            FINDINGS.unhandled.append(_sentry.capture_unhandled)
     except Exception:  # an error tracker that fails must not take the app with it
         _log.warning("cfk_otel: Sentry could not be started; continuing without it", exc_info=True)
 
@@ -170,6 +253,8 @@ def close(timeout: float) -> None:
         if not STATE.active:
             return
         STATE.active = False
+        FINDINGS.slow_query.clear()
+        FINDINGS.unhandled.clear()
     from . import _sentry  # noqa: PLC0415
 
     _sentry.close(timeout)
@@ -193,49 +278,9 @@ def instrument(app: ASGIApp, observers: list[RequestObserver]) -> ASGIApp:
         return app
 
 
-def report_slow_query(sql: str, seconds: float) -> None:
-    """A query slower than ``SLOW_QUERY_THRESHOLD`` as a Sentry warning: its SQL, never its arguments."""
-    if not STATE.active:
-        return
-    try:
-        from . import _sentry  # noqa: PLC0415
-
-        _sentry.capture_slow_query(sql, seconds)
-        _count("slow_query", "warning")
-    except Exception:
-        _warn_once("slow-query", "cfk_otel: reporting a slow query failed", exc_info=True)
-
-
-def report_unhandled(error: BaseException, mechanism: str) -> None:
-    """An exception nobody caught (a thread, the main program, an asyncio task) to Sentry,
-    as unhandled, once (see :mod:`cfk_otel._uncaught`). Nothing without Sentry."""
-    if not STATE.active:
-        return
-    try:
-        from . import _sentry  # noqa: PLC0415
-
-        _sentry._capture_unhandled(error, mechanism)
-    except Exception:
-        _warn_once("unhandled", "cfk_otel: reporting an uncaught exception failed", exc_info=True)
-
-
-def _count(error_type: str, level: str) -> None:
-    try:
-        _metrics.count_error(error_type, SEVERITY.get(level, "error"))
-    except Exception:
-        _warn_once("count", "cfk_otel: counting an error failed", exc_info=True)
-
-
-def _warn_once(key: str, message: str, *args: object, exc_info: bool = False) -> None:
-    with STATE.lock:
-        if key in STATE.warned or len(STATE.warned) >= _MAX_WARNED:
-            return
-        STATE.warned.add(key)
-    _log.warning(message, *args, exc_info=exc_info)
-
-
 def _reset_for_tests() -> None:
     """TESTS ONLY: stop Sentry and forget this module's state."""
     close(1.0)
     STATE.settings = None
-    STATE.warned.clear()
+    set_capture_4xx(status_set(variable("SENTRY_CAPTURE_4XX").default))
+    _guard._reset_for_tests()

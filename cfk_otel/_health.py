@@ -42,8 +42,8 @@ from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from . import _core, _redact, _sdk
-from ._asgi import ASGIApp, Message, Receive, Scope, Send
 from ._settings import Settings
+from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "HealthCheckResult",

@@ -31,10 +31,10 @@ from opentelemetry import trace
 from opentelemetry._logs import Logger as OtelLogger
 from opentelemetry._logs import LoggerProvider, SeverityNumber
 
-from ._asgi import RequestInfo, RequestObserver
 from ._core import LogSink
 from ._redact import scrub, scrub_text, scrub_url
 from ._settings import Settings
+from ._types import RequestInfo, RequestObserver
 
 LEVELS: Final = {
     "debug": logging.DEBUG,

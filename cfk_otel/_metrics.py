@@ -3,7 +3,13 @@
 Every metric is recorded once, through an OpenTelemetry instrument, and read out
 twice: scraped at ``/api/metrics`` and pushed over OTLP. Names and labels are
 validated when a metric is registered, never on the hot path: a recording call with
-the wrong labels keeps the documented ones (missing ones empty) and warns once.
+the wrong labels is named once in the log (metric, expected labels, given labels) and
+that measurement is dropped, never recorded under empty label values; with
+``CFK_OTEL_STRICT=true`` it raises ``ValueError`` instead.
+
+Every registered metric is in every collection from the start, as with
+prometheus_client: an unlabelled one at 0, a labelled one without any series as a
+metric with no data points (on ``/api/metrics``: its HELP and TYPE lines alone).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ from ._version import __version__
 _log = logging.getLogger("cfk_otel")
 _NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# Labels Prometheus gives a meaning of its own: a histogram's bucket bound, a summary's quantile.
+RESERVED_LABELS: Final = frozenset({"le", "quantile"})
 
 # Seconds; include the thresholds the alerts and dashboards use (0.1, 0.5, 1, 2).
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -76,29 +84,35 @@ class _Metric:
         self.name = name
         self.description = description
         self.labels = labels
-        self._warned = False
+        self._warned: set[str] = set()
 
-    def _attributes(self, labels: Labels) -> dict[str, str]:
-        if not labels:
-            if self.labels:
-                self._misuse(f"expects labels {list(self.labels)}, got none")
-            return dict.fromkeys(self.labels, "")
-        attrs = {k: str(labels.get(k, "")) for k in self.labels}
-        if len(labels) != len(self.labels) or any(k not in labels for k in self.labels):
-            self._misuse(f"expects labels {list(self.labels)}, got {sorted(labels)}")
-        return attrs
+    def _checked_key(self, labels: object) -> tuple[str, ...] | None:
+        """The label values of a call whose labels are not exactly the declared ones: None
+        (the measurement is dropped, named once in the log), or ``()`` for an unlabelled
+        metric called with none. Raises ``ValueError`` instead in strict mode."""
+        given = sorted(str(k) for k in labels) if isinstance(labels, Mapping) else labels
+        if not labels and not self.labels:
+            return ()
+        if isinstance(labels, Mapping) and set(labels) == set(self.labels):
+            return tuple([str(labels[k]) for k in self.labels])
+        problem = f"expected labels {list(self.labels)}, given {given!r}"
+        if STRICT:
+            raise ValueError(f"metric {self.name!r}: {problem}")
+        self._misuse("labels", f"{problem}; measurement dropped")
+        return None
 
     def _admit(self, key: tuple[str, ...], series: Mapping[tuple[str, ...], object]) -> tuple[str, ...]:
         # Called under the lock: past MAX_SERIES label sets, new ones share the overflow series.
         if key in series or len(series) < MAX_SERIES:
             return key
-        self._misuse(f"has more than {MAX_SERIES} label sets")
+        self._misuse("overflow", f"has more than {MAX_SERIES} label sets; new ones share one series")
         return (OVERFLOW,) * len(self.labels)
 
-    def _misuse(self, problem: str) -> None:
-        if not self._warned:
-            self._warned = True
-            _log.warning("cfk_otel: metric %s %s; recording with the documented labels", self.name, problem)
+    def _misuse(self, kind: str, problem: str) -> None:
+        # Once per metric and kind of misuse: a wrong call in a loop must not flood the log.
+        if kind not in self._warned:
+            self._warned.add(kind)
+            _log.warning("cfk_otel: metric %s: %s", self.name, problem)
 
     def shape(self) -> tuple[object, ...]:
         return (self.kind, self.labels)
@@ -123,11 +137,12 @@ class _Observed(_Metric):
 
     def __init__(self, name: str, description: str, labels: tuple[str, ...]) -> None:
         super().__init__(name, description, labels)
-        self._values: dict[tuple[str, ...], float] = {}
+        # An unlabelled metric is at 0 from the start, as in prometheus_client.
+        self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
         self._lock = threading.Lock()
         self._start = time.time_ns()
 
-    def _key(self, labels: Labels) -> tuple[str, ...]:
+    def _key(self, labels: Labels) -> tuple[str, ...] | None:
         return _key_of(self, labels)
 
     def add_by_key(self, key: tuple[str, ...], value: float) -> None:
@@ -161,10 +176,14 @@ class Counter(_Observed):
     kind = "counter"
 
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
-        if value < 0:
-            self._misuse(f"cannot decrease (inc by {value})")
+        if not value >= 0:  # negative or NaN
+            if STRICT:
+                raise ValueError(f"metric {self.name!r}: a counter cannot decrease (inc by {value!r})")
+            self._misuse("negative", f"a counter cannot decrease (inc by {value!r}); measurement dropped")
             return
-        self.add_by_key(self._key(labels), value)
+        key = self._key(labels)
+        if key is not None:
+            self.add_by_key(key, value)
 
 
 class Gauge(_Observed):
@@ -181,15 +200,38 @@ class Gauge(_Observed):
     instrument = SdkObservableUpDownCounter
 
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
-        self.add_by_key(self._key(labels), value)
+        key = self._key(labels)
+        if key is not None:
+            self.add_by_key(key, value)
 
     def dec(self, labels: Labels = None, value: float = 1.0) -> None:
-        self.add_by_key(self._key(labels), -value)
+        key = self._key(labels)
+        if key is not None:
+            self.add_by_key(key, -value)
 
     def set(self, value: float, labels: Labels = None) -> None:
         key = self._key(labels)
+        if key is None:
+            return
         with self._lock:
             self._values[self._admit(key, self._values)] = value
+
+    def finish(self, labels: Labels = None) -> None:
+        """One fewer, never below 0: the end of a start/finish pair (a connection, an agent).
+
+        A finish without its start (or after a ``set(0)``) is named once in the log.
+        """
+        key = self._key(labels)
+        if key is None:
+            return
+        with self._lock:
+            current = self._values.get(key, 0.0)
+            if current >= 1.0:
+                self._values[key] = current - 1.0
+                return
+            if key in self._values:
+                self._values[key] = 0.0
+        self._misuse("finish", "finished more often than started; kept at 0")
 
 
 class Histogram(_Metric):
@@ -218,17 +260,20 @@ class Histogram(_Metric):
         # Per label key: bucket counts (len(buckets) + 1), then sum, count, min, max.
         self._size = len(buckets) + 1
         self._empty: list[float] = [0] * self._size + [0.0, 0, math.inf, -math.inf]
-        self._series: dict[tuple[str, ...], list[float]] = {}
+        # An unlabelled histogram is there from the start, every bucket at 0.
+        self._series: dict[tuple[str, ...], list[float]] = {} if labels else {(): self._empty.copy()}
         self._lock = threading.Lock()
         self._start = time.time_ns()
 
     def observe(self, value: float, labels: Labels = None) -> None:
-        self.record_by_key(_key_of(self, labels), value)
+        key = _key_of(self, labels)
+        if key is not None:
+            self.record_by_key(key, value)
 
     def record_by_key(self, key: tuple[str, ...], value: float) -> None:
         """Record into the series whose label values are ``key``, in label order (the hot path)."""
         if not value >= 0.0:  # negative or NaN: as the SDK, dropped
-            self._misuse(f"records only non-negative numbers, got {value!r}")
+            self._misuse("negative", f"records only non-negative numbers, got {value!r}; dropped")
             return
         index = bisect.bisect_left(self.buckets, value)  # bucket i is (bound[i-1], bound[i]]
         size = self._size
@@ -268,21 +313,24 @@ class Histogram(_Metric):
                     sum=series[size],
                     bucket_counts=tuple(int(c) for c in series[:size]),
                     explicit_bounds=self.buckets,
-                    min=series[size + 2],
-                    max=series[size + 3],
+                    # No observation yet: no infinities on the wire.
+                    min=series[size + 2] if series[size + 1] else 0.0,
+                    max=series[size + 3] if series[size + 1] else 0.0,
                 ),
             )
             for key, series in items
         ]
 
 
-def _key_of(metric: _Metric, labels: Labels) -> tuple[str, ...]:
-    if labels is not None and len(labels) == len(metric.labels):
+def _key_of(metric: _Metric, labels: Labels) -> tuple[str, ...] | None:
+    """The label values in declared order, or None when the call's labels are wrong."""
+    if labels is not None:
         try:  # the common, correct call: no dict built at all
-            return tuple([str(labels[k]) for k in metric.labels])
-        except KeyError:
+            if len(labels) == len(metric.labels):
+                return tuple([str(labels[k]) for k in metric.labels])
+        except (KeyError, TypeError):
             pass
-    return tuple(metric._attributes(labels).values())
+    return metric._checked_key(labels)
 
 
 # --- Handing our metrics to the SDK's metric readers -------------------------------------
@@ -371,8 +419,9 @@ def _our_metrics(sources: list[Source], reader: MetricReader, previous: _Previou
                     for k, p in metric.points(now)
                 ]
                 data = Sum(sums, temporality, metric.monotonic)
-            if data.data_points:
-                out.append(Metric(metric.name, metric.description, metric.unit, data))
+            # Also without data points: a labelled metric nobody used yet is still declared
+            # (HELP and TYPE on the scrape; a metric with no points over OTLP).
+            out.append(Metric(metric.name, metric.description, metric.unit, data))
     return out
 
 
@@ -658,7 +707,15 @@ def _label_names(name: str, labels: Iterable[str]) -> tuple[str, ...]:
     names = tuple(labels)
     for label in names:
         if not isinstance(label, str) or not _LABEL.match(label) or label.startswith("__"):
-            raise ValueError(f"metric {name!r}: invalid label name {label!r}")
+            raise ValueError(
+                f"metric {name!r}: invalid label name {label!r}: use letters, digits and '_', "
+                "no leading digit or '__'"
+            )
+        if label in RESERVED_LABELS:
+            raise ValueError(
+                f"metric {name!r}: label name {label!r} is reserved by Prometheus "
+                "('le' holds histogram bucket bounds, 'quantile' summary quantiles)"
+            )
     if len(set(names)) != len(names):
         raise ValueError(f"metric {name!r}: duplicate label names in {list(names)}")
     return names
@@ -686,6 +743,8 @@ def _describe(shape: tuple[object, ...]) -> str:
     return text + (f" and buckets {list(rest[0])}" if rest else "")  # type: ignore[call-overload]
 
 
+# CFK_OTEL_STRICT: misuse raises instead of being logged once (set at start-up, see _sdk).
+STRICT = False
 _default: Metrics | None = None
 _default_lock = threading.Lock()
 
@@ -728,18 +787,13 @@ def agent_started(agent_type: str) -> None:
 
 
 def agent_finished(agent_type: str) -> None:
-    """One active agent of this type fewer."""
-    default().active_agents.dec({"type": agent_type})
+    """One active agent of this type fewer; never below 0 (a finish without a start is logged once)."""
+    default().active_agents.finish({"type": agent_type})
 
 
 def record_ticket_transition(from_state: str, to_state: str) -> None:
     """Count a ticket moving between states in ``ticket_transitions_total{from,to}``."""
     default().ticket_transitions.inc({"from": from_state, "to": to_state})
-
-
-def count_error(error_type: str, severity: str = "error") -> None:
-    """Count an error in ``errors_total{type,severity}``."""
-    default().errors.inc({"type": error_type, "severity": severity})
 
 
 class _LazyHistogram:

@@ -29,7 +29,7 @@ from prometheus_client.core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from ._asgi import Message, Receive, Scope, Send
+from ._types import Message, Receive, Scope, Send
 
 _log = logging.getLogger("cfk_otel")
 

@@ -175,6 +175,7 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         registry = CollectorRegistry(auto_describe=True)
         extra["metric_exporter_names"] = ["cfk_prometheus"]
         extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
+    _metrics.STRICT = current.strict  # metric misuse raises rather than being logged once
     _errors.start(current)  # Sentry; before the providers: SENTRY_TRACES_SAMPLE_RATE may set the sampler
     initialize(resource_attributes, extra)
     _metrics.attach(metrics.get_meter_provider())  # our metrics, into its readers' collections

@@ -27,7 +27,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -44,17 +44,21 @@ from sentry_sdk.scope import use_isolation_scope
 from sentry_sdk.types import Event, Hint
 from sentry_sdk.utils import event_from_exception
 
-from . import _errors
-from ._asgi import ASGIApp, Message, Receive, RequestInfo, Scope, Send
+from ._errors_total import ABNORMAL_CLOSE_CODES, count_exception
+from ._guard import guard, warn_once
 from ._redact import scrub
 from ._routes import UNMATCHED, RouteResolver
 from ._settings import Settings
+from ._types import ASGIApp, Message, Receive, RequestInfo, Scope, Send
 
 _log = logging.getLogger("cfk_otel.errors")
 
-# Server close codes that mean the server failed (RFC 6455: 1011 internal error, 1014 bad
-# gateway). Others are normal, client faults or the client going away: not reported.
-ABNORMAL_CLOSE_CODES: Final = frozenset({1011, 1014})
+# One issue (method, route, status) sends at most ISSUE_BURST events at once and
+# ISSUE_EVENTS_PER_MINUTE on average: a client hammering one failing route costs one
+# trickle of events, while errors_total counts every response.
+ISSUE_EVENTS_PER_MINUTE: Final = 6.0
+ISSUE_BURST: Final = 10.0
+_MAX_ISSUES: Final = 1024
 # Lines about failures we report ourselves (uvicorn's "Exception in ASGI application", the
 # request line of a 5xx) or that carry client addresses (access logs).
 _IGNORED_LOGGERS: Final = ("uvicorn.error", "cfk_otel.requests", "uvicorn.access", "gunicorn.access")
@@ -100,10 +104,38 @@ class Budget:
 budget = Budget(EVENTS_PER_SECOND, EVENT_BURST)
 
 
+class IssueBudgets:
+    """A :class:`Budget` per issue fingerprint, for the reports built from a status code.
+
+    Fingerprints are bounded (method x route template x status), but past
+    :data:`_MAX_ISSUES` of them the oldest budget is forgotten.
+
+    >>> budgets = IssueBudgets(rate=0.0, burst=1.0)
+    >>> a, b = ("GET", "/a", "404"), ("GET", "/b", "404")
+    >>> budgets.take(a), budgets.take(a), budgets.take(b)
+    (True, False, True)
+    """
+
+    def __init__(self, rate: float = ISSUE_EVENTS_PER_MINUTE / 60.0, burst: float = ISSUE_BURST) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._budgets: dict[tuple[str, ...], Budget] = {}
+        self._lock = threading.Lock()
+
+    def take(self, fingerprint: tuple[str, ...]) -> bool:
+        with self._lock:
+            issue = self._budgets.get(fingerprint)
+            if issue is None:
+                if len(self._budgets) >= _MAX_ISSUES:
+                    del self._budgets[next(iter(self._budgets))]
+                issue = self._budgets[fingerprint] = Budget(self._rate, self._burst)
+        return issue.take()
+
+
 def _within_budget() -> bool:
     if budget.take():
         return True
-    _errors._warn_once(
+    warn_once(
         "budget",
         "cfk_otel: more than %d Sentry events in a burst; dropping some (errors_total counts them all)",
         int(EVENT_BURST),
@@ -127,7 +159,7 @@ def init(settings: Settings) -> bool:
         integrations=[
             DedupeIntegration(),
             # No ExcepthookIntegration: cfk_otel._uncaught owns sys.excepthook (one JSON
-            # record, and the report through _errors.report_unhandled); Sentry's hook would
+            # record, and the report through _errors_total.unhandled); Sentry's hook would
             # print Python's raw traceback after ours.
             ModulesIntegration(),
             ThreadingIntegration(propagate_scope=False),
@@ -161,9 +193,9 @@ def _release(settings: Settings) -> str | None:
 
 def close(timeout: float) -> None:
     """Stop the profiler, send what is queued within ``timeout`` seconds, drop the client."""
-    with _guard("stopping the profiler"):
+    with guard("stopping the profiler"):
         sentry_sdk.profiler.stop_profiler()  # sends its last chunk
-    with _guard("flushing Sentry"):
+    with guard("flushing Sentry"):
         sentry_sdk.get_client().close(timeout=max(0.0, timeout - 0.1))
     sentry_sdk.get_global_scope().set_client(None)
 
@@ -177,7 +209,7 @@ def capture_error(
     if not _within_budget():
         _mark_reported(error)
         return None
-    with _guard("capture_error"), sentry_sdk.new_scope() as scope:
+    with guard("capture_error"), sentry_sdk.new_scope() as scope:
         scope.set_level(level)  # type: ignore[arg-type]
         for key, value in (tags or {}).items():
             scope.set_tag(str(key), str(value))
@@ -190,7 +222,7 @@ def capture_error(
 def capture_message(message: str, level: str, data: Mapping[str, object]) -> str | None:
     if not _within_budget():
         return None
-    with _guard("capture_message"), sentry_sdk.new_scope() as scope:
+    with guard("capture_message"), sentry_sdk.new_scope() as scope:
         for key, value in data.items():
             scope.set_extra(str(key), value)
         return sentry_sdk.capture_message(message, level=level)  # type: ignore[arg-type]
@@ -198,13 +230,11 @@ def capture_message(message: str, level: str, data: Mapping[str, object]) -> str
 
 
 def set_user(user: Mapping[str, object] | None) -> None:
-    with _guard("set_user"):
+    with guard("set_user"):
         sentry_sdk.set_user(dict(user) if user else None)
 
 
-def capture_slow_query(sql: str, seconds: float) -> None:
-    from ._db import sql_operation  # noqa: PLC0415  (only slow queries need it)
-
+def capture_slow_query(sql: str, operation: str, seconds: float) -> None:
     if not _within_budget():
         return
     first_line = sql.strip().splitlines()[0][:120] if sql.strip() else "?"
@@ -214,7 +244,7 @@ def capture_slow_query(sql: str, seconds: float) -> None:
             "level": "warning",
             "logger": "cfk_otel.db",
             "fingerprint": ["slow-query", sql],
-            "tags": {"db.operation.name": sql_operation(sql)},
+            "tags": {"db.operation.name": operation},
             # The statement only: its arguments are never recorded (user data, secrets).
             "extra": {"db.query.text": sql, "duration_s": round(seconds, 3)},
         }
@@ -319,7 +349,7 @@ class RequestScopes:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
-            with _guard("hooking the loop's exception handler"):
+            with guard("hooking the loop's exception handler"):
                 watch_background_tasks(loop)
         kind = scope["type"]
         if kind != "http" and kind != "websocket":  # noqa: PLR1714
@@ -327,9 +357,9 @@ class RequestScopes:
                 await self.app(scope, receive, send)
             except Exception as exc:  # a start-up or shutdown failure: uvicorn.error is ignored
                 if kind == "lifespan":
-                    with _guard("reporting a lifespan failure"):
-                        _capture_unhandled(exc, "cfk_otel.lifespan")
-                        _errors._count(type(exc).__qualname__, "error")
+                    with guard("reporting a lifespan failure"):
+                        capture_unhandled(exc, "cfk_otel.lifespan")
+                        count_exception(exc)
                 raise
             return
         with sentry_sdk.isolation_scope() as isolation:
@@ -357,21 +387,25 @@ class ErrorObserver:
 
     - an unhandled exception (HTTP or WebSocket): an ``error`` event with its stack;
     - a 5xx response without one: an ``error`` event ``HTTP 503 Service Unavailable``;
-    - a 4xx response, when its status is in ``SENTRY_CAPTURE_4XX``: a ``warning``;
+    - a 4xx response, when its status is in ``SENTRY_CAPTURE_4XX`` (all by default) and it
+      is not a 404 for a path no route matches: a ``warning``;
     - a WebSocket the app closed with 1011 or 1014: an ``error``.
 
-    Events carry the request span's trace and span ids. Exceptions and 5xx are counted in
-    ``errors_total`` by the middleware already; the 4xx and close reports are counted here.
+    Reports built from a status are grouped into one issue per method, route template and
+    status (their fingerprint), and limited per issue (:class:`IssueBudgets`). Events carry
+    the request span's trace and span ids. The middleware counts them all in
+    ``errors_total`` (through :func:`cfk_otel._errors_total.count_request`), reported or not.
     """
 
     def __init__(self, capture_4xx: frozenset[int]) -> None:
         self._capture_4xx = capture_4xx
+        self._issues = IssueBudgets()
 
     def __call__(self, info: RequestInfo) -> None:
         try:
             self._observe(info)
         except Exception:
-            _errors._warn_once("observer", "cfk_otel: reporting a request to Sentry failed", exc_info=True)
+            warn_once("observer", "cfk_otel: reporting a request to Sentry failed", exc_info=True)
 
     def _observe(self, info: RequestInfo) -> None:
         state = info.scope.get(_SCOPE_KEY)
@@ -386,17 +420,15 @@ class ErrorObserver:
         if info.kind == "http":
             if status >= 500:
                 self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="error")
-            elif status in self._capture_4xx:
+            elif status in self._capture_4xx and not (status == 404 and info.route == UNMATCHED):
                 self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="warning")
-                _errors._count(f"http_{status}", "warning")
         elif state is not None and state.close_code in ABNORMAL_CLOSE_CODES:
             code = state.close_code
             reason = f": {state.close_reason}" if state.close_reason else ""
             self._report(info, state, message=f"WebSocket closed with {code}{reason}", level="error")
-            _errors._count(f"websocket_{code}", "error")
 
-    @staticmethod
     def _report(
+        self,
         info: RequestInfo,
         state: _RequestState | None,
         *,
@@ -404,7 +436,9 @@ class ErrorObserver:
         message: str = "",
         level: str = "error",
     ) -> None:
-        if error is None and not _within_budget():
+        # One issue per method + route template + status (+ close code for a WebSocket).
+        fingerprint = (info.kind, info.method, info.route, str(info.status), message)
+        if error is None and not (self._issues.take(fingerprint) and _within_budget()):
             return
         # The request's span is no longer current here: make it so for _link_trace.
         token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(info.span_context)))
@@ -416,10 +450,10 @@ class ErrorObserver:
                 scope.set_tag("http.status_code", str(info.status))
                 scope.set_tag("request.kind", info.kind)
                 if error is not None:
-                    _capture_unhandled(error, f"cfk_otel.{info.kind}")
+                    capture_unhandled(error, f"cfk_otel.{info.kind}")
                 else:
-                    fingerprint = [info.kind, info.method, info.route, str(info.status), message]
-                    sentry_sdk.capture_event({"message": message, "level": level, "fingerprint": fingerprint})  # type: ignore[typeddict-item]
+                    event = {"message": message, "level": level, "fingerprint": list(fingerprint)}
+                    sentry_sdk.capture_event(event)  # type: ignore[arg-type]
         finally:
             otel_context.detach(token)
 
@@ -448,7 +482,7 @@ def watch_background_tasks(loop: asyncio.AbstractEventLoop) -> None:
         return
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        with _guard("reporting a background task"):
+        with guard("reporting a background task"):
             _report_background(context)
         if previous is not None:
             previous(loop, context)
@@ -474,17 +508,17 @@ def _report_background(context: Mapping[str, Any]) -> None:
         run_in.run(_capture_background, error, str(context.get("message", "")), name)
     except RuntimeError:  # that context is running right now
         contextvars.Context().run(_capture_background, error, str(context.get("message", "")), name)
-    _errors._count(type(error).__qualname__, "error")
+    count_exception(error)
 
 
 def _capture_background(error: Exception, message: str, task_name: str) -> None:
     with sentry_sdk.new_scope() as scope:
         scope.set_tag("asyncio.task", task_name or "unnamed")
         scope.set_extra("asyncio.message", message)
-        _capture_unhandled(error, "asyncio")
+        capture_unhandled(error, "asyncio")
 
 
-def _capture_unhandled(error: BaseException, mechanism: str) -> None:
+def capture_unhandled(error: BaseException, mechanism: str) -> None:
     """An exception nobody handled (Sentry's ``handled: false``), once, within the budget."""
     if getattr(error, _REPORTED, False):
         return  # already reported, e.g. logged with exc_info before it was re-raised
@@ -495,11 +529,3 @@ def _capture_unhandled(error: BaseException, mechanism: str) -> None:
         error, client_options=sentry_sdk.get_client().options, mechanism={"type": mechanism, "handled": False}
     )
     sentry_sdk.capture_event(event, hint=hint)
-
-
-@contextlib.contextmanager
-def _guard(what: str) -> Iterator[None]:
-    try:
-        yield
-    except Exception:  # Sentry must never break the app
-        _errors._warn_once(what, "cfk_otel: %s failed", what, exc_info=True)

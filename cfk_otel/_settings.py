@@ -489,10 +489,12 @@ class Settings:
     )
     sentry_capture_4xx: frozenset[int] = setting(
         "SENTRY_CAPTURE_4XX",
-        "none",
+        "all",
         _status_codes(400, 499),
-        "none, all, or status codes separated by commas (e.g. 401,403,429)",
-        "4xx responses reported to Sentry as warnings (5xx are always reported as errors).",
+        "all, none, or status codes separated by commas (e.g. 401,403,429)",
+        "4xx responses reported to Sentry as warnings, one issue per method, route and status, and "
+        "counted in errors_total (severity warn); 404s on paths no route matches never are. "
+        "5xx are always reported as errors.",
     )
     sdk_disabled: bool = setting("OTEL_SDK_DISABLED", False, _bool, "true, false", "Turns all telemetry off.")
     otlp_endpoint: str | None = setting(
@@ -572,7 +574,8 @@ class Settings:
         False,
         _bool,
         "true, false",
-        "Refuse to start when any variable here is invalid, instead of using its default.",
+        "Refuse to start when any variable here is invalid, instead of using its default; "
+        "a metric recorded with wrong labels raises instead of being dropped and logged once.",
     )
     native: bool = setting(
         "CFK_OTEL_NATIVE",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
-from . import _errors
+from . import _errors_total
 
 _log: Final = logging.getLogger("cfk_otel.uncaught")
 _MARK: Final = "_cfk_otel_uncaught"
@@ -78,7 +78,7 @@ def _record(
 ) -> None:
     # Sentry first: it marks the exception reported, so the logging integration's event
     # for the record below is dropped as a duplicate.
-    _errors.report_unhandled(error, mechanism)
+    _errors_total.unhandled(error, mechanism, "fatal" if level >= logging.CRITICAL else "error")
     _log.log(
         level,
         message,

@@ -27,10 +27,11 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 import cfk_otel
-from cfk_otel import _errors, _settings
+from cfk_otel import _errors, _errors_total, _settings
 from cfk_otel._asgi import RequestInfo, TelemetryMiddleware
 from cfk_otel.testing import SentryReceiver, parse_envelope
 
@@ -56,7 +57,7 @@ def sentry() -> Iterator[SentryReceiver]:
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(_errors._metrics, "count_error", lambda t, s="error": calls.append((t, s)))
+    monkeypatch.setattr(_errors_total, "_add", lambda registry, t, s: calls.append((t, s)))
     return calls
 
 
@@ -78,8 +79,9 @@ def test_levels_map_to_sentry_and_unknown_ones_log_once(caplog: pytest.LogCaptur
         assert _errors.sentry_level("loud") == "error"
         assert _errors.sentry_level(3) == "error"
     assert [r.getMessage() for r in caplog.records] == [
-        "cfk_otel: unknown error level 'loud'; using 'error'",
-        "cfk_otel: unknown error level 3; using 'error'",
+        "cfk_otel: capture_error(): unknown level 'loud' (use debug, info, warn, error or fatal); "
+        "using 'error'",
+        "cfk_otel: capture_error(): unknown level 3 (use debug, info, warn, error or fatal); using 'error'",
     ]
 
 
@@ -131,13 +133,13 @@ def test_capture_4xx_values(value: str, codes: set[int]) -> None:
 @pytest.mark.parametrize("value", ["500", "401,abc", "", "399", "some"])
 def test_capture_4xx_rejects_other_values(value: str) -> None:
     settings = _settings.load({"SENTRY_CAPTURE_4XX": value})
-    assert settings.sentry_capture_4xx == frozenset()
+    assert settings.sentry_capture_4xx == frozenset(range(400, 500))  # the default, all
     assert [p.variable for p in settings.problems] == ["SENTRY_CAPTURE_4XX"]
 
 
 def test_capture_4xx_is_in_the_variable_table() -> None:
-    assert "| `SENTRY_CAPTURE_4XX` | `none` |" in _settings.markdown_table()
-    assert "| `SENTRY_CAPTURE_4XX` | `none` |" in (ROOT / "README.md").read_text()
+    assert "| `SENTRY_CAPTURE_4XX` | `all` |" in _settings.markdown_table()
+    assert "| `SENTRY_CAPTURE_4XX` | `all` |" in (ROOT / "README.md").read_text()
 
 
 def test_traces_sample_rate_is_the_opentelemetry_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,7 +423,9 @@ def test_4xx_rule_5xx_and_cancellations(sentry: SentryReceiver, counted: list[tu
         ("error", "HTTP 502 Bad Gateway"),
         ("info", "marker"),
     ]
-    assert counted == [("http_401", "warn")]  # the middleware counts 5xx itself
+    # Every error through the one writer (_errors), reported to Sentry or not: 400 is not
+    # in this SENTRY_CAPTURE_4XX, a cancellation counts as the exception it is.
+    assert counted == [("http_401", "warn"), ("http_502", "error"), ("CancelledError", "error")]
 
 
 def test_observer_never_raises(sentry: SentryReceiver, caplog: pytest.LogCaptureFixture) -> None:
@@ -524,3 +528,208 @@ def test_alert_placeholders_are_documented() -> None:
     text = "".join(p.read_text() for p in DOCS.rglob("*.json"))
     for name in set(re.findall(r"\$\{([A-Z_]+)\}", text)):
         assert f"`{name}`" in guide, name
+
+
+# --- issue 19: the document's call shapes, errors_total from every source, 4xx -----------------
+
+
+def test_capture_error_takes_the_documents_context_dict(
+    sentry: SentryReceiver, counted: list[tuple[str, str]]
+) -> None:
+    error = KeyError("ticket-7")
+    event_id = cfk_otel.capture_error(
+        error,
+        {
+            "level": "warning",
+            "tags": {"component": "tickets-api"},
+            "extra": {"ticketId": 7, "userId": "u-1"},
+            "attempt": 2,  # not one of the three: kept in extra
+        },
+    )
+    cfk_otel.capture_error(ValueError("old"), "fatal", {"component": "jobs"}, {"job": 3})  # positional
+    first, second = sentry.wait_for_events(2)
+    assert first["event_id"] == event_id
+    assert first["level"] == "warning"
+    assert first["tags"] == {"component": "tickets-api"}
+    assert first["extra"] == {"ticketId": 7, "userId": "u-1", "attempt": 2}
+    assert (second["level"], second["tags"], second["extra"]) == ("fatal", {"component": "jobs"}, {"job": 3})
+    assert counted == [("KeyError", "warn"), ("ValueError", "fatal")]
+
+
+def test_keywords_win_over_the_context_dict(sentry: SentryReceiver) -> None:
+    cfk_otel.capture_error(
+        ValueError("x"), {"level": "info", "tags": {"a": "1"}}, tags={"b": "2"}, extra={"e": 1}, level="error"
+    )
+    [event] = sentry.wait_for_events(1)
+    assert (event["level"], event["tags"], event["extra"]) == ("error", {"a": "1", "b": "2"}, {"e": 1})
+
+
+def test_set_user_takes_a_dict_or_keywords(sentry: SentryReceiver) -> None:
+    cfk_otel.set_user(id="42", email="ann@example.com")
+    cfk_otel.capture_message("keywords")
+    cfk_otel.set_user({"id": "43"}, username="bob")
+    cfk_otel.capture_message("both")
+    first, second = sentry.wait_for_events(2)
+    assert first["user"] == {"id": "42", "email": "ann@example.com"}
+    assert second["user"] == {"id": "43", "username": "bob"}
+
+
+def test_bad_arguments_never_raise_and_warn_once_naming_the_call(
+    sentry: SentryReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad: Any = ["not", "a", "dict"]
+    with caplog.at_level(logging.WARNING, "cfk_otel.errors"):
+        for _ in range(3):
+            cfk_otel.capture_error(ValueError("a"), bad)
+            cfk_otel.capture_error(ValueError("b"), {"tags": "component=x", "level": "loud"})
+            cfk_otel.capture_message("m", "info", bad)
+            cfk_otel.capture_message("m", 42)  # type: ignore[arg-type]
+            cfk_otel.set_user(bad)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == len(set(messages)) == 6  # each problem once
+    assert sum(m.startswith("cfk_otel: capture_error(): ") for m in messages) == 3
+    assert sum(m.startswith("cfk_otel: capture_message(): ") for m in messages) == 2
+    assert sum(m.startswith("cfk_otel: set_user(): ") for m in messages) == 1
+    events = sentry.wait_for_events(12)
+    first, second = events[0], events[1]
+    assert first["extra"] == {"context": ["not", "a", "dict"]}  # nothing dropped
+    assert (second["level"], second["tags"], second.get("extra")) == ("error", {"tags": "component=x"}, None)
+
+
+def test_without_sentry_every_source_counts_in_errors_total(counted: list[tuple[str, str]]) -> None:
+    _errors_total.slow_query("SELECT pg_sleep(2)", "SELECT", 2.0)
+    error = LookupError("never awaited")
+    _errors_total.unhandled(error, "asyncio")
+    _errors_total.unhandled(error, "asyncio")  # the same exception seen by a second hook
+    _errors_total.unhandled(RuntimeError("top"), "excepthook", "fatal")
+    cfk_otel.capture_error(TypeError("handled"))
+    assert counted == [
+        ("slow_query", "warn"),
+        ("LookupError", "error"),
+        ("RuntimeError", "fatal"),
+        ("TypeError", "error"),
+    ]
+
+
+async def _closing_socket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.close(code=int(websocket.path_params["code"]))
+
+
+def _counting_app() -> Any:
+    inner = Starlette(
+        routes=[
+            Route("/status/{code:int}", _status_endpoint),
+            Route("/boom", _boom),
+            WebSocketRoute("/ws/{code:int}", _closing_socket),
+        ]
+    )
+    return TelemetryMiddleware(inner, meter_provider=MeterProvider())
+
+
+async def _boom(request: Request) -> PlainTextResponse:
+    raise ZeroDivisionError
+
+
+async def _websocket(app: Any, path: str) -> None:
+    messages = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop() if messages else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": "websocket", "path": path, "raw_path": path.encode(), "root_path": "", "headers": []}
+    scope |= {"query_string": b"", "scheme": "ws", "subprotocols": [], "asgi": {"version": "3.0"}}
+    await app(scope, receive, send)
+
+
+def test_without_sentry_requests_count_exceptions_5xx_4xx_and_abnormal_closes(
+    counted: list[tuple[str, str]],
+) -> None:
+    app = _counting_app()
+
+    async def run() -> list[int]:
+        statuses = [await _get(app, p) for p in ("/status/200", "/status/503", "/boom", "/status/429")]
+        statuses += [await _get(app, "/status/404"), await _get(app, "/no/such/route")]
+        for code in (1000, 1001, 1011, 1014):
+            await _websocket(app, f"/ws/{code}")
+        return statuses
+
+    assert asyncio.run(run()) == [200, 503, 500, 429, 404, 404]
+    assert counted == [
+        ("http_503", "error"),
+        ("ZeroDivisionError", "error"),
+        ("http_429", "warn"),
+        ("http_404", "warn"),  # a route's own 404; the unmatched path's is not counted
+        ("websocket_1011", "error"),
+        ("websocket_1014", "error"),
+    ]
+
+
+def test_capture_4xx_narrows_or_turns_off_the_4xx(counted: list[tuple[str, str]]) -> None:
+    for value, expected in (("429", [("http_429", "warn")]), ("none", [])):
+        counted.clear()
+        _errors.start(_settings.load({"SENTRY_CAPTURE_4XX": value}))
+        app = _counting_app()
+
+        async def run(app: Any = app) -> None:
+            for path in ("/status/400", "/status/404", "/status/429"):
+                await _get(app, path)
+
+        asyncio.run(run())
+        assert counted == expected
+
+
+def test_4xx_are_reported_by_default_one_issue_per_route_and_rate_limited(sentry: SentryReceiver) -> None:
+    from cfk_otel import _sentry
+
+    _errors._reset_for_tests()
+    _errors.start(_settings.load({"SENTRY_DSN": sentry.dsn}))  # SENTRY_CAPTURE_4XX unset: all
+    app = _instrumented(InMemorySpanExporter())
+    assert _sentry.ISSUE_BURST == 10
+
+    async def run() -> None:
+        for _ in range(15):
+            await _get(app, "/status/409")
+        await _get(app, "/users/x")  # 404: no route matches
+        await _get(app, "/status/404")  # a route's own 404
+
+    asyncio.run(run())
+    cfk_otel.capture_message("marker")
+    events = sentry.wait_for_events(12)
+    assert [e["message"] for e in events] == ["HTTP 409 Conflict"] * 10 + ["HTTP 404 Not Found", "marker"]
+    conflict = events[0]
+    assert conflict["level"] == "warning"
+    assert conflict["fingerprint"] == ["http", "GET", "/status/{code}", "409", "HTTP 409 Conflict"]
+    assert conflict["tags"]["http.route"] == "/status/{code}"
+    assert events[10]["tags"]["http.route"] == "/status/{code}"
+
+
+def test_without_sentry_a_failed_background_task_counts_once(counted: list[tuple[str, str]]) -> None:
+    from cfk_otel import _uncaught
+
+    async def fail() -> None:
+        raise LookupError("nobody awaited me")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: None)
+        _uncaught.watch_loop(loop)  # as uvicorn's start-up does (cfk_otel._uvicorn)
+        task = loop.create_task(fail())
+        await asyncio.sleep(0.05)
+        del task
+        gc.collect()
+
+    asyncio.run(main())
+    assert counted == [("LookupError", "error")]
+
+
+def test_errors_total_has_one_writer() -> None:
+    """Only cfk_otel/_errors_total.py writes errors_total; _metrics.py declares it."""
+    for path in sorted((ROOT / "cfk_otel").glob("*.py")):
+        if path.name in ("_errors_total.py", "_metrics.py"):
+            continue
+        text = path.read_text()
+        assert not re.search(r"\.errors\.(inc|add_by_key)\b|count_error\(", text), path.name

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -156,11 +158,79 @@ def test_wrong_labels_on_use_never_raise(
     c.inc({"kind": "a", "extra": "dropped"})
     c.inc()
     c.inc({"kind": "a"}, value=-1)  # counters never go down
-    assert {k: p.value for k, p in points(reader, "jobs").items()} == {
-        (("kind", "a"),): 1,
-        (("kind", ""),): 1,
-    }
-    assert caplog.text.count("metric jobs") == 1  # warned once
+    c.inc({"kind": "b"})
+    c.inc({"kind": "b"}, value=-2)
+    # The wrong calls are dropped, never recorded under "" (issue 19 changed this).
+    assert {k: p.value for k, p in points(reader, "jobs").items()} == {(("kind", "b"),): 1}
+    assert caplog.text.count("metric jobs: expected labels ['kind'], given ['extra', 'kind']") == 1
+    assert caplog.text.count("metric jobs: expected") == 1  # once per metric and kind of misuse
+    assert caplog.text.count("a counter cannot decrease") == 1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c, h, g: c.inc({"kind": "a", "typo": "x"}),
+        lambda c, h, g: c.inc({"knd": "a"}),
+        lambda c, h, g: c.inc(),
+        lambda c, h, g: c.inc(["a"]),
+        lambda c, h, g: h.observe(0.5, {"op": "x"}),
+        lambda c, h, g: h.observe(0.5),
+        lambda c, h, g: g.set(3, {"kind": "a"}),
+        lambda c, h, g: g.inc({"queue": "x", "more": "y"}),
+        lambda c, h, g: g.dec(),
+    ],
+)
+def test_wrong_labels_drop_the_measurement_and_name_metric_expected_given(
+    m: Metrics, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture, call: Any
+) -> None:
+    c = m.register_counter("jobs", "Jobs", ["kind"])
+    h = m.register_histogram("took", "Time", ["kind"])
+    g = m.register_gauge("depth", "Depth", ["queue"])
+    with caplog.at_level(logging.WARNING, "cfk_otel"):
+        call(c, h, g)
+        call(c, h, g)
+    for name in ("jobs", "took", "depth"):
+        assert not points(reader, name)
+    [record] = [r for r in caplog.records if "expected labels" in r.getMessage()]
+    assert re.search(
+        r"metric (jobs|took|depth): expected labels \['(kind|queue)'\], given ", record.getMessage()
+    )
+    assert record.getMessage().endswith("measurement dropped")
+
+
+def test_wrong_labels_raise_in_strict_mode(m: Metrics, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cfk_otel._metrics.STRICT", True)
+    c = m.register_counter("jobs", "Jobs", ["kind"])
+    with pytest.raises(ValueError, match=r"metric 'jobs': expected labels \['kind'\], given \['kind', 'x'\]"):
+        c.inc({"kind": "a", "x": "y"})
+    with pytest.raises(ValueError, match="expected labels"):
+        m.register_histogram("took", "Time", ["op"]).observe(1.0)
+    with pytest.raises(ValueError, match="cannot decrease"):
+        c.inc({"kind": "a"}, value=-1)
+    c.inc({"kind": "a"})  # a right call still records
+
+
+@pytest.mark.parametrize("label", ["le", "quantile"])
+@pytest.mark.parametrize("kind", ["counter", "gauge", "histogram"])
+def test_reserved_labels_are_refused_at_registration(m: Metrics, label: str, kind: str) -> None:
+    register = getattr(m, f"register_{kind}")
+    with pytest.raises(ValueError, match=f"label name '{label}' is reserved by Prometheus"):
+        register("bad", "d", ["path", label])
+
+
+def test_pair_gauges_never_go_below_zero(
+    m: Metrics, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    g = m.register_gauge("active_things", "Active", ["type"])
+    with caplog.at_level(logging.WARNING, "cfk_otel"):
+        g.finish({"type": "a"})  # no start
+        g.inc({"type": "b"})
+        g.finish({"type": "b"})
+        g.finish({"type": "b"})
+        g.finish({"type": "b"})
+    assert {dict(k)["type"]: p.value for k, p in points(reader, "active_things").items()} == {"b": 0}
+    assert caplog.text.count("finished more often than started; kept at 0") == 1
 
 
 def test_label_sets_beyond_the_limit_share_one_overflow_series(
@@ -346,3 +416,59 @@ def test_histograms_drop_what_the_sdk_drops(
     [p] = points(reader, "n_seconds").values()
     assert (p.count, p.sum) == (1, 1.0)
     assert caplog.text.count("non-negative") == 1
+
+
+CATALOGUE = {
+    "http_requests_total",
+    "http_request_duration_seconds",
+    "websocket_connections_active",
+    "database_query_duration_seconds",
+    "redis_operation_duration_seconds",
+    "active_agents_count",
+    "ticket_transitions_total",
+    "errors_total",
+}
+
+
+def test_every_metric_is_in_the_first_collection(m: Metrics, reader: InMemoryMetricReader) -> None:
+    m.register_counter("my_feature_usage", "Feature usage count", ["feature"])
+    m.register_counter("jobs_done", "Jobs done")
+    m.register_histogram("export_seconds", "Export time", [], buckets=[0.1, 1])
+    data = reader.get_metrics_data()
+    assert data is not None
+    found = {
+        metric.name: metric
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+    }
+    assert CATALOGUE | {"my_feature_usage", "jobs_done", "export_seconds"} <= set(found)
+    # Unlabelled: one series at 0, as prometheus_client shows them.
+    for name in ("websocket_connections_active", "jobs_done"):
+        [point] = found[name].data.data_points
+        assert (dict(point.attributes), point.value) == ({}, 0)
+    [hist] = found["export_seconds"].data.data_points
+    assert (hist.count, hist.sum, list(hist.bucket_counts), hist.min, hist.max) == (0, 0, [0, 0, 0], 0, 0)
+    # Labelled and unused: declared (name, description), without a series under made-up labels.
+    for name in ("http_requests_total", "active_agents_count", "errors_total", "my_feature_usage"):
+        assert list(found[name].data.data_points) == []
+        assert found[name].description
+
+
+def test_strict_mode_follows_cfk_otel_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_sdk's start-up hands CFK_OTEL_STRICT to the metrics."""
+    from cfk_otel import _metrics, _sdk, _settings
+
+    monkeypatch.setattr(_metrics, "STRICT", False)
+    monkeypatch.setattr(_sdk, "build_attributes", lambda settings: {})
+    monkeypatch.setattr(_sdk._errors, "start", lambda settings: None)
+
+    class Stop(Exception):
+        pass
+
+    def initialize(*args: object) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        _sdk._initialize(initialize, _settings.load({"CFK_OTEL_STRICT": "true", "METRICS_ENABLED": "false"}))
+    assert _metrics.STRICT is True

@@ -133,3 +133,36 @@ def test_bearer_token_check(headers: list[tuple[bytes, bytes]], status: int) -> 
     assert scrape_status(endpoint, headers) == status
     assert scrape_status(MetricsEndpoint(lambda: Scrape(registry)), headers) == 200  # no token set
     provider.shutdown()
+
+
+def test_the_first_scrape_shows_every_metric_as_prometheus_client_would() -> None:
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[ScrapeReader(**reader_arguments(registry))])
+    m = Metrics(provider)
+    m.register_counter("my_feature_usage", "Feature usage count", ["feature"])
+    m.register_counter("jobs_done", "Jobs done")
+    text = Scrape(registry).render(openmetrics_format=False)[0].decode()
+    # Unlabelled: a sample at 0.
+    assert "\nwebsocket_connections_active 0.0\n" in text
+    assert "\njobs_done_total 0.0\n" in text
+    # Labelled, never used: HELP and TYPE lines, no sample under made-up labels.
+    for name, kind in (
+        ("http_requests_total", "counter"),
+        ("http_request_duration_seconds", "histogram"),
+        ("database_query_duration_seconds", "histogram"),
+        ("redis_operation_duration_seconds", "histogram"),
+        ("active_agents_count", "gauge"),
+        ("ticket_transitions_total", "counter"),
+        ("errors_total", "counter"),
+        ("my_feature_usage_total", "counter"),
+    ):
+        assert f"# TYPE {name} {kind}\n" in text, name
+        assert f"# HELP {name} " in text, name
+        assert f"\n{name}{{" not in text, name
+        assert f"\n{name}_bucket{{" not in text, name
+    # Once used, the family is the same one, with its sample (no second HELP/TYPE).
+    m.errors.inc({"type": "ValueError", "severity": "error"})
+    text = Scrape(registry).render(openmetrics_format=False)[0].decode()
+    assert text.count("# TYPE errors_total counter") == 1
+    assert 'errors_total{severity="error",type="ValueError"} 1.0' in text
+    provider.shutdown()

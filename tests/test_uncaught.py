@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cfk_otel import _errors, _settings, _uncaught
+from cfk_otel import _errors, _errors_total, _settings, _uncaught
 from cfk_otel.testing import SentryReceiver
 from tests.conftest import ROOT
 
@@ -54,9 +54,11 @@ def hooks() -> Iterator[None]:
 @pytest.fixture
 def reported(monkeypatch: pytest.MonkeyPatch) -> list[tuple[BaseException, str]]:
     calls: list[tuple[BaseException, str]] = []
-    monkeypatch.setattr(
-        _errors, "report_unhandled", lambda error, mechanism: calls.append((error, mechanism))
-    )
+
+    def report(error: BaseException, mechanism: str, severity: str = "error") -> None:
+        calls.append((error, mechanism))
+
+    monkeypatch.setattr(_errors_total, "unhandled", report)
     return calls
 
 
@@ -151,7 +153,7 @@ def test_a_failing_hook_falls_back_to_pythons_output(
     def broken(error: BaseException, mechanism: str) -> None:
         raise RuntimeError("reporting broke")
 
-    monkeypatch.setattr(_errors, "report_unhandled", broken)
+    monkeypatch.setattr(_errors_total, "unhandled", broken)
     sys.excepthook = sys.__excepthook__
     _uncaught.install()
     sys.excepthook(ValueError, ValueError("kept"), None)

@@ -42,7 +42,13 @@ pytestmark = pytest.mark.timeout(60)
 # panel's description). When one starts returning data, this test fails: move it out.
 EXPECTED_EMPTY: dict[str, str] = {}
 DOCUMENT_ROWS = {
-    "Overview": {"Request rate", "Error rate (%)", "Response time (p50, p95, p99)", "Active users"},
+    "Overview": {
+        "Request Rate",
+        "Error rate (%)",
+        "Response time (p50, p95, p99)",
+        "Response Time (p95)",
+        "Active users",
+    },
     "API Performance": {"Endpoint latency heatmap", "Slowest endpoints (p95)", "Errors by endpoint"},
     "WebSocket": {"Active connections", "Messages per second", "Connection duration (p50, p95)"},
     "Database": {"Query latency (p95)", "Connection pool usage", "Slow queries (> 1 s)"},
@@ -107,9 +113,37 @@ def test_the_documents_rows_and_panels() -> None:
     assert set(EXPECTED_EMPTY) <= {title for title, _ in queries()}
 
 
+def test_the_documents_example_panels_as_written() -> None:
+    panels = {p["title"]: p for p in dashboard()["panels"]}
+    [rate] = panels["Request Rate"]["targets"]
+    assert rate["legendFormat"] == "{{method}} {{path}}"
+    assert "rate(http_requests_total{" in rate["expr"]
+    assert "by (method, path)" in rate["expr"]
+    gauge = panels["Response Time (p95)"]
+    assert gauge["type"] == "gauge"
+    [p95] = gauge["targets"]
+    assert p95["expr"].startswith("histogram_quantile(0.95, ")
+    assert "rate(http_request_duration_seconds_bucket{" in p95["expr"]
+    assert "[5m]" in p95["expr"]
+    steps = gauge["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [(s["value"], s["color"]) for s in steps[1:]] == [(0.1, "green"), (0.5, "yellow"), (1, "red")]
+    # The error rate is what errors_total counts (every source), per request.
+    [errors] = panels["Error rate (%)"]["targets"]
+    assert errors["expr"].startswith('100 * sum(rate(errors_total{job="$job"}')
+    assert "http_requests_total" in errors["expr"]
+
+
 def test_app_queries_read_one_job_only() -> None:
     """App metrics are filtered by $job: the collector path must never be added in."""
-    app_metrics = ("http_", "websocket_", "database_", "redis_operation", "active_users", "process_")
+    app_metrics = (
+        "http_",
+        "websocket_",
+        "database_",
+        "redis_operation",
+        "active_users",
+        "process_",
+        "errors_",
+    )
     for title, expr in queries():
         for metric, matchers in re.findall(r"\b([a-z_]+)\{([^}]*)\}", expr):
             if metric.startswith(app_metrics):

@@ -217,7 +217,7 @@ def test_unknown_level_becomes_error(app: RunningApp, sentry: SentryReceiver) ->
     assert app.get("/capture?level=loud")[0] == 200
     [event] = settle(app, sentry)
     assert event["level"] == "error"
-    assert "unknown error level 'loud'" in app.output()
+    assert "capture_error(): unknown level 'loud'" in app.output()
 
 
 @pytest.mark.usefixtures("fresh")
