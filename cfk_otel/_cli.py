@@ -1,12 +1,14 @@
-"""The ``cfk-otel`` command: ``doctor`` checks a deployment, ``env`` documents it."""
+"""The ``cfk-otel`` command: ``doctor`` checks a deployment, ``env`` documents it,
+``deploy-files`` writes its operations files."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from . import _checklist, _live, _settings
+from . import _checklist, _deploy_files, _live, _settings
 from ._logs import escape_control
 from ._version import __version__
 
@@ -123,6 +125,25 @@ def _doctor_guarded(env: Mapping[str, str], args: argparse.Namespace) -> int:
         return 2
 
 
+def deploy_files(directory: str, force: bool = False) -> int:
+    """Write the bundle into ``directory``; 1 with the reason (never a traceback) when it cannot."""
+    target = Path(directory)
+    try:
+        result = _deploy_files.write(target, force)
+    except (_deploy_files.BundleError, OSError) as exc:
+        reason = (
+            str(exc) if isinstance(exc, _deploy_files.BundleError) else (exc.strerror or type(exc).__name__)
+        )
+        print(f"cfk-otel deploy-files: {_terminal(reason)}", file=sys.stderr)
+        return 1
+    for relative in result.written:
+        print(f"  wrote {_terminal(relative)}")
+    shown = _terminal(str(target))
+    print(f"{len(result.written)} file(s) written to {shown}, {len(result.unchanged)} already up to date")
+    print(_deploy_files.NEXT_STEPS.format(dir=shown))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cfk-otel", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -142,7 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--production", action="store_true", help="fail on every unmet item of the production checklist"
     )
     commands.add_parser("env", help="print the table of environment variables (Markdown)")
+    bundle = commands.add_parser(
+        "deploy-files",
+        help="write the operations bundle (alert rules and their tests, Alertmanager, dashboards, "
+        "Kubernetes manifests, collector configs) into DIR",
+    )
+    bundle.add_argument("dir", metavar="DIR", help="where to write (created if missing)")
+    bundle.add_argument("--force", action="store_true", help="overwrite files that differ")
     args = parser.parse_args(argv)
+    if args.command == "deploy-files":
+        return deploy_files(args.dir, args.force)
     if args.command == "env":
         print(_settings.markdown_table())
         return 0
