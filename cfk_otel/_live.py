@@ -362,7 +362,7 @@ def run(
     job: str = "cf-kanban",
 ) -> list[Result]:
     """Every live check that applies, in parallel; the results in a stable order."""
-    plan: list[tuple[str, str | None, str, Callable[[], str]]] = []  # name, item, shown target, check
+    plan: _Plan = []
     if settings.database_url:
         url = settings.database_url
         plan.append(("PostgreSQL", HEALTH_ITEM, url, partial(postgres, url, timeout)))
@@ -392,26 +392,8 @@ def run(
         prom = prometheus_url
         plan.append(("Prometheus", PROMETHEUS_ITEM, prom, partial(prometheus_job, prom, job, timeout)))
 
-    outcomes: list[tuple[bool, str] | None] = [None] * len(plan)
-
-    def one(i: int, check: Callable[[], str]) -> None:
-        try:
-            outcomes[i] = (True, check())
-        except BaseException as exc:  # reported, never raised: the command must finish
-            outcomes[i] = (False, _reason(exc, timeout))
-
-    # Daemon threads, abandoned at the deadline: connect, then answer, each within ``timeout``
-    # (a name lookup has no timeout of its own).
-    bound = timeout * 2 + 1
-    threads = [
-        threading.Thread(target=one, args=(i, p[3]), name="cfk-otel-doctor", daemon=True)
-        for i, p in enumerate(plan)
-    ]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + bound
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+    outcomes = _execute(plan, timeout)
+    bound = _bound(plan, timeout)
     # Belt and braces: whatever a check said, the configured secrets are not in it.
     secrets = [settings.database_url, settings.redis_url, settings.sentry_dsn, settings.otlp_endpoint]
     secrets += [settings.metrics_bearer_token]
@@ -423,6 +405,54 @@ def run(
         where = _settings.shown(shown_at, secret=False) if shown_at else ""
         results.append(Result(name, ok, f"{where}: {scrub(detail)}" if where else scrub(detail), item))
     return _merge_otlp(results)
+
+
+_Plan = list[tuple[str, str | None, str, Callable[[], str]]]  # name, item, shown target, check
+
+
+def _groups(plan: _Plan) -> list[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, (name, _, shown_at, _) in enumerate(plan):
+        key = f"otlp {urlsplit(shown_at).netloc}" if name.startswith("OTLP ") and shown_at else str(i)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _bound(plan: _Plan, timeout: float) -> float:
+    return (timeout * 2 + 1) * max((len(g) for g in _groups(plan)), default=1)
+
+
+def _execute(plan: _Plan, timeout: float) -> list[tuple[bool, str] | None]:
+    """Each check's (ok, what it said); None for one still running at the deadline."""
+    outcomes: list[tuple[bool, str] | None] = [None] * len(plan)
+
+    def chain(indexes: list[int]) -> None:
+        unreachable: tuple[bool, str] | None = None
+        for i in indexes:
+            if unreachable is not None:  # the same host and port: no need to wait for it again
+                outcomes[i] = unreachable
+                continue
+            try:
+                outcomes[i] = (True, plan[i][3]())
+            except BaseException as exc:  # reported, never raised: the command must finish
+                failed = (False, _reason(exc, timeout))
+                outcomes[i] = failed
+                if "does not answer" in failed[1]:
+                    unreachable = failed
+
+    # One daemon thread per host the OTLP signals go to (one after the other: a host that
+    # does not answer one signal is not asked again) and per other check, abandoned at the
+    # deadline: connect, then answer, each within ``timeout`` (a name lookup has no timeout
+    # of its own).
+    threads = [
+        threading.Thread(target=chain, args=(g,), name="cfk-otel-doctor", daemon=True) for g in _groups(plan)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + _bound(plan, timeout)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return outcomes
 
 
 def _raise(exc: BaseException) -> str:
