@@ -194,7 +194,7 @@ def report(
     """Print the checklist (with what the live checks saw); return the failed items as
     problems when ``strict``, else none (``doctor`` lists failed live checks itself)."""
     findings = with_live(check(settings, env), live)
-    out("\nproduction checklist (monitoring document):")
+    out("\nproduction checklist (monitoring document; the files it names: cfk-otel deploy-files DIR):")
     for finding in findings:
         out(f"  {finding}")
     return [str(f).removeprefix("[fail]").strip() for f in findings if f.status == "fail"] if strict else []
