@@ -1,7 +1,8 @@
 """The monitoring document's production checklist, item by item.
 
 Items software can check from the app's own configuration are checked here, by pure
-functions of the parsed :class:`~cfk_otel._settings.Settings` and the environment; the
+functions of the parsed :class:`~cfk_otel._settings.Settings` and the environment, then
+amended by what ``cfk-otel doctor``'s live checks (:mod:`cfk_otel._live`) saw; the
 others (Sentry alert rules, Alertmanager, PagerDuty, Grafana, on-call, runbooks) are
 listed as ``manual`` with where they are documented. ``cfk-otel doctor`` prints the list.
 
@@ -12,11 +13,11 @@ listed as ``manual`` with where they are documented. ``cfk-otel doctor`` prints 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from . import _settings
+from . import _live, _settings
 
 Status = Literal["ok", "fail", "manual"]
 
@@ -43,6 +44,11 @@ _MANUAL: Final = {
     "Grafana dashboards created": "import docs/dashboards/cf-kanban.json",
     "On-call rotation established": "docs/runbooks.md#on-call-rotation",
     "Runbooks documented for common alerts": "docs/runbooks.md (one section per alert)",
+}
+# What to give ``cfk-otel doctor`` for an item to be checked live rather than from settings.
+_NOT_LIVE: Final = {
+    "Metrics endpoint accessible": "not asked live (give --app-url)",
+    "Health endpoints working": "endpoints not asked live (give --app-url)",
 }
 _DOWNWARD_API: Final = ("K8S_POD_NAME", "K8S_NAMESPACE_NAME", "K8S_NODE_NAME")
 
@@ -144,15 +150,51 @@ def check(settings: _settings.Settings, env: Mapping[str, str]) -> list[Finding]
     ]
 
 
+def with_live(findings: list[Finding], live: Sequence[_live.Result]) -> list[Finding]:
+    """``findings`` amended by what the live checks saw: an item whose live check failed
+    fails (naming it), a manual item a live check passed is ``ok``, and the others say
+    what was checked live or that it was not."""
+    by_item: dict[str, list[_live.Result]] = {}
+    for result in live:
+        if result.item is not None:
+            by_item.setdefault(result.item, []).append(result)
+    amended = []
+    for finding in findings:
+        results = by_item.get(finding.item)
+        hint = _NOT_LIVE.get(finding.item)
+        if not results:
+            if hint and finding.status == "ok":
+                amended.append(Finding(finding.item, "ok", "; ".join(filter(None, (finding.detail, hint)))))
+            else:
+                amended.append(finding)
+            continue
+        failed = [r for r in results if not r.ok]
+        if failed:
+            detail = "live check failed: " + "; ".join(f"{r.name} {r.detail}" for r in failed)
+            amended.append(Finding(finding.item, "fail", detail))
+        elif finding.status == "fail":
+            amended.append(finding)
+        else:
+            checked = ", ".join(dict.fromkeys(r.name for r in results))
+            if any(r.name.startswith("app ") for r in results):
+                hint = None
+            kept = finding.detail if finding.status == "ok" else ""
+            detail = "; ".join(filter(None, (kept, f"live: {checked} answered", hint)))
+            amended.append(Finding(finding.item, "ok", detail))
+    return amended
+
+
 def report(
     settings: _settings.Settings,
     env: Mapping[str, str],
     strict: bool = False,
     out: Callable[[str], None] = print,
+    live: Sequence[_live.Result] = (),
 ) -> list[str]:
-    """Print the checklist; return the failed items as problems when ``strict``, else none."""
-    findings = check(settings, env)
-    out("\nproduction checklist (monitoring document):")
+    """Print the checklist (with what the live checks saw); return the failed items as
+    problems when ``strict``, else none (``doctor`` lists failed live checks itself)."""
+    findings = with_live(check(settings, env), live)
+    out("\nproduction checklist (monitoring document; the files it names: cfk-otel deploy-files DIR):")
     for finding in findings:
         out(f"  {finding}")
     return [str(f).removeprefix("[fail]").strip() for f in findings if f.status == "fail"] if strict else []

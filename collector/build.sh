@@ -2,11 +2,14 @@
 # Build the otelcol-cfk OpenTelemetry Collector distribution from builder-config.yaml
 # with the OpenTelemetry Collector Builder (ocb), pinned to the collector release below.
 #
-# Usage: collector/build.sh [--force]
+# Usage: collector/build.sh [--force | --cached-only]
 #
-# Result is cached by content: sha256(builder-config.yaml + this script + Go version/platform).
-# A second run with unchanged inputs only re-links and prints the path (well under a second).
-# The last line printed on stdout is the absolute path of the binary; progress goes to stderr.
+# Result is cached by content: sha256(builder-config.yaml + the recipe number below + Go
+# version/platform + ldflags). A second run with unchanged inputs only re-links and prints the
+# path (well under a second); --cached-only stops there (exit 3 when nothing is cached).
+# The last line printed on stdout is the absolute path of the binary; progress goes to stderr:
+# a cold build (~23 min on 2 cores) says every 15 s how many packages it has compiled of how
+# many, the time elapsed and an estimate of the time left (collector/progress.sh).
 #
 # Environment (all optional):
 #   CFK_CACHE               cache root            (default ${XDG_CACHE_HOME:-$HOME/.cache}/cfk-otel)
@@ -16,6 +19,7 @@
 #   CFK_NICE                nice level for the heavy steps (default 15)
 #   CFK_KEEP_BUILD=1        keep the temporary build directory (for debugging)
 #   CFK_LDFLAGS             ldflags for `go build` (default: the builder's "-s -w", stripped)
+#   CFK_PROGRESS_INTERVAL   seconds between progress lines of the compile (default 15)
 #   GO                      go executable (default: `go` on PATH, else /usr/local/go/bin/go)
 #   GOFLAGS, GOPROXY, GOMODCACHE, GOCACHE, GOTOOLCHAIN are honoured as usual.
 set -euo pipefail
@@ -24,6 +28,9 @@ set -euo pipefail
 OCB_VERSION="v0.165.0"
 OCB_MODULE="go.opentelemetry.io/collector/cmd/builder"
 NAME="otelcol-cfk"
+# What the steps below make of a manifest. Bump it whenever a change to this script changes
+# the binary (not for messages or progress): the cache is keyed by it, not by this text.
+RECIPE=1
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SCRIPT_PATH="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
@@ -32,6 +39,7 @@ CACHE="${CFK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cfk-otel}"
 BIN_DIR="${CFK_COLLECTOR_BIN_DIR:-$SCRIPT_DIR/bin}"
 NICE_LEVEL="${CFK_NICE:-15}"
 FORCE=0
+CACHED_ONLY=0
 
 log() { echo "build.sh: $*" >&2; }
 die() { echo "build.sh: ERROR: $*" >&2; exit 1; }
@@ -39,7 +47,8 @@ die() { echo "build.sh: ERROR: $*" >&2; exit 1; }
 for arg in "$@"; do
   case "$arg" in
     --force) FORCE=1 ;;
-    -h|--help) sed -n '2,22p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --cached-only) CACHED_ONLY=1 ;;
+    -h|--help) sed -n '2,26p' "$SCRIPT_PATH" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $arg" ;;
   esac
 done
@@ -60,7 +69,7 @@ export GOTOOLCHAIN=go1.27.3
 sha256() { sha256sum | cut -d' ' -f1; }
 
 GO_ID="$("$GO" env GOVERSION GOOS GOARCH CGO_ENABLED | tr '\n' ' ')"
-HASH="$( { cat "$MANIFEST" "$SCRIPT_PATH"; echo "$GO_ID ${CFK_LDFLAGS-default-ldflags}"; } | sha256 )"
+HASH="$( { cat "$MANIFEST"; echo "recipe $RECIPE $OCB_VERSION $GO_ID ${CFK_LDFLAGS-default-ldflags}"; } | sha256 )"
 HASH="${HASH:0:24}"
 OUT_DIR="$CACHE/collector/$HASH"
 OUT_BIN="$OUT_DIR/$NAME"
@@ -83,10 +92,46 @@ finish() {
   exit 0
 }
 
+# Builds made before RECIPE existed were keyed by this script's whole text (any edit, even
+# to a message, meant a cold rebuild). One of them is recipe 1 when its manifest is this one
+# and its binary says it was built by this Go, for this platform, with -trimpath and without
+# cgo (`go version -m`); it is taken over with hard links, once.
+adopt_earlier_build() {
+  [[ $RECIPE == 1 && -z "${CFK_LDFLAGS+x}" ]] || return 1
+  local dir info goversion goos goarch
+  read -r goversion goos goarch _ <<<"$GO_ID"
+  for dir in "$CACHE"/collector/*/; do
+    dir="${dir%/}"
+    [[ -x "$dir/$NAME" && ! -e "$dir/recipe" ]] || continue
+    cmp -s "$dir/builder-config.yaml" "$MANIFEST" || continue
+    info="$("$GO" version -m "$dir/$NAME" 2>/dev/null)" || continue
+    [[ "$(head -n1 <<<"$info")" == *": $goversion" ]] || continue
+    for want in "-trimpath=true" "CGO_ENABLED=0" "GOOS=$goos" "GOARCH=$goarch"; do
+      grep -qE "^[[:space:]]+build[[:space:]]+$want\$" <<<"$info" || continue 2
+    done
+    local tmp="$CACHE/collector/.adopt.$$"
+    rm -rf "$tmp" && mkdir -p "$tmp"
+    cp -l "$dir"/* "$tmp/" 2>/dev/null || cp "$dir"/* "$tmp/"
+    echo "$RECIPE (taken over from $(basename "$dir"))" >"$tmp/recipe"
+    mv -T "$tmp" "$OUT_DIR" 2>/dev/null || rm -rf "$tmp"   # a concurrent run may have won
+    [[ -x "$OUT_BIN" ]] || return 1
+    log "cached build $HASH (the same build as $(basename "$dir"), made before build.sh kept a recipe number)"
+    return 0
+  done
+  return 1
+}
+
 # ---- fast path: already built with identical inputs ----------------------------------
 if [[ $FORCE == 0 && -x "$OUT_BIN" ]]; then
   log "cached build $HASH"
   finish
+fi
+if [[ $FORCE == 0 ]] && adopt_earlier_build; then
+  finish
+fi
+if [[ $CACHED_ONLY == 1 ]]; then
+  log "no cached build $HASH (--cached-only: not building; a cold build takes ~23 min on 2 cores)"
+  exit 3
 fi
 
 mkdir -p "$CACHE/bin" "$CACHE/collector"
@@ -172,18 +217,26 @@ for spec in "${GOMODS[@]}" "go.opentelemetry.io/collector/otelcol $OCB_VERSION";
   [[ "$(mm "$got")" == "$(mm "$ver")" ]] || die "$mod resolved to $got, manifest pins $ver (mixed releases)"
 done
 
-# 4. compile with the builder (go build -trimpath -ldflags="-s -w")
+# 4. compile: the builder's own command (its Compile step: go build -trimpath -o NAME
+#    -ldflags="-s -w" -gcflags="", CGO_ENABLED=0), run here rather than by the builder, which
+#    holds go's output until the end: `go build -v` names each package as it is compiled, and
+#    collector/progress.sh turns that into progress lines.
+# shellcheck source=collector/progress.sh
+source "$SCRIPT_DIR/progress.sh"
 log "compiling (nice -n $NICE_LEVEL)"
-ocb_args=(--config "$WORK/manifest.yaml" --skip-generate --skip-get-modules)
-[[ -n "${CFK_LDFLAGS+x}" ]] && ocb_args+=(--ldflags "$CFK_LDFLAGS")
-if ! nice -n "$NICE_LEVEL" "$OCB" "${ocb_args[@]}" >"$WORK/compile.log" 2>&1; then
-  cat "$WORK/compile.log" >&2; die "compilation failed"
+export CGO_ENABLED=0
+printf '#!/bin/sh\nexec nice -n %q %q "$@"\n' "$NICE_LEVEL" "$GO" >"$WORK/go-nice"
+chmod +x "$WORK/go-nice"
+if ! GO="$WORK/go-nice" go_build_with_progress "$SRC" "$WORK/compile.log" "$NAME" \
+       -trimpath "-ldflags=${CFK_LDFLAGS-"-s -w"}" "-gcflags="; then
+  tail -n 100 "$WORK/compile.log" >&2; die "compilation failed (log: $WORK/compile.log, kept with CFK_KEEP_BUILD=1)"
 fi
 [[ -x "$SRC/$NAME" ]] || die "builder did not produce $SRC/$NAME"
 
 # 5. smoke test, then publish atomically
 "$SRC/$NAME" components >"$WORK/components.yaml" || die "built binary failed to run"
 mkdir -p "$OUT_DIR"
+echo "$RECIPE" >"$OUT_DIR/recipe"
 cp "$SRC/go.mod" "$SRC/go.sum" "$WORK/components.yaml" "$OUT_DIR/"
 cp "$MANIFEST" "$OUT_DIR/builder-config.yaml"
 mv -f "$SRC/$NAME" "$OUT_BIN"   # same filesystem: atomic rename

@@ -66,8 +66,50 @@ def clean_env(**values: str) -> dict[str, str]:
     return env
 
 
-def port_or_free(preferred: int) -> int:
-    """``preferred`` when it can be bound on 127.0.0.1, else a free port."""
+def port_holder(port: int) -> str:
+    """What listens on ``port``: "name (pid N, /path/to/executable)", as scripts/services says
+    it; never the arguments (they may hold a password)."""
+    pid = ""
+    name = ""
+    ss = shutil.which("ss")
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        line = subprocess.run(
+            [ss or "ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+        if match := re.search(r'users:\(\("([^"]+)",pid=(\d+)', line):
+            name, pid = match.groups()
+    if not pid:
+        pid = _pid_from_proc(port)
+    if not pid:
+        return f"a process this user cannot see (sudo ss -ltnp 'sport = :{port}' names it)"
+    proc = Path("/proc") / pid
+    with contextlib.suppress(OSError):
+        name = name or (proc / "comm").read_text().strip()
+    try:
+        exe = f", {os.readlink(proc / 'exe')}"
+    except OSError:
+        exe = ""
+    return f"{name or '?'} (pid {pid}{exe})"
+
+
+def _pid_from_proc(port: int) -> str:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[1].endswith(f":{port:04X}"):
+                    inodes.add(f"socket:[{fields[9]}]")
+    for fd in Path("/proc").glob("[0-9]*/fd/*") if inodes else ():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in inodes:
+                return fd.parts[2]
+    return ""
+
+
+def port_or_free(preferred: int, what: str = "") -> int:
+    """``preferred`` when it can be bound on 127.0.0.1, else a free port; when ``what`` (the
+    listener, for the message) is given, says which port was taken, by what, and the new one."""
     for port in (preferred, 0):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
@@ -75,7 +117,10 @@ def port_or_free(preferred: int) -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return int(s.getsockname()[1])
+            chosen = int(s.getsockname()[1])
+        if chosen != preferred and what:
+            say(f"port {preferred} is held by {port_holder(preferred)}; {what} uses {chosen} instead")
+        return chosen
     raise DemoError("no free port on 127.0.0.1")
 
 
@@ -201,13 +246,13 @@ def stop_leftovers() -> None:
 def start_services() -> dict[str, str]:
     """DATABASE_URL and REDIS_URL: scripts/services, else the ones already in the environment."""
     try:
-        out = subprocess.run(
+        done = subprocess.run(
             [str(ROOT / "scripts" / "services"), "start"],
             capture_output=True,
             text=True,
             timeout=600,
             check=True,
-        ).stdout
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         stderr = getattr(exc, "stderr", "") or ""
         reason = stderr.strip().splitlines()[-1] if stderr.strip() else str(exc)
@@ -223,17 +268,22 @@ def start_services() -> dict[str, str]:
             "  Either run `sudo scripts/services install` once, or start PostgreSQL and Redis\n"
             "  yourself and run: DATABASE_URL=postgresql://... REDIS_URL=redis://... make demo"
         ) from None
-    return dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if "=" in line)
+    for line in done.stderr.splitlines():  # a port taken by something else, the ports chosen
+        if line.startswith("scripts/services: "):
+            say(line)
+    return dict(
+        line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines() if "=" in line
+    )
 
 
 @dataclass(frozen=True)
 class Ports:
     app: int
-    grpc: int = field(default_factory=lambda: port_or_free(4317))
-    otlp_http: int = field(default_factory=lambda: port_or_free(4318))
-    health: int = field(default_factory=lambda: port_or_free(13133))
-    exporter: int = field(default_factory=lambda: port_or_free(8889))
-    prometheus: int = field(default_factory=lambda: port_or_free(9090))
+    grpc: int = field(default_factory=lambda: port_or_free(4317, "the collector's OTLP/gRPC receiver"))
+    otlp_http: int = field(default_factory=lambda: port_or_free(4318, "the collector's OTLP/HTTP receiver"))
+    health: int = field(default_factory=lambda: port_or_free(13133, "the collector's health check"))
+    exporter: int = field(default_factory=lambda: port_or_free(8889, "the collector's Prometheus exporter"))
+    prometheus: int = field(default_factory=lambda: port_or_free(9090, "Prometheus"))
 
 
 def start_collector(stack: Stack, ports: Ports) -> Process:
@@ -620,10 +670,7 @@ def main() -> int:
             stop_leftovers()
             say("starting PostgreSQL and Redis (scripts/services)")
             services = start_services()
-            app_port = port_or_free(args.port)
-            if app_port != args.port:
-                say(f"port {args.port} is taken; the app uses {app_port} instead")
-            ports = Ports(app_port)
+            ports = Ports(port_or_free(args.port, "the app"))
             say(
                 f"starting the collector (CFK_BACKENDS=prometheus,debug, OTLP on 127.0.0.1:{ports.otlp_http})"
             )

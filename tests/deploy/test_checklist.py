@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cfk_otel import _checklist, _settings
+from cfk_otel import _checklist, _live, _settings
 from tests.conftest import ROOT, unavailable
 from tests.deploy.conftest import RUNBOOKS, anchors
 
@@ -93,3 +93,32 @@ def test_manual_items_point_at_documents_that_exist() -> None:
             assert (ROOT / path).exists(), (finding.item, path)
             if anchor:
                 assert anchor in headings, anchor
+
+
+def test_live_results_amend_the_items_they_stand_for() -> None:
+    """Issue 19 point 7: a failed live check fails its item, whatever the settings say; a
+    passed one makes a manual item ok; items not asked live say how to ask them."""
+    base = _checklist.check(_settings.load(GOOD), GOOD)
+    live = [
+        _live.Result(
+            "PostgreSQL", False, "postgresql://<redacted>@db:5432/cfk: connection refused", _live.HEALTH_ITEM
+        ),
+        _live.Result("Redis", True, "ok", _live.HEALTH_ITEM),
+        _live.Result("Prometheus", True, "1 target(s) of job 'cf-kanban' up", _live.PROMETHEUS_ITEM),
+        _live.Result("OTLP traces", False, "does not answer", None),
+    ]
+    amended = {f.item: f for f in _checklist.with_live(base, live)}
+    health = amended["Health endpoints working"]
+    assert health.status == "fail"
+    assert (
+        health.detail
+        == "live check failed: PostgreSQL postgresql://<redacted>@db:5432/cfk: connection refused"
+    )
+    assert amended["Prometheus scraping metrics"].status == "ok"
+    assert amended["Metrics endpoint accessible"].detail.endswith("not asked live (give --app-url)")
+    assert [f.item for f in amended.values()] == list(_checklist.ITEMS)
+    lines: list[str] = []
+    settings = _settings.load(GOOD)
+    assert _checklist.report(settings, GOOD, strict=True, out=lines.append, live=live) == [
+        f"Health endpoints working: {health.detail}"
+    ]

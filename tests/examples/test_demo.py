@@ -184,3 +184,44 @@ def test_without_apt_the_demo_announces_its_fallback(
     monkeypatch.delenv("DATABASE_URL")
     with pytest.raises(demo.DemoError, match="needs root and a network"):
         demo.start_services()
+
+
+def test_a_taken_port_is_named_with_its_holder(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 19 point 9: the demo names the port, what holds it, and the port it takes."""
+    demo = load_demo(monkeypatch)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        chosen = demo.port_or_free(taken, "the app")
+    assert chosen != taken
+    out = capsys.readouterr().out
+    assert f"demo: port {taken} is held by python" in out, out
+    assert f"(pid {os.getpid()}, " in out
+    assert f"the app uses {chosen} instead" in out
+    assert demo.port_or_free(chosen, "the app") == chosen  # free again: kept, and nothing said
+    assert capsys.readouterr().out == ""
+
+
+def test_the_ports_scripts_services_chose_are_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    demo = load_demo(monkeypatch)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "services").write_text(
+        "#!/bin/sh\n"
+        "echo 'scripts/services: port 55432 is held by postgres (pid 7, /usr/bin/postgres);"
+        " PostgreSQL uses 55433 instead' >&2\n"
+        "echo 'scripts/services: PostgreSQL on 127.0.0.1:55433, Redis on 127.0.0.1:56379' >&2\n"
+        "echo export DATABASE_URL=postgresql://u:p@127.0.0.1:55433/db\n"
+        "echo export REDIS_URL=redis://127.0.0.1:56379/0\n"
+    )
+    (scripts / "services").chmod(0o755)
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    assert demo.start_services()["DATABASE_URL"] == "postgresql://u:p@127.0.0.1:55433/db"
+    out = capsys.readouterr().out
+    assert "demo: scripts/services: port 55432 is held by postgres (pid 7, /usr/bin/postgres)" in out
+    assert "demo: scripts/services: PostgreSQL on 127.0.0.1:55433, Redis on 127.0.0.1:56379" in out
