@@ -15,6 +15,17 @@ from typing import Any, Final
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.propagators.textmap import Getter
+from opentelemetry.semconv.attributes.client_attributes import CLIENT_ADDRESS
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.http_attributes import (
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+)
+from opentelemetry.semconv.attributes.network_attributes import NETWORK_PROTOCOL_VERSION
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
+from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
+from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_ORIGINAL
 from opentelemetry.trace import Status, StatusCode
 
 from . import _errors_total, _metrics
@@ -267,26 +278,26 @@ class TelemetryMiddleware:
         server = scope.get("server")
         client = scope.get("client")
         attributes: dict[str, Any] = {
-            "http.request.method": method,
+            HTTP_REQUEST_METHOD: method,
             # An absolute-form target (GET http://user:pw@host/...) loses its userinfo.
-            "url.path": scrub_url(scope.get("path", "")),
-            "url.scheme": scope.get("scheme", "http"),
-            "network.protocol.version": scope.get("http_version", "1.1"),
+            URL_PATH: scrub_url(scope.get("path", "")),
+            URL_SCHEME: scope.get("scheme", "http"),
+            NETWORK_PROTOCOL_VERSION: scope.get("http_version", "1.1"),
         }
         if route != UNMATCHED:
             span.update_name(f"{method} {route}" if kind == "http" else f"WEBSOCKET {route}")
-            attributes["http.route"] = route
+            attributes[HTTP_ROUTE] = route
         if status:
-            attributes["http.response.status_code"] = status
+            attributes[HTTP_RESPONSE_STATUS_CODE] = status
         if server:
-            attributes["server.address"] = server[0]
+            attributes[SERVER_ADDRESS] = server[0]
             if server[1] is not None:
-                attributes["server.port"] = server[1]
+                attributes[SERVER_PORT] = server[1]
         if client:
-            attributes["client.address"] = client[0]
+            attributes[CLIENT_ADDRESS] = client[0]
         for key, value in scope.get("headers") or ():
             if key == b"user-agent":
-                attributes["user_agent.original"] = value.decode("latin-1")
+                attributes[USER_AGENT_ORIGINAL] = value.decode("latin-1")
                 break
         if type(span) is CoreSpan:
             span.set_own(attributes)
@@ -294,9 +305,9 @@ class TelemetryMiddleware:
             span.set_attributes(attributes)
         if error is not None:
             span.record_exception(error, exception_attributes(error))
-            span.set_attribute("error.type", type(error).__qualname__)
+            span.set_attribute(ERROR_TYPE, type(error).__qualname__)
             span.set_status(Status(StatusCode.ERROR, scrub_text(str(error))))
         elif status >= 500:
-            span.set_attribute("error.type", str(status))
+            span.set_attribute(ERROR_TYPE, str(status))
             span.set_status(Status(StatusCode.ERROR))
         span.end()

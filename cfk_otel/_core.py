@@ -40,6 +40,11 @@ from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.semconv.attributes.exception_attributes import (
+    EXCEPTION_MESSAGE,
+    EXCEPTION_STACKTRACE,
+    EXCEPTION_TYPE,
+)
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
@@ -487,9 +492,10 @@ class CoreSpan(trace.Span):
         module = type(exception).__module__
         qualname = type(exception).__qualname__
         event: dict[str, types.AnyValue] = {
-            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            EXCEPTION_TYPE: f"{module}.{qualname}" if module and module != "builtins" else qualname,
+            EXCEPTION_MESSAGE: str(exception),
+            EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
+            # Deprecated by the conventions (no stable constant), still written by the SDK.
             "exception.escaped": str(escaped),
         }
         if attributes:

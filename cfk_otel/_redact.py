@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from opentelemetry.semconv.attributes.exception_attributes import EXCEPTION_MESSAGE, EXCEPTION_STACKTRACE
+
 REDACTED: Final = "[REDACTED]"
 # Deeper than this, a container is withheld whole: nothing below it is looked at.
 MAX_DEPTH: Final = 64
@@ -308,8 +310,8 @@ def exception_attributes(error: BaseException) -> dict[str, str]:
     """An exception's message and stack as a span's exception event carries them, scrubbed
     (given to ``record_exception``, they replace the SDK's raw ones)."""
     return {
-        "exception.message": scrub_text(str(error)),
-        "exception.stacktrace": scrub_text("".join(traceback.format_exception(error))),
+        EXCEPTION_MESSAGE: scrub_text(str(error)),
+        EXCEPTION_STACKTRACE: scrub_text("".join(traceback.format_exception(error))),
     }
 
 
