@@ -322,3 +322,22 @@ def scrub_url(url: str) -> str:
     'http://[REDACTED]@host/boards?x=1'
     """
     return _URL_USERINFO.sub(rf"\1{REDACTED}@", url) if "@" in url else url
+
+
+def _main() -> None:
+    """``python -m cfk_otel._redact``: stdin to stdout through the policy, with the values of
+    cfk_otel's secret settings and of every environment variable named like a secret
+    (``DD_API_KEY``, ``AWS_SECRET_ACCESS_KEY``...) as known secrets. ``collector/run
+    --print-config`` pipes the collector's own redacted configuration through it."""
+    import os  # noqa: PLC0415  (the command only)
+    import sys  # noqa: PLC0415
+
+    from ._settings import load  # noqa: PLC0415
+
+    values = [v for k, v in os.environ.items() if is_secret_key(k)]
+    known_secrets([*values, *load().secret_values()])
+    sys.stdout.write(scrub_text(sys.stdin.read()))
+
+
+if __name__ == "__main__":
+    _main()

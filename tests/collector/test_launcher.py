@@ -497,3 +497,18 @@ def test_kubernetes_overlay_needs_the_node_name(collector_bin: Path) -> None:
     result = run_launcher(collector_bin, "--validate", CFK_BACKENDS="debug", CFK_KUBERNETES="true", **env)
     assert result.returncode == 2
     assert "CFK_KUBERNETES=true needs K8S_NODE_NAME" in result.stderr
+
+
+def test_print_config_withholds_what_the_collector_does_not_know_is_secret(collector_bin: Path) -> None:
+    """The collector redacts only the fields it types as secret; a password in an endpoint
+    URL, or a secret variable's value copied elsewhere, goes through the package's policy."""
+    password = "Lk1Passw0rdInUrl"
+    env = {**DUMMY, "LOKI_ENDPOINT": f"http://cfk:{password}@loki.invalid:3100/otlp"}
+    result = run_launcher(
+        collector_bin, "--print-config", "--", "--format=json", CFK_BACKENDS="loki,datadog", **env
+    )
+    assert result.returncode == 0, result.stderr
+    assert password not in result.stdout
+    assert SECRET not in result.stdout
+    config = json.loads(result.stdout)  # still the collector's JSON
+    assert "loki.invalid:3100" in json.dumps(config)
