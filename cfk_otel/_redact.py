@@ -100,9 +100,10 @@ _AUTHORIZATION: Final = re.compile(
     r"""(?i)((?:proxy[-_])?authori[sz]ation["']?\s*[:=,]\s*["']?)([^"'\r\n\]\)},;]+)"""
 )
 _AUTH_SCHEME: Final = re.compile(r"(?i)\b(bearer|basic|digest|token)\s+[a-z0-9._~+/=\-]{4,}")
-# key = value, key: value, "key": "value", key='value with spaces' (a repr).
+# key = value, key: value, "key": "value", key='value with spaces' (a repr); not a key whose
+# value is a structure (``"auth": {`` in JSON or YAML): what is inside is judged on its own.
 _KEY_VALUE: Final = re.compile(
-    r"""([A-Za-z_][\w.\-]{0,63})(["']?\s*[:=]\s*)("[^"\r\n]*"|'[^'\r\n]*'|[^\s"',;&)}\]]+)"""
+    r"""([A-Za-z_][\w.\-]{0,63})(["']?\s*[:=]\s*)("[^"\r\n]*"|'[^'\r\n]*'|[^\s"',;&)}\]{\[][^\s"',;&)}\]]*)"""
 )
 
 
@@ -325,10 +326,10 @@ def scrub_url(url: str) -> str:
 
 
 def _main() -> None:
-    """``python -m cfk_otel._redact``: stdin to stdout through the policy, with the values of
-    cfk_otel's secret settings and of every environment variable named like a secret
-    (``DD_API_KEY``, ``AWS_SECRET_ACCESS_KEY``...) as known secrets. ``collector/run
-    --print-config`` pipes the collector's own redacted configuration through it."""
+    """Copy stdin to stdout through the policy, with the values of cfk_otel's secret settings
+    and of every environment variable named like a secret (``DD_API_KEY``,
+    ``AWS_SECRET_ACCESS_KEY``...) as known secrets. ``collector/run --print-config`` pipes
+    the collector's own redacted configuration through it."""
     import os  # noqa: PLC0415  (the command only)
     import sys  # noqa: PLC0415
 
@@ -337,7 +338,3 @@ def _main() -> None:
     values = [v for k, v in os.environ.items() if is_secret_key(k)]
     known_secrets([*values, *load().secret_values()])
     sys.stdout.write(scrub_text(sys.stdin.read()))
-
-
-if __name__ == "__main__":
-    _main()
