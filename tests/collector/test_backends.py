@@ -264,13 +264,17 @@ def test_datadog_agentless_intake_gets_all_three_with_deltas(run_app: Any, colle
         assert intake.wait_for(lambda: ticket_requests() == 5), ticket_requests()
         time.sleep(1)
         assert ticket_requests() == 5  # deltas: nothing counted twice
+        # Datadog wants deltas for monotonic sums and histograms, and reads a cumulative
+        # non-monotonic sum (an UpDownCounter: websocket_connections_active, exported at 0
+        # from the first export) as a gauge, so cumulativetodelta leaves that one as it is.
         temporalities = {
             getattr(m.metric, kind).aggregation_temporality
             for m in intake.metrics
             for kind in ("sum", "histogram", "exponential_histogram")
-            if m.metric.HasField(kind)
+            if m.metric.HasField(kind) and (kind != "sum" or m.metric.sum.is_monotonic)
         }
         assert temporalities == {AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA}
+        assert any(m.name == "websocket_connections_active" for m in intake.metrics)
         assert intake.unauthorized == 0
         assert set(intake.paths) == {"/v1/traces", "/v1/metrics", "/v1/logs"}
         assert {h.get("content-type") for h in intake.headers} == {"application/x-protobuf"}
