@@ -70,6 +70,9 @@ _SECRET_WORDS: Final = frozenset(
 # not in front of another (``pass_through``, ``refresh_interval``). ``key`` also needs to be
 # alone or follow a word that says what kind (``cache_key`` and ``sort_key`` are not secret).
 _LAST_WORDS: Final = frozenset({"pass", "refresh", "sig"})
+# A key ending in one of these names a failure, not the secret (an exception class name
+# before its message looks like ``key: value``).
+_NOT_A_VALUE: Final = frozenset({"error", "errors", "exception", "warning", "failed", "failure"})
 _KEY_KINDS: Final = frozenset(
     {
         "api",
@@ -144,7 +147,11 @@ def is_secret_key(key: object) -> bool:
                 text = str(key)
             except Exception:  # a hostile __str__: withhold rather than guess
                 return True
-        hit = _secret_words(_words(text)) or bool(_SECRET_PARTS.search(text.lower()))
+        words = _words(text)
+        if words and words[-1] in _NOT_A_VALUE:
+            hit = False  # "InvalidPasswordError: password authentication failed" names no secret
+        else:
+            hit = _secret_words(words) or bool(_SECRET_PARTS.search(text.lower()))
         if isinstance(key, str | bytes) and len(_key_cache) < 4096:
             _key_cache[key] = hit
     return hit

@@ -220,6 +220,9 @@ def test_scrub_text_removes_credentials() -> None:
     assert scrub_text('password = "hunter2"  # a source line') == 'password = "[REDACTED]"  # a source line'
     assert scrub_text("ticket 7 moved: todo -> done at 12:30") == "ticket 7 moved: todo -> done at 12:30"
     assert scrub_text("see https://example.com/a@b") == "see https://example.com/a@b"  # not user info
+    # An exception's class name before its message is not a secret key: the message stays.
+    failed = 'InvalidPasswordError: password authentication failed for user "cfk"'
+    assert scrub_text(failed) == failed
     nested = 70 * [0]
     value: Any = "x"
     for _ in nested:
