@@ -271,7 +271,7 @@ def instrument(app: ASGIApp, observers: list[RequestObserver]) -> ASGIApp:
         from . import _sentry  # noqa: PLC0415
 
         wrapped = _sentry.RequestScopes(app)
-        observers.append(_sentry.ErrorObserver(STATE.settings.sentry_capture_4xx))
+        observers.append(_sentry.ErrorObserver())
         return wrapped
     except Exception:
         _log.warning("cfk_otel: Sentry request hooks failed; no automatic reports", exc_info=True)

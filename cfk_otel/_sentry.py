@@ -44,7 +44,7 @@ from sentry_sdk.scope import use_isolation_scope
 from sentry_sdk.types import Event, Hint
 from sentry_sdk.utils import event_from_exception
 
-from ._errors_total import ABNORMAL_CLOSE_CODES, count_exception
+from ._errors_total import ABNORMAL_CLOSE_CODES, count_exception, reportable_4xx
 from ._guard import guard, warn_once
 from ._redact import scrub
 from ._routes import UNMATCHED, RouteResolver
@@ -397,8 +397,7 @@ class ErrorObserver:
     ``errors_total`` (through :func:`cfk_otel._errors_total.count_request`), reported or not.
     """
 
-    def __init__(self, capture_4xx: frozenset[int]) -> None:
-        self._capture_4xx = capture_4xx
+    def __init__(self) -> None:
         self._issues = IssueBudgets()
 
     def __call__(self, info: RequestInfo) -> None:
@@ -420,7 +419,7 @@ class ErrorObserver:
         if info.kind == "http":
             if status >= 500:
                 self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="error")
-            elif status in self._capture_4xx and not (status == 404 and info.route == UNMATCHED):
+            elif reportable_4xx(status, info.route):  # the same rule errors_total counts by
                 self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="warning")
         elif state is not None and state.close_code in ABNORMAL_CLOSE_CODES:
             code = state.close_code

@@ -436,7 +436,7 @@ def test_observer_never_raises(sentry: SentryReceiver, caplog: pytest.LogCapture
 
     broken: Any = RequestInfo(None, "http", "GET", "/x", 500, 0.1, None, None)  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING, "cfk_otel.errors"):
-        ErrorObserver(frozenset())(broken)
+        ErrorObserver()(broken)
     assert "reporting a request to Sentry failed" in caplog.text
 
 

@@ -158,18 +158,23 @@ def load_demo(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
+def fake_services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo: ModuleType, script: str) -> None:
+    """The demo's ROOT with a scripts/services that runs ``script`` (shell) instead."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "services").write_text(f"#!/bin/sh\n{script}")
+    (scripts / "services").chmod(0o755)
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+
+
 def test_without_apt_the_demo_announces_its_fallback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """scripts/services failing (not root, offline): the URLs of the environment, announced."""
     demo = load_demo(monkeypatch)
-    scripts = tmp_path / "scripts"
-    scripts.mkdir()
-    (scripts / "services").write_text(
-        "#!/bin/sh\necho 'E: Could not open lock file - are you root?' >&2\nexit 100\n"
+    fake_services(
+        tmp_path, monkeypatch, demo, "echo 'E: Could not open lock file - are you root?' >&2\nexit 100\n"
     )
-    (scripts / "services").chmod(0o755)
-    monkeypatch.setattr(demo, "ROOT", tmp_path)
 
     monkeypatch.setenv("DATABASE_URL", "postgresql://u:p@127.0.0.1:5432/db")
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -209,18 +214,16 @@ def test_the_ports_scripts_services_chose_are_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     demo = load_demo(monkeypatch)
-    scripts = tmp_path / "scripts"
-    scripts.mkdir()
-    (scripts / "services").write_text(
-        "#!/bin/sh\n"
+    fake_services(
+        tmp_path,
+        monkeypatch,
+        demo,
         "echo 'scripts/services: port 55432 is held by postgres (pid 7, /usr/bin/postgres);"
         " PostgreSQL uses 55433 instead' >&2\n"
         "echo 'scripts/services: PostgreSQL on 127.0.0.1:55433, Redis on 127.0.0.1:56379' >&2\n"
         "echo export DATABASE_URL=postgresql://u:p@127.0.0.1:55433/db\n"
-        "echo export REDIS_URL=redis://127.0.0.1:56379/0\n"
+        "echo export REDIS_URL=redis://127.0.0.1:56379/0\n",
     )
-    (scripts / "services").chmod(0o755)
-    monkeypatch.setattr(demo, "ROOT", tmp_path)
     assert demo.start_services()["DATABASE_URL"] == "postgresql://u:p@127.0.0.1:55433/db"
     out = capsys.readouterr().out
     assert "demo: scripts/services: port 55432 is held by postgres (pid 7, /usr/bin/postgres)" in out
