@@ -7,6 +7,7 @@ import importlib.util
 import logging
 
 from . import _sdk
+from ._guard import guard
 
 _log = logging.getLogger("cfk_otel")
 
@@ -57,12 +58,10 @@ def _instrument_libraries() -> None:
             or not _installed(module)
         ):
             continue
-        try:
+        with guard(f"instrumenting {library}"):
             instrumentor = getattr(importlib.import_module(module), cls)()
             if not instrumentor.is_instrumented_by_opentelemetry:
                 instrumentor.instrument()
-        except Exception:
-            _log.warning("cfk_otel: could not instrument %s", library, exc_info=True)
 
 
 def _installed(module: str) -> bool:

@@ -7,8 +7,6 @@ route template resolved from what the framework's router left in the scope.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -30,6 +28,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from . import _errors_total, _metrics
 from ._core import CoreSpan, Spans
+from ._guard import guard
 from ._redact import exception_attributes, scrub_text, scrub_url
 from ._routes import UNMATCHED, RouteResolver
 from ._types import ASGIApp, Message, Receive, RequestInfo, RequestObserver, Scope, Send
@@ -46,7 +45,7 @@ __all__ = [
 ]
 
 
-_log = logging.getLogger("cfk_otel")
+_RECORD_REQUEST: Final = guard("recording a request")
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _FASTAPI_TELEMETRY: Final = "fastapi.telemetry"  # the scope key of FastAPI's own telemetry
 
@@ -143,7 +142,6 @@ class TelemetryMiddleware:
         # answered before any span or metric is recorded.
         self._endpoints = dict(endpoints or {})
         self._endpoint_telemetry = endpoint_telemetry
-        self._warned = False
         self._routes = RouteResolver(app)
         self._spans = Spans(tracer_provider)
         self._incoming = _Incoming()
@@ -225,18 +223,14 @@ class TelemetryMiddleware:
                 self._websocket_ended(
                     scope, fixed_route or self._routes.template(scope, root_path, 101), start
                 )
-            try:
+            with _RECORD_REQUEST:  # telemetry must never fail a request
                 route = fixed_route or self._routes.template(scope, root_path, status)
                 elapsed = time.perf_counter() - start
                 self._record(span, scope, kind, method, route, status, elapsed, error, close_code)
-            except Exception:  # telemetry must never fail a request
-                if not self._warned:
-                    self._warned = True
-                    _log.warning("cfk_otel: recording a request failed; continuing", exc_info=True)
 
     def _websocket_ended(self, scope: Scope, route: str, start: float) -> None:
         self.metrics.websocket_connections.finish()
-        with contextlib.suppress(Exception):
+        with _RECORD_REQUEST:
             self.metrics.websocket_duration.observe(time.perf_counter() - start, {"path": route})
 
     def _record(

@@ -49,6 +49,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from opentelemetry.util import types
 
 from . import _settings
+from ._guard import guard, warn_once
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ except ImportError:  # a source checkout without the build, or a platform withou
     _native = None
 
 _log = logging.getLogger("cfk_otel")
+_START_SPAN: Final = guard("starting a span", then="the call goes on, untraced")
+_RECORD_SPAN: Final = guard("recording a span", then="dropped")
 SCOPE: Final = "cfk_otel"
 _UNSET: Final = Status(StatusCode.UNSET)
 # OTLP's span flags as the SDK's encoder writes them: "is the parent remote" is known.
@@ -466,7 +469,7 @@ class CoreSpan(trace.Span):
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         # Links are set when a span starts; cfk_otel's spans start with none, and the core
         # does not carry links added later (the SDK ignores most of them too).
-        self._home.warn_once("links added to cfk_otel's request or client spans are not exported")
+        warn_once("links", "cfk_otel: links added to cfk_otel's request or client spans are not exported")
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
@@ -514,7 +517,7 @@ class CoreSpan(trace.Span):
         attributes, dropped = self._merged()
         exporter = self._home.exporter
         assert exporter is not None  # a CoreSpan is only made with an exporter
-        try:
+        with _RECORD_SPAN:  # never into the app; the span alone is lost
             exporter.record_span(
                 0,
                 self.context.trace_id,
@@ -533,8 +536,6 @@ class CoreSpan(trace.Span):
                 dropped,
                 self.dropped_events,
             )
-        except Exception:  # never into the app; the span alone is lost
-            self._home.warn_once(f"span {self.name!r} could not be recorded; dropped", exc_info=True)
 
     def __repr__(self) -> str:
         return f"CoreSpan(name={self.name!r}, kind={self.kind!r}, context={self.context!r})"
@@ -551,18 +552,12 @@ class Spans:
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._fixed_provider = tracer_provider
-        self._warned: set[str] = set()
         self._provider: object = None
         self._generation = -1
         self._tracer: trace.Tracer | None = None
         self._native: sdk_trace.TracerProvider | None = None
         self.limits = sdk_trace.SpanLimits()
         self.exporter: OtlpExporter | None = None
-
-    def warn_once(self, message: str, exc_info: bool = False) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            _log.warning("cfk_otel: %s", message, exc_info=exc_info)
 
     def start(
         self,
@@ -573,7 +568,7 @@ class Spans:
     ) -> trace.Span:
         """Start a span named ``name`` whose parent is found in ``parent`` (None: the
         current context). ``attributes`` are cfk_otel's own: plain OTLP values."""
-        try:
+        with _START_SPAN:  # a failing sampler or id generator: the call goes on, untraced
             provider = self._fixed_provider or trace.get_tracer_provider()
             if provider is not self._provider or _GENERATION[0] != self._generation:
                 self._choose(provider)
@@ -582,9 +577,7 @@ class Spans:
                 assert self._tracer is not None
                 return self._tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
             return self._start_native(native, name, parent, kind, attributes)
-        except Exception:  # a failing sampler or id generator: the call goes on, untraced
-            self.warn_once("a span could not be started; continuing without it", exc_info=True)
-            return trace.INVALID_SPAN
+        return trace.INVALID_SPAN
 
     def _choose(self, provider: trace.TracerProvider) -> None:
         self._provider = provider

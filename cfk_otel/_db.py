@@ -42,9 +42,17 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _errors_total, _metrics, _sdk
 from ._core import Spans
+from ._guard import guard
 from ._redact import exception_attributes, scrub_text
 
 _log = logging.getLogger("cfk_otel.db")
+# What can fail on a call's way through, each logged once (never into the app's call).
+_ASYNCPG_ATTRIBUTES: Final = guard("reading an asyncpg span's attributes")
+_REDIS_ATTRIBUTES: Final = guard("reading a redis span's attributes")
+_RECORD_QUERY: Final = guard("recording a query")
+_RECORD_REDIS: Final = guard("recording a redis call")
+_RECORD_FAILURE: Final = guard("recording a failed call on its span")
+_END_SPAN: Final = guard("ending a client span")
 
 _SQL_OPERATIONS: Final = frozenset(
     {
@@ -225,19 +233,16 @@ class _Client:
 
     def failed(self, span: trace.Span, error: BaseException) -> None:
         # As both instrumentations do (the SDK's default for a span that an error left).
-        try:
+        # An error whose str() fails: the app still gets its own error.
+        with _RECORD_FAILURE:
             span.record_exception(error, exception_attributes(error))
             span.set_status(Status(StatusCode.ERROR, scrub_text(f"{type(error).__name__}: {error}")))
             if self.new:
                 span.set_attribute(ERROR_TYPE, type(error).__qualname__)
-        except Exception:  # e.g. an error whose str() fails: the app still gets its own error
-            _log.debug("cfk_otel: could not record a failed call on its span", exc_info=True)
 
     def end(self, span: trace.Span) -> None:
-        try:
+        with _END_SPAN:  # a failing span processor: never into the app's call
             span.end()
-        except Exception:  # a failing span processor: never into the app's call
-            _log.debug("cfk_otel: could not end a client span", exc_info=True)
 
 
 # asyncpg
@@ -269,13 +274,11 @@ async def _traced_query(
 ) -> Any:
     """Await one asyncpg call on ``connection`` running ``query``, in a client span."""
     operation = sql_operation(query)
-    try:
+    attributes: dict[str, Any] = {}
+    with _ASYNCPG_ATTRIBUTES:  # an unusual connection object: the span goes without them
         attributes = client.fixed(connection, _asyncpg_target)
         if isinstance(query, str):
             client.db.statement(attributes, query)
-    except Exception:  # an unusual connection object: the span goes without them
-        _log.debug("cfk_otel: no attributes for an asyncpg span", exc_info=True)
-        attributes = {}
     span = client.spans.start(
         prefix + (operation if operation != "OTHER" else "postgresql"), None, SpanKind.CLIENT, attributes
     )
@@ -289,12 +292,10 @@ async def _traced_query(
         raise
     finally:
         elapsed = time.perf_counter() - start
-        try:
+        with _RECORD_QUERY:
             _metrics.default().database_query_duration.record_by_key((operation,), elapsed)
             if elapsed >= client.slow_query_threshold:
                 _report_slow(span, query, elapsed)
-        except Exception:
-            _log.debug("cfk_otel: recording a query failed", exc_info=True)
         client.end(span)
 
 
@@ -324,10 +325,8 @@ def _track_pool(
     wrapped: Callable[..., None], instance: object, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
     wrapped(*args, **kwargs)
-    try:
+    with guard("tracking an asyncpg pool"):
         _metrics.default().track_pool(instance)  # database_pool_connections, while it lives
-    except Exception:
-        _log.debug("cfk_otel: could not track an asyncpg pool", exc_info=True)
 
 
 _ASYNCPG_TARGETS: Final = (
@@ -422,20 +421,19 @@ def _redis_pipeline(instance: Any) -> tuple[int, str, str]:
 
 
 def _redis_span(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> trace.Span:
-    try:
+    name, attributes = "redis", {}
+    with _REDIS_ATTRIBUTES:  # e.g. an argument whose str() fails: the span goes without them
         pool = getattr(instance, "connection_pool", None)
-        attributes = client.fixed(instance if pool is None else pool, _redis_target)
+        found = client.fixed(instance if pool is None else pool, _redis_target)
         if pipeline:
-            length, statement, name = _redis_pipeline(instance)
-            client.db.statement(attributes, statement)
-            attributes["db.redis.pipeline_length"] = length
+            length, statement, found_name = _redis_pipeline(instance)
+            client.db.statement(found, statement)
+            found["db.redis.pipeline_length"] = length
         else:
-            name = _redis_name(instance, args)
-            client.db.statement(attributes, _redis_statement(args))
-            attributes["db.redis.args_length"] = len(args)
-    except Exception:  # e.g. an argument whose str() fails: the span goes without them
-        _log.debug("cfk_otel: no attributes for a redis span", exc_info=True)
-        name, attributes = "redis", {}
+            found_name = _redis_name(instance, args)
+            client.db.statement(found, _redis_statement(args))
+            found["db.redis.args_length"] = len(args)
+        name, attributes = found_name, found
     return client.spans.start(name, None, SpanKind.CLIENT, attributes)
 
 
@@ -450,11 +448,9 @@ def _redis_done(
     elapsed = time.perf_counter() - start
     if error is not None and not (pipeline and _is_watch_error(error)):
         client.failed(span, error)
-    try:
+    with _RECORD_REDIS:
         command = "PIPELINE" if pipeline else redis_command(args)
         _metrics.default().redis_operation_duration.record_by_key((command,), elapsed)
-    except Exception:
-        _log.debug("cfk_otel: recording a redis call failed", exc_info=True)
     client.end(span)
 
 

@@ -20,6 +20,7 @@ from opentelemetry.instrumentation.environment_variables import (
 from opentelemetry.sdk._configuration import _OTelSDKConfigurator
 
 from . import _packages, _sdk
+from ._guard import Guard, guard
 from ._settings import ConfigurationError
 
 NAME = "cfk_otel"
@@ -53,14 +54,11 @@ class CfkDistro(BaseDistro):  # type: ignore[misc]
     def load_instrumentor(self, entry_point: EntryPoint, **kwargs: Any) -> None:
         if superseded(entry_point.name, disabled_instrumentations()):
             return
-        try:
+        # opentelemetry-instrument would re-raise a failure and start the app with no
+        # telemetry at all (not even /api/health); one library goes untraced instead. It
+        # skips a missing library or a conflicting version itself: those go on to it.
+        with Guard(f"instrumenting {entry_point.name}", "skipped", (ImportError, DependencyConflictError)):
             super().load_instrumentor(entry_point, **kwargs)
-        except (ImportError, DependencyConflictError):
-            raise  # opentelemetry-instrument skips these itself
-        except Exception:
-            # opentelemetry-instrument would re-raise this and start the app with no
-            # telemetry at all (not even /api/health); one library goes untraced instead.
-            _log.warning("cfk_otel: instrumenting %s failed; skipped", entry_point.name, exc_info=True)
 
 
 class CfkConfigurator(_OTelSDKConfigurator):
@@ -111,13 +109,10 @@ def check_packages() -> None:
     """
 
     def check() -> None:
-        try:
+        with guard("checking the installed packages"):  # never stops the app
             message = _packages.report()
-        except Exception:  # reading package metadata must never stop the app
-            _log.debug("cfk_otel: could not check the installed packages", exc_info=True)
-            return
-        if message is not None:
-            _log.warning(message)
+            if message is not None:
+                _log.warning(message)
 
     threading.Thread(target=check, name="cfk-otel-packages", daemon=True).start()
 

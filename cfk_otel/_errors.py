@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 
 from . import _guard, _metrics
 from ._errors_total import FINDINGS, SEVERITY, count_exception, set_capture_4xx
-from ._guard import warn_once
+from ._guard import guard, warn_once
 from ._settings import Settings, status_set, variable
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def capture_error(
     ...     capture_error(exc, {"level": "warn", "tags": {"component": "api"}, "extra": {"ticketId": 7}})
     ...     capture_error(exc, level="warn", tags={"component": "tickets-api"})  # the same
     """
-    try:
+    with guard("capture_error()"):  # error tracking never breaks the app
         level_name, all_tags, all_extra = _error_context(context, level, tags, extra)
         if not isinstance(error, BaseException):
             warn_once(
@@ -108,9 +108,7 @@ def capture_error(
         from . import _sentry  # noqa: PLC0415  (imported only once Sentry is on)
 
         return _sentry.capture_error(error, level_name, all_tags, all_extra)
-    except Exception:  # error tracking never breaks the app
-        warn_once("capture_error", "cfk_otel: capture_error() failed", exc_info=True)
-        return None
+    return None
 
 
 def _error_context(
@@ -174,7 +172,7 @@ def capture_message(
 
     >>> capture_message("Onboarding done", "info", {"userId": uid, "duration": 45000})  # doctest: +SKIP
     """
-    try:
+    with guard("capture_message()"):
         level_name = sentry_level(level, "capture_message")
         data = {**_mapping(context, "capture_message", "context"), **fields}
         if not STATE.active:
@@ -182,9 +180,7 @@ def capture_message(
         from . import _sentry  # noqa: PLC0415
 
         return _sentry.capture_message(str(message), level_name, data)
-    except Exception:
-        warn_once("capture_message", "cfk_otel: capture_message() failed", exc_info=True)
-        return None
+    return None
 
 
 def set_user(user: Mapping[str, object] | None = None, /, **fields: object) -> None:
@@ -199,7 +195,7 @@ def set_user(user: Mapping[str, object] | None = None, /, **fields: object) -> N
 
     >>> set_user({"id": "user-123", "email": "ann@example.com"})  # doctest: +SKIP
     """
-    try:
+    with guard("set_user()"):
         data = {**_mapping(user, "set_user", "user"), **fields} if user is not None or fields else None
         if data and data.get("id") is not None:  # active_users counts them, Sentry or not
             _metrics.default().note_user(str(data["id"]))
@@ -208,8 +204,6 @@ def set_user(user: Mapping[str, object] | None = None, /, **fields: object) -> N
         from . import _sentry  # noqa: PLC0415
 
         _sentry.set_user(data)
-    except Exception:
-        warn_once("set_user", "cfk_otel: set_user() failed", exc_info=True)
 
 
 # --- the distro's side: start, stop, hooks ------------------------------------------------
@@ -226,15 +220,13 @@ def start(settings: Settings) -> None:
     set_capture_4xx(settings.sentry_capture_4xx)
     if not settings.sentry_dsn or STATE.active:
         return
-    try:
+    with guard("starting Sentry", then="continuing without it"):  # never takes the app with it
         from . import _sentry  # noqa: PLC0415
 
         STATE.active = _sentry.init(settings)
         if STATE.active:  # what instrumentation finds reaches Sentry too
             FINDINGS.slow_query.append(_sentry.capture_slow_query)
             FINDINGS.unhandled.append(_sentry.capture_unhandled)
-    except Exception:  # an error tracker that fails must not take the app with it
-        _log.warning("cfk_otel: Sentry could not be started; continuing without it", exc_info=True)
 
 
 def _apply_trace_sample_rate(settings: Settings) -> None:
@@ -267,15 +259,13 @@ def instrument(app: ASGIApp, observers: list[RequestObserver]) -> ASGIApp:
     """
     if not STATE.active or STATE.settings is None:
         return app
-    try:
+    with guard("installing Sentry's request hooks", then="no automatic reports"):
         from . import _sentry  # noqa: PLC0415
 
         wrapped = _sentry.RequestScopes(app)
         observers.append(_sentry.ErrorObserver())
         return wrapped
-    except Exception:
-        _log.warning("cfk_otel: Sentry request hooks failed; no automatic reports", exc_info=True)
-        return app
+    return app
 
 
 def _reset_for_tests() -> None:

@@ -2,26 +2,40 @@
 
 Telemetry must never break the app it observes: what fails inside cfk_otel is caught here,
 logged once per kind (with its traceback, at warning level) and swallowed, as
-sentry-python's ``capture_internal_exceptions()`` does. A kind is a short name of what
-failed ("capture_error", "slow-query"); at most :data:`MAX_KINDS` kinds are remembered, so a
+sentry-python's ``capture_internal_exceptions()`` does. A kind is a short description of
+what failed ("recording a query"); at most :data:`MAX_KINDS` kinds are remembered, so a
 storm of distinct failures cannot grow memory.
+
+Only :class:`Exception` is swallowed: ``KeyboardInterrupt``, ``SystemExit`` and an
+asyncio cancellation go on to the app, as they must. A block that needs a fallback value
+sets it before the ``with``::
+
+    attributes = {}
+    with guard("reading a connection's attributes"):
+        attributes = describe(connection)
+
+:func:`guard` returns one shared guard per kind, so the hot path pays for a ``with``
+statement and nothing else.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from types import TracebackType
 from typing import Final
 
 MAX_KINDS: Final = 64
 _log = logging.getLogger("cfk_otel")
 _lock = threading.Lock()
 _warned: set[str] = set()
+_guards: dict[str, Guard] = {}
 
 
-def warn_once(kind: str, message: str, *args: object, exc_info: bool = False) -> None:
+ExcInfo = bool | tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def warn_once(kind: str, message: str, *args: object, exc_info: ExcInfo = False) -> None:
     """Log ``message`` (``%``-style with ``args``) the first time ``kind`` happens."""
     with _lock:
         if kind in _warned or len(_warned) >= MAX_KINDS:
@@ -30,17 +44,41 @@ def warn_once(kind: str, message: str, *args: object, exc_info: bool = False) ->
     _log.warning(message, *args, exc_info=exc_info)
 
 
-@contextlib.contextmanager
-def guard(kind: str) -> Iterator[None]:
-    """Run the block; an exception it raises is logged once per ``kind`` and swallowed.
+class Guard:
+    """A context manager that swallows an :class:`Exception` and logs its kind once."""
 
-    >>> with guard("flushing Sentry"):
-    ...     raise RuntimeError("down")  # logged once: "cfk_otel: flushing Sentry failed"
+    __slots__ = ("kind", "passes", "then")
+
+    def __init__(self, kind: str, then: str = "", passes: tuple[type[Exception], ...] = ()) -> None:
+        self.kind = kind
+        self.then = f"; {then}" if then else ""  # what happens instead, said in the line
+        self.passes = passes  # exceptions that go on to the caller, as they are
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if exc_type is None or not issubclass(exc_type, Exception) or issubclass(exc_type, self.passes):
+            return False
+        warn_once(self.kind, "cfk_otel: %s failed%s", self.kind, self.then, exc_info=(exc_type, exc, tb))  # type: ignore[arg-type]
+        return True
+
+
+def guard(kind: str, then: str = "") -> Guard:
+    """The guard for ``kind``: run the block; an exception it raises is logged once and
+    swallowed. ``then`` says what happens instead.
+
+    >>> with guard("starting Sentry", then="continuing without it"):
+    ...     raise RuntimeError("down")  # "cfk_otel: starting Sentry failed; continuing without it"
     """
-    try:
-        yield
-    except Exception:
-        warn_once(kind, "cfk_otel: %s failed", kind, exc_info=True)
+    found = _guards.get(kind)
+    if found is None:
+        found = Guard(kind, then)
+        if len(_guards) < MAX_KINDS:
+            _guards[kind] = found
+    return found
 
 
 def _reset_for_tests() -> None:

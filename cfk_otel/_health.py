@@ -42,6 +42,7 @@ from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from . import _core, _redact, _sdk
+from ._guard import guard
 from ._settings import Settings
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,6 +60,7 @@ HealthStatus: TypeAlias = Literal["healthy", "degraded", "unhealthy"]
 Probe: TypeAlias = Literal["health", "live", "ready"]
 
 _log = logging.getLogger("cfk_otel")
+_REPORT: Final = guard("the health report", then="answering 503")
 _STATUSES: Final = ("healthy", "degraded", "unhealthy")
 _SHUTDOWN: Final = "shutdown"
 _MAX_MESSAGE: Final = 300
@@ -175,7 +177,6 @@ class HealthRegistry:
         self._inflight: asyncio.Task[_Run] | None = None
         self._abandoned: set[asyncio.Future[Any]] = set()
         self._shutting_down = False
-        self._warned = False
 
     # --- registration -------------------------------------------------------------------
 
@@ -611,13 +612,11 @@ class _ProbeEndpoint:
         if scope.get("method", "GET") not in ("GET", "HEAD"):
             await _send(send, 405, b"method not allowed\n", _TEXT, [(b"allow", b"GET, HEAD")])
             return
-        try:
+        status, payload = 503, b""
+        with _REPORT:  # a bug here must not take the app down: report it, answer 503
             status, body = await registry.report(self.probe)
             payload = json.dumps(body, separators=(",", ":"), default=str).encode()
-        except Exception:  # a bug here must not take the app down: report it, answer 503
-            if not registry._warned:
-                registry._warned = True
-                _log.exception("cfk_otel: the health report failed; answering 503")
+        if not payload:
             status = 503
             payload = json.dumps(registry._body("unhealthy", (), _timestamp())).encode()
         await _send(send, status, payload, _JSON, head=scope.get("method") == "HEAD")

@@ -32,6 +32,7 @@ from opentelemetry._logs import Logger as OtelLogger
 from opentelemetry._logs import LoggerProvider, SeverityNumber
 
 from ._core import LogSink
+from ._guard import guard
 from ._redact import scrub, scrub_text, scrub_url
 from ._settings import Settings
 from ._types import RequestInfo, RequestObserver
@@ -52,6 +53,7 @@ _SEVERITY: Final = {
     logging.CRITICAL: (SeverityNumber.FATAL, "FATAL"),
 }
 MAX_MESSAGE: Final = 16_384
+_LOG_CALL: Final = guard("a log call")
 # What ends a value cut at its length limit (the compiled core writes the same marker).
 _TRUNCATED: Final = "…[truncated {} chars]"
 # A stdout line's ceiling in bytes: a line over it is written again with its longest
@@ -787,10 +789,8 @@ class Logger:
         if not self._logger.isEnabledFor(level):
             return
         merged = {**self._context, **context} if self._context else context
-        try:
+        with _LOG_CALL:  # logging must never raise into the app
             self._logger.log(level, message, exc_info=exc, extra={"cfk_context": merged}, stacklevel=3)
-        except Exception:  # logging must never raise into the app
-            logging.getLogger("cfk_otel").debug("cfk_otel: a log call failed", exc_info=True)
 
     # The common call (a message, keywords) costs one test more than it did; anything
     # else goes through _context (see there).
@@ -882,10 +882,8 @@ class Logger:
         own = {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
         bound = {**self._context, **context_fields} if self._context else context_fields
         own.update(_prefixed(bound, own))
-        try:
+        with _LOG_CALL:  # logging must never raise into the app
             self._logger.log(level, message, extra={"cfk_context": own}, stacklevel=2)
-        except Exception:  # logging must never raise into the app
-            logging.getLogger("cfk_otel").debug("cfk_otel: a log call failed", exc_info=True)
 
     def create_child_logger(
         self, context: Mapping[str, Any] | None = None, /, *extra: Any, **fields: Any

@@ -50,6 +50,7 @@ from opentelemetry.sdk.metrics.export import Histogram as SdkHistogramData
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from ._guard import guard
 from ._version import __version__
 
 _log = logging.getLogger("cfk_otel")
@@ -387,12 +388,10 @@ def _collector(
 
     def collect(reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData | None:
         data = original(reader, timeout_millis=timeout_millis)
-        try:
+        with guard("adding our metrics to a collection", then="the SDK's own still go out"):
             ours = _our_metrics(sources, reader, previous)
             return _merged(data, ours, resource) if ours else data
-        except Exception:  # the SDK's own metrics still go out
-            _log.warning("cfk_otel: could not add our metrics to a metric collection", exc_info=True)
-            return data
+        return data
 
     return collect
 
@@ -632,11 +631,9 @@ class Metrics:
         used = idle = capacity = 0
         self._pools[:] = [p for p in self._pools if not _closing(p)]
         for pool in list(self._pools):
-            try:
+            with guard("reading an asyncpg pool's size", then="skipped this time"):  # closed, foreign
                 size, free = pool.get_size(), pool.get_idle_size()
                 used, idle, capacity = used + size - free, idle + free, capacity + pool.get_max_size()
-            except Exception:  # a closed or foreign pool: skip it this time
-                _log.debug("cfk_otel: could not read an asyncpg pool's size", exc_info=True)
         return used, idle, capacity
 
     def _observe_pools(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:

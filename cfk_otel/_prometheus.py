@@ -29,6 +29,7 @@ from prometheus_client.core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from ._guard import guard
 from ._types import Message, Receive, Scope, Send
 
 _log = logging.getLogger("cfk_otel")
@@ -99,10 +100,8 @@ class Scrape:
 
     def _share_forever(self) -> None:
         while not self._stop.wait(SHARE_INTERVAL):
-            try:
+            with guard("sharing this worker's metrics", then="tried again shortly"):
                 self.share_now()
-            except Exception:
-                _log.debug("cfk_otel: could not share this worker's metrics", exc_info=True)
 
 
 class _Merged:

@@ -30,6 +30,7 @@ from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from prometheus_client import CollectorRegistry
 
 from . import _core, _errors, _metrics, _redact, _settings, _uncaught
+from ._guard import guard
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -253,9 +254,7 @@ def shutdown(timeout: float | None = None) -> bool:
 
 def _guarded(job: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
-        try:
+        with guard("shutting down a provider"):
             job()
-        except Exception:
-            _log.debug("cfk_otel: provider shutdown failed", exc_info=True)
 
     return run

@@ -52,6 +52,7 @@ from ._settings import Settings
 from ._types import ASGIApp, Message, Receive, RequestInfo, Scope, Send
 
 _log = logging.getLogger("cfk_otel.errors")
+_OBSERVE: Final = guard("reporting a request to Sentry")
 
 # One issue (method, route, status) sends at most ISSUE_BURST events at once and
 # ISSUE_EVENTS_PER_MINUTE on average: a client hammering one failing route costs one
@@ -401,10 +402,8 @@ class ErrorObserver:
         self._issues = IssueBudgets()
 
     def __call__(self, info: RequestInfo) -> None:
-        try:
+        with _OBSERVE:
             self._observe(info)
-        except Exception:
-            warn_once("observer", "cfk_otel: reporting a request to Sentry failed", exc_info=True)
 
     def _observe(self, info: RequestInfo) -> None:
         state = info.scope.get(_SCOPE_KEY)

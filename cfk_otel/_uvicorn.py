@@ -23,6 +23,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from . import _health, _sdk, _uncaught
 from ._app import instrument_app
+from ._guard import guard
 
 _log = logging.getLogger("cfk_otel")
 _ORIGINAL = "_cfk_original"
@@ -32,10 +33,8 @@ def _wrap_load(original: Callable[[Any], None]) -> Callable[[Any], None]:
     @functools.wraps(original)
     def load(config: Any) -> None:
         original(config)
-        try:
+        with guard("wrapping the ASGI app", then="serving it without telemetry"):  # the app must start
             config.loaded_app = instrument_app(config.loaded_app)
-        except Exception:  # the app must start even if wrapping fails
-            _log.exception("cfk_otel: could not wrap the ASGI app; serving it without telemetry")
 
     return load
 
@@ -68,11 +67,9 @@ def _wrap_startup(
 ) -> Callable[..., Coroutine[Any, Any, None]]:
     @functools.wraps(original)
     async def startup(server: Any, *args: Any, **kwargs: Any) -> None:
-        try:
+        with guard("watching the event loop's exceptions"):
             # The loop uvicorn serves on: a task's exception becomes a record, not a traceback.
             _uncaught.watch_loop(asyncio.get_running_loop())
-        except Exception:
-            _log.exception("cfk_otel: could not watch the event loop's exceptions")
         await original(server, *args, **kwargs)
 
     return startup
@@ -84,10 +81,8 @@ def _wrap_configure_logging(original: Callable[[Any], None]) -> Callable[[Any], 
         original(config)
         # uvicorn just applied its own dictConfig: take the root logger back so its
         # records come out once, in our format.
-        try:
+        with guard("re-applying logging after uvicorn's"):
             _sdk.apply_logging()
-        except Exception:
-            _log.exception("cfk_otel: could not re-apply logging after uvicorn's")
 
     return configure_logging
 
@@ -105,10 +100,8 @@ def _wrap_gunicorn_setup(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def setup(glogger: Any, *args: Any, **kwargs: Any) -> None:
         original(glogger, *args, **kwargs)
-        try:
+        with guard("re-applying logging after gunicorn's"):
             _sdk.apply_logging()  # gunicorn's master and workers log through our root too
-        except Exception:
-            _log.exception("cfk_otel: could not re-apply logging after gunicorn's")
 
     return setup
 

@@ -42,6 +42,14 @@ metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 """
 
 
+@pytest.fixture(autouse=True)
+def _each_failure_kind_logged_anew() -> None:
+    """cfk_otel's guard logs each kind of internal failure once per process: per test, here."""
+    from cfk_otel import _guard
+
+    _guard._reset_for_tests()
+
+
 def unavailable(reason: str) -> None:
     """A missing service fails the run in CI and skips the test on a developer's machine."""
     if IN_CI:

@@ -102,4 +102,4 @@ def test_disabling_ours_without_the_upstream_instrumentations_is_quiet() -> None
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == expected
-        assert "could not instrument" not in result.stderr, result.stderr
+        assert "instrumenting" not in result.stderr, result.stderr  # no failure to instrument

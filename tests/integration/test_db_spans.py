@@ -339,4 +339,4 @@ def test_broken_tracing_never_reaches_the_apps_calls(services: Services) -> None
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[-2] == "[42, 42, 42, 7, \"argument of type 'Weird' is not iterable\"]"
-    assert result.stderr.count("a span could not be started") == 2  # once per instrumentor, not per call
+    assert result.stderr.count("starting a span failed") == 1  # once per process (the guard), not per call
