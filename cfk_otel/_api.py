@@ -24,11 +24,11 @@ def configure() -> None:
     """
     from ._distro import CfkConfigurator, check_packages  # noqa: PLC0415  (keeps `import cfk_otel` light)
 
-    if _sdk.STATE.started or _sdk.STATE.deferred:
+    if _sdk.active():
         _log.debug("cfk_otel.configure() was already called; ignoring")
         return
     _sdk.prepare()  # raises ConfigurationError here, in strict mode, rather than exiting
-    _sdk.STATE.configurator_selected = True
+    _sdk.selected("configurator")
     CfkConfigurator().configure()  # type: ignore[no-untyped-call]
     _instrument_libraries()
     check_packages()

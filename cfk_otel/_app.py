@@ -6,6 +6,7 @@ from typing import Any
 
 from . import _errors, _health, _sdk
 from ._asgi import ASGIApp, RequestObserver, TelemetryMiddleware
+from ._errors_total import RequestErrors
 from ._logs import request_observer
 from ._prometheus import MetricsEndpoint
 
@@ -23,14 +24,19 @@ def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
     settings = _sdk.settings()
     endpoints: dict[str, Any] = {}
     if settings.metrics_enabled:
-        scrape = MetricsEndpoint(lambda: _sdk.STATE.scrape, settings.metrics_bearer_token)
+        scrape = MetricsEndpoint(_sdk.scrape, settings.metrics_bearer_token)
         endpoints[settings.metrics_path] = scrape
     endpoints.update(_health.build_endpoints(settings))
     observers: list[RequestObserver] = []
     request_log = request_observer(settings)
     if request_log is not None:
         observers.append(request_log)
-    app = _errors.instrument(app, observers)  # Sentry: a scope per request, error reports
+    errors = RequestErrors(settings.sentry_capture_4xx)  # one rule for counting and reporting
+    app = _errors.instrument(app, observers, errors)  # Sentry: a scope per request, error reports
     return TelemetryMiddleware(
-        app, endpoints=endpoints, endpoint_telemetry=settings.health_telemetry, observers=observers
+        app,
+        endpoints=endpoints,
+        endpoint_telemetry=settings.health_telemetry,
+        observers=observers,
+        errors=errors,
     )

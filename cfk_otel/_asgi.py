@@ -134,10 +134,13 @@ class TelemetryMiddleware:
         endpoints: Mapping[str, ASGIApp] | None = None,
         endpoint_telemetry: bool = False,
         observers: Sequence[RequestObserver] = (),
+        errors: _errors_total.RequestErrors | None = None,
     ) -> None:
         self.app = app
         # Called once per finished request or websocket (request log line, error reports).
         self._observers = tuple(observers)
+        # Which finished requests count in errors_total (SENTRY_CAPTURE_4XX's statuses).
+        self._errors = errors or _errors_total.RequestErrors()
         # Paths the distro serves itself (/api/metrics, health); by default they are
         # answered before any span or metric is recorded.
         self._endpoints = dict(endpoints or {})
@@ -250,7 +253,7 @@ class TelemetryMiddleware:
             self._requests.add_by_key((method, route, str(status)), 1.0)
             self._duration.record_by_key((method, route), elapsed)
         if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
-            _errors_total.count_request(self.metrics, kind, route, status, error, close_code)
+            self._errors.count(self.metrics, kind, route, status, error, close_code)
         if self._observers:
             info = RequestInfo(scope, kind, method, route, status, elapsed, error, span.get_span_context())
             for observer in self._observers:

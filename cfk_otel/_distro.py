@@ -45,7 +45,7 @@ class CfkDistro(BaseDistro):  # type: ignore[misc]
     """Sets the defaults our configurator and the SDK read, before either runs."""
 
     def _configure(self, **kwargs: Any) -> None:
-        _sdk.STATE.distro_selected = True
+        _sdk.selected("distro")
         # With another configurator installed, the first one found would win; ours must.
         os.environ.setdefault(OTEL_PYTHON_CONFIGURATOR, NAME)
         with contextlib.suppress(ConfigurationError):  # the configurator reports it and exits
@@ -65,7 +65,7 @@ class CfkConfigurator(_OTelSDKConfigurator):
     """Builds the SDK through the standard configurator, with our resource."""
 
     def _configure(self, **kwargs: Any) -> None:
-        _sdk.STATE.configurator_selected = True
+        _sdk.selected("configurator")
         parent = super()._configure
 
         def initialize(resource_attributes: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -81,15 +81,12 @@ def check_selected() -> None:
     """``opentelemetry_post_instrument`` hook: say so when another distro took over, or
     when the installed OpenTelemetry packages do not fit together."""
     check_packages()
-    state = _sdk.STATE
-    if state.distro_selected and state.configurator_selected:
+    distro, configurator = _sdk.selection()
+    if distro and configurator:
         return
     missing = [
         f"{var}={NAME}"
-        for var, ok in (
-            (OTEL_PYTHON_DISTRO, state.distro_selected),
-            (OTEL_PYTHON_CONFIGURATOR, state.configurator_selected),
-        )
+        for var, ok in ((OTEL_PYTHON_DISTRO, distro), (OTEL_PYTHON_CONFIGURATOR, configurator))
         if not ok
     ]
     message = (

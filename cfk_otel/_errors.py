@@ -17,16 +17,15 @@ with its call, and what was given is still sent where it can be.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from . import _guard, _metrics
-from ._errors_total import FINDINGS, SEVERITY, count_exception, set_capture_4xx
+from ._errors_total import FINDINGS, SEVERITY, RequestErrors, count_exception
 from ._guard import guard, warn_once
-from ._settings import Settings, status_set, variable
+from ._settings import Settings
 
 if TYPE_CHECKING:
     from ._types import ASGIApp, RequestObserver
@@ -210,14 +209,13 @@ def set_user(user: Mapping[str, object] | None = None, /, **fields: object) -> N
 
 
 def start(settings: Settings) -> None:
-    """Apply ``SENTRY_TRACES_SAMPLE_RATE`` to the trace sampler, then start Sentry if a DSN is set.
+    """Start Sentry if a DSN is set.
 
-    Called by the SDK set-up before the tracer provider is built, once per process (in
-    each forked worker when start-up is deferred). Never raises.
+    Called by the SDK set-up, once per process (in each forked worker when start-up is
+    deferred). ``SENTRY_TRACES_SAMPLE_RATE`` is the OpenTelemetry sampler's ratio: the
+    settings chose it, and the set-up gives it to the tracer provider. Never raises.
     """
-    _apply_trace_sample_rate(settings)
     STATE.settings = settings
-    set_capture_4xx(settings.sentry_capture_4xx)
     if not settings.sentry_dsn or STATE.active:
         return
     with guard("starting Sentry", then="continuing without it"):  # never takes the app with it
@@ -227,16 +225,6 @@ def start(settings: Settings) -> None:
         if STATE.active:  # what instrumentation finds reaches Sentry too
             FINDINGS.slow_query.append(_sentry.capture_slow_query)
             FINDINGS.unhandled.append(_sentry.capture_unhandled)
-
-
-def _apply_trace_sample_rate(settings: Settings) -> None:
-    # OpenTelemetry is the one tracer, so the share of traces Sentry sees is the share the
-    # head sampler keeps; _settings.load() already chose the sampler, the SDK reads it here.
-    if settings.sentry_traces_sample_rate is None or "OTEL_TRACES_SAMPLER" in os.environ:
-        return
-    if settings.sampler == "parentbased_traceidratio" and settings.sampler_arg is not None:
-        os.environ["OTEL_TRACES_SAMPLER"] = settings.sampler
-        os.environ["OTEL_TRACES_SAMPLER_ARG"] = repr(settings.sampler_arg)
 
 
 def close(timeout: float) -> None:
@@ -252,8 +240,9 @@ def close(timeout: float) -> None:
     _sentry.close(timeout)
 
 
-def instrument(app: ASGIApp, observers: list[RequestObserver]) -> ASGIApp:
-    """With Sentry on: ``app`` with a Sentry scope per request, and our observer appended.
+def instrument(app: ASGIApp, observers: list[RequestObserver], errors: RequestErrors) -> ASGIApp:
+    """With Sentry on: ``app`` with a Sentry scope per request, and our observer appended
+    (reporting what ``errors`` counts).
 
     Without Sentry, ``app`` itself and ``observers`` untouched: nothing runs per request.
     """
@@ -263,7 +252,7 @@ def instrument(app: ASGIApp, observers: list[RequestObserver]) -> ASGIApp:
         from . import _sentry  # noqa: PLC0415
 
         wrapped = _sentry.RequestScopes(app)
-        observers.append(_sentry.ErrorObserver())
+        observers.append(_sentry.ErrorObserver(errors))
         return wrapped
     return app
 
@@ -272,5 +261,4 @@ def _reset_for_tests() -> None:
     """TESTS ONLY: stop Sentry and forget this module's state."""
     close(1.0)
     STATE.settings = None
-    set_capture_4xx(status_set(variable("SENTRY_CAPTURE_4XX").default))
     _guard._reset_for_tests()

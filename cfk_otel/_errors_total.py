@@ -40,13 +40,6 @@ class Findings:
 
 
 FINDINGS = Findings()
-# The 4xx reported and counted (SENTRY_CAPTURE_4XX); set-up sets the settings' value.
-_capture_4xx: list[frozenset[int]] = [status_set(variable("SENTRY_CAPTURE_4XX").default)]
-
-
-def set_capture_4xx(statuses: frozenset[int]) -> None:
-    """The 4xx statuses counted and reported (set-up, from ``SENTRY_CAPTURE_4XX``)."""
-    _capture_4xx[0] = statuses
 
 
 def count(error_type: str, severity: str, registry: _metrics.Metrics | None = None) -> None:
@@ -71,31 +64,40 @@ def count_exception(
     count(type(error).__qualname__, severity, registry)
 
 
-def count_request(
-    registry: _metrics.Metrics,
-    kind: str,
-    route: str,
-    status: int,
-    error: BaseException | None,
-    close_code: int | None,
-) -> None:
-    """The errors one finished request or WebSocket session stands for (the middleware's
-    call, made only when it has an error, a status of 400 or more, or a close code)."""
-    if error is not None:
-        count_exception(error, "error", registry)
-    elif kind == "http":
-        if status >= 500:
-            count(f"http_{status}", "error", registry)
-        elif reportable_4xx(status, route):
-            count(f"http_{status}", "warn", registry)
-    elif close_code in ABNORMAL_CLOSE_CODES:
-        count(f"websocket_{close_code}", "error", registry)
+@dataclass(frozen=True, slots=True)
+class RequestErrors:
+    """Which finished requests are errors: built from the settings by ``instrument_app`` and
+    given to the middleware (which counts) and to error tracking (which reports), so both
+    follow one rule."""
 
+    # The 4xx reported and counted (SENTRY_CAPTURE_4XX).
+    capture_4xx: frozenset[int] = status_set(variable("SENTRY_CAPTURE_4XX").default)
 
-def reportable_4xx(status: int, route: str) -> bool:
-    """A 4xx the document reports: its status is in ``SENTRY_CAPTURE_4XX``, and it is not a
-    404 for a path no route matches (scanners and typos, not the app's errors)."""
-    return status in _capture_4xx[0] and not (status == 404 and route == UNMATCHED)
+    def count(
+        self,
+        registry: _metrics.Metrics,
+        kind: str,
+        route: str,
+        status: int,
+        error: BaseException | None,
+        close_code: int | None,
+    ) -> None:
+        """The errors one finished request or WebSocket session stands for (the middleware's
+        call, made only when it has an error, a status of 400 or more, or a close code)."""
+        if error is not None:
+            count_exception(error, "error", registry)
+        elif kind == "http":
+            if status >= 500:
+                count(f"http_{status}", "error", registry)
+            elif self.reportable_4xx(status, route):
+                count(f"http_{status}", "warn", registry)
+        elif close_code in ABNORMAL_CLOSE_CODES:
+            count(f"websocket_{close_code}", "error", registry)
+
+    def reportable_4xx(self, status: int, route: str) -> bool:
+        """A 4xx the document reports: its status is in ``SENTRY_CAPTURE_4XX``, and it is not
+        a 404 for a path no route matches (scanners and typos, not the app's errors)."""
+        return status in self.capture_4xx and not (status == 404 and route == UNMATCHED)
 
 
 def slow_query(sql: str, operation: str, seconds: float) -> None:

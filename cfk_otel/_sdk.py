@@ -16,8 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry import _logs, metrics, trace
 from opentelemetry.environment_variables import (
@@ -27,6 +26,7 @@ from opentelemetry.environment_variables import (
 )
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from . import _core, _errors, _metrics, _redact, _settings, _uncaught
@@ -34,25 +34,35 @@ from ._guard import guard
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
+from ._state import State
 
 _log = logging.getLogger("cfk_otel")
 
 
-@dataclass
-class _State:
-    settings: _settings.Settings | None = None
-    started: bool = False
-    deferred: bool = False
-    shut_down: bool = False
-    distro_selected: bool = False
-    configurator_selected: bool = False
-    scrape: Scrape | None = None
-    # On the native path, where logging's records (request lines included) go: the core.
-    log_sink: _core.LogSink | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+STATE = State()  # written here only (see cfk_otel._state)
 
 
-STATE = _State()
+def selected(entry_point: Literal["distro", "configurator"]) -> None:
+    """Note that ``opentelemetry-instrument`` (or ``configure()``) loaded our ``entry_point``."""
+    if entry_point == "distro":
+        STATE.distro_selected = True
+    else:
+        STATE.configurator_selected = True
+
+
+def selection() -> tuple[bool, bool]:
+    """Whether our distro and our configurator were loaded."""
+    return STATE.distro_selected, STATE.configurator_selected
+
+
+def scrape() -> Scrape | None:
+    """``/api/metrics``' renderer, once the SDK runs in this process (after the fork)."""
+    return STATE.scrape
+
+
+def active() -> bool:
+    """Whether set-up ran (or waits for the worker fork) in this process."""
+    return STATE.started or STATE.deferred
 
 
 def settings() -> _settings.Settings:
@@ -108,6 +118,17 @@ def _defer_to_fork(current: _settings.Settings) -> bool:
 
 
 Initialize = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+def sampler(current: _settings.Settings) -> Sampler:
+    """The head sampler ``current`` names, built from the SDK's public samplers."""
+    ratio = 1.0 if current.sampler_arg is None else current.sampler_arg
+    root: Sampler = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": TraceIdRatioBased(ratio),
+    }[current.sampler.removeprefix("parentbased_")]
+    return ParentBased(root) if current.sampler.startswith("parentbased_") else root
 
 
 def start(initialize: Initialize) -> None:
@@ -177,7 +198,10 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         extra["metric_exporter_names"] = ["cfk_prometheus"]
         extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
     _metrics.STRICT = current.strict  # metric misuse raises rather than being logged once
-    _errors.start(current)  # Sentry; before the providers: SENTRY_TRACES_SAMPLE_RATE may set the sampler
+    _errors.start(current)  # Sentry
+    # The sampler the settings chose (OTEL_TRACES_SAMPLER, or the ratio of
+    # SENTRY_TRACES_SAMPLE_RATE): given to the provider, so the SDK parses nothing again.
+    extra["sampler"] = sampler(current)
     initialize(resource_attributes, extra)
     _metrics.attach(metrics.get_meter_provider())  # our metrics, into its readers' collections
     if registry is not None:

@@ -44,7 +44,7 @@ from sentry_sdk.scope import use_isolation_scope
 from sentry_sdk.types import Event, Hint
 from sentry_sdk.utils import event_from_exception
 
-from ._errors_total import ABNORMAL_CLOSE_CODES, count_exception, reportable_4xx
+from ._errors_total import ABNORMAL_CLOSE_CODES, RequestErrors, count_exception
 from ._guard import guard, warn_once
 from ._redact import scrub
 from ._routes import UNMATCHED, RouteResolver
@@ -395,10 +395,11 @@ class ErrorObserver:
     Reports built from a status are grouped into one issue per method, route template and
     status (their fingerprint), and limited per issue (:class:`IssueBudgets`). Events carry
     the request span's trace and span ids. The middleware counts them all in
-    ``errors_total`` (through :func:`cfk_otel._errors_total.count_request`), reported or not.
+    ``errors_total`` (through :meth:`cfk_otel._errors_total.RequestErrors.count`), reported or not.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, errors: RequestErrors | None = None) -> None:
+        self._errors = errors or RequestErrors()
         self._issues = IssueBudgets()
 
     def __call__(self, info: RequestInfo) -> None:
@@ -418,7 +419,7 @@ class ErrorObserver:
         if info.kind == "http":
             if status >= 500:
                 self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="error")
-            elif reportable_4xx(status, info.route):  # the same rule errors_total counts by
+            elif self._errors.reportable_4xx(status, info.route):  # the rule errors_total counts by
                 self._report(info, state, message=f"HTTP {status} {_phrase(status)}", level="warning")
         elif state is not None and state.close_code in ABNORMAL_CLOSE_CODES:
             code = state.close_code

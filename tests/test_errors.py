@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -31,7 +32,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import cfk_otel
-from cfk_otel import _errors, _errors_total, _settings
+from cfk_otel import _errors, _errors_total, _sdk, _settings
 from cfk_otel._asgi import RequestInfo, TelemetryMiddleware
 from cfk_otel.testing import SentryReceiver, parse_envelope
 
@@ -96,7 +97,7 @@ def test_without_a_dsn_the_api_only_counts(counted: list[tuple[str, str]]) -> No
     async def app(scope: Any, receive: Any, send: Any) -> None:
         pass
 
-    assert _errors.instrument(app, observers) is app
+    assert _errors.instrument(app, observers, _errors_total.RequestErrors()) is app
     assert observers == []
 
 
@@ -149,17 +150,48 @@ def test_traces_sample_rate_is_the_opentelemetry_sampler(monkeypatch: pytest.Mon
     assert (explicit.sampler, explicit.sampler_arg) == ("always_on", None)
     assert _settings.load({}).sampler == "parentbased_always_on"
 
-    # At start-up the choice reaches the environment the OpenTelemetry SDK reads.
+    # Set-up gives the provider the sampler the settings chose; the environment the SDK
+    # reads is left as it was (the error tracker no longer writes it).
     for name in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
         monkeypatch.setenv(name, "")  # recorded, so that both are restored afterwards
         monkeypatch.delenv(name)
     _errors.start(mapped)
-    assert os.environ["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
-    assert os.environ["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
-    _errors.start(_settings.load({"SENTRY_TRACES_SAMPLE_RATE": "0.5", "OTEL_TRACES_SAMPLER": "always_off"}))
-    assert os.environ["OTEL_TRACES_SAMPLER"] == "always_off"
-    assert os.environ["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
+    assert "OTEL_TRACES_SAMPLER" not in os.environ
+    assert "OTEL_TRACES_SAMPLER_ARG" not in os.environ
+    assert _sdk.sampler(mapped).get_description() == ParentBased(TraceIdRatioBased(0.1)).get_description()
+
+
+@pytest.mark.parametrize("name", _settings.SAMPLERS)
+@pytest.mark.parametrize("arg", [None, "0.25"])
+def test_each_sampler_is_the_one_the_sdk_would_build(name: str, arg: str | None) -> None:
+    # The SDK's own factories, by their public entry points, are the oracle.
+    [entry] = entry_points(group="opentelemetry_traces_sampler", name=name)
+    ratio = name.endswith("traceidratio")
+    expected = entry.load()((float(arg) if arg else 1.0) if ratio else arg)
+    env = {"OTEL_TRACES_SAMPLER": name, **({"OTEL_TRACES_SAMPLER_ARG": arg} if arg else {})}
+    assert _sdk.sampler(_settings.load(env)).get_description() == expected.get_description()
+
+
+def test_the_provider_samples_at_the_sentry_rate() -> None:
+    script = (
+        "import cfk_otel\n"
+        "from opentelemetry import trace\n"
+        "cfk_otel.configure()\n"
+        "print(trace.get_tracer_provider().sampler.get_description())\n"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "SENTRY_TRACES_SAMPLE_RATE": "0.2",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("ParentBased{root:TraceIdRatioBased{0.2}")
 
 
 # --- scrubbing -------------------------------------------------------------------------------
@@ -335,6 +367,12 @@ async def _cancelled(request: Request) -> PlainTextResponse:
     raise asyncio.CancelledError
 
 
+def _errors_rule() -> _errors_total.RequestErrors:
+    """The 4xx rule of the settings the test started error tracking with (instrument_app's)."""
+    settings = _errors.STATE.settings
+    return _errors_total.RequestErrors(*([settings.sentry_capture_4xx] if settings else []))
+
+
 def _instrumented(spans: InMemorySpanExporter) -> Any:
     inner = Starlette(
         routes=[
@@ -346,11 +384,16 @@ def _instrumented(spans: InMemorySpanExporter) -> Any:
     tracer_provider = TracerProvider(sampler=ALWAYS_ON)
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     observers: list[Any] = []
-    app = _errors.instrument(inner, observers)
+    errors = _errors_rule()
+    app = _errors.instrument(inner, observers, errors)
     assert app is not inner
     assert len(observers) == 1
     return TelemetryMiddleware(
-        app, tracer_provider=tracer_provider, meter_provider=MeterProvider(), observers=observers
+        app,
+        tracer_provider=tracer_provider,
+        meter_provider=MeterProvider(),
+        observers=observers,
+        errors=errors,
     )
 
 
@@ -627,7 +670,7 @@ def _counting_app() -> Any:
             WebSocketRoute("/ws/{code:int}", _closing_socket),
         ]
     )
-    return TelemetryMiddleware(inner, meter_provider=MeterProvider())
+    return TelemetryMiddleware(inner, meter_provider=MeterProvider(), errors=_errors_rule())
 
 
 async def _boom(request: Request) -> PlainTextResponse:

@@ -271,8 +271,9 @@ def test_a_process_that_crashes_writes_only_json(tmp_path: Any) -> None:
 @pytest.mark.usefixtures("hooks")
 def test_telemetry_shutdown_puts_the_hooks_back(monkeypatch: pytest.MonkeyPatch) -> None:
     from cfk_otel import _sdk
+    from cfk_otel._state import State
 
-    monkeypatch.setattr(_sdk, "STATE", _sdk._State(started=True))
+    monkeypatch.setattr(_sdk, "STATE", State(started=True))
     before = sys.excepthook, threading.excepthook
     _uncaught.install()
     assert (sys.excepthook, threading.excepthook) != before
