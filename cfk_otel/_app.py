@@ -9,6 +9,7 @@ from ._asgi import ASGIApp, RequestObserver, TelemetryMiddleware
 from ._errors_total import RequestErrors
 from ._logs import request_observer
 from ._prometheus import MetricsEndpoint
+from ._redact import Known
 
 
 def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
@@ -39,4 +40,5 @@ def instrument_app(app: ASGIApp) -> TelemetryMiddleware:
         endpoint_telemetry=settings.health_telemetry,
         observers=observers,
         errors=errors,
+        secrets=Known(settings.secret_values()),
     )

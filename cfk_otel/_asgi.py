@@ -29,7 +29,7 @@ from opentelemetry.trace import Status, StatusCode
 from . import _errors_total, _metrics
 from ._core import CoreSpan, Spans
 from ._guard import guard
-from ._redact import exception_attributes, scrub_text, scrub_url
+from ._redact import Known, exception_attributes, scrub_text, scrub_url
 from ._routes import UNMATCHED, RouteResolver
 from ._types import ASGIApp, Message, Receive, RequestInfo, RequestObserver, Scope, Send
 
@@ -135,12 +135,15 @@ class TelemetryMiddleware:
         endpoint_telemetry: bool = False,
         observers: Sequence[RequestObserver] = (),
         errors: _errors_total.RequestErrors | None = None,
+        secrets: Known | None = None,
     ) -> None:
         self.app = app
         # Called once per finished request or websocket (request log line, error reports).
         self._observers = tuple(observers)
         # Which finished requests count in errors_total (SENTRY_CAPTURE_4XX's statuses).
         self._errors = errors or _errors_total.RequestErrors()
+        # The configured secret values, withheld from an error's message on the span.
+        self._known = secrets or Known()
         # Paths the distro serves itself (/api/metrics, health); by default they are
         # answered before any span or metric is recorded.
         self._endpoints = dict(endpoints or {})
@@ -259,8 +262,8 @@ class TelemetryMiddleware:
             for observer in self._observers:
                 observer(info)
 
-    @staticmethod
     def _finish(
+        self,
         span: trace.Span,
         scope: Scope,
         kind: str,
@@ -301,9 +304,9 @@ class TelemetryMiddleware:
         else:
             span.set_attributes(attributes)
         if error is not None:
-            span.record_exception(error, exception_attributes(error))
+            span.record_exception(error, exception_attributes(error, self._known))
             span.set_attribute(ERROR_TYPE, type(error).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, scrub_text(str(error))))
+            span.set_status(Status(StatusCode.ERROR, scrub_text(str(error), self._known)))
         elif status >= 500:
             span.set_attribute(ERROR_TYPE, str(status))
             span.set_status(Status(StatusCode.ERROR))

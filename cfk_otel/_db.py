@@ -43,7 +43,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from . import _errors_total, _metrics, _sdk
 from ._core import Spans
 from ._guard import guard
-from ._redact import exception_attributes, scrub_text
+from ._redact import Known, exception_attributes, scrub_text
 
 _log = logging.getLogger("cfk_otel.db")
 # What can fail on a call's way through, each logged once (never into the app's call).
@@ -215,10 +215,14 @@ class _Client:
     conventions in force, and each connection's fixed attributes (built once)."""
 
     def __init__(
-        self, tracer_provider: trace.TracerProvider | None, slow_query_threshold: float = 1.0
+        self,
+        tracer_provider: trace.TracerProvider | None,
+        slow_query_threshold: float = 1.0,
+        secrets: Known | None = None,
     ) -> None:
         self.spans = Spans(tracer_provider)
         self.slow_query_threshold = slow_query_threshold  # SLOW_QUERY_THRESHOLD, read once
+        self.known = secrets or Known()  # the configured secret values, withheld from errors
         self.db = _Conventions("database")
         self.http = _Conventions("http")  # the redis instrumentation names its server by these
         self.new = self.db.new
@@ -235,14 +239,24 @@ class _Client:
         # As both instrumentations do (the SDK's default for a span that an error left).
         # An error whose str() fails: the app still gets its own error.
         with _RECORD_FAILURE:
-            span.record_exception(error, exception_attributes(error))
-            span.set_status(Status(StatusCode.ERROR, scrub_text(f"{type(error).__name__}: {error}")))
+            span.record_exception(error, exception_attributes(error, self.known))
+            span.set_status(
+                Status(StatusCode.ERROR, scrub_text(f"{type(error).__name__}: {error}", self.known))
+            )
             if self.new:
                 span.set_attribute(ERROR_TYPE, type(error).__qualname__)
 
     def end(self, span: trace.Span) -> None:
         with _END_SPAN:  # a failing span processor: never into the app's call
             span.end()
+
+
+def _client(kwargs: dict[str, Any]) -> _Client:
+    """An instrumentor's client, from the process's settings (read once, at instrument())."""
+    settings = _sdk.settings()
+    return _Client(
+        kwargs.get("tracer_provider"), settings.slow_query_threshold, Known(settings.secret_values())
+    )
 
 
 # asyncpg
@@ -347,7 +361,7 @@ class AsyncpgInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ("asyncpg >= 0.27",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        client = _Client(kwargs.get("tracer_provider"), _sdk.settings().slow_query_threshold)
+        client = _client(kwargs)
         for module, name, source in _present(_ASYNCPG_TARGETS):
             wrapt.wrap_function_wrapper(module, name, _asyncpg_wrapper(client, source))
         wrapt.wrap_function_wrapper("asyncpg.pool", "Pool.__init__", _track_pool)
@@ -523,7 +537,7 @@ class RedisInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ("redis >= 4.3",)
 
     def _instrument(self, **kwargs: Any) -> None:
-        client = _Client(kwargs.get("tracer_provider"), _sdk.settings().slow_query_threshold)
+        client = _client(kwargs)
         for module, name, pipeline, is_async in _present(_REDIS_TARGETS):
             wrapper = _redis_wrapper_async(client, pipeline) if is_async else _redis_wrapper(client, pipeline)
             wrapt.wrap_function_wrapper(module, name, wrapper)

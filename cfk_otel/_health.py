@@ -684,12 +684,7 @@ def _from_settings(settings: Settings) -> HealthRegistry:
         timeout=settings.health_check_timeout,
         cache_ttl=settings.health_cache_ttl,
         traced=settings.health_telemetry,
-        secrets=(
-            settings.database_url,
-            settings.redis_url,
-            settings.sentry_dsn,
-            settings.metrics_bearer_token,
-        ),
+        secrets=settings.secret_values(),  # the connection strings, DSN, tokens
     )
     if settings.database_url:
         registry.register("database", _Postgres(settings.database_url, settings.health_check_timeout))

@@ -33,7 +33,7 @@ from opentelemetry._logs import LoggerProvider, SeverityNumber
 
 from ._core import LogSink
 from ._guard import guard
-from ._redact import scrub, scrub_text, scrub_url
+from ._redact import Known, scrub, scrub_text, scrub_url
 from ._settings import Settings
 from ._types import RequestInfo, RequestObserver
 
@@ -60,9 +60,6 @@ _TRUNCATED: Final = "…[truncated {} chars]"
 # fields cut (see _fitted_line).
 LINE_MAX_BYTES: Final = 64 << 10
 _FITTED_FIELD: Final = 1024  # characters a field over the ceiling keeps
-# Text values in a record's context (``extra=``, bound fields) are cut at this length:
-# OTEL_LOGRECORD_ATTRIBUTE_VALUE_LENGTH_LIMIT, set by configure_logging.
-_value_limit = [8192]
 # Exporters logging their own failures must never feed themselves.
 _OWN_LOGGERS: Final = ("opentelemetry", "grpc", "urllib3")
 # Standard LogRecord attributes; anything else on a record came from ``extra=`` and is context.
@@ -125,16 +122,16 @@ def _context_of(record: logging.LogRecord) -> dict[str, Any]:
 _last_context: tuple[Callable[[], object], int, dict[str, Any]] = (lambda: None, 0, {})
 
 
-def _redacted_context(record: logging.LogRecord) -> dict[str, Any]:
-    """The record's context with secrets hidden (secret keys, credentials in text; see
-    :mod:`cfk_otel._redact`): worked out once per record and shared by
-    our handlers (stdout and OTLP), again if a filter added to the record since."""
+def _redacted_context(record: logging.LogRecord, known: Known, limit: int) -> dict[str, Any]:
+    """The record's context with secrets hidden (secret keys, credentials in text, the
+    ``known`` values; see :mod:`cfk_otel._redact`) and strings cut at ``limit``: worked out
+    once per record and shared by our handlers (stdout and OTLP), again if a filter added
+    to the record since."""
     global _last_context  # noqa: PLW0603  (a one-entry cache)
     last = _last_context
     if last[0]() is record and last[1] == len(record.__dict__):
         return last[2]
-    context: dict[str, Any] = scrub(_context_of(record))
-    limit = _value_limit[0]
+    context: dict[str, Any] = scrub(_context_of(record), known=known)
     for key, value in context.items():
         if type(value) is str and len(value) > limit:
             context[key] = cut(value, limit)
@@ -243,23 +240,23 @@ def _safe_repr(value: object) -> str:
         return f"<unrepresentable {type(value).__qualname__}>"
 
 
-def _error_fields(exc_info: Any) -> dict[str, str] | None:
+def _error_fields(exc_info: Any, known: Known) -> dict[str, str] | None:
     if not exc_info or exc_info[0] is None:
         return None
     exc_type, exc, tb = exc_info
     return {
         "type": exc_type.__qualname__,
-        "message": scrub_text(_truncate(_safe_str(exc))),
-        "stack": scrub_text("".join(traceback.format_exception(exc_type, exc, tb))),
+        "message": scrub_text(_truncate(_safe_str(exc)), known),
+        "stack": scrub_text("".join(traceback.format_exception(exc_type, exc, tb)), known),
     }
 
 
-def _message(record: logging.LogRecord) -> str:
+def _message(record: logging.LogRecord, known: Known) -> str:
     try:
         message = record.getMessage()
     except Exception:  # bad %-arguments: keep both parts rather than lose the line
         message = f"{_safe_repr(record.msg)} % {_safe_repr(record.args)}"
-    return scrub_text(_truncate(message.rstrip("\n")))
+    return scrub_text(_truncate(message.rstrip("\n")), known)
 
 
 def _safe_str(value: object) -> str:
@@ -323,6 +320,8 @@ class JsonFormatter(logging.Formatter):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
+        self._known = Known(settings.secret_values())
+        self._limit = settings.log_value_limit
         self._service = settings.service_name
         self._environment = settings.environment
         self._version = settings.service_version
@@ -340,13 +339,17 @@ class JsonFormatter(logging.Formatter):
         document: dict[str, Any] = {
             "timestamp": _timestamp(record.created),
             "level": level_name(record.levelno),
-            "message": _message(record),
+            "message": _message(record, self._known),
             "service": self._service,
             "environment": self._environment,
             "version": self._version,
         }
         # A request line's fields are ours, scalars under fixed keys: nothing to find or hide.
-        context = record.cfk_context if type(record) is _RequestRecord else _redacted_context(record)
+        context = (
+            record.cfk_context
+            if type(record) is _RequestRecord
+            else _redacted_context(record, self._known, self._limit)
+        )
         for key, value in context.items():
             document.setdefault(str(key), value)
         if not hasattr(record, "cfk_context") and "logger" not in document:
@@ -355,7 +358,7 @@ class JsonFormatter(logging.Formatter):
         if span_context is not None:
             document["trace_id"] = format(span_context.trace_id, "032x")
             document["span_id"] = format(span_context.span_id, "016x")
-        error = _error_fields(record.exc_info)
+        error = _error_fields(record.exc_info, self._known)
         if error is not None:
             document["error"] = error
         if self._dd is not None:
@@ -569,9 +572,16 @@ class OtlpHandler(logging.Handler):
     """
 
     def __init__(
-        self, provider: LoggerProvider, level: int = logging.NOTSET, sink: LogSink | None = None
+        self,
+        provider: LoggerProvider,
+        level: int = logging.NOTSET,
+        sink: LogSink | None = None,
+        known: Known | None = None,
+        value_limit: int = 8192,
     ) -> None:
         super().__init__(level)
+        self._known = known or Known()  # the configured secrets, withheld from every record
+        self._limit = value_limit
         self._provider = provider
         self._loggers: dict[str, OtelLogger] = {}
         self._sink = sink
@@ -623,12 +633,13 @@ class OtlpHandler(logging.Handler):
             if type(record) is _RequestRecord:  # scalars under fixed keys, no code location
                 self._emit(self._logger(record.name), record, number, text, dict(record.cfk_context))
                 return
-            attributes = {str(k): _attribute(v) for k, v in _redacted_context(record).items()}
+            context = _redacted_context(record, self._known, self._limit)
+            attributes = {str(k): _attribute(v) for k, v in context.items()}
             if record.name != _REQUESTS_LOGGER:  # a request line's code location says nothing
                 attributes["code.file.path"] = record.pathname
                 attributes["code.function.name"] = record.funcName
                 attributes["code.line.number"] = record.lineno
-            error = _error_fields(record.exc_info)
+            error = _error_fields(record.exc_info, self._known)
             if error is not None:
                 attributes["exception.type"] = error["type"]
                 attributes["exception.message"] = error["message"]
@@ -643,7 +654,7 @@ class OtlpHandler(logging.Handler):
                     time.time_ns(),
                     number.value,
                     text,
-                    _message(record),
+                    _message(record, self._known),
                     attributes,
                     span,
                 ):
@@ -668,7 +679,7 @@ class OtlpHandler(logging.Handler):
             context=ctx or otel_context.get_current(),
             severity_number=number,
             severity_text=text,
-            body=_message(record),
+            body=_message(record, self._known),
             attributes=attributes,
         )
 
@@ -724,7 +735,6 @@ def configure_logging(
     Called at start-up and again after uvicorn applies its own logging configuration.
     """
     level = LEVELS[settings.log_level]
-    _value_limit[0] = settings.log_value_limit
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -736,7 +746,8 @@ def configure_logging(
         )
         handlers.append(stream)
     if provider is not None and settings.log_output in ("otlp", "both") and settings.logs_exporters:
-        handlers.append(OtlpHandler(provider, level, sink))
+        known = Known(settings.secret_values())
+        handlers.append(OtlpHandler(provider, level, sink, known, settings.log_value_limit))
     for handler in handlers:
         setattr(handler, _OURS, True)
         root.addHandler(handler)

@@ -178,42 +178,43 @@ def redact(value: Any, depth: int = 0) -> Any:
     return _walk(value, depth, text=False)
 
 
-def scrub(value: Any, depth: int = 0) -> Any:
-    """:func:`redact`, and every text inside ``value`` through :func:`scrub_text`.
+def scrub(value: Any, depth: int = 0, known: Known | None = None) -> Any:
+    """:func:`redact`, and every text inside ``value`` through :func:`scrub_text` (with
+    the ``known`` secret values).
 
     >>> scrub({"extra": {"headers": [["Authorization", "Bearer x"]], "dsn": "https://k@h/1"}})
     {'extra': {'headers': [['Authorization', '[REDACTED]']], 'dsn': '[REDACTED]'}}
     """
-    return _walk(value, depth, text=True)
+    return _walk(value, depth, True, known)
 
 
-def _walk(value: Any, depth: int, text: bool) -> Any:
+def _walk(value: Any, depth: int, text: bool, known: Known | None = None) -> Any:
     kind = type(value)
     if kind in _SCALARS:
-        return scrub_text(value) if text and kind is str else value
+        return scrub_text(value, known) if text and kind is str else value
     fields = _fields(value)
     if fields is not None:
         copy = dict(fields)
-        walked = _walk(copy, depth, text)
+        walked = _walk(copy, depth, text, known)
         return value if walked is copy else walked
     if not isinstance(value, Mapping | list | tuple):
         return value
     if depth >= MAX_DEPTH:
         return REDACTED  # too deep to look at: withheld whole
     if isinstance(value, Mapping):
-        return _walk_mapping(value, depth, text)
+        return _walk_mapping(value, depth, text, known)
     if len(value) == 2 and isinstance(value[0], str | bytes) and is_secret_key(value[0]):
         items = [value[0], REDACTED]
     else:
-        items = [_walk(item, depth + 1, text) for item in value]
+        items = [_walk(item, depth + 1, text, known) for item in value]
     changed = any(a is not b for a, b in zip(items, value, strict=True))
     return (tuple(items) if isinstance(value, tuple) else items) if changed else value
 
 
-def _walk_mapping(value: Mapping[Any, Any], depth: int, text: bool) -> Mapping[Any, Any]:
+def _walk_mapping(value: Mapping[Any, Any], depth: int, text: bool, known: Known | None) -> Mapping[Any, Any]:
     out: dict[Any, Any] | None = None
     for key, item in value.items():
-        new = REDACTED if is_secret_key(key) else _walk(item, depth + 1, text)
+        new = REDACTED if is_secret_key(key) else _walk(item, depth + 1, text, known)
         if new is not item and out is None:
             out = dict(value)
         if out is not None:
@@ -245,18 +246,6 @@ class Known:
         return self._pattern.sub(REDACTED, text)
 
 
-# The secrets this process was configured with (set-up sets them once, from the settings).
-_known = Known()
-
-
-def known_secrets(values: Iterable[str | None]) -> None:
-    """Withhold these configured secrets wherever they appear (set-up calls this once with
-    the settings' secret values; a URL gives its password and secret query values, a DSN
-    its key, header pairs their secret values)."""
-    global _known  # noqa: PLW0603  (process state, written by set-up)
-    _known = Known(values)
-
-
 def _secret_parts(secret: str) -> set[str]:
     parts = {secret.strip()}
     try:
@@ -281,13 +270,13 @@ def _secret_parts(secret: str) -> set[str]:
 
 
 def scrub_text(text: str, known: Known | None = None) -> str:
-    """``text`` without credentials (see the module's rules); ``known`` adds secret values
-    to the process's own.
+    """``text`` without credentials (see the module's rules), and without the ``known``
+    secret values: what the process was configured with (``Known(settings.secret_values())``,
+    made once by whoever scrubs, from the settings it was given).
 
     >>> scrub_text("connect postgresql://app:pw@db/cfk?sslmode=require token=abc failed")
     'connect postgresql://[REDACTED]@db/cfk?sslmode=require token=[REDACTED] failed'
     """
-    text = _known.sub(text)
     if known is not None:
         text = known.sub(text)
     if "@" in text and "://" in text:
@@ -314,12 +303,12 @@ def _hide_value(match: re.Match[str]) -> str:
     return f"{key}{separator}{quote}{REDACTED}{quote}"
 
 
-def exception_attributes(error: BaseException) -> dict[str, str]:
+def exception_attributes(error: BaseException, known: Known | None = None) -> dict[str, str]:
     """An exception's message and stack as a span's exception event carries them, scrubbed
     (given to ``record_exception``, they replace the SDK's raw ones)."""
     return {
-        EXCEPTION_MESSAGE: scrub_text(str(error)),
-        EXCEPTION_STACKTRACE: scrub_text("".join(traceback.format_exception(error))),
+        EXCEPTION_MESSAGE: scrub_text(str(error), known),
+        EXCEPTION_STACKTRACE: scrub_text("".join(traceback.format_exception(error)), known),
     }
 
 
@@ -343,5 +332,5 @@ def _main() -> None:
     from ._settings import load  # noqa: PLC0415
 
     values = [v for k, v in os.environ.items() if is_secret_key(k)]
-    known_secrets([*values, *load().secret_values()])
-    sys.stdout.write(scrub_text(sys.stdin.read()))
+    known = Known([*values, *load().secret_values()])
+    sys.stdout.write(scrub_text(sys.stdin.read(), known))

@@ -29,7 +29,7 @@ from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
-from . import _core, _errors, _metrics, _redact, _settings, _uncaught
+from . import _core, _errors, _metrics, _settings, _uncaught
 from ._guard import guard
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
@@ -88,7 +88,6 @@ def prepare() -> _settings.Settings:
         return STATE.settings
     current = _settings.load()  # raises ConfigurationError in strict mode
     STATE.settings = current
-    _redact.known_secrets(current.secret_values())
     for problem in current.problems:
         print(problem, file=sys.stderr, flush=True)
         os.environ.pop(problem.variable, None)

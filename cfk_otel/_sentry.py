@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -46,7 +47,7 @@ from sentry_sdk.utils import event_from_exception
 
 from ._errors_total import ABNORMAL_CLOSE_CODES, RequestErrors, count_exception
 from ._guard import guard, warn_once
-from ._redact import scrub
+from ._redact import Known, scrub
 from ._routes import UNMATCHED, RouteResolver
 from ._settings import Settings
 from ._types import ASGIApp, Message, Receive, RequestInfo, Scope, Send
@@ -169,7 +170,7 @@ def init(settings: Settings) -> bool:
         traces_sample_rate=None,  # OpenTelemetry traces; see docs/sentry.md
         profile_session_sample_rate=profiles,
         profile_lifecycle="manual",
-        before_send=before_send,
+        before_send=functools.partial(before_send, known=Known(settings.secret_values())),
         max_breadcrumbs=50,
         # Stack frames without their local variables: they are where secrets hide under
         # names no rule can guess, and serializing them doubles the cost of an event.
@@ -255,13 +256,14 @@ def capture_slow_query(sql: str, operation: str, seconds: float) -> None:
 # --- one event per failure, nothing secret ------------------------------------------------
 
 
-def before_send(event: Event, hint: Hint) -> Event | None:
-    """Drop events about an exception already reported; scrub the rest."""
+def before_send(event: Event, hint: Hint, known: Known | None = None) -> Event | None:
+    """Drop events about an exception already reported; scrub the rest (with the ``known``
+    secret values the process was configured with)."""
     exc_info = hint.get("exc_info")
     error = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
     if error is not None and getattr(error, _REPORTED, False):
         return None
-    scrubbed: Event = scrub(event)
+    scrubbed: Event = scrub(event, known=known)
     if error is not None:
         _mark_reported(error)
     return scrubbed

@@ -732,7 +732,8 @@ class Settings:
 
     def secret_values(self) -> tuple[str, ...]:
         """The values of the secret variables that are set: the secrets policy withholds
-        them wherever they appear (:func:`cfk_otel._redact.known_secrets`)."""
+        them wherever they appear (as :class:`cfk_otel._redact.Known` values, made once by
+        each part that scrubs, from the settings it was given)."""
         values = (getattr(self, name) for name, var in _FIELDS if var.secret)
         return tuple(v for v in values if isinstance(v, str) and v)
 

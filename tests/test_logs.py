@@ -399,7 +399,9 @@ def test_both_handlers_share_one_redaction_and_see_what_a_filter_adds(
 
     calls: list[object] = []
     original = _logs.scrub
-    monkeypatch.setattr(_logs, "scrub", lambda value: calls.append(value) or original(value))
+    monkeypatch.setattr(
+        _logs, "scrub", lambda value, known=None: calls.append(value) or original(value, known=known)
+    )
     provider = LoggerProvider()
     memory = InMemoryLogRecordExporter()
     provider.add_log_record_processor(SimpleLogRecordProcessor(memory))

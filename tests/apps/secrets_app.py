@@ -60,6 +60,11 @@ CASES: dict[str, Callable[[str], object]] = {
     "message_configured_password": lambda s: log.warning(
         "retrying as %s", urllib.parse.urlsplit(os.environ["DATABASE_URL"]).password
     ),
+    # A configured secret in an error's message, in no shape a rule knows: only the known
+    # values withhold it (on the span, the stdout and OTLP error fields, and Sentry).
+    "exception_configured_password": lambda s: _raise(
+        f"login refused for {urllib.parse.urlsplit(os.environ['DATABASE_URL']).password}"
+    ),
     "message_quoted_json": lambda s: log.warning('payload {"password": "%s two"}', s),
     "context_userinfo": lambda s: cfk_otel.logger.info(
         "connecting", {"target": f"https://u:{s}@api.example/x"}
