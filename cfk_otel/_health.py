@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, ClassVar, Final, Literal, TypeAlias
 
@@ -43,6 +42,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from . import _core, _redact, _sdk
 from ._guard import guard
+from ._http import JSON, respond, utc_timestamp
 from ._settings import Settings
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -271,10 +271,10 @@ class HealthRegistry:
         (200, 'healthy')
         """
         if probe == "live":
-            return 200, self._body("healthy", (), _timestamp())
+            return 200, self._body("healthy", (), utc_timestamp(time.time()))
         if probe == "ready" and self.shutting_down:
             # Draining: no reason to touch the dependencies.
-            return 503, self._body("unhealthy", (_SHUTDOWN_OUTCOME,), _timestamp())
+            return 503, self._body("unhealthy", (_SHUTDOWN_OUTCOME,), utc_timestamp(time.time()))
         run = await self._results()
         outcomes = run.outcomes
         if self.shutting_down:  # SIGTERM may have arrived while the checks ran
@@ -317,7 +317,7 @@ class HealthRegistry:
             generation = self._generation
         with contextlib.nullcontext() if self._traced else suppress_instrumentation():
             outcomes = await asyncio.gather(*(self._run_check(c) for c in checks))
-        run = _Run(tuple(outcomes), time.monotonic(), _timestamp(), generation)
+        run = _Run(tuple(outcomes), time.monotonic(), utc_timestamp(time.time()), generation)
         if generation == self._generation:
             self._cached = run
         for check, outcome in zip(checks, outcomes, strict=True):
@@ -424,11 +424,6 @@ def _overall(outcomes: Iterable[_Outcome]) -> HealthStatus:
         if outcome.status != "healthy":
             status = "degraded"
     return status
-
-
-def _timestamp() -> str:
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 # --- what a failure may say -------------------------------------------------------------------
@@ -596,8 +591,6 @@ class _Redis(_Dependency):
 # --- ASGI -------------------------------------------------------------------------------------
 
 _PROBES: Final[dict[str, Probe]] = {"": "health", "/": "health", "/live": "live", "/ready": "ready"}
-_JSON: Final = b"application/json"
-_TEXT: Final = b"text/plain; charset=utf-8"
 
 
 class _ProbeEndpoint:
@@ -610,7 +603,7 @@ class _ProbeEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         registry = self._registry or health_registry()
         if scope.get("method", "GET") not in ("GET", "HEAD"):
-            await _send(send, 405, b"method not allowed\n", _TEXT, [(b"allow", b"GET, HEAD")])
+            await respond(send, 405, b"method not allowed\n", headers=[(b"allow", b"GET, HEAD")])
             return
         status, payload = 503, b""
         with _REPORT:  # a bug here must not take the app down: report it, answer 503
@@ -618,8 +611,8 @@ class _ProbeEndpoint:
             payload = json.dumps(body, separators=(",", ":"), default=str).encode()
         if not payload:
             status = 503
-            payload = json.dumps(registry._body("unhealthy", (), _timestamp())).encode()
-        await _send(send, status, payload, _JSON, head=scope.get("method") == "HEAD")
+            payload = json.dumps(registry._body("unhealthy", (), utc_timestamp(time.time()))).encode()
+        await respond(send, status, payload, content_type=JSON, head=scope.get("method") == "HEAD")
 
 
 class _HealthApp:
@@ -636,7 +629,7 @@ class _HealthApp:
             path, root = scope.get("path", ""), scope.get("root_path", "")
             endpoint = self._endpoints.get(path[len(root) :] if root and path.startswith(root) else path)
             if endpoint is None:
-                await _send(send, 404, b"not found\n", _TEXT)
+                await respond(send, 404, b"not found\n")
             else:
                 await endpoint(scope, receive, send)
         elif kind == "websocket":
@@ -651,25 +644,6 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-
-
-async def _send(
-    send: Send,
-    status: int,
-    payload: bytes,
-    content_type: bytes,
-    extra: Iterable[tuple[bytes, bytes]] = (),
-    *,
-    head: bool = False,
-) -> None:
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(payload)).encode()),
-        (b"cache-control", b"no-store"),  # a probe must never be answered by a cache
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else payload})
 
 
 # --- the process's registry -------------------------------------------------------------------

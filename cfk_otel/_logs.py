@@ -33,6 +33,7 @@ from opentelemetry._logs import LoggerProvider, SeverityNumber
 
 from ._core import LogSink
 from ._guard import guard
+from ._http import utc_timestamp
 from ._redact import Known, scrub, scrub_text, scrub_url
 from ._settings import Settings
 from ._types import RequestInfo, RequestObserver
@@ -87,17 +88,6 @@ def level_name(levelno: int) -> str:
 
 
 _LEVEL_NAMES: Final = {level: level_name(level) for level in (logging.INFO, logging.WARNING, logging.ERROR)}
-_last_second: list[Any] = [-1, ""]  # (epoch second, its formatted prefix): one strftime per second
-
-
-def _timestamp(created: float) -> str:
-    seconds = int(created)
-    millis = int((created - seconds) * 1000)
-    cached_second, prefix = _last_second
-    if seconds != cached_second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _last_second[:] = [seconds, prefix]
-    return f"{prefix}.{millis:03d}Z"
 
 
 def _truncate(message: str) -> str:
@@ -337,7 +327,7 @@ class JsonFormatter(logging.Formatter):
 
     def document(self, record: logging.LogRecord) -> dict[str, Any]:
         document: dict[str, Any] = {
-            "timestamp": _timestamp(record.created),
+            "timestamp": utc_timestamp(record.created),
             "level": level_name(record.levelno),
             "message": _message(record, self._known),
             "service": self._service,
@@ -394,7 +384,7 @@ class JsonFormatter(logging.Formatter):
         span, level = request.span, request.level
         name = _LEVEL_NAMES.get(level) or level_name(level)
         line = (
-            f'{{"timestamp":"{_timestamp(request.created)}","level":"{name}",'
+            f'{{"timestamp":"{utc_timestamp(request.created)}","level":"{name}",'
             f'"message":{_string(request.message)},{self._service_fields},"method":"{request.method}",'
             f'"path":{_string(request.path)},"route":{_string(request.route)},"status":{request.status},'
             f'"duration_ms":{request.duration_ms!r}'

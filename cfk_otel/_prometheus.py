@@ -30,12 +30,14 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from ._guard import guard
-from ._types import Message, Receive, Scope, Send
+from ._http import respond
+from ._types import Receive, Scope, Send
 
 _log = logging.getLogger("cfk_otel")
 
 GROUP_ENV: Final = "CFK_OTEL_PROCESS_GROUP"
 SHARE_INTERVAL: Final = 2.0
+_RENDER: Final = guard("rendering /api/metrics", then="answering 500")
 
 
 class ScrapeReader(PrometheusMetricReader):
@@ -159,25 +161,25 @@ class MetricsEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_headers = scope.get("headers") or ()
         if scope.get("method") not in ("GET", "HEAD"):
-            await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+            await respond(send, 405, b"method not allowed\n", headers=[(b"allow", b"GET, HEAD")])
             return
         if self._expected is not None and not _authorized(raw_headers, self._expected):
-            await _respond(send, 401, b"unauthorized\n", [(b"www-authenticate", b'Bearer realm="metrics"')])
+            challenge = [(b"www-authenticate", b'Bearer realm="metrics"')]
+            await respond(send, 401, b"unauthorized\n", headers=challenge)
             return
         wants_openmetrics = b"application/openmetrics-text" in dict(raw_headers).get(b"accept", b"")
         scrape = self._scrape()
         if scrape is None:
-            await _respond(send, 503, b"metrics are not configured (OTEL_SDK_DISABLED?)\n", [])
+            await respond(send, 503, b"metrics are not configured (OTEL_SDK_DISABLED?)\n")
             return
-        try:
-            body, content_type = await asyncio.to_thread(scrape.render, wants_openmetrics)
-        except Exception:
-            _log.warning("cfk_otel: rendering /api/metrics failed", exc_info=True)
-            await _respond(send, 500, b"metrics unavailable\n", [])
+        rendered = None
+        with _RENDER:
+            rendered = await asyncio.to_thread(scrape.render, wants_openmetrics)
+        if rendered is None:
+            await respond(send, 500, b"metrics unavailable\n")
             return
-        if scope.get("method") == "HEAD":
-            body = b""
-        await _respond(send, 200, body, [(b"content-type", content_type.encode())])
+        body, content_type = rendered
+        await respond(send, 200, body, content_type=content_type.encode(), head=scope.get("method") == "HEAD")
 
 
 def _authorized(headers: Iterable[tuple[bytes, bytes]], token: bytes) -> bool:
@@ -193,15 +195,3 @@ def _authorized(headers: Iterable[tuple[bytes, bytes]], token: bytes) -> bool:
     # Compared even when the scheme is wrong, so the time taken says nothing about the token.
     token_matches = hmac.compare_digest(credentials.lstrip(b" "), token)
     return scheme.lower() == b"bearer" and token_matches
-
-
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    start: Message = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-length", str(len(body)).encode()), *headers],
-    }
-    if not any(k == b"content-type" for k, _ in headers):
-        start["headers"].append((b"content-type", b"text/plain; charset=utf-8"))
-    await send(start)
-    await send({"type": "http.response.body", "body": body})
