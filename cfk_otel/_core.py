@@ -48,7 +48,7 @@ from opentelemetry.semconv.attributes.exception_attributes import (
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
-from . import _settings
+from . import _sampling, _settings
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -508,7 +508,22 @@ class CoreSpan(trace.Span):
             return
         self._end_time = end = end_time if end_time is not None else time.time_ns()
         if not self.context.trace_flags.sampled:
+            keeper = _sampling.KEEPER  # recorded only: its trace is kept if it fails or is slow
+            if keeper is None:
+                return
+            parent = self.parent
+            if parent is None or parent.is_remote:
+                failed = self.status.status_code is StatusCode.ERROR
+                keeper.finish(self.context.trace_id, CoreSpan._record, self, failed, end - self.start_time)
+            else:
+                keeper.hold(self.context.trace_id, CoreSpan._record, self)
             return
+        self._record()
+
+    def _record(self) -> None:
+        """Hand the ended span to the core's exporter."""
+        end = self._end_time
+        assert end is not None
         parent = self.parent
         status = self.status
         attributes, dropped = self._merged()

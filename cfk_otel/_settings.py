@@ -210,6 +210,13 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _seconds_or_off(value: str) -> float | None:
+    """A number of seconds, more than 0 and at most an hour, or ``off`` (None)."""
+    if value.strip().lower() == "off":
+        return None
+    return _seconds(0.0, 3600.0)(value.strip())
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value.strip())
@@ -554,6 +561,14 @@ class Settings:
         _rate,
         "a number from 0 to 1",
         "Ratio for the traceidratio samplers.",
+    )
+    keep_slower_than: float | None = setting(
+        "CFK_TRACES_KEEP_SLOWER_THAN",
+        2.0,
+        _seconds_or_off,
+        "seconds, more than 0; or off",
+        "With a ratio sampler, a trace the ratio would drop is still kept whole when it failed "
+        "or took longer than this; off: the ratio alone decides.",
     )
     resource_attributes: str = setting(
         "OTEL_RESOURCE_ATTRIBUTES",

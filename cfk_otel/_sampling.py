@@ -1,0 +1,258 @@
+"""Sampling that keeps every failed and every slow trace (``CFK_TRACES_KEEP_SLOWER_THAN``).
+
+A head sampler decides when a trace starts, before anyone knows whether the request will
+fail or be slow. With a ratio sampler (``traceidratio``, ``parentbased_traceidratio``, or
+the ratio ``SENTRY_TRACES_SAMPLE_RATE`` implies), cfk_otel wraps it:
+
+- :class:`KeepSampler` turns the ratio's "no" for a new trace into ``RECORD_ONLY``: the
+  spans are recorded but not sampled (their ``traceparent`` says ``sampled=0``). A remote
+  parent's flag is honoured as before (sampled: kept; not sampled: dropped), and so is a
+  local parent that was dropped.
+- :class:`Keeper` holds those spans per trace until the trace's local root (the request's
+  server span) ends. The trace is then exported whole when the root failed (status ERROR:
+  an unhandled exception or a 5xx) or took at least the threshold; otherwise it is
+  dropped. Bounded: :data:`MAX_SPANS_PER_TRACE` spans per trace, :data:`MAX_SPANS` in
+  all (the oldest trace is let go first); each span is bounded by the span limits.
+- :class:`KeepProcessor` is the SDK side: it wraps the processor the SDK's configurator
+  builds for the exporter (``export_span_processor``) and forwards kept spans to it, as
+  sampled copies. The compiled core's spans take the same :class:`Keeper` (``_core``).
+
+Metrics, request lines and ``errors_total`` do not depend on any of this: they count
+every request. :func:`kept` answers "was this trace exported?" for a span context, for
+anything (exemplars) that may only name a kept trace.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
+from opentelemetry.util.types import Attributes
+
+from . import _settings
+
+MAX_SPANS_PER_TRACE: Final = 256
+MAX_SPANS: Final = 2048  # as many as the batch processor's queue
+_KEPT_REMEMBERED: Final = 1024  # trace ids of recently kept traces, for spans ending late
+RATIO_SAMPLERS: Final = ("traceidratio", "parentbased_traceidratio")
+
+Sink = Callable[[Any], None]
+
+
+class KeepSampler(Sampler):
+    """Wraps a ratio sampler: its "no" for a new trace becomes "record, decide at the end".
+
+    >>> KeepSampler(TraceIdRatioBased(0.1)).get_description()
+    'KeepFailedAndSlow{TraceIdRatioBased{0.1}}'
+    """
+
+    def __init__(self, inner: Sampler) -> None:
+        self._inner = inner
+
+    def should_sample(
+        self,
+        parent_context: context_api.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        result = self._inner.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+        if result.decision is not Decision.DROP:
+            return result
+        parent = trace.get_current_span(parent_context)
+        context = parent.get_span_context()
+        if context.is_valid and (context.is_remote or not parent.is_recording()):
+            return result  # the caller said "not sampled", or a local parent was dropped
+        return SamplingResult(Decision.RECORD_ONLY, result.attributes, result.trace_state)
+
+    def get_description(self) -> str:
+        return f"KeepFailedAndSlow{{{self._inner.get_description()}}}"
+
+
+class Keeper:
+    """The spans of unsampled traces, held per trace until the local root ends."""
+
+    def __init__(
+        self, threshold: float, max_per_trace: int = MAX_SPANS_PER_TRACE, max_spans: int = MAX_SPANS
+    ) -> None:
+        self.threshold_ns = int(threshold * 1e9)
+        self._max_per_trace = max_per_trace
+        self._max_spans = max_spans
+        self._held: OrderedDict[int, list[tuple[Sink, Any]]] = OrderedDict()
+        self._count = 0
+        self._kept: OrderedDict[int, None] = OrderedDict()
+        self._lock = threading.Lock()
+        # Counters, for tests and the report: traces kept and dropped, spans let go early.
+        self.kept_traces = 0
+        self.dropped_traces = 0
+        self.overflow = 0
+
+    def held(self) -> int:
+        """How many spans are held now."""
+        return self._count
+
+    def hold(self, trace_id: int, sink: Sink, span: Any) -> None:
+        """Hold ``span`` (not a local root) until its trace's root ends; ``sink`` exports it."""
+        with self._lock:
+            if trace_id in self._kept:  # it ended after its root, whose trace was kept
+                late = True
+            else:
+                late = False
+                spans = self._held.get(trace_id)
+                if spans is None:
+                    spans = self._held[trace_id] = []
+                if len(spans) >= self._max_per_trace:
+                    self.overflow += 1
+                    return
+                spans.append((sink, span))
+                self._count += 1
+                while self._count > self._max_spans:  # the oldest trace goes first
+                    _, old = self._held.popitem(last=False)
+                    self._count -= len(old)
+                    self.overflow += len(old)
+        if late:
+            sink(span)
+
+    def finish(self, trace_id: int, sink: Sink, root: Any, failed: bool, duration_ns: int) -> bool:
+        """The local root ``root`` ended: export its trace when it failed or was slow."""
+        keep = failed or duration_ns >= self.threshold_ns
+        with self._lock:
+            spans = self._held.pop(trace_id, None)
+            if spans:
+                self._count -= len(spans)
+            if keep:
+                self.kept_traces += 1
+                self._kept[trace_id] = None
+                if len(self._kept) > _KEPT_REMEMBERED:
+                    self._kept.popitem(last=False)
+            else:
+                self.dropped_traces += 1
+        if keep:
+            for span_sink, span in spans or ():
+                span_sink(span)
+            sink(root)
+        return keep
+
+    def was_kept(self, trace_id: int) -> bool:
+        return trace_id in self._kept
+
+
+def _sampled_copy(span: ReadableSpan) -> ReadableSpan:
+    """``span`` as the export processor takes it: the same span, its flags saying sampled."""
+    old = span.context
+    assert old is not None  # an SDK span always has one
+    context = SpanContext(
+        old.trace_id,
+        old.span_id,
+        old.is_remote,
+        TraceFlags(old.trace_flags | TraceFlags.SAMPLED),
+        old.trace_state,
+    )
+    attributes = BoundedAttributes(None, span.attributes, immutable=True)
+    attributes.dropped = span.dropped_attributes
+    events = BoundedList.from_seq(None, span.events)
+    events.dropped = span.dropped_events
+    links = BoundedList.from_seq(None, span.links)
+    links.dropped = span.dropped_links
+    return ReadableSpan(
+        name=span.name,
+        context=context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attributes,
+        events=events,
+        links=links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class KeepProcessor(SpanProcessor):
+    """The SDK's export processor, with the spans of unsampled traces held by the
+    :class:`Keeper` and forwarded (as sampled copies) when their trace is kept."""
+
+    def __init__(self, inner: SpanProcessor, keeper: Keeper) -> None:
+        self._inner = inner
+        self._keeper = keeper
+
+    def on_start(self, span: Any, parent_context: context_api.Context | None = None) -> None:
+        self._inner.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or context.trace_flags.sampled:
+            self._inner.on_end(span)
+            return
+        parent = span.parent
+        if parent is None or parent.is_remote:
+            failed = span.status.status_code is StatusCode.ERROR
+            self._keeper.finish(
+                context.trace_id, self._forward, span, failed, (span.end_time or 0) - (span.start_time or 0)
+            )
+        else:
+            self._keeper.hold(context.trace_id, self._forward, span)
+
+    def _forward(self, span: ReadableSpan) -> None:
+        self._inner.on_end(_sampled_copy(span))
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+# The process's keeper, made by set-up when the bias is on (None otherwise).
+KEEPER: Keeper | None = None
+
+
+def kept(context: SpanContext) -> bool:
+    """Whether the trace of ``context`` was (or will be) exported: sampled at its head, or
+    kept when its local root ended. Meaningful once that root has ended."""
+    if context.trace_flags.sampled:
+        return True
+    keeper = KEEPER
+    return keeper is not None and keeper.was_kept(context.trace_id)
+
+
+def sdk_arguments(settings: _settings.Settings) -> dict[str, Any]:
+    """The SDK configurator's keyword arguments that put the bias in (none when it is off,
+    or when the sampler is not a ratio sampler); sets :data:`KEEPER`."""
+    global KEEPER  # noqa: PLW0603  (process state, written by set-up)
+    KEEPER = None
+    if settings.keep_slower_than is None or settings.sampler not in RATIO_SAMPLERS:
+        return {}
+    ratio = 1.0 if settings.sampler_arg is None else settings.sampler_arg
+    inner: Sampler = TraceIdRatioBased(ratio)
+    if settings.sampler == "parentbased_traceidratio":
+        inner = ParentBased(inner)
+    keeper = KEEPER = Keeper(settings.keep_slower_than)
+
+    def export_span_processor(exporter: SpanExporter) -> SpanProcessor:
+        return KeepProcessor(BatchSpanProcessor(exporter), keeper)
+
+    return {"sampler": KeepSampler(inner), "export_span_processor": export_span_processor}
