@@ -29,7 +29,7 @@ from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
 from prometheus_client import CollectorRegistry
 
-from . import _core, _errors, _metrics, _redact, _sampling, _settings, _uncaught
+from . import _core, _errors, _metrics, _propagation, _redact, _sampling, _settings, _uncaught
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -179,6 +179,7 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     _errors.start(current)  # Sentry; before the providers: SENTRY_TRACES_SAMPLE_RATE may set the sampler
     # With a ratio sampler, failed and slow traces are kept whole (CFK_TRACES_KEEP_SLOWER_THAN).
     extra.update(_sampling.sdk_arguments(current))
+    _propagation.install()  # W3C Trace Context as the specification reads it, for "tracecontext"
     initialize(resource_attributes, extra)
     _metrics.attach(metrics.get_meter_provider())  # our metrics, into its readers' collections
     if registry is not None:
