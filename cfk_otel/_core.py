@@ -514,7 +514,8 @@ class CoreSpan(trace.Span):
             parent = self.parent
             if parent is None or parent.is_remote:
                 failed = self.status.status_code is StatusCode.ERROR
-                keeper.finish(self.context.trace_id, CoreSpan._record, self, failed, end - self.start_time)
+                duration = _sampling.latency(self._own, end - self.start_time)
+                keeper.finish(self.context.trace_id, CoreSpan._record, self, failed, duration)
             else:
                 keeper.hold(self.context.trace_id, CoreSpan._record, self)
             return

@@ -10,8 +10,9 @@ the ratio ``SENTRY_TRACES_SAMPLE_RATE`` implies), cfk_otel wraps it:
   local parent that was dropped.
 - :class:`Keeper` holds those spans per trace until the trace's local root (the request's
   server span) ends. The trace is then exported whole when the root failed (status ERROR:
-  an unhandled exception or a 5xx) or took at least the threshold; otherwise it is
-  dropped. Bounded: :data:`MAX_SPANS_PER_TRACE` spans per trace, :data:`MAX_SPANS` in
+  an unhandled exception or a 5xx) or took at least the threshold (not a websocket
+  connection: its length is not latency); otherwise it is dropped. Bounded:
+  :data:`MAX_SPANS_PER_TRACE` spans per trace, :data:`MAX_SPANS` in
   all (the oldest trace is let go first); each span is bounded by the span limits.
 - :class:`KeepProcessor` is the SDK side: it wraps the processor the SDK's configurator
   builds for the exporter (``export_span_processor``) and forwards kept spans to it, as
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from opentelemetry import context as context_api
@@ -42,6 +43,7 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.sdk.util import BoundedList
+from opentelemetry.semconv.attributes.url_attributes import URL_SCHEME
 from opentelemetry.trace import Link, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 from opentelemetry.util.types import Attributes
 
@@ -51,6 +53,7 @@ MAX_SPANS_PER_TRACE: Final = 256
 MAX_SPANS: Final = 2048  # as many as the batch processor's queue
 _KEPT_REMEMBERED: Final = 1024  # trace ids of recently kept traces, for spans ending late
 RATIO_SAMPLERS: Final = ("traceidratio", "parentbased_traceidratio")
+_WEBSOCKET_SCHEMES: Final = frozenset({"ws", "wss"})
 
 Sink = Callable[[Any], None]
 
@@ -84,7 +87,8 @@ class KeepSampler(Sampler):
         context = parent.get_span_context()
         if context.is_valid and (context.is_remote or not parent.is_recording()):
             return result  # the caller said "not sampled", or a local parent was dropped
-        return SamplingResult(Decision.RECORD_ONLY, result.attributes, result.trace_state)
+        # The span's attributes, as a "yes" carries them (a "no" carries none).
+        return SamplingResult(Decision.RECORD_ONLY, attributes, result.trace_state)
 
     def get_description(self) -> str:
         return f"KeepFailedAndSlow{{{self._inner.get_description()}}}"
@@ -210,9 +214,8 @@ class KeepProcessor(SpanProcessor):
         parent = span.parent
         if parent is None or parent.is_remote:
             failed = span.status.status_code is StatusCode.ERROR
-            self._keeper.finish(
-                context.trace_id, self._forward, span, failed, (span.end_time or 0) - (span.start_time or 0)
-            )
+            duration = latency(span.attributes, (span.end_time or 0) - (span.start_time or 0))
+            self._keeper.finish(context.trace_id, self._forward, span, failed, duration)
         else:
             self._keeper.hold(context.trace_id, self._forward, span)
 
@@ -224,6 +227,14 @@ class KeepProcessor(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+def latency(attributes: Mapping[str, Any] | None, duration_ns: int) -> int:
+    """What a local root's duration says of its latency: nothing for a websocket
+    connection (``url.scheme`` ws or wss), whose length is the session's, not a wait."""
+    if attributes and attributes.get(URL_SCHEME) in _WEBSOCKET_SCHEMES:
+        return 0
+    return duration_ns
 
 
 # The process's keeper, made by set-up when the bias is on (None otherwise).

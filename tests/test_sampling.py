@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
-from cfk_otel import _sampling, _settings
+from cfk_otel import _core, _sampling, _settings
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 from tests.conftest import Services, free_port, launch, uvicorn_command
 
@@ -76,8 +76,17 @@ def sdk() -> Any:
     provider.shutdown()
 
 
-def _ended(tracer: trace.Tracer, children: int, *, failed: bool = False, duration_ns: int = 1000) -> int:
-    root = tracer.start_span("GET /x", kind=trace.SpanKind.SERVER, start_time=1_000)
+def _ended(
+    tracer: trace.Tracer,
+    children: int,
+    *,
+    failed: bool = False,
+    duration_ns: int = 1000,
+    scheme: str = "http",
+) -> int:
+    root = tracer.start_span(
+        "GET /x", kind=trace.SpanKind.SERVER, start_time=1_000, attributes={"url.scheme": scheme}
+    )
     ctx = trace.set_span_in_context(root)
     for i in range(children):
         child = tracer.start_span(f"child {i}", context=ctx, kind=trace.SpanKind.CLIENT)
@@ -115,6 +124,61 @@ def test_a_healthy_unsampled_trace_is_dropped_and_a_failed_or_slow_one_kept_whol
     assert child.parent.span_id == root.context.span_id
     assert child.kind is trace.SpanKind.CLIENT
     assert (keeper.kept_traces, keeper.dropped_traces, keeper.held()) == (2, 2, 0)
+
+
+def test_a_long_websocket_connection_is_not_slow(sdk: Any) -> None:
+    tracer, memory, _ = sdk
+    _ended(tracer, 1, duration_ns=10**10, scheme="wss")
+    assert memory.get_finished_spans() == ()
+    failed = _ended(tracer, 1, duration_ns=10**10, scheme="ws", failed=True)
+    assert {s.context.trace_id for s in memory.get_finished_spans()} == {failed}
+
+
+def test_the_cores_spans_take_the_same_keeper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the native path our spans end in the core: held and decided the same way, and
+    the app's SDK spans under them go with them."""
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.http_endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+        memory = InMemorySpanExporter()
+        keeper = _sampling.Keeper(0.05)
+        provider = sdk_trace.TracerProvider(sampler=_sampling.KeepSampler(ParentBased(ALWAYS_OFF)))
+        provider.add_span_processor(_sampling.KeepProcessor(SimpleSpanProcessor(memory), keeper))
+        _core.shutdown(1.0)
+        _core.activate(_core.Choice(True, ""), provider)
+        monkeypatch.setattr(_sampling, "KEEPER", keeper)
+        try:
+            spans = _core.Spans(provider)
+            app = provider.get_tracer("app")
+
+            def request(name: str, scheme: str, seconds: float, failed: bool = False) -> None:
+                root = spans.start(name, None)
+                assert type(root) is _core.CoreSpan
+                assert not root.get_span_context().trace_flags.sampled
+                inside = trace.set_span_in_context(root)
+                spans.start("SELECT", inside, trace.SpanKind.CLIENT, {"db.system.name": "postgresql"}).end()
+                app.start_span("own work", context=inside).end()
+                root.set_own({"url.scheme": scheme})
+                if failed:
+                    root.set_status(StatusCode.ERROR)
+                root.end(end_time=root.start_time + int(seconds * 1e9))
+
+            request("GET /healthy", "http", 0.01)
+            request("GET /socket", "ws", 60.0)
+            request("GET /slow", "http", 0.06)
+            request("GET /failed", "http", 0.01, failed=True)
+            assert receiver.wait_for(lambda: len(receiver.spans) >= 4)
+            assert _core.flush(5.0)
+            received = sorted(s.name for s in receiver.spans)
+            assert received == ["GET /failed", "GET /slow", "SELECT", "SELECT"]
+            assert sorted(s.name for s in memory.get_finished_spans()) == ["own work", "own work"]
+            by_trace = {s.trace_id for s in receiver.spans}
+            assert {f"{s.context.trace_id:032x}" for s in memory.get_finished_spans()} == by_trace
+            assert (keeper.kept_traces, keeper.dropped_traces, keeper.held()) == (2, 2, 0)
+        finally:
+            _core.activate(_core.Choice(False, "not set up"))
+            _core.shutdown(0.5)
+            provider.shutdown()
 
 
 def test_held_spans_are_bounded_per_trace_and_in_all(sdk: Any) -> None:
@@ -221,6 +285,9 @@ def test_failed_and_slow_traces_arrive_whole_healthy_ones_at_the_ratio(
     assert len(by_route["GET /slow"]) == SLOW
     # Healthy ones at about the ratio: 150 at 0.1 is 15 on average (3 to 40: beyond 3 sigma).
     assert 3 <= len(by_route["GET /ok"]) <= 40, len(by_route["GET /ok"])
+    head = traces[by_route["GET /ok"][0].trace_id]  # sampled at its head
+    shapes = {s.name: sorted(s.attributes) for s in head if s.span.kind == CLIENT}
+    assert "db.statement" in shapes["SELECT"] or "db.query.text" in shapes["SELECT"]
     for root in roots:
         if root.name == "GET /hello":
             continue
@@ -234,6 +301,11 @@ def test_failed_and_slow_traces_arrive_whole_healthy_ones_at_the_ratio(
         assert own.parent_span_id == cache.parent_span_id == root.span_id
         assert query.parent_span_id == own.span_id
         assert query.span.kind == cache.span.kind == CLIENT
+        # Whole: each span with the attributes of a trace the ratio kept at its head.
+        assert sorted(query.attributes) == shapes["SELECT"], root.name
+        assert sorted(cache.attributes) == shapes["GET"], root.name
+        assert root.attributes["http.route"] == root.name.split(" ")[1]
+        assert root.attributes["http.response.status_code"] in (200, 500)
         assert root.parent_span_id == ""
     for root in by_route["GET /failed"] + by_route["GET /boom"]:
         assert root.span.status.code == 2  # ERROR
