@@ -517,7 +517,11 @@ class CoreSpan(trace.Span):
                 duration = _sampling.latency(self._own, end - self.start_time)
                 keeper.finish(self.context.trace_id, CoreSpan._record, self, failed, duration)
             else:
-                keeper.hold(self.context.trace_id, CoreSpan._record, self)
+                extra = self._extra
+                size = _sampling.estimate(self._own, [event[2] for event in self.events])
+                if extra is not None:
+                    size += _sampling.estimate(extra) - _sampling.SPAN_BYTES
+                keeper.hold(self.context.trace_id, CoreSpan._record, self, size)
             return
         self._record()
 

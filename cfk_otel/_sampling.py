@@ -11,9 +11,9 @@ the ratio ``SENTRY_TRACES_SAMPLE_RATE`` implies), cfk_otel wraps it:
 - :class:`Keeper` holds those spans per trace until the trace's local root (the request's
   server span) ends. The trace is then exported whole when the root failed (status ERROR:
   an unhandled exception or a 5xx) or took at least the threshold (not a websocket
-  connection: its length is not latency); otherwise it is dropped. Bounded:
-  :data:`MAX_SPANS_PER_TRACE` spans per trace, :data:`MAX_SPANS` in
-  all (the oldest trace is let go first); each span is bounded by the span limits.
+  connection: its length is not latency); otherwise it is dropped. Bounded per trace
+  (:data:`MAX_SPANS_PER_TRACE` spans, :data:`MAX_TRACE_BYTES` of estimated size) and in all
+  (:data:`MAX_SPANS`, :data:`MAX_BYTES`; the oldest trace is let go first).
 - :class:`KeepProcessor` is the SDK side: it wraps the processor the SDK's configurator
   builds for the exporter (``export_span_processor``) and forwards kept spans to it, as
   sampled copies. The compiled core's spans take the same :class:`Keeper` (``_core``).
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from opentelemetry import context as context_api
@@ -51,6 +51,9 @@ from . import _settings
 
 MAX_SPANS_PER_TRACE: Final = 256
 MAX_SPANS: Final = 2048  # as many as the batch processor's queue
+MAX_TRACE_BYTES: Final = 1 << 20
+MAX_BYTES: Final = 8 << 20
+SPAN_BYTES: Final = 512  # a held span's fixed part: its object, ids, times, name
 _KEPT_REMEMBERED: Final = 1024  # trace ids of recently kept traces, for spans ending late
 RATIO_SAMPLERS: Final = ("traceidratio", "parentbased_traceidratio")
 _WEBSOCKET_SCHEMES: Final = frozenset({"ws", "wss"})
@@ -94,17 +97,48 @@ class KeepSampler(Sampler):
         return f"KeepFailedAndSlow{{{self._inner.get_description()}}}"
 
 
+class _Trace:
+    """The spans held for one trace, and their estimated size."""
+
+    __slots__ = ("size", "spans")
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Sink, Any]] = []
+        self.size = 0
+
+
+def estimate(attributes: Mapping[str, Any], events: Iterable[Mapping[str, Any]] = ()) -> int:
+    """A span's size in bytes, roughly: a fixed part and its text (attribute and event values;
+    an exception's stack trace is the large one)."""
+    size = SPAN_BYTES
+    for value in attributes.values():
+        size += len(value) if type(value) is str else 16
+    for event in events:
+        size += SPAN_BYTES // 4
+        for value in event.values():
+            size += len(value) if type(value) is str else 16
+    return size
+
+
 class Keeper:
     """The spans of unsampled traces, held per trace until the local root ends."""
 
     def __init__(
-        self, threshold: float, max_per_trace: int = MAX_SPANS_PER_TRACE, max_spans: int = MAX_SPANS
+        self,
+        threshold: float,
+        max_per_trace: int = MAX_SPANS_PER_TRACE,
+        max_spans: int = MAX_SPANS,
+        max_trace_bytes: int = MAX_TRACE_BYTES,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self.threshold_ns = int(threshold * 1e9)
         self._max_per_trace = max_per_trace
         self._max_spans = max_spans
-        self._held: OrderedDict[int, list[tuple[Sink, Any]]] = OrderedDict()
+        self._max_trace_bytes = max_trace_bytes
+        self._max_bytes = max_bytes
+        self._held: OrderedDict[int, _Trace] = OrderedDict()
         self._count = 0
+        self._bytes = 0
         self._kept: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()
         # Counters, for tests and the report: traces kept and dropped, spans let go early.
@@ -116,25 +150,33 @@ class Keeper:
         """How many spans are held now."""
         return self._count
 
-    def hold(self, trace_id: int, sink: Sink, span: Any) -> None:
-        """Hold ``span`` (not a local root) until its trace's root ends; ``sink`` exports it."""
+    def held_bytes(self) -> int:
+        """Their estimated size (:func:`estimate`)."""
+        return self._bytes
+
+    def hold(self, trace_id: int, sink: Sink, span: Any, size: int) -> None:
+        """Hold ``span`` (not a local root; ``size`` bytes by :func:`estimate`) until its
+        trace's root ends; ``sink`` exports it."""
         with self._lock:
             if trace_id in self._kept:  # it ended after its root, whose trace was kept
                 late = True
             else:
                 late = False
-                spans = self._held.get(trace_id)
-                if spans is None:
-                    spans = self._held[trace_id] = []
-                if len(spans) >= self._max_per_trace:
+                held = self._held.get(trace_id)
+                if held is None:
+                    held = self._held[trace_id] = _Trace()
+                if len(held.spans) >= self._max_per_trace or held.size + size > self._max_trace_bytes:
                     self.overflow += 1
                     return
-                spans.append((sink, span))
+                held.spans.append((sink, span))
+                held.size += size
                 self._count += 1
-                while self._count > self._max_spans:  # the oldest trace goes first
-                    _, old = self._held.popitem(last=False)
-                    self._count -= len(old)
-                    self.overflow += len(old)
+                self._bytes += size
+                while self._count > self._max_spans or self._bytes > self._max_bytes:
+                    _, old = self._held.popitem(last=False)  # the oldest trace goes first
+                    self._count -= len(old.spans)
+                    self._bytes -= old.size
+                    self.overflow += len(old.spans)
         if late:
             sink(span)
 
@@ -142,9 +184,10 @@ class Keeper:
         """The local root ``root`` ended: export its trace when it failed or was slow."""
         keep = failed or duration_ns >= self.threshold_ns
         with self._lock:
-            spans = self._held.pop(trace_id, None)
-            if spans:
-                self._count -= len(spans)
+            held = self._held.pop(trace_id, None)
+            if held is not None:
+                self._count -= len(held.spans)
+                self._bytes -= held.size
             if keep:
                 self.kept_traces += 1
                 self._kept[trace_id] = None
@@ -153,7 +196,7 @@ class Keeper:
             else:
                 self.dropped_traces += 1
         if keep:
-            for span_sink, span in spans or ():
+            for span_sink, span in held.spans if held is not None else ():
                 span_sink(span)
             sink(root)
         return keep
@@ -217,7 +260,8 @@ class KeepProcessor(SpanProcessor):
             duration = latency(span.attributes, (span.end_time or 0) - (span.start_time or 0))
             self._keeper.finish(context.trace_id, self._forward, span, failed, duration)
         else:
-            self._keeper.hold(context.trace_id, self._forward, span)
+            size = estimate(span.attributes or {}, [e.attributes or {} for e in span.events])
+            self._keeper.hold(context.trace_id, self._forward, span, size)
 
     def _forward(self, span: ReadableSpan) -> None:
         self._inner.on_end(_sampled_copy(span))

@@ -201,6 +201,40 @@ def test_held_spans_are_bounded_per_trace_and_in_all(sdk: Any) -> None:
     assert keeper.held() == 0
 
 
+def test_held_spans_are_bounded_in_size() -> None:
+    keeper = _sampling.Keeper(0.05, max_trace_bytes=12_000, max_bytes=20_000)
+    memory = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider(sampler=_sampling.KeepSampler(ParentBased(ALWAYS_OFF)))
+    provider.add_span_processor(_sampling.KeepProcessor(SimpleSpanProcessor(memory), keeper))
+    tracer = provider.get_tracer("test")
+    big = {"db.query.text": "x" * 5000}
+    assert _sampling.estimate(big) == _sampling.SPAN_BYTES + 5000
+    assert _sampling.estimate({}, [{"exception.stacktrace": "y" * 100}]) == 512 + 128 + 100
+    try:
+        root = tracer.start_span("GET /big")
+        for _ in range(3):  # the third would pass 12,000 bytes: let go
+            tracer.start_span("child", context=trace.set_span_in_context(root), attributes=big).end()
+        assert keeper.held_bytes() == 2 * (512 + 5000)
+        root.set_status(StatusCode.ERROR)
+        root.end()
+        assert sorted(s.name for s in memory.get_finished_spans()) == ["GET /big", "child", "child"]
+        assert keeper.overflow == 1
+        memory.clear()
+        roots = [tracer.start_span(f"open {i}") for i in range(2)]
+        for open_root in roots:
+            for _ in range(2):
+                tracer.start_span("child", context=trace.set_span_in_context(open_root), attributes=big).end()
+        assert keeper.held_bytes() == 2 * (512 + 5000)  # the first trace's were let go
+        assert keeper.overflow == 3
+        for open_root in roots:
+            open_root.set_status(StatusCode.ERROR)
+            open_root.end()
+        assert sum(s.name == "child" for s in memory.get_finished_spans()) == 2
+        assert (keeper.held(), keeper.held_bytes()) == (0, 0)
+    finally:
+        provider.shutdown()
+
+
 def test_a_remote_parents_flag_is_honoured() -> None:
     sampler = _sampling.KeepSampler(ParentBased(ALWAYS_OFF))
     for sampled, expected in ((True, Decision.RECORD_AND_SAMPLE), (False, Decision.DROP)):
