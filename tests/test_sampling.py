@@ -101,7 +101,9 @@ def _ended(
     return root.get_span_context().trace_id
 
 
-def test_a_healthy_unsampled_trace_is_dropped_and_a_failed_or_slow_one_kept_whole(sdk: Any) -> None:
+def test_a_healthy_unsampled_trace_is_dropped_and_a_failed_or_slow_one_kept_whole(
+    sdk: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tracer, memory, keeper = sdk
     healthy = _ended(tracer, 1)
     assert memory.get_finished_spans() == ()
@@ -124,6 +126,11 @@ def test_a_healthy_unsampled_trace_is_dropped_and_a_failed_or_slow_one_kept_whol
     assert child.parent.span_id == root.context.span_id
     assert child.kind is trace.SpanKind.CLIENT
     assert (keeper.kept_traces, keeper.dropped_traces, keeper.held()) == (2, 2, 0)
+    # What an exemplar may name: a kept trace, never a dropped one.
+    monkeypatch.setattr(_sampling, "KEEPER", keeper)
+    assert _sampling.kept(SpanContext(failed, 1, False, TraceFlags(0)))
+    assert not _sampling.kept(SpanContext(just_fast, 1, False, TraceFlags(0)))
+    assert _sampling.kept(SpanContext(just_fast, 1, False, TraceFlags(TraceFlags.SAMPLED)))
 
 
 def test_a_long_websocket_connection_is_not_slow(sdk: Any) -> None:
