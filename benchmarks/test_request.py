@@ -15,7 +15,7 @@ in all); the ``exclude_spans`` row is upstream reduced to one span, like ours.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -25,9 +25,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from cfk_otel import TelemetryMiddleware, _native
+from cfk_otel import TelemetryMiddleware, _core, _native, _sampling
 from cfk_otel._asgi import ASGIApp
 from cfk_otel._native import OtlpExporter
 
@@ -158,6 +159,59 @@ def test_span_upstream_one_span(
 ) -> None:
     app = upstream(tracer_provider, NoOpMeterProvider(), UPSTREAM_LEAN)
     run(benchmark, loop, app, "upstream", LEAN_LABEL, primary=False)
+
+
+# --- Sampled out: what a request costs when the ratio says no (issue 24) ---
+
+SAMPLED_OUT = "ASGI request the ratio refuses: server span only (no-op meters)"
+
+
+@pytest.fixture
+def refusing_provider(
+    otlp_tracer_provider: TracerProvider, request: pytest.FixtureRequest
+) -> Iterator[TracerProvider]:
+    """The core's provider with a ratio of 0 (every new trace refused): the plain head
+    sampler, or wrapped for failed and slow traces (``request.param``: keep them or not)."""
+    keep = bool(request.param)
+    ratio = ParentBased(TraceIdRatioBased(0.0))
+    sampler = _sampling.KeepSampler(ratio) if keep else ratio
+    provider = TracerProvider(sampler=sampler, resource=otlp_tracer_provider.resource)
+    _core.activate(_core.Choice(True, ""), provider)
+    _sampling.KEEPER = _sampling.Keeper(2.0) if keep else None
+    yield provider
+    _sampling.KEEPER = None
+    _core.activate(_core.Choice(False, "not set up"))
+    provider.shutdown()
+
+
+@pytest.mark.benchmark(group=SAMPLED_OUT)
+@pytest.mark.parametrize("refusing_provider", [False], indirect=True)
+def test_sampled_out_head_only(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, refusing_provider: TracerProvider
+) -> None:
+    app = ours(refusing_provider, NoOpMeterProvider())
+    run(benchmark, loop, app, "ours", "ratio 0, head sampling alone (nothing recorded)", primary=False)
+
+
+@pytest.mark.benchmark(group=SAMPLED_OUT)
+@pytest.mark.parametrize("refusing_provider", [True], indirect=True)
+def test_sampled_out_kept_if_failed_or_slow(
+    benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, refusing_provider: TracerProvider
+) -> None:
+    app = ours(refusing_provider, NoOpMeterProvider())
+    run(
+        benchmark,
+        loop,
+        app,
+        "ours",
+        "ratio 0, recorded and dropped at the end (CFK_TRACES_KEEP_SLOWER_THAN)",
+        primary=False,
+    )
+    keeper = _sampling.KEEPER
+    assert keeper is not None
+    assert keeper.dropped_traces > 0
+    assert keeper.kept_traces == 0
+    assert keeper.held() == 0
 
 
 # --- OTLP encoding: what the exporter thread then pays per request, on the same core ---

@@ -48,7 +48,7 @@ from opentelemetry.semconv.attributes.exception_attributes import (
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
-from . import _settings
+from . import _sampling, _settings
 from ._guard import guard, warn_once
 from ._version import __version__
 
@@ -511,7 +511,27 @@ class CoreSpan(trace.Span):
             return
         self._end_time = end = end_time if end_time is not None else time.time_ns()
         if not self.context.trace_flags.sampled:
+            keeper = _sampling.KEEPER  # recorded only: its trace is kept if it fails or is slow
+            if keeper is None:
+                return
+            parent = self.parent
+            if parent is None or parent.is_remote:
+                failed = self.status.status_code is StatusCode.ERROR
+                duration = _sampling.latency(self._own, end - self.start_time)
+                keeper.finish(self.context.trace_id, CoreSpan._record, self, failed, duration)
+            else:
+                extra = self._extra
+                size = _sampling.estimate(self._own, [event[2] for event in self.events])
+                if extra is not None:
+                    size += _sampling.estimate(extra) - _sampling.SPAN_BYTES
+                keeper.hold(self.context.trace_id, CoreSpan._record, self, size)
             return
+        self._record()
+
+    def _record(self) -> None:
+        """Hand the ended span to the core's exporter."""
+        end = self._end_time
+        assert end is not None
         parent = self.parent
         status = self.status
         attributes, dropped = self._merged()

@@ -26,10 +26,9 @@ from opentelemetry.environment_variables import (
 )
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
-from . import _core, _errors, _metrics, _settings, _uncaught
+from . import _core, _errors, _metrics, _propagation, _sampling, _settings, _uncaught
 from ._guard import guard
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
@@ -119,17 +118,6 @@ def _defer_to_fork(current: _settings.Settings) -> bool:
 Initialize = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
-def sampler(current: _settings.Settings) -> Sampler:
-    """The head sampler ``current`` names, built from the SDK's public samplers."""
-    ratio = 1.0 if current.sampler_arg is None else current.sampler_arg
-    root: Sampler = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-        "traceidratio": TraceIdRatioBased(ratio),
-    }[current.sampler.removeprefix("parentbased_")]
-    return ParentBased(root) if current.sampler.startswith("parentbased_") else root
-
-
 def start(initialize: Initialize) -> None:
     """Run the SDK set-up once for this process.
 
@@ -199,8 +187,10 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     _metrics.STRICT = current.strict  # metric misuse raises rather than being logged once
     _errors.start(current)  # Sentry
     # The sampler the settings chose (OTEL_TRACES_SAMPLER, or the ratio of
-    # SENTRY_TRACES_SAMPLE_RATE): given to the provider, so the SDK parses nothing again.
-    extra["sampler"] = sampler(current)
+    # SENTRY_TRACES_SAMPLE_RATE), given to the provider so the SDK parses nothing again;
+    # with a ratio, failed and slow traces are kept whole (CFK_TRACES_KEEP_SLOWER_THAN).
+    extra.update(_sampling.sdk_arguments(current))
+    _propagation.install(current.propagators)  # W3C Trace Context as its specification reads it
     initialize(resource_attributes, extra)
     _metrics.attach(metrics.get_meter_provider())  # our metrics, into its readers' collections
     if registry is not None:

@@ -139,6 +139,13 @@ def _exporters(value: str) -> tuple[str, ...]:
     return () if names == ("none",) else names
 
 
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
+    if not names:
+        raise InvalidValue
+    return names
+
+
 # OTLP headers as the SDK's exporters read them (W3C baggage style, and liberally a value with
 # spaces): a pair it cannot read, it prints whole on stderr, secret and all, once per
 # exporter. So one bad pair refuses the variable here, where the message hides its value.
@@ -208,6 +215,13 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
         return seconds
 
     return parse
+
+
+def _seconds_or_off(value: str) -> float | None:
+    """A number of seconds, more than 0 and at most an hour, or ``off`` (None)."""
+    if value.strip().lower() == "off":
+        return None
+    return _seconds(0.0, 3600.0)(value.strip())
 
 
 def _positive_int(value: str) -> int:
@@ -554,6 +568,21 @@ class Settings:
         _rate,
         "a number from 0 to 1",
         "Ratio for the traceidratio samplers.",
+    )
+    keep_slower_than: float | None = setting(
+        "CFK_TRACES_KEEP_SLOWER_THAN",
+        2.0,
+        _seconds_or_off,
+        "seconds, more than 0; or off",
+        "With a ratio sampler, a trace the ratio would drop is still kept whole when it failed "
+        "or took longer than this; off: the ratio alone decides.",
+    )
+    propagators: tuple[str, ...] = setting(
+        "OTEL_PROPAGATORS",
+        ("tracecontext", "baggage"),
+        _names,
+        "comma-separated propagator names (tracecontext, baggage, none, or an installed one)",
+        "Context propagation formats; cfk_otel's W3C propagator stands for tracecontext.",
     )
     resource_attributes: str = setting(
         "OTEL_RESOURCE_ATTRIBUTES",

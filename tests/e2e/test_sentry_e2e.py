@@ -415,6 +415,8 @@ def test_sample_rates(run_app: Callable[..., RunningApp], receiver: OtlpReceiver
         env = {
             "SENTRY_DSN": sentry.dsn,
             "SENTRY_TRACES_SAMPLE_RATE": "0",
+            # Failed traces are kept at any ratio unless the bias is off (issue 24, tests/test_sampling.py).
+            "CFK_TRACES_KEEP_SLOWER_THAN": "off",
             "SENTRY_PROFILES_SAMPLE_RATE": "1",
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
             "OTEL_METRICS_EXPORTER": "none",
