@@ -129,6 +129,10 @@ struct Queue<T> {
     flush_done: u64,
     shutdown_by: Option<Instant>,
     stopped: bool,
+    // The thread waits for a batch to fill (not in a retry's pause): only then does a push
+    // wake it. A collector that is down keeps the queue full, and waking the pausing thread
+    // on every push would cost each request a context switch for nothing.
+    waiting_for_batch: bool,
 }
 
 struct Shared<T> {
@@ -178,6 +182,7 @@ impl<T: Weighed + Send + 'static> Exporter<T> {
                 flush_done: 0,
                 shutdown_by: None,
                 stopped: false,
+                waiting_for_batch: false,
             }),
             wake: Condvar::new(),
             done: Condvar::new(),
@@ -228,7 +233,8 @@ impl<T: Weighed + Send + 'static> Exporter<T> {
         }
         queue.items.push_back(item);
         queue.bytes += weight;
-        if queue.items.len() >= config.max_batch {
+        if queue.waiting_for_batch && queue.items.len() >= config.max_batch {
+            queue.waiting_for_batch = false;
             self.shared.wake.notify_one();
         }
     }
@@ -300,7 +306,9 @@ fn run<T: Weighed + Send>(shared: &Shared<T>) {
                 }
                 next = now + config.delay;
             }
+            queue.waiting_for_batch = true;
             queue = wait(&shared.wake, queue, next - now);
+            queue.waiting_for_batch = false;
         }
         let take = queue.items.len().min(config.max_batch);
         let batch: Vec<T> = queue.items.drain(..take).collect();
