@@ -45,13 +45,13 @@ def test_each_step_is_the_median_of_its_per_round_differences(bench: ModuleType)
         {
             "bare": [300.0, 310.0, 600.0],
             "empty_middleware": [320.0, 331.0, 640.0],
-            "cfk_no_export": [400.0, 500.0, 700.0],
+            "cfk_unsampled": [400.0, 500.0, 700.0],
         }
     )
     steps = bench.ladder_steps(paired)
-    assert list(steps) == ["empty_middleware", "cfk_no_export"]
+    assert list(steps) == ["empty_middleware", "cfk_unsampled"]
     assert steps["empty_middleware"] == 21.0  # differences 20, 21, 40
-    assert steps["cfk_no_export"] == 80.0  # differences 80, 169, 60; medians' difference: 169
+    assert steps["cfk_unsampled"] == 80.0  # differences 80, 169, 60; medians' difference: 169
 
 
 def test_the_report_has_one_ladder_row_per_step_with_what_it_adds(bench: ModuleType) -> None:
