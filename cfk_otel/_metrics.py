@@ -1,11 +1,14 @@
-"""The document's metric catalogue and its custom-metrics API, on the OpenTelemetry SDK.
+"""The document's metric catalogue and its custom-metrics API.
 
-Every metric is recorded once, through an OpenTelemetry instrument, and read out
-twice: scraped at ``/api/metrics`` and pushed over OTLP. Names and labels are
-validated when a metric is registered, never on the hot path: a recording call with
-the wrong labels is named once in the log (metric, expected labels, given labels) and
-that measurement is dropped, never recorded under empty label values; with
-``CFK_OTEL_STRICT=true`` it raises ``ValueError`` instead.
+Every registered metric is aggregated here, once, and read out twice, through public
+interfaces only: rendered by ``/api/metrics`` (a ``prometheus_client`` collector, see
+:mod:`cfk_otel._prometheus`) and pushed over OTLP by the wrapped SDK exporter of
+:mod:`cfk_otel._metric_export`. The process's own gauges (active users, memory, pools)
+are SDK observable instruments. Names and labels are validated when a metric is
+registered, never on the hot path: a recording call with the wrong labels is named once
+in the log (metric, expected labels, given labels) and that measurement is dropped,
+never recorded under empty label values; with ``CFK_OTEL_STRICT=true`` it raises
+``ValueError`` instead.
 
 Every registered metric is in every collection from the start, as with
 prometheus_client: an unlabelled one at 0, a labelled one without any series as a
@@ -29,26 +32,7 @@ from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar, overload
 
 from opentelemetry import metrics
-from opentelemetry.metrics import Instrument
-from opentelemetry.sdk.metrics._internal.instrument import _Histogram as SdkHistogram
-from opentelemetry.sdk.metrics._internal.instrument import _ObservableCounter as SdkObservableCounter
-from opentelemetry.sdk.metrics._internal.instrument import (
-    _ObservableUpDownCounter as SdkObservableUpDownCounter,
-)
-from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality,
-    HistogramDataPoint,
-    Metric,
-    MetricReader,
-    MetricsData,
-    NumberDataPoint,
-    ResourceMetrics,
-    ScopeMetrics,
-    Sum,
-)
-from opentelemetry.sdk.metrics.export import Histogram as SdkHistogramData
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, NumberDataPoint
 
 from ._version import __version__
 
@@ -119,21 +103,16 @@ class _Metric:
 
 
 class _Observed(_Metric):
-    """Values kept here, handed to the SDK's metric readers at each collection.
+    """Values kept here, read by the scrape and the OTLP push.
 
     Recording costs one dict update under a lock, instead of the SDK's per-measurement
     attribute cleaning and hashing for every reader (about 15 us each on SDK 1.45):
-    counters and gauges sit on the request path. Each collection (the scrape, the OTLP
-    export) gets their values as an SDK sum (see :func:`attach`), built straight from the
-    dict: as an asynchronous instrument, each series would go through the SDK's
-    measurement, attribute and aggregation steps on every collection, which made a
-    10,000-series scrape cost more than upstream's.
+    counters and gauges sit on the request path. Each read (the scrape, the OTLP
+    export) is built straight from the dict.
     """
 
     unit = ""
     monotonic = True  # a counter; a gauge is an up-down sum
-    # The SDK instrument class whose temporality a reader prefers for this kind.
-    instrument: type[Instrument] = SdkObservableCounter
 
     def __init__(self, name: str, description: str, labels: tuple[str, ...]) -> None:
         super().__init__(name, description, labels)
@@ -154,6 +133,11 @@ class _Observed(_Metric):
                 key = self._admit(key, values)
                 current = values.get(key, 0.0)
             values[key] = current + value
+
+    def values(self) -> list[tuple[tuple[str, ...], float]]:
+        """Every series: its label values (in label order) and its value."""
+        with self._lock:
+            return list(self._values.items())
 
     def points(self, now: int) -> list[tuple[tuple[str, ...], NumberDataPoint]]:
         """Every series with its label values, cumulative since this metric was registered."""
@@ -197,7 +181,6 @@ class Gauge(_Observed):
 
     kind = "gauge"
     monotonic = False
-    instrument = SdkObservableUpDownCounter
 
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
         key = self._key(labels)
@@ -244,12 +227,10 @@ class Histogram(_Metric):
     Aggregated here, once, rather than by an SDK instrument: the SDK aggregates each
     measurement once per metric reader (the scrape and OTLP), about 20 µs each on this
     project's benchmark machine, and the request duration is recorded on every request.
-    Each collection by any of the provider's readers gets the buckets as an SDK
-    histogram (see :func:`attach`), so ``/api/metrics`` and OTLP show them as before.
+    The scrape and the OTLP push read the buckets from here.
     """
 
     kind = "histogram"
-    instrument: type[Instrument] = SdkHistogram  # whose temporality a reader prefers for it
 
     def __init__(
         self, name: str, description: str, labels: tuple[str, ...], buckets: tuple[float, ...], unit: str = ""
@@ -297,6 +278,12 @@ class Histogram(_Metric):
     def shape(self) -> tuple[object, ...]:
         return (self.kind, self.labels, self.buckets)
 
+    def rows(self) -> list[tuple[tuple[str, ...], list[float], float]]:
+        """Every series: its label values, its bucket counts (the last above every bound), its sum."""
+        size = self._size
+        with self._lock:
+            return [(key, series[:size], series[size]) for key, series in self._series.items()]
+
     def points(self, now: int) -> list[tuple[tuple[str, ...], HistogramDataPoint]]:
         """Every series with its label values, cumulative since this histogram was registered."""
         with self._lock:
@@ -333,138 +320,28 @@ def _key_of(metric: _Metric, labels: Labels) -> tuple[str, ...] | None:
     return metric._checked_key(labels)
 
 
-# --- Handing our metrics to the SDK's metric readers -------------------------------------
+# --- What reads our metrics: /api/metrics (_prometheus) and the OTLP push (_metric_export) ---
 
-_SCOPE: Final = InstrumentationScope("cfk_otel", __version__)
-_HOOKED: Final = "_cfk_otel_sources"  # on a hooked reader: its list of metric sources
 Direct = Histogram | _Observed  # the metrics we aggregate ourselves (all registered ones)
-Source = Callable[[], Iterable[Direct]]
 _global_metrics: weakref.WeakSet[Metrics] = weakref.WeakSet()
-# Per hooked reader, for delta temporality: each series' last collection time and
-# cumulative values, keyed by (metric name, label values).
-_Previous = dict[tuple[str, tuple[str, ...]], tuple[int, Any]]
+# The registries made for an explicit meter provider, per provider.
+_provider_metrics: weakref.WeakKeyDictionary[object, weakref.WeakSet[Metrics]] = weakref.WeakKeyDictionary()
 
 
-def _global_direct() -> Iterable[Direct]:
+def global_direct() -> Iterable[Direct]:
+    """Every metric of the registries on the global meter provider, one per name."""
+    return direct_of(None)
+
+
+def direct_of(provider: object | None) -> Iterable[Direct]:
+    """Every metric of the registries made for ``provider`` (None: the global one), one per name."""
+    registries = _global_metrics if provider is None else _provider_metrics.get(provider, ())
     seen: set[str] = set()
-    for registry in list(_global_metrics):
+    for registry in list(registries):
         for metric in registry.direct():
             if metric.name not in seen:  # one registry's metric per name, as the SDK would
                 seen.add(metric.name)
                 yield metric
-
-
-def attach(provider: object, source: Source = _global_direct) -> None:
-    """Make every metric reader of an SDK ``provider`` collect ``source``'s metrics too.
-
-    Each reader's collection (the scrape, the OTLP export) is the SDK's own; the hook
-    adds our histograms, counters and gauges to its result, cumulative, or as
-    differences since that reader's last collection where it prefers delta temporality
-    for the kind (histogram min and max then stay cumulative: they cannot be taken back).
-    Views and exemplars do not apply to them. Calling it again for the same source does
-    nothing.
-    """
-    config = getattr(provider, "_sdk_config", None)
-    if config is None:  # not an SDK provider (no-op, proxy): nothing reads metrics
-        return
-    for reader in getattr(provider, "_metric_readers", ()):
-        sources: list[Source] | None = getattr(reader, _HOOKED, None)
-        if sources is None:
-            original = reader._collect
-            if original is None:
-                continue
-            sources = []
-            setattr(reader, _HOOKED, sources)
-            reader._collect = _collector(original, sources, config.resource)
-        if source not in sources:
-            sources.append(source)
-
-
-def _collector(
-    original: Callable[..., MetricsData | None], sources: list[Source], resource: Resource
-) -> Callable[..., MetricsData | None]:
-    previous: _Previous = {}
-
-    def collect(reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData | None:
-        data = original(reader, timeout_millis=timeout_millis)
-        try:
-            ours = _our_metrics(sources, reader, previous)
-            return _merged(data, ours, resource) if ours else data
-        except Exception:  # the SDK's own metrics still go out
-            _log.warning("cfk_otel: could not add our metrics to a metric collection", exc_info=True)
-            return data
-
-    return collect
-
-
-def _our_metrics(sources: list[Source], reader: MetricReader, previous: _Previous) -> list[Metric]:
-    now = time.time_ns()
-    # Keyed by the SDK's internal instrument classes (SDK 1.45; tests/test_metrics.py checks).
-    preferred = reader._instrument_class_temporality
-    out: list[Metric] = []
-    for source in sources:
-        for metric in source():
-            delta = preferred.get(metric.instrument) is AggregationTemporality.DELTA
-            temporality = AggregationTemporality.DELTA if delta else AggregationTemporality.CUMULATIVE
-            data: SdkHistogramData | Sum
-            if isinstance(metric, Histogram):
-                points = [
-                    _histogram_delta(metric.name, k, p, previous, now) if delta else p
-                    for k, p in metric.points(now)
-                ]
-                data = SdkHistogramData(data_points=points, aggregation_temporality=temporality)
-            else:
-                sums = [
-                    _sum_delta(metric.name, k, p, previous, now) if delta else p
-                    for k, p in metric.points(now)
-                ]
-                data = Sum(sums, temporality, metric.monotonic)
-            # Also without data points: a labelled metric nobody used yet is still declared
-            # (HELP and TYPE on the scrape; a metric with no points over OTLP).
-            out.append(Metric(metric.name, metric.description, metric.unit, data))
-    return out
-
-
-def _histogram_delta(
-    name: str, labels: tuple[str, ...], point: HistogramDataPoint, previous: _Previous, now: int
-) -> HistogramDataPoint:
-    start, (counts, total, count) = previous.get((name, labels), (point.start_time_unix_nano, ((), 0.0, 0)))
-    previous[name, labels] = (now, (point.bucket_counts, point.sum, point.count))
-    return HistogramDataPoint(
-        attributes=point.attributes,
-        start_time_unix_nano=start,
-        time_unix_nano=now,
-        count=point.count - count,
-        sum=point.sum - total,
-        bucket_counts=tuple(c - (counts[i] if counts else 0) for i, c in enumerate(point.bucket_counts)),
-        explicit_bounds=point.explicit_bounds,
-        min=point.min,
-        max=point.max,
-    )
-
-
-def _sum_delta(
-    name: str, labels: tuple[str, ...], point: NumberDataPoint, previous: _Previous, now: int
-) -> NumberDataPoint:
-    start, value = previous.get((name, labels), (point.start_time_unix_nano, 0.0))
-    previous[name, labels] = (now, point.value)
-    return NumberDataPoint(point.attributes, start, now, point.value - value)
-
-
-def _merged(data: MetricsData | None, ours: list[Metric], resource: Resource) -> MetricsData:
-    if data is None or not data.resource_metrics:
-        scope = ScopeMetrics(_SCOPE, ours, "")
-        return MetricsData([ResourceMetrics(resource, [scope], resource.schema_url)])
-    first, *rest = data.resource_metrics
-    scopes = list(first.scope_metrics)
-    for index, scope_metrics in enumerate(scopes):
-        if scope_metrics.scope.name == _SCOPE.name:  # beside our counters and gauges
-            merged = [*scope_metrics.metrics, *ours]
-            scopes[index] = ScopeMetrics(scope_metrics.scope, merged, scope_metrics.schema_url)
-            break
-    else:
-        scopes.append(ScopeMetrics(_SCOPE, ours, ""))
-    return MetricsData([ResourceMetrics(first.resource, scopes, first.schema_url), *rest])
 
 
 class Timer:
@@ -533,13 +410,12 @@ class Metrics:
         self._meter = metrics.get_meter("cfk_otel", __version__, meter_provider)
         self._registry: dict[str, _Metric] = {}
         self._lock = threading.Lock()
-        # Our metrics reach the SDK's readers through a hook on them (see attach):
-        # here for an explicit provider, at SDK start-up (_sdk) for the global one.
+        # Read by the scrape and the OTLP push (see global_direct); those of a registry
+        # on an explicit provider are read through its own direct().
         if meter_provider is None:
             _global_metrics.add(self)
-            attach(metrics.get_meter_provider())  # an SDK provider the app set itself, if any
         else:
-            attach(meter_provider, self.direct)
+            _provider_metrics.setdefault(meter_provider, weakref.WeakSet()).add(self)
         self.http_requests = self.register_counter(
             "http_requests_total", "Total HTTP requests by method, path, status", ["method", "path", "status"]
         )

@@ -27,9 +27,10 @@ from opentelemetry.environment_variables import (
 )
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
+from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 
-from . import _core, _errors, _metrics, _redact, _settings, _uncaught
+from . import _core, _errors, _metric_export, _metrics, _redact, _settings, _uncaught
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
 from ._resource import build_attributes
@@ -175,10 +176,15 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         registry = CollectorRegistry(auto_describe=True)
         extra["metric_exporter_names"] = ["cfk_prometheus"]
         extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
+    # Our metrics join the OTLP push through the SDK's exporter, wrapped (_metric_export).
+    extra.setdefault("exporter_args_map", {})[_metric_export.OtlpMetricExporter] = {
+        "preference": current.metrics_temporality,
+        "resource": Resource.create(resource_attributes),
+    }
     _metrics.STRICT = current.strict  # metric misuse raises rather than being logged once
     _errors.start(current)  # Sentry; before the providers: SENTRY_TRACES_SAMPLE_RATE may set the sampler
-    initialize(resource_attributes, extra)
-    _metrics.attach(metrics.get_meter_provider())  # our metrics, into its readers' collections
+    with _metric_export.in_place_of_otlp(extra):
+        initialize(resource_attributes, extra)
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
     choice = _core.select(current)

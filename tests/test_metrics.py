@@ -13,17 +13,26 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from cfk_otel._metrics import Metrics
+from cfk_otel.testing import MetricsReader
 
 
 @pytest.fixture
 def reader() -> InMemoryMetricReader:
-    return InMemoryMetricReader()
+    return MetricsReader()
+
+
+def registry(*readers: MetricsReader) -> tuple[MeterProvider, Metrics]:
+    """A registry on a fresh provider whose readers read its metrics too."""
+    provider = MeterProvider(metric_readers=list(readers))
+    for reader in readers:
+        reader.read_from(provider)
+    return provider, Metrics(provider)
 
 
 @pytest.fixture
-def m(reader: InMemoryMetricReader) -> Iterator[Metrics]:
-    provider = MeterProvider(metric_readers=[reader])
-    yield Metrics(provider)
+def m(reader: MetricsReader) -> Iterator[Metrics]:
+    provider, metrics = registry(reader)
+    yield metrics
     provider.shutdown()
 
 
@@ -315,10 +324,10 @@ def test_histograms_follow_a_readers_delta_temporality() -> None:
     from opentelemetry.sdk.metrics import Histogram as SdkHistogram
     from opentelemetry.sdk.metrics.export import AggregationTemporality
 
-    cumulative = InMemoryMetricReader()
-    delta = InMemoryMetricReader(preferred_temporality={SdkHistogram: AggregationTemporality.DELTA})
-    provider = MeterProvider(metric_readers=[cumulative, delta])
-    h = Metrics(provider).register_histogram("d_seconds", "d", [], buckets=[1])
+    cumulative = MetricsReader()
+    delta = MetricsReader(preferred_temporality={SdkHistogram: AggregationTemporality.DELTA})
+    provider, metrics = registry(cumulative, delta)
+    h = metrics.register_histogram("d_seconds", "d", [], buckets=[1])
     h.observe(0.5)
     h.observe(2)
     [first] = points(delta, "d_seconds").values()
@@ -336,19 +345,17 @@ def test_counters_and_gauges_arrive_as_the_sdks_asynchronous_instruments_would()
     # Ours are handed to the readers directly; the SDK's observable counter and up-down
     # counter, fed the same values, are the reference, in cumulative and delta readers.
     from opentelemetry.metrics import Observation
-    from opentelemetry.sdk.metrics import ObservableCounter, ObservableUpDownCounter
+    # Ours are read as the SDK's synchronous counter and up-down counter would be.
+    from opentelemetry.sdk.metrics import Counter, ObservableCounter, ObservableUpDownCounter, UpDownCounter
     from opentelemetry.sdk.metrics.export import AggregationTemporality
 
-    delta_for = {
-        ObservableCounter: AggregationTemporality.DELTA,
-        ObservableUpDownCounter: AggregationTemporality.DELTA,
-    }
+    delta = AggregationTemporality.DELTA
+    delta_for = {ObservableCounter: delta, ObservableUpDownCounter: delta, Counter: delta, UpDownCounter: delta}
     readers = {
-        "cumulative": InMemoryMetricReader(),
-        "delta": InMemoryMetricReader(preferred_temporality=delta_for),
+        "cumulative": MetricsReader(),
+        "delta": MetricsReader(preferred_temporality=delta_for),
     }
-    provider = MeterProvider(metric_readers=list(readers.values()))
-    m = Metrics(provider)
+    provider, m = registry(*readers.values())
     counter = m.register_counter("c_total", "c", ["k"])
     gauge = m.register_gauge("g", "g", ["k"])
     expected: dict[str, dict[str, float]] = {"c_total": {}, "g": {}}
@@ -390,12 +397,12 @@ def test_counters_and_gauges_arrive_as_the_sdks_asynchronous_instruments_would()
 
 
 def test_a_delta_counter_point_starts_where_the_last_one_ended() -> None:
-    from opentelemetry.sdk.metrics import ObservableCounter
+    from opentelemetry.sdk.metrics import Counter
     from opentelemetry.sdk.metrics.export import AggregationTemporality
 
-    reader = InMemoryMetricReader(preferred_temporality={ObservableCounter: AggregationTemporality.DELTA})
-    provider = MeterProvider(metric_readers=[reader])
-    counter = Metrics(provider).register_counter("s_total", "s", [])
+    reader = MetricsReader(preferred_temporality={Counter: AggregationTemporality.DELTA})
+    provider, metrics = registry(reader)
+    counter = metrics.register_counter("s_total", "s", [])
     counter.inc()
     [first] = points(reader, "s_total").values()
     counter.inc()

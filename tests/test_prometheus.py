@@ -43,14 +43,14 @@ def samples(body: bytes) -> dict[str, float]:
 
 
 def test_exact_names_no_scope_labels_no_target_info() -> None:
-    registry, _, provider = registry_with_requests(2)
-    body, content_type = Scrape(registry).render(openmetrics_format=False)
+    registry, m, provider = registry_with_requests(2)
+    body, content_type = Scrape(registry, direct=m.direct).render(openmetrics_format=False)
     text = body.decode()
     assert 'http_requests_total{method="GET",path="/a",status="200"} 2.0' in text
     assert "otel_scope" not in text
     assert "target_info" not in text
     assert content_type.startswith("text/plain")
-    body, content_type = Scrape(registry).render(openmetrics_format=True)
+    body, content_type = Scrape(registry, direct=m.direct).render(openmetrics_format=True)
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
     provider.shutdown()
@@ -63,15 +63,15 @@ def dead_pid() -> int:
 
 
 def test_group_scrape_sums_workers_and_drops_dead_gauges(tmp_path: Path) -> None:
-    registry, _, provider = registry_with_requests(3)
-    other_registry, _, other_provider = registry_with_requests(4)
+    registry, m, provider = registry_with_requests(3)
+    other_registry, other_m, other_provider = registry_with_requests(4)
     directory = tmp_path / "group"
     directory.mkdir()
-    other = Scrape(other_registry)
+    other = Scrape(other_registry, direct=other_m.direct)
     # A live worker (our parent process stands in) and a worker that has exited.
     (directory / f"{os.getppid()}.prom").write_bytes(other.render(False)[0])
     (directory / f"{dead_pid()}.prom").write_bytes(other.render(False)[0])
-    scrape = Scrape(registry, directory)
+    scrape = Scrape(registry, directory, m.direct)
     merged = samples(scrape.render(False)[0])
     assert merged["http_requests_total[('method', 'GET'), ('path', '/a'), ('status', '200')]"] == 3 + 4 + 4
     assert merged["websocket_connections_active[]"] == 1 + 1  # the exited worker's gauge is gone
@@ -128,10 +128,10 @@ def scrape_status(endpoint: MetricsEndpoint, headers: list[tuple[bytes, bytes]])
     ],
 )
 def test_bearer_token_check(headers: list[tuple[bytes, bytes]], status: int) -> None:
-    registry, _, provider = registry_with_requests(1)
-    endpoint = MetricsEndpoint(lambda: Scrape(registry), bearer_token="s3cret")
+    registry, m, provider = registry_with_requests(1)
+    endpoint = MetricsEndpoint(lambda: Scrape(registry, direct=m.direct), bearer_token="s3cret")
     assert scrape_status(endpoint, headers) == status
-    assert scrape_status(MetricsEndpoint(lambda: Scrape(registry)), headers) == 200  # no token set
+    assert scrape_status(MetricsEndpoint(lambda: Scrape(registry, direct=m.direct)), headers) == 200  # no token set
     provider.shutdown()
 
 
@@ -141,7 +141,7 @@ def test_the_first_scrape_shows_every_metric_as_prometheus_client_would() -> Non
     m = Metrics(provider)
     m.register_counter("my_feature_usage", "Feature usage count", ["feature"])
     m.register_counter("jobs_done", "Jobs done")
-    text = Scrape(registry).render(openmetrics_format=False)[0].decode()
+    text = Scrape(registry, direct=m.direct).render(openmetrics_format=False)[0].decode()
     # Unlabelled: a sample at 0.
     assert "\nwebsocket_connections_active 0.0\n" in text
     assert "\njobs_done_total 0.0\n" in text
@@ -162,7 +162,7 @@ def test_the_first_scrape_shows_every_metric_as_prometheus_client_would() -> Non
         assert f"\n{name}_bucket{{" not in text, name
     # Once used, the family is the same one, with its sample (no second HELP/TYPE).
     m.errors.inc({"type": "ValueError", "severity": "error"})
-    text = Scrape(registry).render(openmetrics_format=False)[0].decode()
+    text = Scrape(registry, direct=m.direct).render(openmetrics_format=False)[0].decode()
     assert text.count("# TYPE errors_total counter") == 1
     assert 'errors_total{severity="error",type="ValueError"} 1.0' in text
     provider.shutdown()
