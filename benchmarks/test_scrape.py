@@ -84,7 +84,9 @@ def test_scrape_ours(
             counter.add_by_key(key, 1.0)
     scrape_state = Scrape(registry, direct=metrics.direct)  # as _sdk keeps it in STATE.scrape
     endpoint = MetricsEndpoint(lambda: scrape_state)
-    describe(benchmark, "ours", "MetricsEndpoint (Scrape: cfk_prometheus reader + our collector)", primary=True)
+    describe(
+        benchmark, "ours", "MetricsEndpoint (Scrape: cfk_prometheus reader + our collector)", primary=True
+    )
     body = benchmark(scrape, loop, endpoint)
     provider.shutdown()
     assert series_count(body) == FAMILIES * SERIES_PER_FAMILY

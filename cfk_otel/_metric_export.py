@@ -86,7 +86,9 @@ class Collection:
     they cannot be taken back). A metric nobody has used yet is still there, without data
     points, so that it is declared from the first export."""
 
-    def __init__(self, source: Source, temporality: Mapping[type, AggregationTemporality] | None = None) -> None:
+    def __init__(
+        self, source: Source, temporality: Mapping[type, AggregationTemporality] | None = None
+    ) -> None:
         # Ours are read as the SDK's synchronous instruments of the same kind would be.
         self._source = source
         prefers = temporality or {}
@@ -102,11 +104,16 @@ class Collection:
             data: HistogramData | Sum
             if isinstance(metric, _metrics.Histogram):
                 delta = self._delta_histograms
-                points = [self._histogram_delta(metric.name, k, p, now) if delta else p for k, p in metric.points(now)]
+                points = [
+                    self._histogram_delta(metric.name, k, p, now) if delta else p
+                    for k, p in metric.points(now)
+                ]
                 data = HistogramData(points, _DELTA if delta else _CUMULATIVE)
             else:
                 delta = self._delta_counters if metric.monotonic else self._delta_gauges
-                sums = [self._sum_delta(metric.name, k, p, now) if delta else p for k, p in metric.points(now)]
+                sums = [
+                    self._sum_delta(metric.name, k, p, now) if delta else p for k, p in metric.points(now)
+                ]
                 data = Sum(sums, _DELTA if delta else _CUMULATIVE, metric.monotonic)
             out.append(Metric(metric.name, metric.description, metric.unit, data))
         return out
@@ -115,7 +122,9 @@ class Collection:
         self, name: str, labels: tuple[str, ...], point: HistogramDataPoint, now: int
     ) -> HistogramDataPoint:
         previous = self._previous
-        start, (counts, total, count) = previous.get((name, labels), (point.start_time_unix_nano, ((), 0.0, 0)))
+        start, (counts, total, count) = previous.get(
+            (name, labels), (point.start_time_unix_nano, ((), 0.0, 0))
+        )
         previous[name, labels] = (now, (point.bucket_counts, point.sum, point.count))
         return HistogramDataPoint(
             attributes=point.attributes,
@@ -129,7 +138,9 @@ class Collection:
             max=point.max,
         )
 
-    def _sum_delta(self, name: str, labels: tuple[str, ...], point: NumberDataPoint, now: int) -> NumberDataPoint:
+    def _sum_delta(
+        self, name: str, labels: tuple[str, ...], point: NumberDataPoint, now: int
+    ) -> NumberDataPoint:
         start, value = self._previous.get((name, labels), (point.start_time_unix_nano, 0.0))
         self._previous[name, labels] = (now, point.value)
         return NumberDataPoint(point.attributes, start, now, point.value - value)
@@ -144,7 +155,9 @@ def merged(data: MetricsData | None, ours: Sequence[Metric], resource: Resource)
     scopes = list(first.scope_metrics)
     for index, scope_metrics in enumerate(scopes):
         if scope_metrics.scope.name == SCOPE.name:  # beside our SDK instruments (active_users...)
-            scopes[index] = ScopeMetrics(scope_metrics.scope, [*scope_metrics.metrics, *ours], scope_metrics.schema_url)
+            scopes[index] = ScopeMetrics(
+                scope_metrics.scope, [*scope_metrics.metrics, *ours], scope_metrics.schema_url
+            )
             break
     else:
         scopes.append(ScopeMetrics(SCOPE, list(ours), ""))
@@ -198,7 +211,9 @@ class OtlpMetricExporter(MetricExporter):
         self._collection = Collection(source or _metrics.global_direct, temporality)
         self._resource = resource or Resource.create()
 
-    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
         try:
             data = merged(metrics_data, self._collection.metrics(), self._resource)
         except Exception:  # the SDK's own metrics still go out

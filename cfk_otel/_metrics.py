@@ -29,12 +29,17 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, NumberDataPoint
 
+from . import _settings
+from ._core import _native
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._native import Family
 
 _log = logging.getLogger("cfk_otel")
 _NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
@@ -53,6 +58,8 @@ ACTIVE_USER_WINDOW: Final = 300.0
 MAX_USERS: Final = 100_000
 MAX_POOLS: Final = 64
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# OpenTelemetry units as the SDK's Prometheus reader names them (cfk_otel's metrics use seconds).
+_UNITS: Final = {"s": "seconds"}
 # Like the SDK's default cardinality limit: past it, new label sets share one overflow series.
 MAX_SERIES: Final = 2000
 OVERFLOW: Final = "overflow"
@@ -89,8 +96,11 @@ class _Metric:
         # Called under the lock: past MAX_SERIES label sets, new ones share the overflow series.
         if key in series or len(series) < MAX_SERIES:
             return key
-        self._misuse("overflow", f"has more than {MAX_SERIES} label sets; new ones share one series")
+        self._overflowed()
         return (OVERFLOW,) * len(self.labels)
+
+    def _overflowed(self) -> None:
+        self._misuse("overflow", f"has more than {MAX_SERIES} label sets; new ones share one series")
 
     def _misuse(self, kind: str, problem: str) -> None:
         # Once per metric and kind of misuse: a wrong call in a loop must not flood the log.
@@ -105,19 +115,23 @@ class _Metric:
 class _Observed(_Metric):
     """Values kept here, read by the scrape and the OTLP push.
 
-    Recording costs one dict update under a lock, instead of the SDK's per-measurement
+    Recording costs one update under a lock, instead of the SDK's per-measurement
     attribute cleaning and hashing for every reader (about 15 us each on SDK 1.45):
-    counters and gauges sit on the request path. Each read (the scrape, the OTLP
-    export) is built straight from the dict.
+    counters and gauges sit on the request path. With the compiled core the values live
+    in its ``Family`` (``family``), which also writes the scrape's text; without it, in a
+    dict here.
     """
 
     unit = ""
     monotonic = True  # a counter; a gauge is an up-down sum
 
-    def __init__(self, name: str, description: str, labels: tuple[str, ...]) -> None:
+    def __init__(self, name: str, description: str, labels: tuple[str, ...], native: bool = False) -> None:
         super().__init__(name, description, labels)
+        self.family = _family(self, native)
         # An unlabelled metric is at 0 from the start, as in prometheus_client.
         self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
+        if self.family is not None and not labels:
+            self.family.add((), 0.0)
         self._lock = threading.Lock()
         self._start = time.time_ns()
 
@@ -126,6 +140,11 @@ class _Observed(_Metric):
 
     def add_by_key(self, key: tuple[str, ...], value: float) -> None:
         """Add to the series whose label values are ``key``, in label order (the hot path)."""
+        family = self.family
+        if family is not None:
+            if family.add(key, value):
+                self._overflowed()
+            return
         with self._lock:
             values = self._values
             current = values.get(key)
@@ -136,13 +155,14 @@ class _Observed(_Metric):
 
     def values(self) -> list[tuple[tuple[str, ...], float]]:
         """Every series: its label values (in label order) and its value."""
+        if self.family is not None:
+            return [(tuple(key), value) for key, value in self.family.values()]
         with self._lock:
             return list(self._values.items())
 
     def points(self, now: int) -> list[tuple[tuple[str, ...], NumberDataPoint]]:
         """Every series with its label values, cumulative since this metric was registered."""
-        with self._lock:
-            items = list(self._values.items())
+        items = self.values()
         names, start = self.labels, self._start
         return [
             (key, NumberDataPoint(dict(zip(names, key, strict=True)), start, now, value))
@@ -196,6 +216,10 @@ class Gauge(_Observed):
         key = self._key(labels)
         if key is None:
             return
+        if self.family is not None:
+            if self.family.set(key, value):
+                self._overflowed()
+            return
         with self._lock:
             self._values[self._admit(key, self._values)] = value
 
@@ -206,6 +230,10 @@ class Gauge(_Observed):
         """
         key = self._key(labels)
         if key is None:
+            return
+        if self.family is not None:
+            if not self.family.finish(key):
+                self._misuse("finish", "finished more often than started; kept at 0")
             return
         with self._lock:
             current = self._values.get(key, 0.0)
@@ -233,11 +261,20 @@ class Histogram(_Metric):
     kind = "histogram"
 
     def __init__(
-        self, name: str, description: str, labels: tuple[str, ...], buckets: tuple[float, ...], unit: str = ""
+        self,
+        name: str,
+        description: str,
+        labels: tuple[str, ...],
+        buckets: tuple[float, ...],
+        unit: str = "",
+        native: bool = False,
     ) -> None:
         super().__init__(name, description, labels)
         self.buckets = buckets
         self.unit = unit
+        self.family = _family(self, native)
+        if self.family is not None and not labels:
+            self.family.touch(())
         # Per label key: bucket counts (len(buckets) + 1), then sum, count, min, max.
         self._size = len(buckets) + 1
         self._empty: list[float] = [0] * self._size + [0.0, 0, math.inf, -math.inf]
@@ -255,6 +292,11 @@ class Histogram(_Metric):
         """Record into the series whose label values are ``key``, in label order (the hot path)."""
         if not value >= 0.0:  # negative or NaN: as the SDK, dropped
             self._misuse("negative", f"records only non-negative numbers, got {value!r}; dropped")
+            return
+        family = self.family
+        if family is not None:
+            if family.observe(key, value):
+                self._overflowed()
             return
         index = bisect.bisect_left(self.buckets, value)  # bucket i is (bound[i-1], bound[i]]
         size = self._size
@@ -280,15 +322,24 @@ class Histogram(_Metric):
 
     def rows(self) -> list[tuple[tuple[str, ...], list[float], float]]:
         """Every series: its label values, its bucket counts (the last above every bound), its sum."""
+        return [(key, counts, total) for key, counts, total, *_ in self._rows()]
+
+    def _rows(self) -> list[tuple[tuple[str, ...], list[float], float, float, float, float]]:
+        # (label values, bucket counts, sum, count, min, max)
+        if self.family is not None:
+            return [
+                (tuple(k), [float(c) for c in counts], total, count, low, high)
+                for k, counts, total, count, low, high in self.family.rows()
+            ]
         size = self._size
         with self._lock:
-            return [(key, series[:size], series[size]) for key, series in self._series.items()]
+            return [
+                (key, s[:size], s[size], s[size + 1], s[size + 2], s[size + 3])
+                for key, s in self._series.items()
+            ]
 
     def points(self, now: int) -> list[tuple[tuple[str, ...], HistogramDataPoint]]:
         """Every series with its label values, cumulative since this histogram was registered."""
-        with self._lock:
-            items = [(key, list(series)) for key, series in self._series.items()]
-        size = self._size
         return [
             (
                 key,
@@ -296,17 +347,54 @@ class Histogram(_Metric):
                     attributes=dict(zip(self.labels, key, strict=True)),
                     start_time_unix_nano=self._start,
                     time_unix_nano=now,
-                    count=int(series[size + 1]),
-                    sum=series[size],
-                    bucket_counts=tuple(int(c) for c in series[:size]),
+                    count=int(count),
+                    sum=total,
+                    bucket_counts=tuple(int(c) for c in counts),
                     explicit_bounds=self.buckets,
                     # No observation yet: no infinities on the wire.
-                    min=series[size + 2] if series[size + 1] else 0.0,
-                    max=series[size + 3] if series[size + 1] else 0.0,
+                    min=low if count else 0.0,
+                    max=high if count else 0.0,
                 ),
             )
-            for key, series in items
+            for key, counts, total, count, low, high in self._rows()
         ]
+
+
+def _family(metric: _Metric, native: bool) -> Family | None:
+    """The compiled core's family holding ``metric``'s series on the native path, else None.
+
+    Written as the SDK's Prometheus reader writes the metric: a counter's samples end in
+    ``_total``, a unit ("s": seconds) ends the name of a metric that has one.
+    """
+    if not native or _native is None:
+        return None
+    unit = _UNITS.get(getattr(metric, "unit", ""), getattr(metric, "unit", ""))
+    name = metric.name
+    if unit and not name.endswith(f"_{unit}"):
+        name = f"{name}_{unit}"
+    family: Family
+    if isinstance(metric, Histogram):
+        family = _native.Family(
+            name,
+            metric.description,
+            unit,
+            list(metric.labels),
+            list(metric.buckets),
+            [str(b) for b in metric.buckets],
+            max_series=MAX_SERIES,
+        )
+        return family
+    if isinstance(metric, Counter):
+        name = f"{name.removesuffix('_total')}_total"
+    family = _native.Family(
+        name,
+        metric.description,
+        unit,
+        list(metric.labels),
+        gauge=isinstance(metric, Gauge),
+        max_series=MAX_SERIES,
+    )
+    return family
 
 
 def _key_of(metric: _Metric, labels: Labels) -> tuple[str, ...] | None:
@@ -406,8 +494,12 @@ class Metrics:
     provider; tests and embedders can build their own with an explicit provider.
     """
 
-    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+    def __init__(
+        self, meter_provider: metrics.MeterProvider | None = None, native: bool | None = None
+    ) -> None:
         self._meter = metrics.get_meter("cfk_otel", __version__, meter_provider)
+        # Where the series live: the compiled core's families (native), or dicts here.
+        self.native = _native is not None and (native_path() if native is None else native)
         self._registry: dict[str, _Metric] = {}
         self._lock = threading.Lock()
         # Read by the scrape and the OTLP push (see global_direct); those of a registry
@@ -484,6 +576,23 @@ class Metrics:
             "database_pool_max_connections", callbacks=[self._observe_pool_max], description="Pool capacity"
         )
 
+    def record_request(self, method: str, route: str, status: str, seconds: float) -> None:
+        """The end of one HTTP request: ``http_requests_total`` and ``http_request_duration_seconds``,
+        in one call into the core on the native path."""
+        requests, duration = self.http_requests, self.http_request_duration
+        if requests.family is None or duration.family is None or not seconds >= 0.0:
+            requests.add_by_key((method, route, status), 1.0)
+            duration.record_by_key((method, route), seconds)
+            return
+        assert _native is not None  # the families are the core's
+        counted, observed = _native.record_request(
+            requests.family, duration.family, method, route, status, seconds
+        )
+        if counted:
+            requests._overflowed()
+        if observed:
+            duration._overflowed()
+
     def note_user(self, user_id: str, now: float | None = None) -> None:
         """Count ``user_id`` in ``active_users`` for the next five minutes."""
         if user_id in self._users or len(self._users) < MAX_USERS:
@@ -532,12 +641,14 @@ class Metrics:
     def register_counter(self, name: str, description: str, labels: Iterable[str] = ()) -> Counter:
         """Register (or get back) a counter. Raises ``ValueError`` on a conflicting shape."""
         names = _label_names(name, labels)
-        return self._register(name, (Counter.kind, names), lambda: Counter(name, description, names))
+        return self._register(
+            name, (Counter.kind, names), lambda: Counter(name, description, names, self.native)
+        )
 
     def register_gauge(self, name: str, description: str, labels: Iterable[str] = ()) -> Gauge:
         """Register (or get back) a gauge. Raises ``ValueError`` on a conflicting shape."""
         names = _label_names(name, labels)
-        return self._register(name, (Gauge.kind, names), lambda: Gauge(name, description, names))
+        return self._register(name, (Gauge.kind, names), lambda: Gauge(name, description, names, self.native))
 
     def register_histogram(
         self,
@@ -556,7 +667,7 @@ class Metrics:
         return self._register(
             name,
             (Histogram.kind, names, bounds),
-            lambda: Histogram(name, description, names, bounds, unit),
+            lambda: Histogram(name, description, names, bounds, unit, self.native),
         )
 
     def _register(self, name: str, shape: tuple[object, ...], build: Callable[[], M]) -> M:
@@ -617,6 +728,16 @@ def _describe(shape: tuple[object, ...]) -> str:
     kind, labels, *rest = shape
     text = f"a {kind} with labels {list(labels)}"  # type: ignore[call-overload]
     return text + (f" and buckets {list(rest[0])}" if rest else "")  # type: ignore[call-overload]
+
+
+def native_path() -> bool:
+    """Whether ``CFK_OTEL_NATIVE`` (read as the settings read it) leaves the native path on."""
+    variable = _settings.variable("CFK_OTEL_NATIVE")
+    value = os.environ.get(variable.name, "").strip()
+    try:
+        return bool(variable.parse(value)) if value else bool(variable.default)
+    except Exception:  # invalid: the default, as the settings say at start-up
+        return bool(variable.default)
 
 
 # CFK_OTEL_STRICT: misuse raises instead of being logged once (set at start-up, see _sdk).

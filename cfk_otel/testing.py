@@ -556,7 +556,9 @@ class MetricsReader(InMemoryMetricReader):
     def __init__(self, preferred_temporality: dict[type, AggregationTemporality] | None = None) -> None:
         super().__init__(preferred_temporality=preferred_temporality)
         self._provider: object | None = None
-        self._collection = _metric_export.Collection(lambda: _metrics.direct_of(self._provider), preferred_temporality)
+        self._collection = _metric_export.Collection(
+            lambda: _metrics.direct_of(self._provider), preferred_temporality
+        )
 
     def read_from(self, provider: object) -> None:
         """Read the cfk_otel metrics registered for ``provider`` (``Metrics(provider)``)."""

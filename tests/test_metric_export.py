@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from opentelemetry.metrics import Observation
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.metrics import Observation
 from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableCounter, UpDownCounter
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -31,7 +31,9 @@ class Capture(MetricExporter):
         super().__init__()
         self.exports: list[MetricsData] = []
 
-    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
         self.exports.append(metrics_data)
         return MetricExportResult.SUCCESS
 
@@ -49,7 +51,9 @@ class SdkCapture(OTLPMetricExporter):
         super().__init__()
         self.exports: list[MetricsData] = []
 
-    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
         self.exports.append(metrics_data)
         return MetricExportResult.SUCCESS
 
@@ -84,7 +88,11 @@ def test_temporality_follows_the_specifications_choices(
     monkeypatch: pytest.MonkeyPatch, preference: str, counter: Any, histogram: Any, observable_counter: Any
 ) -> None:
     chosen = preferred_temporality(preference)
-    assert (chosen[Counter], chosen[Histogram], chosen[ObservableCounter]) == (counter, histogram, observable_counter)
+    assert (chosen[Counter], chosen[Histogram], chosen[ObservableCounter]) == (
+        counter,
+        histogram,
+        observable_counter,
+    )
     assert chosen[UpDownCounter] is CUMULATIVE  # a level is never sent as differences
     # The SDK's own exporter, reading the same variable, exports the same temporalities.
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", preference)
@@ -131,7 +139,9 @@ def pushed() -> Iterator[tuple[Capture, Metrics, PeriodicExportingMetricReader]]
     provider.shutdown()
 
 
-def test_our_metrics_join_each_export_as_deltas(pushed: tuple[Capture, Metrics, PeriodicExportingMetricReader]) -> None:
+def test_our_metrics_join_each_export_as_deltas(
+    pushed: tuple[Capture, Metrics, PeriodicExportingMetricReader],
+) -> None:
     capture, metrics, reader = pushed
     labels = {"method": "GET", "path": "/a", "status": "200"}
     metrics.http_requests.inc(labels)
@@ -170,7 +180,9 @@ def test_a_failing_read_of_ours_still_sends_the_sdks() -> None:
     provider = MeterProvider(metric_readers=[reader])
     provider.get_meter("app").create_counter("app_jobs").add(1)
     reader.force_flush()
-    names = {m.name for rm in capture.exports[-1].resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    names = {
+        m.name for rm in capture.exports[-1].resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    }
     assert names == {"app_jobs"}
     provider.shutdown()
 

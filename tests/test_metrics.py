@@ -345,12 +345,18 @@ def test_counters_and_gauges_arrive_as_the_sdks_asynchronous_instruments_would()
     # Ours are handed to the readers directly; the SDK's observable counter and up-down
     # counter, fed the same values, are the reference, in cumulative and delta readers.
     from opentelemetry.metrics import Observation
+
     # Ours are read as the SDK's synchronous counter and up-down counter would be.
     from opentelemetry.sdk.metrics import Counter, ObservableCounter, ObservableUpDownCounter, UpDownCounter
     from opentelemetry.sdk.metrics.export import AggregationTemporality
 
     delta = AggregationTemporality.DELTA
-    delta_for = {ObservableCounter: delta, ObservableUpDownCounter: delta, Counter: delta, UpDownCounter: delta}
+    delta_for = {
+        ObservableCounter: delta,
+        ObservableUpDownCounter: delta,
+        Counter: delta,
+        UpDownCounter: delta,
+    }
     readers = {
         "cumulative": MetricsReader(),
         "delta": MetricsReader(preferred_temporality=delta_for),

@@ -131,7 +131,9 @@ def test_bearer_token_check(headers: list[tuple[bytes, bytes]], status: int) -> 
     registry, m, provider = registry_with_requests(1)
     endpoint = MetricsEndpoint(lambda: Scrape(registry, direct=m.direct), bearer_token="s3cret")
     assert scrape_status(endpoint, headers) == status
-    assert scrape_status(MetricsEndpoint(lambda: Scrape(registry, direct=m.direct)), headers) == 200  # no token set
+    assert (
+        scrape_status(MetricsEndpoint(lambda: Scrape(registry, direct=m.direct)), headers) == 200
+    )  # no token set
     provider.shutdown()
 
 
@@ -166,3 +168,39 @@ def test_the_first_scrape_shows_every_metric_as_prometheus_client_would() -> Non
     assert text.count("# TYPE errors_total counter") == 1
     assert 'errors_total{severity="error",type="ValueError"} 1.0' in text
     provider.shutdown()
+
+
+def record_the_same(m: Metrics) -> None:
+    """Every kind of metric, labels declared out of order, a help text with quotes."""
+    for status in ("200", "500", "200"):
+        m.http_requests.inc({"method": "GET", "path": '/a"b\\c', "status": status})
+    for seconds in (0.0, 0.004, 0.1, 2.5, 11.0):
+        m.http_request_duration.observe(seconds, {"method": "POST", "path": "/b"})
+    m.database_query_duration.observe(0.0004, {"operation": "SELECT"})
+    m.websocket_connections.inc()
+    m.active_agents.set(3, {"type": "triage"})
+    m.active_agents.finish({"type": "triage"})
+    m.register_counter("jobs", 'Jobs "done"', ["zone", "kind"]).inc({"zone": "eu", "kind": "x"}, 2.5)
+    m.register_gauge("depth", "Queue depth", ["queue"]).dec({"queue": "q"}, 1.5)
+    m.register_histogram("export_seconds", "Export", ["format"], [0.1, 1]).observe(0.5, {"format": "csv"})
+
+
+@pytest.mark.parametrize("openmetrics_format", [False, True])
+def test_the_cores_scrape_text_equals_prometheus_clients(openmetrics_format: bool) -> None:
+    """The core writes our metrics' text in one call (Metrics on the native path); the
+    collector's prometheus_client families are the oracle (Metrics without the core)."""
+    bodies = []
+    for native in (True, False):
+        registry = CollectorRegistry()
+        provider = MeterProvider(metric_readers=[ScrapeReader(**reader_arguments(registry))])
+        m = Metrics(provider, native=native)
+        assert (m.http_requests.family is not None) is native
+        record_the_same(m)
+        body = Scrape(registry, direct=m.direct).render(openmetrics_format)[0].decode()
+        # The process's memory moves between the two scrapes; the rest must not.
+        bodies.append("\n".join(x for x in body.split("\n") if not x.startswith("process_resident_memory")))
+        provider.shutdown()
+    fast, oracle = bodies
+    assert "# TYPE active_agents_count gauge" in fast
+    assert 'jobs_total{kind="x",zone="eu"} 2.5' in fast
+    assert fast == oracle
