@@ -82,18 +82,19 @@ _Previous = dict[tuple[str, tuple[str, ...]], tuple[int, Any]]
 
 class Collection:
     """Reads our metrics as SDK ``Metric`` data, cumulative or as differences since the
-    previous read (counters and histograms; a histogram's min and max then stay cumulative:
-    they cannot be taken back). A metric nobody has used yet is still there, without data
-    points, so that it is declared from the first export."""
+    previous read (a histogram's min and max then stay cumulative: they cannot be taken
+    back), as the SDK path's instruments give them. A metric nobody has used yet is still
+    there, without data points, so that it is declared from the first export."""
 
     def __init__(
         self, source: Source, temporality: Mapping[type, AggregationTemporality] | None = None
     ) -> None:
-        # Ours are read as the SDK's synchronous instruments of the same kind would be.
+        # Ours are read as the SDK path's instruments would be: a counter and a histogram
+        # as synchronous ones, a gauge as an observable up-down counter.
         self._source = source
         prefers = temporality or {}
         self._delta_counters = prefers.get(Counter) is _DELTA
-        self._delta_gauges = prefers.get(UpDownCounter) is _DELTA
+        self._delta_gauges = prefers.get(ObservableUpDownCounter) is _DELTA
         self._delta_histograms = prefers.get(Histogram) is _DELTA
         self._previous: _Previous = {}
 
@@ -101,6 +102,8 @@ class Collection:
         now = time.time_ns()
         out: list[Metric] = []
         for metric in self._source():
+            if not metric.reported_here:  # an SDK instrument: in the SDK's own data
+                continue
             data: HistogramData | Sum
             if isinstance(metric, _metrics.Histogram):
                 delta = self._delta_histograms
@@ -108,12 +111,16 @@ class Collection:
                     self._histogram_delta(metric.name, k, p, now) if delta else p
                     for k, p in metric.points(now)
                 ]
+                # As a synchronous instrument's: a delta holds the series recorded since the last.
+                points = [p for p in points if p.count] if delta else points
                 data = HistogramData(points, _DELTA if delta else _CUMULATIVE)
             else:
                 delta = self._delta_counters if metric.monotonic else self._delta_gauges
                 sums = [
                     self._sum_delta(metric.name, k, p, now) if delta else p for k, p in metric.points(now)
                 ]
+                if delta and metric.monotonic:
+                    sums = [p for p in sums if p.value]
                 data = Sum(sums, _DELTA if delta else _CUMULATIVE, metric.monotonic)
             out.append(Metric(metric.name, metric.description, metric.unit, data))
         return out

@@ -17,7 +17,6 @@ metric with no data points (on ``/api/metrics``: its HELP and TYPE lines alone).
 
 from __future__ import annotations
 
-import bisect
 import functools
 import inspect
 import logging
@@ -76,6 +75,27 @@ class _Metric:
         self.description = description
         self.labels = labels
         self._warned: set[str] = set()
+        self.family: Family | None = None
+        # SDK path: once recorded, the SDK's instrument reports the metric; until then the
+        # scrape and the push declare it themselves (see reported_here).
+        self.used = False
+        self._seen: dict[tuple[str, ...], None] = {}  # SDK path: the label sets admitted
+        self._lock = threading.Lock()
+
+    @property
+    def reported_here(self) -> bool:
+        """Whether the scrape and the OTLP push read this metric from here (always on the
+        native path), rather than from the SDK's readers (the SDK path, once it was used)."""
+        return self.family is not None or not self.used
+
+    def _attributes(self, key: tuple[str, ...]) -> dict[str, str]:
+        """SDK path: the attributes of a call, past MAX_SERIES label sets the overflow's."""
+        if key not in self._seen:
+            with self._lock:
+                key = self._admit(key, self._seen)
+                self._seen[key] = None
+        self.used = True
+        return dict(zip(self.labels, key, strict=True))
 
     def _checked_key(self, labels: object) -> tuple[str, ...] | None:
         """The label values of a call whose labels are not exactly the declared ones: None
@@ -113,27 +133,35 @@ class _Metric:
 
 
 class _Observed(_Metric):
-    """Values kept here, read by the scrape and the OTLP push.
+    """A counter or gauge, read by the scrape and the OTLP push.
 
-    Recording costs one update under a lock, instead of the SDK's per-measurement
-    attribute cleaning and hashing for every reader (about 15 us each on SDK 1.45):
-    counters and gauges sit on the request path. With the compiled core the values live
-    in its ``Family`` (``family``), which also writes the scrape's text; without it, in a
-    dict here.
+    On the native path the values live in the compiled core's ``Family`` (``family``):
+    recording is one call, without the SDK's per-measurement attribute cleaning and
+    hashing for every reader (about 15 us each on SDK 1.45), and the core writes the
+    scrape's text. On the SDK path (the reference) a counter is an SDK ``Counter``, and a
+    gauge's levels are held here (``set`` and the never-below-0 ``finish`` need them) and
+    observed by an SDK ``ObservableUpDownCounter``.
     """
 
     unit = ""
     monotonic = True  # a counter; a gauge is an up-down sum
 
-    def __init__(self, name: str, description: str, labels: tuple[str, ...], native: bool = False) -> None:
+    def __init__(
+        self, name: str, description: str, labels: tuple[str, ...], native: bool, meter: metrics.Meter
+    ) -> None:
         super().__init__(name, description, labels)
         self.family = _family(self, native)
-        # An unlabelled metric is at 0 from the start, as in prometheus_client.
+        # A gauge's held levels (SDK path). An unlabelled metric is at 0 from the start.
         self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
-        if self.family is not None and not labels:
-            self.family.add((), 0.0)
-        self._lock = threading.Lock()
         self._start = time.time_ns()
+        if self.family is not None:
+            if not labels:
+                self.family.add((), 0.0)
+        else:
+            self._on_sdk(meter)
+
+    def _on_sdk(self, meter: metrics.Meter) -> None:
+        raise NotImplementedError
 
     def _key(self, labels: Labels) -> tuple[str, ...] | None:
         return _key_of(self, labels)
@@ -145,20 +173,17 @@ class _Observed(_Metric):
             if family.add(key, value):
                 self._overflowed()
             return
-        with self._lock:
-            values = self._values
-            current = values.get(key)
-            if current is None:  # a new label set: admitted, or the overflow series
-                key = self._admit(key, values)
-                current = values.get(key, 0.0)
-            values[key] = current + value
+        self._add_sdk(key, value)
+
+    def _add_sdk(self, key: tuple[str, ...], value: float) -> None:
+        raise NotImplementedError
 
     def values(self) -> list[tuple[tuple[str, ...], float]]:
-        """Every series: its label values (in label order) and its value."""
+        """Every series read from here: its label values (in label order) and its value."""
         if self.family is not None:
             return [(tuple(key), value) for key, value in self.family.values()]
         with self._lock:
-            return list(self._values.items())
+            return list(self._values.items()) if not self.used else []
 
     def points(self, now: int) -> list[tuple[tuple[str, ...], NumberDataPoint]]:
         """Every series with its label values, cumulative since this metric was registered."""
@@ -178,6 +203,13 @@ class Counter(_Observed):
     """
 
     kind = "counter"
+    _counter: metrics.Counter
+
+    def _on_sdk(self, meter: metrics.Meter) -> None:
+        self._counter = meter.create_counter(self.name, self.unit, self.description)
+
+    def _add_sdk(self, key: tuple[str, ...], value: float) -> None:
+        self._counter.add(value, self._attributes(key))
 
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
         if not value >= 0:  # negative or NaN
@@ -202,6 +234,26 @@ class Gauge(_Observed):
     kind = "gauge"
     monotonic = False
 
+    def _on_sdk(self, meter: metrics.Meter) -> None:
+        self.used = not self.labels  # observed at 0 from the start
+        meter.create_observable_up_down_counter(self.name, [self._observe], self.unit, self.description)
+
+    def _observe(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        names = self.labels
+        with self._lock:
+            items = list(self._values.items())
+        return [metrics.Observation(value, dict(zip(names, key, strict=True))) for key, value in items]
+
+    def _add_sdk(self, key: tuple[str, ...], value: float) -> None:
+        with self._lock:
+            values = self._values
+            current = values.get(key)
+            if current is None:  # a new label set: admitted, or the overflow series
+                key = self._admit(key, values)
+                current = values.get(key, 0.0)
+            values[key] = current + value
+            self.used = True
+
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
         key = self._key(labels)
         if key is not None:
@@ -222,6 +274,7 @@ class Gauge(_Observed):
             return
         with self._lock:
             self._values[self._admit(key, self._values)] = value
+            self.used = True
 
     def finish(self, labels: Labels = None) -> None:
         """One fewer, never below 0: the end of a start/finish pair (a connection, an agent).
@@ -252,13 +305,14 @@ class Histogram(_Metric):
     >>> with latency.start_timer({"format": "csv"}):
     ...     export()  # doctest: +SKIP
 
-    Aggregated here, once, rather than by an SDK instrument: the SDK aggregates each
-    measurement once per metric reader (the scrape and OTLP), about 20 µs each on this
-    project's benchmark machine, and the request duration is recorded on every request.
-    The scrape and the OTLP push read the buckets from here.
+    On the native path the compiled core's ``Family`` aggregates it (one call per
+    measurement; the SDK aggregates each measurement once per metric reader, the scrape
+    and OTLP, about 20 µs each on this project's benchmark machine). On the SDK path it is
+    an SDK ``Histogram`` with these buckets as its advisory boundaries.
     """
 
     kind = "histogram"
+    _histogram: metrics.Histogram
 
     def __init__(
         self,
@@ -266,22 +320,23 @@ class Histogram(_Metric):
         description: str,
         labels: tuple[str, ...],
         buckets: tuple[float, ...],
-        unit: str = "",
-        native: bool = False,
+        unit: str,
+        native: bool,
+        meter: metrics.Meter,
     ) -> None:
         super().__init__(name, description, labels)
         self.buckets = buckets
         self.unit = unit
-        self.family = _family(self, native)
-        if self.family is not None and not labels:
-            self.family.touch(())
-        # Per label key: bucket counts (len(buckets) + 1), then sum, count, min, max.
         self._size = len(buckets) + 1
-        self._empty: list[float] = [0] * self._size + [0.0, 0, math.inf, -math.inf]
-        # An unlabelled histogram is there from the start, every bucket at 0.
-        self._series: dict[tuple[str, ...], list[float]] = {} if labels else {(): self._empty.copy()}
-        self._lock = threading.Lock()
         self._start = time.time_ns()
+        self.family = _family(self, native)
+        if self.family is not None:
+            if not labels:  # there from the start, every bucket at 0
+                self.family.touch(())
+        else:
+            self._histogram = meter.create_histogram(
+                name, unit, description, explicit_bucket_boundaries_advisory=list(buckets)
+            )
 
     def observe(self, value: float, labels: Labels = None) -> None:
         key = _key_of(self, labels)
@@ -298,20 +353,7 @@ class Histogram(_Metric):
             if family.observe(key, value):
                 self._overflowed()
             return
-        index = bisect.bisect_left(self.buckets, value)  # bucket i is (bound[i-1], bound[i]]
-        size = self._size
-        with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                key = self._admit(key, self._series)
-                series = self._series.get(key)
-                if series is None:
-                    series = self._series[key] = self._empty.copy()
-            series[index] += 1
-            series[size] += value
-            series[size + 1] += 1
-            series[size + 2] = min(series[size + 2], value)
-            series[size + 3] = max(series[size + 3], value)
+        self._histogram.record(value, self._attributes(key))
 
     def start_timer(self, labels: Labels = None) -> Timer:
         """Start timing now; call the result (or leave its ``with`` block) to record seconds."""
@@ -331,12 +373,9 @@ class Histogram(_Metric):
                 (tuple(k), [float(c) for c in counts], total, count, low, high)
                 for k, counts, total, count, low, high in self.family.rows()
             ]
-        size = self._size
-        with self._lock:
-            return [
-                (key, s[:size], s[size], s[size + 1], s[size + 2], s[size + 3])
-                for key, s in self._series.items()
-            ]
+        if self.used or self.labels:  # the SDK reports it, or nobody used it: no series here
+            return []
+        return [((), [0.0] * self._size, 0.0, 0.0, math.inf, -math.inf)]
 
     def points(self, now: int) -> list[tuple[tuple[str, ...], HistogramDataPoint]]:
         """Every series with its label values, cumulative since this histogram was registered."""
@@ -642,13 +681,15 @@ class Metrics:
         """Register (or get back) a counter. Raises ``ValueError`` on a conflicting shape."""
         names = _label_names(name, labels)
         return self._register(
-            name, (Counter.kind, names), lambda: Counter(name, description, names, self.native)
+            name, (Counter.kind, names), lambda: Counter(name, description, names, self.native, self._meter)
         )
 
     def register_gauge(self, name: str, description: str, labels: Iterable[str] = ()) -> Gauge:
         """Register (or get back) a gauge. Raises ``ValueError`` on a conflicting shape."""
         names = _label_names(name, labels)
-        return self._register(name, (Gauge.kind, names), lambda: Gauge(name, description, names, self.native))
+        return self._register(
+            name, (Gauge.kind, names), lambda: Gauge(name, description, names, self.native, self._meter)
+        )
 
     def register_histogram(
         self,
@@ -667,7 +708,7 @@ class Metrics:
         return self._register(
             name,
             (Histogram.kind, names, bounds),
-            lambda: Histogram(name, description, names, bounds, unit, self.native),
+            lambda: Histogram(name, description, names, bounds, unit, self.native, self._meter),
         )
 
     def _register(self, name: str, shape: tuple[object, ...], build: Callable[[], M]) -> M:

@@ -85,6 +85,8 @@ class DirectCollector:
 
     def collect(self) -> Iterator[Metric]:
         for metric in self._source():
+            if not metric.reported_here:  # the SDK's reader has it in the registry
+                continue
             unit = _UNITS.get(metric.unit, metric.unit)
             names = sorted(metric.labels)
             order = [metric.labels.index(n) for n in names]

@@ -17,10 +17,13 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
     PeriodicExportingMetricReader,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from cfk_otel import _settings
 from cfk_otel._metric_export import OtlpMetricExporter, in_place_of_otlp, preferred_temporality
 from cfk_otel._metrics import Metrics
+from cfk_otel.testing import OtlpReceiver
+from tests.conftest import Services, free_port, launch, uvicorn_command
 
 DELTA = AggregationTemporality.DELTA
 CUMULATIVE = AggregationTemporality.CUMULATIVE
@@ -127,10 +130,16 @@ def exported(capture: Capture, name: str) -> tuple[Any, list[Any]]:
 @pytest.fixture
 def pushed() -> Iterator[tuple[Capture, Metrics, PeriodicExportingMetricReader]]:
     capture = Capture()
-    metrics = Metrics(MeterProvider())
-    exporter = OtlpMetricExporter(inner=capture, preference="delta", source=metrics.direct)
+    found: list[Metrics] = []
+
+    def ours() -> list[Any]:
+        return found[0].direct()
+
+    exporter = OtlpMetricExporter(inner=capture, preference="delta", source=ours)
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
     provider = MeterProvider(metric_readers=[reader])
+    metrics = Metrics(provider)  # on the SDK path, its instruments are the provider's
+    found.append(metrics)
     provider.get_meter("app").create_counter("app_jobs").add(2)  # the SDK's own, beside ours
     # As the registry's active_users on the global provider: the SDK hands over data on every
     # export (with none at all, its reader would not call the exporter).
@@ -219,3 +228,110 @@ def test_the_wrapper_takes_otlps_place_while_the_configurator_runs(
         assert os.environ.get("OTEL_METRICS_EXPORTER") == during
     assert arguments["metric_exporter_names"] == names
     assert os.environ.get("OTEL_METRICS_EXPORTER") == value  # put back
+
+
+# --- The two paths, end to end: the SDK path is the oracle of the native one -----------------
+
+# The document's request and client metrics, and one of each other kind.
+COMPARED = {
+    "http_requests_total",
+    "http_request_duration_seconds",
+    "database_query_duration_seconds",
+    "redis_operation_duration_seconds",
+    "websocket_connections_active",
+    "errors_total",
+    "active_agents_count",
+    "ticket_transitions_total",
+}
+
+
+def _otlp_shape(metric: Any) -> tuple[Any, ...]:
+    """What must not differ between the paths: not times, and of a duration its count alone."""
+    kind = metric.WhichOneof("data")
+    if kind is None:  # no data points: the SDK's encoder then sets no data kind at all
+        return (metric.name, metric.description, metric.unit, None, None, None, [])
+    data = getattr(metric, kind)
+    points = []
+    for p in data.data_points:
+        labels = tuple(sorted((kv.key, kv.value.string_value) for kv in p.attributes))
+        if kind == "histogram":
+            points.append((labels, p.count, sum(p.bucket_counts), tuple(p.explicit_bounds)))
+        else:
+            points.append((labels, p.as_double or float(p.as_int)))
+    monotonic = getattr(data, "is_monotonic", None)
+    return (
+        metric.name,
+        metric.description,
+        metric.unit,
+        kind,
+        data.aggregation_temporality,
+        monotonic,
+        sorted(points),
+    )
+
+
+def _scrape_shape(body: str) -> dict[str, Any]:
+    shaped = {}
+    for family in text_string_to_metric_families(body):
+        if family.name.removesuffix("_total") not in {n.removesuffix("_total") for n in COMPARED}:
+            continue
+        samples = sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for s in family.samples
+            if not s.name.endswith("_sum") and not (s.name.endswith("_bucket") and s.labels["le"] != "+Inf")
+        )
+        shaped[family.name] = (family.type, family.documentation, family.unit, samples)
+    return shaped
+
+
+def _run_both(tmp_path: Any, services: Services, native: str) -> tuple[list[Any], dict[str, Any], str]:
+    with OtlpReceiver() as receiver:
+        port = free_port()
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+            "SERVICE_NAME": "cf-kanban-metrics",
+            "CFK_OTEL_NATIVE": native,
+            "DATABASE_URL": services.database_url,
+            "REDIS_URL": services.redis_url,
+        }
+        app = launch(tmp_path, uvicorn_command("core_app:app", port), env, port)
+        try:
+            assert app.get("/boards/7/work")[0] == 200  # one PostgreSQL query, one Redis call
+            assert app.get("/boom")[0] == 500
+            assert app.get("/teapot")[0] == 418
+            assert app.get("/no/such/path")[0] == 404
+            status, _, body = app.get("/api/metrics")
+            assert status == 200
+
+            def latest() -> dict[str, Any]:
+                last = {}
+                for received in list(receiver.metrics):
+                    if received.scope == "cfk_otel" and received.name in COMPARED:
+                        last[received.name] = received.metric
+                return last
+
+            def requests_counted() -> float:
+                metric = latest().get("http_requests_total")
+                return sum(p.as_double for p in metric.sum.data_points) if metric is not None else 0.0
+
+            assert receiver.wait_for(lambda: requests_counted() == 5 and len(latest()) == len(COMPARED))
+            shapes = sorted(_otlp_shape(m) for m in latest().values())
+        finally:
+            app.terminate()
+        return shapes, _scrape_shape(body.decode()), app.output()
+
+
+def test_both_paths_export_and_scrape_the_same_metrics(tmp_path: Any, services: Services) -> None:
+    native, native_scrape, native_out = _run_both(tmp_path, services, "true")
+    sdk, sdk_scrape, sdk_out = _run_both(tmp_path, services, "false")
+    assert "native core for spans" in native_out
+    assert "CFK_OTEL_NATIVE=false" in sdk_out
+    assert native == sdk
+    assert native_scrape == sdk_scrape
+    by_name = {shape[0]: shape for shape in native}
+    # What the document asks for arrived: a PostgreSQL query and a Redis command were timed.
+    assert by_name["database_query_duration_seconds"][-1][0][1] >= 1
+    assert by_name["redis_operation_duration_seconds"][-1][0][1] >= 1
+    assert by_name["errors_total"][-1]  # the 500 was counted
+    assert by_name["active_agents_count"][-1] == []  # declared, no made-up series
+    assert set(native_scrape) >= {"http_requests", "http_request_duration_seconds", "active_agents_count"}

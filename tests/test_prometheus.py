@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from cfk_otel._metrics import Metrics
@@ -186,16 +187,31 @@ def record_the_same(m: Metrics) -> None:
 
 
 @pytest.mark.parametrize("openmetrics_format", [False, True])
-def test_the_cores_scrape_text_equals_prometheus_clients(openmetrics_format: bool) -> None:
-    """The core writes our metrics' text in one call (Metrics on the native path); the
-    collector's prometheus_client families are the oracle (Metrics without the core)."""
+@pytest.mark.parametrize("native_oracle", [True, False], ids=["collector", "sdk"])
+def test_the_cores_scrape_text_equals_prometheus_clients(
+    openmetrics_format: bool, native_oracle: bool
+) -> None:
+    """The core writes our metrics' text in one call (Metrics on the native path). The
+    oracles: our collector's prometheus_client families over the same core families, and
+    the SDK path (SDK instruments through the SDK's Prometheus reader)."""
     bodies = []
     for native in (True, False):
         registry = CollectorRegistry()
         provider = MeterProvider(metric_readers=[ScrapeReader(**reader_arguments(registry))])
-        m = Metrics(provider, native=native)
-        assert (m.http_requests.family is not None) is native
+        m = Metrics(provider, native=native or native_oracle)
+        assert (m.http_requests.family is not None) is (native or native_oracle)
         record_the_same(m)
+        if not native and native_oracle:  # the collector over the core's families
+            scrape = Scrape(registry, direct=m.direct)
+            body = scrape._registry  # the slow path: prometheus_client's own writer
+            text = (
+                openmetrics.generate_latest(body) if openmetrics_format else generate_latest(body)
+            ).decode()
+            bodies.append(
+                "\n".join(x for x in text.split("\n") if not x.startswith("process_resident_memory"))
+            )
+            provider.shutdown()
+            continue
         body = Scrape(registry, direct=m.direct).render(openmetrics_format)[0].decode()
         # The process's memory moves between the two scrapes; the rest must not.
         bodies.append("\n".join(x for x in body.split("\n") if not x.startswith("process_resident_memory")))
@@ -203,4 +219,19 @@ def test_the_cores_scrape_text_equals_prometheus_clients(openmetrics_format: boo
     fast, oracle = bodies
     assert "# TYPE active_agents_count gauge" in fast
     assert 'jobs_total{kind="x",zone="eu"} 2.5' in fast
-    assert fast == oracle
+    if native_oracle:
+        assert fast == oracle
+    else:  # the SDK reader's families come in another order; each is the same
+        assert families(fast) == families(oracle)
+
+
+def families(text: str) -> dict[str, tuple[object, ...]]:
+    return {
+        f.name: (
+            f.type,
+            f.documentation,
+            f.unit,
+            sorted((s.name, sorted(s.labels.items()), s.value) for s in f.samples),
+        )
+        for f in text_string_to_metric_families(text)
+    }
