@@ -124,6 +124,9 @@ fn escape_help(value: &str, openmetrics: bool) -> String {
 enum Series {
     /// A counter's total or a gauge's level.
     Counter(f64),
+    /// Exemplars (issue 24) belong here: one optional (trace id, span id, value, time) slot per
+    /// bucket beside `counts`, written by `observe` when the caller passes a kept span's ids,
+    /// read by the OpenMetrics text and `to_otlp`.
     Histogram {
         counts: Vec<u64>,
         sum: f64,
