@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from ._native import Family
 
 _log = logging.getLogger("cfk_otel")
-_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+# What both Prometheus and OpenTelemetry accept (an SDK instrument's name starts with a letter,
+# at most 255 characters, no ':'), so that a metric registers alike on either path.
+_NAME: Final = re.compile(r"[a-zA-Z][a-zA-Z0-9_]{0,254}\Z")
 _LABEL: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # Labels Prometheus gives a meaning of its own: a histogram's bucket bound, a summary's quantile.
 RESERVED_LABELS: Final = frozenset({"le", "quantile"})
@@ -729,7 +731,10 @@ class Metrics:
 
 def _label_names(name: str, labels: Iterable[str]) -> tuple[str, ...]:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"invalid metric name {name!r}: use letters, digits, '_' and ':', no leading digit")
+        raise ValueError(
+            f"invalid metric name {name!r}: use letters, digits and '_', starting with a letter, "
+            "at most 255 characters"
+        )
     if isinstance(labels, str):
         raise TypeError(f"metric {name!r}: labels must be a list of names, not the string {labels!r}")
     names = tuple(labels)

@@ -137,6 +137,9 @@ def test_conflicting_shape_raises(m: Metrics, register: Any, message: str) -> No
         ("2fast", [], "invalid metric name"),
         ("has-dash", [], "invalid metric name"),
         ("", [], "invalid metric name"),
+        ("ns:jobs", [], "invalid metric name"),  # Prometheus' recording rules' form; not an SDK name
+        ("_private", [], "invalid metric name"),
+        ("x" * 256, [], "invalid metric name"),
         ("ok", ["bad-label"], "invalid label name"),
         ("ok", ["__reserved"], "invalid label name"),
         ("ok", ["a", "a"], "duplicate label names"),
