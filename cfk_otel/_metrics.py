@@ -776,6 +776,15 @@ def _describe(shape: tuple[object, ...]) -> str:
     return text + (f" and buckets {list(rest[0])}" if rest else "")  # type: ignore[call-overload]
 
 
+def path() -> str:
+    """Which path records the process's metrics, as the start-up line says it."""
+    if default().native:
+        return "native core"
+    return (
+        "OpenTelemetry SDK (" + ("CFK_OTEL_NATIVE=false" if _native is not None else "no compiled core") + ")"
+    )
+
+
 def native_path() -> bool:
     """Whether ``CFK_OTEL_NATIVE`` (read as the settings read it) leaves the native path on."""
     variable = _settings.variable("CFK_OTEL_NATIVE")

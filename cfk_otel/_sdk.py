@@ -201,7 +201,7 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         STATE.log_sink = _core.LogSink(logger_provider)
     STATE.started = True
     apply_logging()
-    paths = f"{choice.describe()} for spans, {logs.describe()} for log records"
+    paths = f"{choice.describe()} for spans, {logs.describe()} for log records, {_metrics.path()} for metrics"
     notice(current, f"cfk_otel: request path: {paths}")
     # atexit runs last-registered first, so this bounded shutdown runs before the SDK's own
     # unbounded per-provider handlers, which then find nothing left to do.

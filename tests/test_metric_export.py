@@ -324,8 +324,8 @@ def _run_both(tmp_path: Any, services: Services, native: str) -> tuple[list[Any]
 def test_both_paths_export_and_scrape_the_same_metrics(tmp_path: Any, services: Services) -> None:
     native, native_scrape, native_out = _run_both(tmp_path, services, "true")
     sdk, sdk_scrape, sdk_out = _run_both(tmp_path, services, "false")
-    assert "native core for spans" in native_out
-    assert "CFK_OTEL_NATIVE=false" in sdk_out
+    assert "native core for log records, native core for metrics" in native_out
+    assert "OpenTelemetry SDK (CFK_OTEL_NATIVE=false) for metrics" in sdk_out
     assert native == sdk
     assert native_scrape == sdk_scrape
     by_name = {shape[0]: shape for shape in native}
