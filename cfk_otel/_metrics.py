@@ -1,10 +1,13 @@
 """The document's metric catalogue and its custom-metrics API.
 
-Every registered metric is aggregated here, once, and read out twice, through public
-interfaces only: rendered by ``/api/metrics`` (a ``prometheus_client`` collector, see
-:mod:`cfk_otel._prometheus`) and pushed over OTLP by the wrapped SDK exporter of
-:mod:`cfk_otel._metric_export`. The process's own gauges (active users, memory, pools)
-are SDK observable instruments. Names and labels are validated when a metric is
+Every registered metric is recorded once and read out twice, scraped at ``/api/metrics``
+and pushed over OTLP, through public interfaces only. On the native path the compiled
+core aggregates it (its ``Family``, which also writes the scrape's text), and
+:mod:`cfk_otel._prometheus` and :mod:`cfk_otel._metric_export` (the SDK's OTLP exporter,
+wrapped) read it from there. On the SDK path (``CFK_OTEL_NATIVE=false``, or no compiled
+module), the reference, it is an instrument of the SDK meter, read by the SDK's readers.
+The process's own gauges (active users, memory, pools) are SDK observable instruments
+on both. Names and labels are validated when a metric is
 registered, never on the hot path: a recording call with the wrong labels is named once
 in the log (metric, expected labels, given labels) and that measurement is dropped,
 never recorded under empty label values; with ``CFK_OTEL_STRICT=true`` it raises
