@@ -780,8 +780,9 @@ def _describe(shape: tuple[object, ...]) -> str:
 
 
 def path() -> str:
-    """Which path records the process's metrics, as the start-up line says it."""
-    if default().native:
+    """Which path records the process's metrics, as the start-up line says it (without
+    making the process's registry: that is left to its first use)."""
+    if _native is not None and native_path():
         return "native core"
     return (
         "OpenTelemetry SDK (" + ("CFK_OTEL_NATIVE=false" if _native is not None else "no compiled core") + ")"
