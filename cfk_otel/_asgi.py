@@ -152,9 +152,6 @@ class TelemetryMiddleware:
         self._spans = Spans(tracer_provider)
         self._incoming = _Incoming()
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
-        # Hot-path handles, with label values built right here rather than validated per request.
-        self._requests = self.metrics.http_requests
-        self._duration = self.metrics.http_request_duration
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -253,8 +250,7 @@ class TelemetryMiddleware:
     ) -> None:
         self._finish(span, scope, kind, method, route, status, error)
         if kind == "http":
-            self._requests.add_by_key((method, route, str(status)), 1.0)
-            self._duration.record_by_key((method, route), elapsed)
+            self.metrics.record_request(method, route, str(status), elapsed)
         if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
             self._errors.count(self.metrics, kind, route, status, error, close_code)
         if self._observers:

@@ -1,11 +1,17 @@
-"""The document's metric catalogue and its custom-metrics API, on the OpenTelemetry SDK.
+"""The document's metric catalogue and its custom-metrics API.
 
-Every metric is recorded once, through an OpenTelemetry instrument, and read out
-twice: scraped at ``/api/metrics`` and pushed over OTLP. Names and labels are
-validated when a metric is registered, never on the hot path: a recording call with
-the wrong labels is named once in the log (metric, expected labels, given labels) and
-that measurement is dropped, never recorded under empty label values; with
-``CFK_OTEL_STRICT=true`` it raises ``ValueError`` instead.
+Every registered metric is recorded once and read out twice, scraped at ``/api/metrics``
+and pushed over OTLP, through public interfaces only. On the native path the compiled
+core aggregates it (its ``Family``, which also writes the scrape's text), and
+:mod:`cfk_otel._prometheus` and :mod:`cfk_otel._metric_export` (the SDK's OTLP exporter,
+wrapped) read it from there. On the SDK path (``CFK_OTEL_NATIVE=false``, or no compiled
+module), the reference, it is an instrument of the SDK meter, read by the SDK's readers.
+The process's own gauges (active users, memory, pools) are SDK observable instruments
+on both. Names and labels are validated when a metric is
+registered, never on the hot path: a recording call with the wrong labels is named once
+in the log (metric, expected labels, given labels) and that measurement is dropped,
+never recorded under empty label values; with ``CFK_OTEL_STRICT=true`` it raises
+``ValueError`` instead.
 
 Every registered metric is in every collection from the start, as with
 prometheus_client: an unlabelled one at 0, a labelled one without any series as a
@@ -14,7 +20,6 @@ metric with no data points (on ``/api/metrics``: its HELP and TYPE lines alone).
 
 from __future__ import annotations
 
-import bisect
 import functools
 import inspect
 import logging
@@ -26,35 +31,23 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 
 from opentelemetry import metrics
-from opentelemetry.metrics import Instrument
-from opentelemetry.sdk.metrics._internal.instrument import _Histogram as SdkHistogram
-from opentelemetry.sdk.metrics._internal.instrument import _ObservableCounter as SdkObservableCounter
-from opentelemetry.sdk.metrics._internal.instrument import (
-    _ObservableUpDownCounter as SdkObservableUpDownCounter,
-)
-from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality,
-    HistogramDataPoint,
-    Metric,
-    MetricReader,
-    MetricsData,
-    NumberDataPoint,
-    ResourceMetrics,
-    ScopeMetrics,
-    Sum,
-)
-from opentelemetry.sdk.metrics.export import Histogram as SdkHistogramData
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, NumberDataPoint
 
+from . import _settings
+from ._core import _native
 from ._guard import guard
 from ._version import __version__
 
+if TYPE_CHECKING:
+    from ._native import Family
+
 _log = logging.getLogger("cfk_otel")
-_NAME: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+# What both Prometheus and OpenTelemetry accept (an SDK instrument's name starts with a letter,
+# at most 255 characters, no ':'), so that a metric registers alike on either path.
+_NAME: Final = re.compile(r"[a-zA-Z][a-zA-Z0-9_]{0,254}\Z")
 _LABEL: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # Labels Prometheus gives a meaning of its own: a histogram's bucket bound, a summary's quantile.
 RESERVED_LABELS: Final = frozenset({"le", "quantile"})
@@ -70,6 +63,8 @@ ACTIVE_USER_WINDOW: Final = 300.0
 MAX_USERS: Final = 100_000
 MAX_POOLS: Final = 64
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# OpenTelemetry units as the SDK's Prometheus reader names them (cfk_otel's metrics use seconds).
+_UNITS: Final = {"s": "seconds"}
 # Like the SDK's default cardinality limit: past it, new label sets share one overflow series.
 MAX_SERIES: Final = 2000
 OVERFLOW: Final = "overflow"
@@ -86,6 +81,27 @@ class _Metric:
         self.description = description
         self.labels = labels
         self._warned: set[str] = set()
+        self.family: Family | None = None
+        # SDK path: once recorded, the SDK's instrument reports the metric; until then the
+        # scrape and the push declare it themselves (see reported_here).
+        self.used = False
+        self._seen: dict[tuple[str, ...], None] = {}  # SDK path: the label sets admitted
+        self._lock = threading.Lock()
+
+    @property
+    def reported_here(self) -> bool:
+        """Whether the scrape and the OTLP push read this metric from here (always on the
+        native path), rather than from the SDK's readers (the SDK path, once it was used)."""
+        return self.family is not None or not self.used
+
+    def _attributes(self, key: tuple[str, ...]) -> dict[str, str]:
+        """SDK path: the attributes of a call, past MAX_SERIES label sets the overflow's."""
+        if key not in self._seen:
+            with self._lock:
+                key = self._admit(key, self._seen)
+                self._seen[key] = None
+        self.used = True
+        return dict(zip(self.labels, key, strict=True))
 
     def _checked_key(self, labels: object) -> tuple[str, ...] | None:
         """The label values of a call whose labels are not exactly the declared ones: None
@@ -106,8 +122,11 @@ class _Metric:
         # Called under the lock: past MAX_SERIES label sets, new ones share the overflow series.
         if key in series or len(series) < MAX_SERIES:
             return key
-        self._misuse("overflow", f"has more than {MAX_SERIES} label sets; new ones share one series")
+        self._overflowed()
         return (OVERFLOW,) * len(self.labels)
+
+    def _overflowed(self) -> None:
+        self._misuse("overflow", f"has more than {MAX_SERIES} label sets; new ones share one series")
 
     def _misuse(self, kind: str, problem: str) -> None:
         # Once per metric and kind of misuse: a wrong call in a loop must not flood the log.
@@ -120,46 +139,61 @@ class _Metric:
 
 
 class _Observed(_Metric):
-    """Values kept here, handed to the SDK's metric readers at each collection.
+    """A counter or gauge, read by the scrape and the OTLP push.
 
-    Recording costs one dict update under a lock, instead of the SDK's per-measurement
-    attribute cleaning and hashing for every reader (about 15 us each on SDK 1.45):
-    counters and gauges sit on the request path. Each collection (the scrape, the OTLP
-    export) gets their values as an SDK sum (see :func:`attach`), built straight from the
-    dict: as an asynchronous instrument, each series would go through the SDK's
-    measurement, attribute and aggregation steps on every collection, which made a
-    10,000-series scrape cost more than upstream's.
+    On the native path the values live in the compiled core's ``Family`` (``family``):
+    recording is one call, without the SDK's per-measurement attribute cleaning and
+    hashing for every reader (about 15 us each on SDK 1.45), and the core writes the
+    scrape's text. On the SDK path (the reference) a counter is an SDK ``Counter``, and a
+    gauge's levels are held here (``set`` and the never-below-0 ``finish`` need them) and
+    observed by an SDK ``ObservableUpDownCounter``.
     """
 
     unit = ""
     monotonic = True  # a counter; a gauge is an up-down sum
-    # The SDK instrument class whose temporality a reader prefers for this kind.
-    instrument: type[Instrument] = SdkObservableCounter
 
-    def __init__(self, name: str, description: str, labels: tuple[str, ...]) -> None:
+    def __init__(
+        self, name: str, description: str, labels: tuple[str, ...], native: bool, meter: metrics.Meter
+    ) -> None:
         super().__init__(name, description, labels)
-        # An unlabelled metric is at 0 from the start, as in prometheus_client.
+        self.family = _family(self, native)
+        # A gauge's held levels (SDK path). An unlabelled metric is at 0 from the start.
         self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
-        self._lock = threading.Lock()
         self._start = time.time_ns()
+        if self.family is not None:
+            if not labels:
+                self.family.add((), 0.0)
+        else:
+            self._on_sdk(meter)
+
+    def _on_sdk(self, meter: metrics.Meter) -> None:
+        raise NotImplementedError
 
     def _key(self, labels: Labels) -> tuple[str, ...] | None:
         return _key_of(self, labels)
 
     def add_by_key(self, key: tuple[str, ...], value: float) -> None:
         """Add to the series whose label values are ``key``, in label order (the hot path)."""
+        family = self.family
+        if family is not None:
+            if family.add(key, value):
+                self._overflowed()
+            return
+        self._add_sdk(key, value)
+
+    def _add_sdk(self, key: tuple[str, ...], value: float) -> None:
+        raise NotImplementedError
+
+    def values(self) -> list[tuple[tuple[str, ...], float]]:
+        """Every series read from here: its label values (in label order) and its value."""
+        if self.family is not None:
+            return [(tuple(key), value) for key, value in self.family.values()]
         with self._lock:
-            values = self._values
-            current = values.get(key)
-            if current is None:  # a new label set: admitted, or the overflow series
-                key = self._admit(key, values)
-                current = values.get(key, 0.0)
-            values[key] = current + value
+            return list(self._values.items()) if not self.used else []
 
     def points(self, now: int) -> list[tuple[tuple[str, ...], NumberDataPoint]]:
         """Every series with its label values, cumulative since this metric was registered."""
-        with self._lock:
-            items = list(self._values.items())
+        items = self.values()
         names, start = self.labels, self._start
         return [
             (key, NumberDataPoint(dict(zip(names, key, strict=True)), start, now, value))
@@ -175,6 +209,13 @@ class Counter(_Observed):
     """
 
     kind = "counter"
+    _counter: metrics.Counter
+
+    def _on_sdk(self, meter: metrics.Meter) -> None:
+        self._counter = meter.create_counter(self.name, self.unit, self.description)
+
+    def _add_sdk(self, key: tuple[str, ...], value: float) -> None:
+        self._counter.add(value, self._attributes(key))
 
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
         if not value >= 0:  # negative or NaN
@@ -198,7 +239,26 @@ class Gauge(_Observed):
 
     kind = "gauge"
     monotonic = False
-    instrument = SdkObservableUpDownCounter
+
+    def _on_sdk(self, meter: metrics.Meter) -> None:
+        self.used = not self.labels  # observed at 0 from the start
+        meter.create_observable_up_down_counter(self.name, [self._observe], self.unit, self.description)
+
+    def _observe(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        names = self.labels
+        with self._lock:
+            items = list(self._values.items())
+        return [metrics.Observation(value, dict(zip(names, key, strict=True))) for key, value in items]
+
+    def _add_sdk(self, key: tuple[str, ...], value: float) -> None:
+        with self._lock:
+            values = self._values
+            current = values.get(key)
+            if current is None:  # a new label set: admitted, or the overflow series
+                key = self._admit(key, values)
+                current = values.get(key, 0.0)
+            values[key] = current + value
+            self.used = True
 
     def inc(self, labels: Labels = None, value: float = 1.0) -> None:
         key = self._key(labels)
@@ -214,8 +274,13 @@ class Gauge(_Observed):
         key = self._key(labels)
         if key is None:
             return
+        if self.family is not None:
+            if self.family.set(key, value):
+                self._overflowed()
+            return
         with self._lock:
             self._values[self._admit(key, self._values)] = value
+            self.used = True
 
     def finish(self, labels: Labels = None) -> None:
         """One fewer, never below 0: the end of a start/finish pair (a connection, an agent).
@@ -224,6 +289,10 @@ class Gauge(_Observed):
         """
         key = self._key(labels)
         if key is None:
+            return
+        if self.family is not None:
+            if not self.family.finish(key):
+                self._misuse("finish", "finished more often than started; kept at 0")
             return
         with self._lock:
             current = self._values.get(key, 0.0)
@@ -242,29 +311,38 @@ class Histogram(_Metric):
     >>> with latency.start_timer({"format": "csv"}):
     ...     export()  # doctest: +SKIP
 
-    Aggregated here, once, rather than by an SDK instrument: the SDK aggregates each
-    measurement once per metric reader (the scrape and OTLP), about 20 µs each on this
-    project's benchmark machine, and the request duration is recorded on every request.
-    Each collection by any of the provider's readers gets the buckets as an SDK
-    histogram (see :func:`attach`), so ``/api/metrics`` and OTLP show them as before.
+    On the native path the compiled core's ``Family`` aggregates it (one call per
+    measurement; the SDK aggregates each measurement once per metric reader, the scrape
+    and OTLP, about 20 µs each on this project's benchmark machine). On the SDK path it is
+    an SDK ``Histogram`` with these buckets as its advisory boundaries.
     """
 
     kind = "histogram"
-    instrument: type[Instrument] = SdkHistogram  # whose temporality a reader prefers for it
+    _histogram: metrics.Histogram
 
     def __init__(
-        self, name: str, description: str, labels: tuple[str, ...], buckets: tuple[float, ...], unit: str = ""
+        self,
+        name: str,
+        description: str,
+        labels: tuple[str, ...],
+        buckets: tuple[float, ...],
+        unit: str,
+        native: bool,
+        meter: metrics.Meter,
     ) -> None:
         super().__init__(name, description, labels)
         self.buckets = buckets
         self.unit = unit
-        # Per label key: bucket counts (len(buckets) + 1), then sum, count, min, max.
         self._size = len(buckets) + 1
-        self._empty: list[float] = [0] * self._size + [0.0, 0, math.inf, -math.inf]
-        # An unlabelled histogram is there from the start, every bucket at 0.
-        self._series: dict[tuple[str, ...], list[float]] = {} if labels else {(): self._empty.copy()}
-        self._lock = threading.Lock()
         self._start = time.time_ns()
+        self.family = _family(self, native)
+        if self.family is not None:
+            if not labels:  # there from the start, every bucket at 0
+                self.family.touch(())
+        else:
+            self._histogram = meter.create_histogram(
+                name, unit, description, explicit_bucket_boundaries_advisory=list(buckets)
+            )
 
     def observe(self, value: float, labels: Labels = None) -> None:
         key = _key_of(self, labels)
@@ -276,20 +354,12 @@ class Histogram(_Metric):
         if not value >= 0.0:  # negative or NaN: as the SDK, dropped
             self._misuse("negative", f"records only non-negative numbers, got {value!r}; dropped")
             return
-        index = bisect.bisect_left(self.buckets, value)  # bucket i is (bound[i-1], bound[i]]
-        size = self._size
-        with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                key = self._admit(key, self._series)
-                series = self._series.get(key)
-                if series is None:
-                    series = self._series[key] = self._empty.copy()
-            series[index] += 1
-            series[size] += value
-            series[size + 1] += 1
-            series[size + 2] = min(series[size + 2], value)
-            series[size + 3] = max(series[size + 3], value)
+        family = self.family
+        if family is not None:
+            if family.observe(key, value):
+                self._overflowed()
+            return
+        self._histogram.record(value, self._attributes(key))
 
     def start_timer(self, labels: Labels = None) -> Timer:
         """Start timing now; call the result (or leave its ``with`` block) to record seconds."""
@@ -298,11 +368,23 @@ class Histogram(_Metric):
     def shape(self) -> tuple[object, ...]:
         return (self.kind, self.labels, self.buckets)
 
+    def rows(self) -> list[tuple[tuple[str, ...], list[float], float]]:
+        """Every series: its label values, its bucket counts (the last above every bound), its sum."""
+        return [(key, counts, total) for key, counts, total, *_ in self._rows()]
+
+    def _rows(self) -> list[tuple[tuple[str, ...], list[float], float, float, float, float]]:
+        # (label values, bucket counts, sum, count, min, max)
+        if self.family is not None:
+            return [
+                (tuple(k), [float(c) for c in counts], total, count, low, high)
+                for k, counts, total, count, low, high in self.family.rows()
+            ]
+        if self.used or self.labels:  # the SDK reports it, or nobody used it: no series here
+            return []
+        return [((), [0.0] * self._size, 0.0, 0.0, math.inf, -math.inf)]
+
     def points(self, now: int) -> list[tuple[tuple[str, ...], HistogramDataPoint]]:
         """Every series with its label values, cumulative since this histogram was registered."""
-        with self._lock:
-            items = [(key, list(series)) for key, series in self._series.items()]
-        size = self._size
         return [
             (
                 key,
@@ -310,17 +392,54 @@ class Histogram(_Metric):
                     attributes=dict(zip(self.labels, key, strict=True)),
                     start_time_unix_nano=self._start,
                     time_unix_nano=now,
-                    count=int(series[size + 1]),
-                    sum=series[size],
-                    bucket_counts=tuple(int(c) for c in series[:size]),
+                    count=int(count),
+                    sum=total,
+                    bucket_counts=tuple(int(c) for c in counts),
                     explicit_bounds=self.buckets,
                     # No observation yet: no infinities on the wire.
-                    min=series[size + 2] if series[size + 1] else 0.0,
-                    max=series[size + 3] if series[size + 1] else 0.0,
+                    min=low if count else 0.0,
+                    max=high if count else 0.0,
                 ),
             )
-            for key, series in items
+            for key, counts, total, count, low, high in self._rows()
         ]
+
+
+def _family(metric: _Metric, native: bool) -> Family | None:
+    """The compiled core's family holding ``metric``'s series on the native path, else None.
+
+    Written as the SDK's Prometheus reader writes the metric: a counter's samples end in
+    ``_total``, a unit ("s": seconds) ends the name of a metric that has one.
+    """
+    if not native or _native is None:
+        return None
+    unit = _UNITS.get(getattr(metric, "unit", ""), getattr(metric, "unit", ""))
+    name = metric.name
+    if unit and not name.endswith(f"_{unit}"):
+        name = f"{name}_{unit}"
+    family: Family
+    if isinstance(metric, Histogram):
+        family = _native.Family(
+            name,
+            metric.description,
+            unit,
+            list(metric.labels),
+            list(metric.buckets),
+            [str(b) for b in metric.buckets],
+            max_series=MAX_SERIES,
+        )
+        return family
+    if isinstance(metric, Counter):
+        name = f"{name.removesuffix('_total')}_total"
+    family = _native.Family(
+        name,
+        metric.description,
+        unit,
+        list(metric.labels),
+        gauge=isinstance(metric, Gauge),
+        max_series=MAX_SERIES,
+    )
+    return family
 
 
 def _key_of(metric: _Metric, labels: Labels) -> tuple[str, ...] | None:
@@ -334,136 +453,28 @@ def _key_of(metric: _Metric, labels: Labels) -> tuple[str, ...] | None:
     return metric._checked_key(labels)
 
 
-# --- Handing our metrics to the SDK's metric readers -------------------------------------
+# --- What reads our metrics: /api/metrics (_prometheus) and the OTLP push (_metric_export) ---
 
-_SCOPE: Final = InstrumentationScope("cfk_otel", __version__)
-_HOOKED: Final = "_cfk_otel_sources"  # on a hooked reader: its list of metric sources
 Direct = Histogram | _Observed  # the metrics we aggregate ourselves (all registered ones)
-Source = Callable[[], Iterable[Direct]]
 _global_metrics: weakref.WeakSet[Metrics] = weakref.WeakSet()
-# Per hooked reader, for delta temporality: each series' last collection time and
-# cumulative values, keyed by (metric name, label values).
-_Previous = dict[tuple[str, tuple[str, ...]], tuple[int, Any]]
+# The registries made for an explicit meter provider, per provider.
+_provider_metrics: weakref.WeakKeyDictionary[object, weakref.WeakSet[Metrics]] = weakref.WeakKeyDictionary()
 
 
-def _global_direct() -> Iterable[Direct]:
+def global_direct() -> Iterable[Direct]:
+    """Every metric of the registries on the global meter provider, one per name."""
+    return direct_of(None)
+
+
+def direct_of(provider: object | None) -> Iterable[Direct]:
+    """Every metric of the registries made for ``provider`` (None: the global one), one per name."""
+    registries = _global_metrics if provider is None else _provider_metrics.get(provider, ())
     seen: set[str] = set()
-    for registry in list(_global_metrics):
+    for registry in list(registries):
         for metric in registry.direct():
             if metric.name not in seen:  # one registry's metric per name, as the SDK would
                 seen.add(metric.name)
                 yield metric
-
-
-def attach(provider: object, source: Source = _global_direct) -> None:
-    """Make every metric reader of an SDK ``provider`` collect ``source``'s metrics too.
-
-    Each reader's collection (the scrape, the OTLP export) is the SDK's own; the hook
-    adds our histograms, counters and gauges to its result, cumulative, or as
-    differences since that reader's last collection where it prefers delta temporality
-    for the kind (histogram min and max then stay cumulative: they cannot be taken back).
-    Views and exemplars do not apply to them. Calling it again for the same source does
-    nothing.
-    """
-    config = getattr(provider, "_sdk_config", None)
-    if config is None:  # not an SDK provider (no-op, proxy): nothing reads metrics
-        return
-    for reader in getattr(provider, "_metric_readers", ()):
-        sources: list[Source] | None = getattr(reader, _HOOKED, None)
-        if sources is None:
-            original = reader._collect
-            if original is None:
-                continue
-            sources = []
-            setattr(reader, _HOOKED, sources)
-            reader._collect = _collector(original, sources, config.resource)
-        if source not in sources:
-            sources.append(source)
-
-
-def _collector(
-    original: Callable[..., MetricsData | None], sources: list[Source], resource: Resource
-) -> Callable[..., MetricsData | None]:
-    previous: _Previous = {}
-
-    def collect(reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData | None:
-        data = original(reader, timeout_millis=timeout_millis)
-        with guard("adding our metrics to a collection", then="the SDK's own still go out"):
-            ours = _our_metrics(sources, reader, previous)
-            return _merged(data, ours, resource) if ours else data
-        return data
-
-    return collect
-
-
-def _our_metrics(sources: list[Source], reader: MetricReader, previous: _Previous) -> list[Metric]:
-    now = time.time_ns()
-    # Keyed by the SDK's internal instrument classes (SDK 1.45; tests/test_metrics.py checks).
-    preferred = reader._instrument_class_temporality
-    out: list[Metric] = []
-    for source in sources:
-        for metric in source():
-            delta = preferred.get(metric.instrument) is AggregationTemporality.DELTA
-            temporality = AggregationTemporality.DELTA if delta else AggregationTemporality.CUMULATIVE
-            data: SdkHistogramData | Sum
-            if isinstance(metric, Histogram):
-                points = [
-                    _histogram_delta(metric.name, k, p, previous, now) if delta else p
-                    for k, p in metric.points(now)
-                ]
-                data = SdkHistogramData(data_points=points, aggregation_temporality=temporality)
-            else:
-                sums = [
-                    _sum_delta(metric.name, k, p, previous, now) if delta else p
-                    for k, p in metric.points(now)
-                ]
-                data = Sum(sums, temporality, metric.monotonic)
-            # Also without data points: a labelled metric nobody used yet is still declared
-            # (HELP and TYPE on the scrape; a metric with no points over OTLP).
-            out.append(Metric(metric.name, metric.description, metric.unit, data))
-    return out
-
-
-def _histogram_delta(
-    name: str, labels: tuple[str, ...], point: HistogramDataPoint, previous: _Previous, now: int
-) -> HistogramDataPoint:
-    start, (counts, total, count) = previous.get((name, labels), (point.start_time_unix_nano, ((), 0.0, 0)))
-    previous[name, labels] = (now, (point.bucket_counts, point.sum, point.count))
-    return HistogramDataPoint(
-        attributes=point.attributes,
-        start_time_unix_nano=start,
-        time_unix_nano=now,
-        count=point.count - count,
-        sum=point.sum - total,
-        bucket_counts=tuple(c - (counts[i] if counts else 0) for i, c in enumerate(point.bucket_counts)),
-        explicit_bounds=point.explicit_bounds,
-        min=point.min,
-        max=point.max,
-    )
-
-
-def _sum_delta(
-    name: str, labels: tuple[str, ...], point: NumberDataPoint, previous: _Previous, now: int
-) -> NumberDataPoint:
-    start, value = previous.get((name, labels), (point.start_time_unix_nano, 0.0))
-    previous[name, labels] = (now, point.value)
-    return NumberDataPoint(point.attributes, start, now, point.value - value)
-
-
-def _merged(data: MetricsData | None, ours: list[Metric], resource: Resource) -> MetricsData:
-    if data is None or not data.resource_metrics:
-        scope = ScopeMetrics(_SCOPE, ours, "")
-        return MetricsData([ResourceMetrics(resource, [scope], resource.schema_url)])
-    first, *rest = data.resource_metrics
-    scopes = list(first.scope_metrics)
-    for index, scope_metrics in enumerate(scopes):
-        if scope_metrics.scope.name == _SCOPE.name:  # beside our counters and gauges
-            merged = [*scope_metrics.metrics, *ours]
-            scopes[index] = ScopeMetrics(scope_metrics.scope, merged, scope_metrics.schema_url)
-            break
-    else:
-        scopes.append(ScopeMetrics(_SCOPE, ours, ""))
-    return MetricsData([ResourceMetrics(first.resource, scopes, first.schema_url), *rest])
 
 
 class Timer:
@@ -528,17 +539,20 @@ class Metrics:
     provider; tests and embedders can build their own with an explicit provider.
     """
 
-    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+    def __init__(
+        self, meter_provider: metrics.MeterProvider | None = None, native: bool | None = None
+    ) -> None:
         self._meter = metrics.get_meter("cfk_otel", __version__, meter_provider)
+        # Where the series live: the compiled core's families (native), or dicts here.
+        self.native = _native is not None and (native_path() if native is None else native)
         self._registry: dict[str, _Metric] = {}
         self._lock = threading.Lock()
-        # Our metrics reach the SDK's readers through a hook on them (see attach):
-        # here for an explicit provider, at SDK start-up (_sdk) for the global one.
+        # Read by the scrape and the OTLP push (see global_direct); those of a registry
+        # on an explicit provider are read through its own direct().
         if meter_provider is None:
             _global_metrics.add(self)
-            attach(metrics.get_meter_provider())  # an SDK provider the app set itself, if any
         else:
-            attach(meter_provider, self.direct)
+            _provider_metrics.setdefault(meter_provider, weakref.WeakSet()).add(self)
         self.http_requests = self.register_counter(
             "http_requests_total", "Total HTTP requests by method, path, status", ["method", "path", "status"]
         )
@@ -607,6 +621,23 @@ class Metrics:
             "database_pool_max_connections", callbacks=[self._observe_pool_max], description="Pool capacity"
         )
 
+    def record_request(self, method: str, route: str, status: str, seconds: float) -> None:
+        """The end of one HTTP request: ``http_requests_total`` and ``http_request_duration_seconds``,
+        in one call into the core on the native path."""
+        requests, duration = self.http_requests, self.http_request_duration
+        if requests.family is None or duration.family is None or not seconds >= 0.0:
+            requests.add_by_key((method, route, status), 1.0)
+            duration.record_by_key((method, route), seconds)
+            return
+        assert _native is not None  # the families are the core's
+        counted, observed = _native.record_request(
+            requests.family, duration.family, method, route, status, seconds
+        )
+        if counted:
+            requests._overflowed()
+        if observed:
+            duration._overflowed()
+
     def note_user(self, user_id: str, now: float | None = None) -> None:
         """Count ``user_id`` in ``active_users`` for the next five minutes."""
         if user_id in self._users or len(self._users) < MAX_USERS:
@@ -653,12 +684,16 @@ class Metrics:
     def register_counter(self, name: str, description: str, labels: Iterable[str] = ()) -> Counter:
         """Register (or get back) a counter. Raises ``ValueError`` on a conflicting shape."""
         names = _label_names(name, labels)
-        return self._register(name, (Counter.kind, names), lambda: Counter(name, description, names))
+        return self._register(
+            name, (Counter.kind, names), lambda: Counter(name, description, names, self.native, self._meter)
+        )
 
     def register_gauge(self, name: str, description: str, labels: Iterable[str] = ()) -> Gauge:
         """Register (or get back) a gauge. Raises ``ValueError`` on a conflicting shape."""
         names = _label_names(name, labels)
-        return self._register(name, (Gauge.kind, names), lambda: Gauge(name, description, names))
+        return self._register(
+            name, (Gauge.kind, names), lambda: Gauge(name, description, names, self.native, self._meter)
+        )
 
     def register_histogram(
         self,
@@ -677,7 +712,7 @@ class Metrics:
         return self._register(
             name,
             (Histogram.kind, names, bounds),
-            lambda: Histogram(name, description, names, bounds, unit),
+            lambda: Histogram(name, description, names, bounds, unit, self.native, self._meter),
         )
 
     def _register(self, name: str, shape: tuple[object, ...], build: Callable[[], M]) -> M:
@@ -698,7 +733,10 @@ class Metrics:
 
 def _label_names(name: str, labels: Iterable[str]) -> tuple[str, ...]:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"invalid metric name {name!r}: use letters, digits, '_' and ':', no leading digit")
+        raise ValueError(
+            f"invalid metric name {name!r}: use letters, digits and '_', starting with a letter, "
+            "at most 255 characters"
+        )
     if isinstance(labels, str):
         raise TypeError(f"metric {name!r}: labels must be a list of names, not the string {labels!r}")
     names = tuple(labels)
@@ -738,6 +776,26 @@ def _describe(shape: tuple[object, ...]) -> str:
     kind, labels, *rest = shape
     text = f"a {kind} with labels {list(labels)}"  # type: ignore[call-overload]
     return text + (f" and buckets {list(rest[0])}" if rest else "")  # type: ignore[call-overload]
+
+
+def path() -> str:
+    """Which path records the process's metrics, as the start-up line says it (without
+    making the process's registry: that is left to its first use)."""
+    if _native is not None and native_path():
+        return "native core"
+    return (
+        "OpenTelemetry SDK (" + ("CFK_OTEL_NATIVE=false" if _native is not None else "no compiled core") + ")"
+    )
+
+
+def native_path() -> bool:
+    """Whether ``CFK_OTEL_NATIVE`` (read as the settings read it) leaves the native path on."""
+    variable = _settings.variable("CFK_OTEL_NATIVE")
+    value = os.environ.get(variable.name, "").strip()
+    try:
+        return bool(variable.parse(value)) if value else bool(variable.default)
+    except Exception:  # invalid: the default, as the settings say at start-up
+        return bool(variable.default)
 
 
 # CFK_OTEL_STRICT: misuse raises instead of being logged once (set at start-up, see _sdk).

@@ -1,8 +1,10 @@
 """``/api/metrics``: the Prometheus scrape endpoint, summed across a process group's workers.
 
-The SDK's ``PrometheusMetricReader`` (registered through the configurator as the
-``cfk_prometheus`` metric exporter) translates the OpenTelemetry data into a
-``prometheus_client`` registry that this module owns. With several workers
+Two sources make one scrape, both through ``prometheus_client``'s public collector
+interface: the SDK's ``PrometheusMetricReader`` (registered through the configurator as
+the ``cfk_prometheus`` metric exporter) translates what SDK instruments record into a
+``prometheus_client`` registry that this module owns, and :class:`DirectCollector` reads
+the metrics cfk_otel aggregates itself (:mod:`cfk_otel._metrics`). With several workers
 (``uvicorn --workers N``, gunicorn), each worker also writes its own exposition to a
 shared directory every :data:`SHARE_INTERVAL` seconds, and whichever worker is scraped
 sums its live numbers with the others' files: one scrape shows the whole app, with no
@@ -25,10 +27,12 @@ from typing import Any, Final
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import _metrics
+from ._core import _native
 from ._guard import guard
 from ._http import respond
 from ._types import Receive, Scope, Send
@@ -68,11 +72,73 @@ def group_directory() -> Path | None:
     return Path(tempfile.gettempdir()) / "cfk-otel-metrics" / group
 
 
-class Scrape:
-    """Renders the scrape body; in a worker group, also shares this worker's numbers."""
+Source = Callable[[], Iterable[_metrics.Direct]]
+# OpenTelemetry units as the SDK's Prometheus reader names them (ours use seconds only).
+_UNITS: Final = {"s": "seconds", "": ""}
 
-    def __init__(self, registry: CollectorRegistry, directory: Path | None = None) -> None:
+
+class DirectCollector:
+    """cfk_otel's own metrics as ``prometheus_client`` families, written as the SDK's
+    Prometheus reader writes an SDK instrument's: label names sorted, bucket bounds as
+    ``str()`` of each float, a non-monotonic sum as a gauge. A labelled metric nobody has
+    used yet is its HELP and TYPE lines alone; an unlabelled one is at 0."""
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._source():
+            if not metric.reported_here:  # the SDK's reader has it in the registry
+                continue
+            unit = _UNITS.get(metric.unit, metric.unit)
+            names = sorted(metric.labels)
+            order = [metric.labels.index(n) for n in names]
+            family: Metric
+            if isinstance(metric, _metrics.Histogram):
+                histogram = HistogramMetricFamily(metric.name, metric.description, labels=names, unit=unit)
+                bounds = [*(str(b) for b in metric.buckets), "+Inf"]
+                for key, counts, total in metric.rows():
+                    running, buckets = 0.0, []
+                    for bound, count in zip(bounds, counts, strict=True):
+                        running += count
+                        buckets.append((bound, running))
+                    histogram.add_metric([key[i] for i in order], buckets, total)
+                family = histogram
+            else:
+                kind = CounterMetricFamily if metric.monotonic else GaugeMetricFamily
+                family = kind(metric.name, metric.description, labels=names, unit=unit)
+                for key, value in metric.values():
+                    family.add_metric([key[i] for i in order], value)
+            yield family
+
+
+class _Both:
+    """The registry's families, then ours."""
+
+    def __init__(self, registry: CollectorRegistry, collector: DirectCollector) -> None:
         self._registry = registry
+        self._collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._registry.collect()
+        yield from self._collector.collect()
+
+
+class Scrape:
+    """Renders the scrape body; in a worker group, also shares this worker's numbers.
+
+    ``direct`` gives cfk_otel's own metrics (by default, those on the global meter provider).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        directory: Path | None = None,
+        direct: Source = _metrics.global_direct,
+    ) -> None:
+        self._sdk = registry
+        self._direct = direct
+        self._registry: Any = _Both(registry, DirectCollector(direct))
         self._directory = directory
         self._stop = threading.Event()
         if directory is not None:
@@ -81,10 +147,26 @@ class Scrape:
             threading.Thread(target=self._share_forever, name="cfk-otel-metrics-share", daemon=True).start()
 
     def render(self, openmetrics_format: bool) -> tuple[bytes, str]:
+        if self._directory is None:
+            fast = self._render_native(openmetrics_format)
+            if fast is not None:
+                return fast
         source: Any = self._registry if self._directory is None else _Merged(self._registry, self._directory)
         if openmetrics_format:
             return openmetrics.generate_latest(source), openmetrics.CONTENT_TYPE_LATEST  # type: ignore[no-untyped-call]
         return text_format.generate_latest(source), text_format.CONTENT_TYPE_LATEST
+
+    def _render_native(self, openmetrics_format: bool) -> tuple[bytes, str] | None:
+        """The registry's text, then the core's for our metrics (the same text the collector
+        gives, written by the core in one call); None when one of ours is not in the core."""
+        families = [metric.family for metric in self._direct()]
+        if _native is None or any(f is None for f in families):
+            return None
+        ours = _native.render(families, openmetrics_format).encode()
+        if openmetrics_format:
+            theirs = openmetrics.generate_latest(self._sdk)  # type: ignore[no-untyped-call]
+            return theirs.removesuffix(b"# EOF\n") + ours + b"# EOF\n", openmetrics.CONTENT_TYPE_LATEST
+        return text_format.generate_latest(self._sdk) + ours, text_format.CONTENT_TYPE_LATEST
 
     def share_now(self) -> None:
         if self._directory is None:
@@ -109,7 +191,7 @@ class Scrape:
 class _Merged:
     """A ``collect()``-able view summing this worker's registry and the others' files."""
 
-    def __init__(self, registry: CollectorRegistry, directory: Path) -> None:
+    def __init__(self, registry: _Both, directory: Path) -> None:
         self._registry = registry
         self._directory = directory
 

@@ -26,9 +26,10 @@ from opentelemetry.environment_variables import (
 )
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk.environment_variables import OTEL_EXPORTER_OTLP_PROTOCOL
+from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 
-from . import _core, _errors, _metrics, _propagation, _sampling, _settings, _uncaught
+from . import _core, _errors, _metric_export, _metrics, _propagation, _sampling, _settings, _uncaught
 from ._guard import guard
 from ._logs import configure_logging, notice
 from ._prometheus import Scrape, ScrapeReader, group_directory, join_process_group, reader_arguments
@@ -184,6 +185,11 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         registry = CollectorRegistry(auto_describe=True)
         extra["metric_exporter_names"] = ["cfk_prometheus"]
         extra["exporter_args_map"] = {ScrapeReader: reader_arguments(registry)}
+    # Our metrics join the OTLP push through the SDK's exporter, wrapped (_metric_export).
+    extra.setdefault("exporter_args_map", {})[_metric_export.OtlpMetricExporter] = {
+        "preference": current.metrics_temporality,
+        "resource": Resource.create(resource_attributes),
+    }
     _metrics.STRICT = current.strict  # metric misuse raises rather than being logged once
     _errors.start(current)  # Sentry
     # The sampler the settings chose (OTEL_TRACES_SAMPLER, or the ratio of
@@ -191,8 +197,8 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
     # with a ratio, failed and slow traces are kept whole (CFK_TRACES_KEEP_SLOWER_THAN).
     extra.update(_sampling.sdk_arguments(current))
     _propagation.install(current.propagators)  # W3C Trace Context as its specification reads it
-    initialize(resource_attributes, extra)
-    _metrics.attach(metrics.get_meter_provider())  # our metrics, into its readers' collections
+    with _metric_export.in_place_of_otlp(extra):
+        initialize(resource_attributes, extra)
     if registry is not None:
         STATE.scrape = Scrape(registry, group_directory())
     choice = _core.select(current)
@@ -209,7 +215,7 @@ def _initialize(initialize: Initialize, current: _settings.Settings) -> None:
         STATE.log_sink = _core.LogSink(logger_provider)
     STATE.started = True
     apply_logging()
-    paths = f"{choice.describe()} for spans, {logs.describe()} for log records"
+    paths = f"{choice.describe()} for spans, {logs.describe()} for log records, {_metrics.path()} for metrics"
     notice(current, f"cfk_otel: request path: {paths}")
     # atexit runs last-registered first, so this bounded shutdown runs before the SDK's own
     # unbounded per-provider handlers, which then find nothing left to do.

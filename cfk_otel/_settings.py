@@ -548,6 +548,14 @@ class Settings:
         "otlp, console, none (comma-separated)",
         "Where metrics are pushed (the /api/metrics scrape endpoint is separate).",
     )
+    metrics_temporality: str = setting(
+        "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+        "cumulative",
+        _choice("cumulative", "delta", "lowmemory"),
+        "cumulative, delta, lowmemory",
+        "Temporality of the counters and histograms pushed over OTLP, as the specification defines "
+        "the three choices (the /api/metrics scrape is always cumulative).",
+    )
     logs_exporters: tuple[str, ...] = setting(
         "OTEL_LOGS_EXPORTER",
         ("otlp",),

@@ -32,8 +32,12 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.resources import Resource
 
-__all__ = ["OtlpReceiver", "ReceivedLog", "ReceivedMetric", "ReceivedSpan", "attributes"]
+from . import _metric_export, _metrics
+
+__all__ = ["MetricsReader", "OtlpReceiver", "ReceivedLog", "ReceivedMetric", "ReceivedSpan", "attributes"]
 
 
 def _value(value: AnyValue) -> Any:
@@ -537,3 +541,29 @@ def _sentry_handler(receiver: SentryReceiver) -> type[BaseHTTPRequestHandler]:
 
 
 __all__ += ["SentryEnvelope", "SentryReceiver", "parse_envelope"]
+
+
+class MetricsReader(InMemoryMetricReader):
+    """The SDK's in-memory metric reader that also reads cfk_otel's metrics, as the OTLP
+    push adds them (cfk_otel aggregates its metrics itself: no SDK reader sees them).
+
+    >>> reader = MetricsReader()
+    >>> provider = MeterProvider(metric_readers=[reader])
+    >>> reader.read_from(provider)  # the registries made for it; default: the global provider's
+    >>> data = reader.get_metrics_data()  # doctest: +SKIP
+    """
+
+    def __init__(self, preferred_temporality: dict[type, AggregationTemporality] | None = None) -> None:
+        super().__init__(preferred_temporality=preferred_temporality)
+        self._provider: object | None = None
+        self._collection = _metric_export.Collection(
+            lambda: _metrics.direct_of(self._provider), preferred_temporality
+        )
+
+    def read_from(self, provider: object) -> None:
+        """Read the cfk_otel metrics registered for ``provider`` (``Metrics(provider)``)."""
+        self._provider = provider
+
+    def get_metrics_data(self) -> MetricsData:
+        data = super().get_metrics_data()
+        return _metric_export.merged(data, self._collection.metrics(), Resource.create())

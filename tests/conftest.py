@@ -28,16 +28,17 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 IN_MEMORY_PROVIDERS = """
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cfk_otel.testing import MetricsReader
 
 spans = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(spans))
 trace.set_tracer_provider(provider)
-reader = InMemoryMetricReader()
+reader = MetricsReader()  # the SDK's in-memory reader, reading cfk_otel's metrics too
 metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 """
 

@@ -29,6 +29,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
 from cfk_otel import TelemetryMiddleware
+from cfk_otel.testing import MetricsReader
 from tests.conftest import IN_MEMORY_PROVIDERS
 
 
@@ -88,8 +89,9 @@ def harness(app: Any) -> Iterator[Harness]:
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
+    reader = MetricsReader()
     meter_provider = MeterProvider(metric_readers=[reader])
+    reader.read_from(meter_provider)
     wrapped = TelemetryMiddleware(app, tracer_provider=tracer_provider, meter_provider=meter_provider)
     with TestClient(wrapped, raise_server_exceptions=False) as client:
         yield Harness(client, spans, reader)
@@ -315,6 +317,7 @@ FASTAPI_NATIVE = (
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 from cfk_otel import TelemetryMiddleware
+from cfk_otel.testing import MetricsReader
 
 app = FastAPI()
 

@@ -13,17 +13,26 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from cfk_otel._metrics import Metrics
+from cfk_otel.testing import MetricsReader
 
 
 @pytest.fixture
 def reader() -> InMemoryMetricReader:
-    return InMemoryMetricReader()
+    return MetricsReader()
+
+
+def registry(*readers: MetricsReader) -> tuple[MeterProvider, Metrics]:
+    """A registry on a fresh provider whose readers read its metrics too."""
+    provider = MeterProvider(metric_readers=list(readers))
+    for reader in readers:
+        reader.read_from(provider)
+    return provider, Metrics(provider)
 
 
 @pytest.fixture
-def m(reader: InMemoryMetricReader) -> Iterator[Metrics]:
-    provider = MeterProvider(metric_readers=[reader])
-    yield Metrics(provider)
+def m(reader: MetricsReader) -> Iterator[Metrics]:
+    provider, metrics = registry(reader)
+    yield metrics
     provider.shutdown()
 
 
@@ -128,6 +137,9 @@ def test_conflicting_shape_raises(m: Metrics, register: Any, message: str) -> No
         ("2fast", [], "invalid metric name"),
         ("has-dash", [], "invalid metric name"),
         ("", [], "invalid metric name"),
+        ("ns:jobs", [], "invalid metric name"),  # Prometheus' recording rules' form; not an SDK name
+        ("_private", [], "invalid metric name"),
+        ("x" * 256, [], "invalid metric name"),
         ("ok", ["bad-label"], "invalid label name"),
         ("ok", ["__reserved"], "invalid label name"),
         ("ok", ["a", "a"], "duplicate label names"),
@@ -315,10 +327,10 @@ def test_histograms_follow_a_readers_delta_temporality() -> None:
     from opentelemetry.sdk.metrics import Histogram as SdkHistogram
     from opentelemetry.sdk.metrics.export import AggregationTemporality
 
-    cumulative = InMemoryMetricReader()
-    delta = InMemoryMetricReader(preferred_temporality={SdkHistogram: AggregationTemporality.DELTA})
-    provider = MeterProvider(metric_readers=[cumulative, delta])
-    h = Metrics(provider).register_histogram("d_seconds", "d", [], buckets=[1])
+    cumulative = MetricsReader()
+    delta = MetricsReader(preferred_temporality={SdkHistogram: AggregationTemporality.DELTA})
+    provider, metrics = registry(cumulative, delta)
+    h = metrics.register_histogram("d_seconds", "d", [], buckets=[1])
     h.observe(0.5)
     h.observe(2)
     [first] = points(delta, "d_seconds").values()
@@ -332,23 +344,27 @@ def test_histograms_follow_a_readers_delta_temporality() -> None:
     provider.shutdown()
 
 
-def test_counters_and_gauges_arrive_as_the_sdks_asynchronous_instruments_would() -> None:
-    # Ours are handed to the readers directly; the SDK's observable counter and up-down
-    # counter, fed the same values, are the reference, in cumulative and delta readers.
+def test_counters_and_gauges_arrive_as_the_sdk_paths_instruments_would() -> None:
+    # The SDK's counter and observable up-down counter, fed the same values, are the
+    # reference (what ours are on the SDK path), in cumulative and delta readers.
     from opentelemetry.metrics import Observation
-    from opentelemetry.sdk.metrics import ObservableCounter, ObservableUpDownCounter
+
+    # Ours are read as the SDK's synchronous counter and up-down counter would be.
+    from opentelemetry.sdk.metrics import Counter, ObservableCounter, ObservableUpDownCounter, UpDownCounter
     from opentelemetry.sdk.metrics.export import AggregationTemporality
 
+    delta = AggregationTemporality.DELTA
     delta_for = {
-        ObservableCounter: AggregationTemporality.DELTA,
-        ObservableUpDownCounter: AggregationTemporality.DELTA,
+        ObservableCounter: delta,
+        ObservableUpDownCounter: delta,
+        Counter: delta,
+        UpDownCounter: delta,
     }
     readers = {
-        "cumulative": InMemoryMetricReader(),
-        "delta": InMemoryMetricReader(preferred_temporality=delta_for),
+        "cumulative": MetricsReader(),
+        "delta": MetricsReader(preferred_temporality=delta_for),
     }
-    provider = MeterProvider(metric_readers=list(readers.values()))
-    m = Metrics(provider)
+    provider, m = registry(*readers.values())
     counter = m.register_counter("c_total", "c", ["k"])
     gauge = m.register_gauge("g", "g", ["k"])
     expected: dict[str, dict[str, float]] = {"c_total": {}, "g": {}}
@@ -357,7 +373,8 @@ def test_counters_and_gauges_arrive_as_the_sdks_asynchronous_instruments_would()
         return lambda options: [Observation(v, {"k": k}) for k, v in expected[name].items()]
 
     meter = provider.get_meter("reference")
-    meter.create_observable_counter("sdk_c_total", callbacks=[observe("c_total")])
+    # The SDK path's instruments: a synchronous counter, an observed gauge.
+    sdk_counter = meter.create_counter("sdk_c_total")
     meter.create_observable_up_down_counter("sdk_g", callbacks=[observe("g")])
 
     def shapes(reader: InMemoryMetricReader) -> dict[str, tuple[object, ...]]:
@@ -368,34 +385,37 @@ def test_counters_and_gauges_arrive_as_the_sdks_asynchronous_instruments_would()
             if metric.name not in ("c_total", "g", "sdk_c_total", "sdk_g"):
                 continue
             values = {dict(p.attributes)["k"]: p.value for p in metric.data.data_points}
-            found[metric.name] = (metric.data.is_monotonic, metric.data.aggregation_temporality, values)
+            if values:  # a metric without points is declared by ours, left out by the SDK's
+                found[metric.name] = (metric.data.is_monotonic, metric.data.aggregation_temporality, values)
         return found
 
     steps: list[dict[str, Any]] = []
     for step in ({"a": (2.0, 5.0)}, {"a": (3.0, -4.0), "b": (1.0, 7.0)}, {}):
         for key, (add, level) in step.items():
             counter.inc({"k": key}, add)
+            sdk_counter.add(add, {"k": key})
             gauge.set(expected["g"].get(key, 0.0) + level, {"k": key})
             expected["c_total"][key] = expected["c_total"].get(key, 0.0) + add
             expected["g"][key] = expected["g"].get(key, 0.0) + level
         for kind, reader in readers.items():
             found = shapes(reader)
-            ours = (found["c_total"], found["g"])
-            theirs = (found["sdk_c_total"], found["sdk_g"])
+            ours = (found.get("c_total"), found.get("g"))
+            theirs = (found.get("sdk_c_total"), found.get("sdk_g"))
             assert ours == theirs, (kind, step)
             steps.append({"kind": kind, "ours": ours})
-    deltas = [s["ours"][0][2] for s in steps if s["kind"] == "delta"]
-    assert deltas == [{"a": 2.0}, {"a": 3.0, "b": 1.0}, {"a": 0.0, "b": 0.0}]
+    deltas = [s["ours"][0] and s["ours"][0][2] for s in steps if s["kind"] == "delta"]
+    # Nothing counted in the last step: as the SDK's counter, no delta points at all.
+    assert deltas == [{"a": 2.0}, {"a": 3.0, "b": 1.0}, None]
     provider.shutdown()
 
 
 def test_a_delta_counter_point_starts_where_the_last_one_ended() -> None:
-    from opentelemetry.sdk.metrics import ObservableCounter
+    from opentelemetry.sdk.metrics import Counter
     from opentelemetry.sdk.metrics.export import AggregationTemporality
 
-    reader = InMemoryMetricReader(preferred_temporality={ObservableCounter: AggregationTemporality.DELTA})
-    provider = MeterProvider(metric_readers=[reader])
-    counter = Metrics(provider).register_counter("s_total", "s", [])
+    reader = MetricsReader(preferred_temporality={Counter: AggregationTemporality.DELTA})
+    provider, metrics = registry(reader)
+    counter = metrics.register_counter("s_total", "s", [])
     counter.inc()
     [first] = points(reader, "s_total").values()
     counter.inc()

@@ -45,15 +45,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("_db.py", "getattr(connection, '_addr')"): "asyncpg exposes no public peer address",
     ("_db.py", "getattr(instance, '_reset_query')"): "asyncpg: the pool's reset query, to leave it unspanned",
     ("_logs.py", "getattr(logging, '_startTime')"): _LOGGING,
-    ("_metrics.py", "getattr(provider, '_sdk_config')"): _SDK,
-    ("_metrics.py", "getattr(provider, '_metric_readers')"): _SDK,
     ("_db.py", "instance._query"): _ASYNCPG,
-    ("_metrics.py", "import opentelemetry.sdk.metrics._internal.instrument"): _SDK,
-    ("_metrics.py", "opentelemetry.sdk.metrics._internal.instrument._Histogram"): _SDK,
-    ("_metrics.py", "opentelemetry.sdk.metrics._internal.instrument._ObservableCounter"): _SDK,
-    ("_metrics.py", "opentelemetry.sdk.metrics._internal.instrument._ObservableUpDownCounter"): _SDK,
-    ("_metrics.py", "reader._collect"): _SDK,
-    ("_metrics.py", "reader._instrument_class_temporality"): _SDK,
 }
 
 

@@ -17,6 +17,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(otlp::check_tls, m)?)?;
     m.add_class::<metrics::Family>()?;
     m.add_function(wrap_pyfunction!(metrics::render, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::record_request, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::float_to_go_string, m)?)?;
     Ok(())
 }

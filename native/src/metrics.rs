@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+/// The label value of the series that label sets past a family's `max_series` share.
+const OVERFLOW: &str = "overflow";
+
 /// Python's `repr(float)`: the shortest text that reads back to the same number, fixed notation
 /// for decimal exponents from -4 to 15, scientific with a signed two-digit exponent otherwise.
 pub fn python_repr(value: f64) -> String {
@@ -108,13 +111,22 @@ fn escape_label(value: &str, out: &mut String) {
     }
 }
 
-fn escape_help(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('\n', "\\n")
+fn escape_help(value: &str, openmetrics: bool) -> String {
+    let text = value.replace('\\', "\\\\").replace('\n', "\\n");
+    if openmetrics {
+        text.replace('"', "\\\"")
+    } else {
+        text
+    }
 }
 
 #[derive(Clone)]
 enum Series {
+    /// A counter's total or a gauge's level.
     Counter(f64),
+    /// Exemplars (issue 24) belong here: one optional (trace id, span id, value, time) slot per
+    /// bucket beside `counts`, written by `observe` when the caller passes a kept span's ids,
+    /// read by the OpenMetrics text and `to_otlp`.
     Histogram {
         counts: Vec<u64>,
         sum: f64,
@@ -129,16 +141,24 @@ struct Table {
     rows: Vec<(Vec<String>, Series)>,
 }
 
-/// One metric family: a counter, or a histogram with fixed bucket bounds.
+/// One metric family: a counter, a gauge, or a histogram with fixed bucket bounds.
+///
+/// Past `max_series` label sets (0: no bound), a new label set is folded into one series whose
+/// every label value is "overflow", as the SDK's cardinality limit does.
 #[pyclass(module = "cfk_otel._native", frozen)]
 pub struct Family {
     name: String,
     help: String,
     unit: String,
     label_names: Vec<String>,
+    // The label positions in name order: the exposition writes labels sorted, as the SDK's
+    // Prometheus reader does, whatever order they were declared in.
+    sorted: Vec<usize>,
     bounds: Vec<f64>,
     bound_labels: Vec<String>,
     histogram: bool,
+    gauge: bool,
+    max_series: usize,
     // The instrument's own name and unit, as OTLP carries them ("http.server..." or the
     // document's name, "s"); the exposition name above has the unit and _total suffixes.
     otlp_name: String,
@@ -147,7 +167,9 @@ pub struct Family {
 }
 
 impl Family {
-    fn update(&self, labels: Vec<String>, change: impl FnOnce(&mut Series)) -> PyResult<()> {
+    /// Applies `change` to the series of `labels` (made when new) and returns what it returns,
+    /// and whether a new label set was folded into the overflow series.
+    fn update<T>(&self, labels: Vec<String>, change: impl FnOnce(&mut Series) -> T) -> PyResult<(T, bool)> {
         if labels.len() != self.label_names.len() {
             return Err(PyValueError::new_err(format!(
                 "{} takes labels {:?}, got {} values",
@@ -160,6 +182,12 @@ impl Family {
             .table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut labels = labels;
+        let mut overflowed = false;
+        if self.max_series > 0 && table.rows.len() >= self.max_series && !table.index.contains_key(&labels) {
+            labels = vec![OVERFLOW.to_string(); self.label_names.len()];
+            overflowed = true;
+        }
         let at = match table.index.get(&labels) {
             Some(&at) => at,
             None => {
@@ -180,23 +208,18 @@ impl Family {
                 at
             }
         };
-        change(&mut table.rows[at].1);
-        Ok(())
+        Ok((change(&mut table.rows[at].1), overflowed))
     }
 
+    /// `{name="value",...}` in name order, as prometheus_client writes them, with a
+    /// histogram bucket's `le` in its place among them.
     fn labels(&self, values: &[String], le: Option<&str>, out: &mut String) {
         if values.is_empty() && le.is_none() {
             return;
         }
         out.push('{');
         let mut first = true;
-        if let Some(le) = le {
-            out.push_str("le=\"");
-            out.push_str(le);
-            out.push('"');
-            first = false;
-        }
-        for (name, value) in self.label_names.iter().zip(values) {
+        let mut pair = |name: &str, value: &str, out: &mut String| {
             if !first {
                 out.push(',');
             }
@@ -205,6 +228,18 @@ impl Family {
             out.push_str("=\"");
             escape_label(value, out);
             out.push('"');
+        };
+        let mut le = le;
+        for &i in &self.sorted {
+            let name = self.label_names[i].as_str();
+            if let Some(bound) = le.filter(|_| name > "le") {
+                pair("le", bound, out);
+                le = None;
+            }
+            pair(name, &values[i], out);
+        }
+        if let Some(bound) = le {
+            pair("le", bound, out);
         }
         out.push('}');
     }
@@ -214,13 +249,19 @@ impl Family {
             .table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let kind = if self.histogram { "histogram" } else { "counter" };
-        let family = if openmetrics && !self.histogram {
+        let kind = if self.histogram {
+            "histogram"
+        } else if self.gauge {
+            "gauge"
+        } else {
+            "counter"
+        };
+        let family = if openmetrics && kind == "counter" {
             self.name.strip_suffix("_total").unwrap_or(&self.name)
         } else {
             &self.name
         };
-        let _ = writeln!(out, "# HELP {family} {}", escape_help(&self.help));
+        let _ = writeln!(out, "# HELP {family} {}", escape_help(&self.help, openmetrics));
         let _ = writeln!(out, "# TYPE {family} {kind}");
         if openmetrics && !self.unit.is_empty() {
             let _ = writeln!(out, "# UNIT {family} {}", self.unit);
@@ -306,7 +347,7 @@ impl Family {
         } else {
             MetricData::Sum(Sum {
                 aggregation_temporality: CUMULATIVE,
-                is_monotonic: true,
+                is_monotonic: !self.gauge,
                 data_points: table
                     .rows
                     .iter()
@@ -334,11 +375,13 @@ impl Family {
 
 #[pymethods]
 impl Family {
-    /// A counter when `bounds` is None, else a histogram with those upper bounds (ascending),
-    /// written in `le` as `bound_labels` gives them (the SDK writes `str()` of each bound).
+    /// A counter when `bounds` is None (a gauge with `gauge=True`), else a histogram with those
+    /// upper bounds (ascending), written in `le` as `bound_labels` gives them (the SDK writes
+    /// `str()` of each bound).
     #[new]
     #[pyo3(signature = (
         name, help, unit, label_names, bounds=None, bound_labels=None, otlp_name=None, otlp_unit=None,
+        *, gauge=false, max_series=0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -350,8 +393,13 @@ impl Family {
         bound_labels: Option<Vec<String>>,
         otlp_name: Option<String>,
         otlp_unit: Option<String>,
+        gauge: bool,
+        max_series: usize,
     ) -> PyResult<Self> {
         let histogram = bounds.is_some();
+        if histogram && gauge {
+            return Err(PyValueError::new_err(format!("{name}: a gauge has no buckets")));
+        }
         let bounds = bounds.unwrap_or_default();
         if bounds
             .windows(2)
@@ -365,6 +413,8 @@ impl Family {
         if bound_labels.len() != bounds.len() {
             return Err(PyValueError::new_err(format!("{name}: one label per bound")));
         }
+        let mut sorted: Vec<usize> = (0..label_names.len()).collect();
+        sorted.sort_by(|a, b| label_names[*a].cmp(&label_names[*b]));
         Ok(Self {
             otlp_name: otlp_name.unwrap_or_else(|| name.clone()),
             otlp_unit: otlp_unit.unwrap_or_default(),
@@ -372,9 +422,12 @@ impl Family {
             help,
             unit,
             label_names,
+            sorted,
             bounds,
             bound_labels,
             histogram,
+            gauge,
+            max_series,
             table: Mutex::new(Table {
                 index: HashMap::new(),
                 rows: Vec::new(),
@@ -382,19 +435,63 @@ impl Family {
         })
     }
 
-    /// Adds `value` to a counter's series.
-    fn add(&self, labels: Vec<String>, value: f64) -> PyResult<()> {
-        self.update(labels, |series| {
+    /// Adds `value` to a counter's or a gauge's series; True when a new label set went to the
+    /// overflow series.
+    fn add(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
+        let ((), overflowed) = self.update(labels, |series| {
             if let Series::Counter(total) = series {
                 *total += value;
             }
-        })
+        })?;
+        Ok(overflowed)
     }
 
-    /// Records `value` in a histogram's series: its bucket is the first bound >= value.
-    fn observe(&self, labels: Vec<String>, value: f64) -> PyResult<()> {
+    /// Sets a gauge's series to `value`; True when a new label set went to the overflow series.
+    fn set(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
+        let ((), overflowed) = self.update(labels, |series| {
+            if let Series::Counter(level) = series {
+                *level = value;
+            }
+        })?;
+        Ok(overflowed)
+    }
+
+    /// One fewer in a gauge's series, never below 0: False when it was below 1 (then it is 0,
+    /// if it existed at all; a series is never made by a finish).
+    fn finish(&self, labels: Vec<String>) -> PyResult<bool> {
+        {
+            let table = self
+                .table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !table.index.contains_key(&labels) {
+                return Ok(false);
+            }
+        }
+        let (done, _) = self.update(labels, |series| match series {
+            Series::Counter(level) if *level >= 1.0 => {
+                *level -= 1.0;
+                true
+            }
+            Series::Counter(level) => {
+                *level = 0.0;
+                false
+            }
+            Series::Histogram { .. } => false,
+        })?;
+        Ok(done)
+    }
+
+    /// Makes the series of `labels` (at 0, every bucket empty) if it is not there yet.
+    fn touch(&self, labels: Vec<String>) -> PyResult<()> {
+        self.update(labels, |_| ()).map(|_| ())
+    }
+
+    /// Records `value` in a histogram's series: its bucket is the first bound >= value. True
+    /// when a new label set went to the overflow series.
+    fn observe(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
         let bucket = self.bounds.partition_point(|bound| *bound < value);
-        self.update(labels, |series| {
+        let ((), overflowed) = self.update(labels, |series| {
             if let Series::Histogram {
                 counts,
                 sum,
@@ -409,7 +506,47 @@ impl Family {
                 *min = min.min(value);
                 *max = max.max(value);
             }
-        })
+        })?;
+        Ok(overflowed)
+    }
+
+    /// A counter's or gauge's series: (label values, value), in the order they were made.
+    fn values(&self) -> Vec<(Vec<String>, f64)> {
+        let table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        table
+            .rows
+            .iter()
+            .filter_map(|(labels, series)| match series {
+                Series::Counter(value) => Some((labels.clone(), *value)),
+                Series::Histogram { .. } => None,
+            })
+            .collect()
+    }
+
+    /// A histogram's series: (label values, bucket counts, sum, count, min, max).
+    #[allow(clippy::type_complexity)]
+    fn rows(&self) -> Vec<(Vec<String>, Vec<u64>, f64, u64, f64, f64)> {
+        let table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        table
+            .rows
+            .iter()
+            .filter_map(|(labels, series)| match series {
+                Series::Histogram {
+                    counts,
+                    sum,
+                    count,
+                    min,
+                    max,
+                } => Some((labels.clone(), counts.clone(), *sum, *count, *min, *max)),
+                Series::Counter(_) => None,
+            })
+            .collect()
     }
 
     /// This family's exposition text (Prometheus 0.0.4, or OpenMetrics without `# EOF`).
@@ -435,4 +572,21 @@ pub fn render(families: Vec<PyRef<'_, Family>>, openmetrics: bool) -> String {
 #[pyfunction]
 pub fn float_to_go_string(value: f64) -> String {
     go_string(value)
+}
+
+/// The end of one request in one call: `http_requests_total{method,path,status}` counted and
+/// `http_request_duration_seconds{method,path}` observed. Returns whether either folded a new
+/// label set into its overflow series.
+#[pyfunction]
+pub fn record_request(
+    requests: PyRef<'_, Family>,
+    duration: PyRef<'_, Family>,
+    method: String,
+    route: String,
+    status: String,
+    seconds: f64,
+) -> PyResult<(bool, bool)> {
+    let counted = requests.add(vec![method.clone(), route.clone(), status], 1.0)?;
+    let observed = duration.observe(vec![method, route], seconds)?;
+    Ok((counted, observed))
 }
