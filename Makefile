@@ -15,11 +15,12 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/cfk-otel/cargo-target
 export GOTOOLCHAIN := go1.27.3
 NATIVE := $(wildcard native/Cargo.toml native/Cargo.lock native/src/*.rs)
 
-.PHONY: help venv services services-stop lint install-check test demo bench microbench env-table collector collector-check clean
+.PHONY: help venv venv-oldest services services-stop lint install-check test demo bench microbench env-table collector collector-check clean
 
 help:
 	@echo "make demo    run the example app under opentelemetry-instrument and summarise its telemetry"
 	@echo "make test    lint, type-check and run the whole test suite against real services"
+	@echo "             (also on the oldest OpenTelemetry SDK supported, in .venv-oldest)"
 	@echo "make lint    ruff and mypy only"
 	@echo "make install-check  a fresh install with each Python's bundled pip, then pip check"
 	@echo "make bench   the overhead benchmark; writes docs/benchmarks.md (and runs microbench)"
@@ -35,6 +36,24 @@ $(STAMP): pyproject.toml $(NATIVE)
 	@touch $@
 
 venv: $(STAMP)
+
+# The oldest OpenTelemetry family of the supported range (constraints/oldest.txt, the lower
+# bounds of pyproject.toml's ranges), beside cfk_otel and the rest of the test extra: the
+# test extra's own pins are the newest family. Reinstalled when either file changes; the
+# compiled core is the one `make venv` built into the checkout (the install only relinks it).
+OLDEST_VENV ?= .venv-oldest
+OLDEST_BIN := $(OLDEST_VENV)/bin
+OLDEST_PINS := constraints/oldest.txt
+OLDEST_STAMP := $(OLDEST_VENV)/.cfk-installed
+$(OLDEST_STAMP): pyproject.toml $(OLDEST_PINS) scripts/test-requirements | $(STAMP)
+	@test -x $(OLDEST_BIN)/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_BIN)/python -m pip install -q --upgrade pip
+	$(OLDEST_BIN)/python -m pip install -q -r $(OLDEST_PINS) -e . \
+	  $$($(OLDEST_BIN)/python scripts/test-requirements --without $(OLDEST_PINS))
+	$(OLDEST_BIN)/python -m pip check
+	@touch $@
+
+venv-oldest: $(OLDEST_STAMP)
 
 services:
 	@scripts/services start >/dev/null
@@ -61,9 +80,13 @@ install-check:
 # progress shows here rather than inside a test fixture.
 # The whole suite on the native path, then the tests that launch apps again on the SDK
 # path (CFK_TEST_NATIVE=false, see tests/conftest.py): the reference the core is held to.
-test: venv services collector lint collector-check install-check
+# Then on the oldest OpenTelemetry family supported (.venv-oldest): the unit tests on the
+# native path, and those app-launching tests on the SDK path, where the SDK does the most.
+test: venv venv-oldest services collector lint collector-check install-check
 	$(BIN)/python -m pytest
 	CFK_TEST_NATIVE=false $(BIN)/python -m pytest tests/e2e tests/integration tests/examples
+	$(OLDEST_BIN)/python -m pytest tests/test_*.py
+	CFK_TEST_NATIVE=false $(OLDEST_BIN)/python -m pytest tests/e2e tests/integration tests/examples
 
 # The example app (examples/kanban) with the whole telemetry path: the collector, a real
 # Prometheus, a burst of traffic and a summary; DEMO_ARGS=--once exits after the summary.
@@ -133,4 +156,4 @@ env-table: venv
 	$(BIN)/python scripts/update-env-table README.md
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(OLDEST_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -247,6 +247,19 @@ def activate(choice: Choice, provider: trace.TracerProvider | None = None) -> No
 _VALUE_LIMITS: dict[str, int] = {}
 
 
+def log_record_limits() -> tuple[int | None, int | None]:
+    """The SDK's limits on a log record's attributes: how many, and how long a value.
+
+    SDK 1.44 added the record's own (``OTEL_LOGRECORD_ATTRIBUTE_*``, falling back to the
+    global ones); before, a record took the global ``OTEL_ATTRIBUTE_*`` limits.
+    """
+    limits = LogRecordLimits()
+    return (
+        getattr(limits, "max_log_record_attributes", limits.max_attributes),
+        getattr(limits, "max_log_record_attribute_length", limits.max_attribute_length),
+    )
+
+
 def set_value_limits(spans: int | None, logs: int | None) -> None:
     """The settings' value-length limits, for exporters made from now on (None: the SDK's
     from the environment, without a marker)."""
@@ -275,7 +288,7 @@ def _exporter(signal: str, resource: Resource, scopes: list[tuple[str, str]]) ->
             if length is None and signal == "traces":
                 length = sdk_trace.SpanLimits().max_attribute_length
             elif length is None:
-                length = LogRecordLimits().max_log_record_attribute_length
+                length = log_record_limits()[1]
             exporter = _native.OtlpExporter(
                 signal,
                 target.url,
@@ -684,7 +697,7 @@ class LogSink:
 
     def __init__(self, provider: LoggerProvider) -> None:
         self.provider = provider
-        self._limits = LogRecordLimits()
+        self._max_attributes = log_record_limits()[0]
         self._exporter: OtlpExporter | None = None
         self._scopes: dict[str, int | None] = {}  # logger name -> the exporter's scope index
         self._active = _watch(provider, "add_log_record_processor")
@@ -710,7 +723,7 @@ class LogSink:
     ) -> bool:
         """Queue one record in the core; False when the SDK must take it instead (more
         attributes than its count limit, or more distinct logger names than the core names)."""
-        limit = self._limits.max_log_record_attributes
+        limit = self._max_attributes
         if limit is not None and len(attributes) > limit:
             return False
         exporter = _EXPORTERS.get((os.getpid(), "logs"))

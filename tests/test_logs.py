@@ -557,11 +557,14 @@ def test_app_records_beyond_the_attribute_limit_go_through_the_sdk(monkeypatch: 
     from cfk_otel._logs import OtlpHandler
     from cfk_otel.testing import OtlpReceiver
 
-    monkeypatch.setenv("OTEL_LOGRECORD_ATTRIBUTE_COUNT_LIMIT", "3")  # the core reads it, as set-up does
+    limits: dict[str, Any] = {}
+    if hasattr(LogRecordLimits(), "max_log_record_attributes"):
+        monkeypatch.setenv("OTEL_LOGRECORD_ATTRIBUTE_COUNT_LIMIT", "3")  # the core reads it, as set-up does
+        limits["log_record_limits"] = LogRecordLimits(max_attributes=3)
+    else:  # SDK < 1.44 (the oldest supported): a record takes the global limit, from the environment
+        monkeypatch.setenv("OTEL_ATTRIBUTE_COUNT_LIMIT", "3")
     with OtlpReceiver() as receiver:
-        provider, sink = _sink_provider(
-            receiver, monkeypatch, log_record_limits=LogRecordLimits(max_attributes=3)
-        )
+        provider, sink = _sink_provider(receiver, monkeypatch, **limits)
         with warnings.catch_warnings():  # the SDK warns that it dropped some
             warnings.simplefilter("ignore")
             OtlpHandler(provider, sink=sink).handle(_record("many", a=1, b=2, c=3, d=4))

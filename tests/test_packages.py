@@ -143,3 +143,56 @@ def test_each_instrumented_library_is_an_optional_extra_at_the_version_instrumen
             requirement = Requirement(dependency)
             assert requirement.name not in runtime, f"{requirement.name} must stay optional"
             assert extras.get(requirement.name) == str(requirement.specifier), entry.name
+
+
+def _pins(requirements: list[str]) -> dict[str, str]:
+    """name -> version of each ``name==version`` requirement (and nothing else)."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in requirements:
+        requirement = Requirement(line)
+        [*specifiers] = requirement.specifier
+        if len(specifiers) == 1 and specifiers[0].operator == "==":
+            pins[requirement.name] = specifiers[0].version
+    return pins
+
+
+def test_the_range_runs_from_the_oldest_family_tested_to_the_newest() -> None:
+    """Issue 22 point 4: each OpenTelemetry range in pyproject.toml runs from the version
+    constraints/oldest.txt pins (`make test` runs the suite on those) to the next major
+    release, and the test extra pins the newest family (CI's default venv) inside it."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from tests.conftest import ROOT
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ranges = {
+        r.name: r.specifier
+        for r in map(Requirement, project["dependencies"])
+        if r.name.startswith("opentelemetry-")
+    }
+    lines = (ROOT / "constraints" / "oldest.txt").read_text().splitlines()
+    oldest = _pins([line for line in lines if line.strip() and not line.startswith("#")])
+    newest = {n: v for n, v in _pins(project["optional-dependencies"]["test"]).items() if n in oldest}
+    assert len(ranges) == 8
+    assert set(oldest) == set(newest), "the oldest and the newest family name the same packages"
+    assert set(ranges) <= set(oldest), "every runtime OpenTelemetry package has its oldest version"
+    for name, specifier in ranges.items():
+        bounds = {s.operator: Version(s.version) for s in specifier}
+        assert set(bounds) == {">=", "<"}, name
+        assert bounds[">="] == Version(oldest[name]), f"{name}: the lower bound is the oldest tested"
+        assert bounds["<"] == Version(str(bounds[">="].major + 1)), f"{name}: up to the next major"
+        assert specifier.contains(newest[name], prereleases=True), name
+        assert Version(newest[name]) > bounds[">="], name
+    # One family each: the core (1.x) and contrib (0.x) packages each share one release.
+    for family in (oldest, newest):
+        assert len({v for v in family.values() if Version(v).major >= 1}) == 1, family
+        assert len({v for v in family.values() if Version(v).major == 0}) == 1, family
+    # This venv is one of the two: the oldest in .venv-oldest, the newest in .venv.
+    installed = {name: version(name) for name in oldest}
+    assert installed in (oldest, newest), installed
