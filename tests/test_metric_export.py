@@ -103,7 +103,9 @@ def test_temporality_follows_the_specifications_choices(
     ours = Capture()
     expected = temporalities(sdk, sdk.exports)
     assert expected == {"c": counter, "h": histogram, "u": CUMULATIVE, "o": observable_counter}
-    assert temporalities(OtlpMetricExporter(inner=ours, preference=preference), ours.exports) == expected
+    # No metrics of ours (the process's registry holds whatever earlier tests registered).
+    exporter = OtlpMetricExporter(inner=ours, preference=preference, source=lambda: ())
+    assert temporalities(exporter, ours.exports) == expected
 
 
 def test_the_setting_names_the_variable_and_what_it_accepts() -> None:
