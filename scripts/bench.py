@@ -40,7 +40,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +356,51 @@ def ladder_steps(paired: dict[str, dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def _scrape(port: int) -> float:
+    """One GET of /api/metrics, whole body read: seconds taken."""
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/metrics", timeout=10) as response:
+        response.read()
+    return time.perf_counter() - started
+
+
+def scrape_interference(receiver: Receiver, closed: str, seconds: int, every: float) -> dict[str, Any]:
+    """The app with 10,000 series (examples/bench/app_series.py): how long a scrape takes, and
+    the p99 of /hello at a fixed rate without scrapes, then with one every ``every`` seconds."""
+    port = free_port()
+    command, env = scenario("cfk_otel", port, receiver, closed)
+    server = Server([*command[:-1], "app_series:app"], env, port)
+    try:
+        wrk(f"http://127.0.0.1:{port}/hello", 2)  # warm-up
+        durations = [_scrape(port) for _ in range(10)]
+        quiet = asyncio.run(_fixed_rate(port, "/hello", RATES["hello"], seconds))
+        stop = threading.Event()
+        during: list[float] = []
+
+        def scrape_repeatedly() -> None:
+            while not stop.wait(every):
+                during.append(_scrape(port))
+
+        scraper = threading.Thread(target=scrape_repeatedly, daemon=True)
+        scraper.start()
+        try:
+            busy = asyncio.run(_fixed_rate(port, "/hello", RATES["hello"], seconds))
+        finally:
+            stop.set()
+            scraper.join(15)
+    finally:
+        server.stop()
+    return {
+        "series": 10_000,
+        "scrape_ms_median": statistics.median(durations) * 1000,
+        "scrapes_during": len(during),
+        "every_s": every,
+        "rate": RATES["hello"],
+        "p99_ms_without": percentile(quiet, 0.99) * 1000,
+        "p99_ms_with": percentile(busy, 0.99) * 1000,
+    }
+
+
 def soak_collector_down(receiver: Receiver, closed: str, seconds: int) -> dict[str, Any]:
     """A minute of load with the collector down: RSS samples and the SIGTERM exit time."""
     port = free_port()
@@ -492,6 +539,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"Collector down, {result['soak_seconds']} s of load: RSS every 5 s (MiB) "
             f"{soak['rss_mib_every_5s']}; SIGTERM exit {soak['sigterm_exit_s']:.2f} s.",
         ]
+    scrapes = result.get("scrape_interference")
+    if scrapes:
+        ratio = scrapes["p99_ms_with"] / max(scrapes["p99_ms_without"], 1e-9)
+        lines += [
+            "",
+            f"Scrapes of {scrapes['series']:,} series (examples/bench/app_series.py): "
+            f"{scrapes['scrape_ms_median']:.1f} ms each (median of 10, whole body read). "
+            f"p99 of /hello at {scrapes['rate']} req/s: {scrapes['p99_ms_without']:.2f} ms without "
+            f"scrapes, {scrapes['p99_ms_with']:.2f} ms with one every {scrapes['every_s']:g} s "
+            f"({scrapes['scrapes_during']} scrapes; {ratio:.2f}x).",
+        ]
     lines += [
         "",
         "The hot paths one call at a time (a span, a histogram record, a log line, a 10,000-series "
@@ -514,6 +572,9 @@ def main() -> int:
     parser.add_argument("--routes", default="hello,work")
     parser.add_argument(
         "--no-ladder", dest="ladder", action="store_false", help="skip the hello route's cost ladder"
+    )
+    parser.add_argument(
+        "--no-scrapes", dest="scrapes", action="store_false", help="skip the 10,000-series scrape step"
     )
     args = parser.parse_args()
     os.environ.update(services_env())
@@ -549,6 +610,7 @@ def main() -> int:
             else {}
         )
         soak = soak_collector_down(receiver, closed, args.soak_seconds) if "cfk_otel_down" in names else None
+        scrapes = scrape_interference(receiver, closed, args.seconds, 0.5) if args.scrapes else None
     finally:
         receiver.stop()
     result = {
@@ -566,6 +628,7 @@ def main() -> int:
         "paired_rounds": args.paired_rounds,
         "ladder": ladder,
         "collector_down_soak": soak,
+        "scrape_interference": scrapes,
     }
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)

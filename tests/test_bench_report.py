@@ -74,3 +74,30 @@ def test_the_report_has_one_ladder_row_per_step_with_what_it_adds(bench: ModuleT
     assert last[1] == bench.LADDER["cfk_otel"]
     assert last[3] == f"{(10 * 5 + 12 * 5) / 2:.0f}"  # over bare: 50 and 60, median 55
     assert last[4] == "11"  # over the step before: 10 and 12
+
+
+def test_the_scrape_step_reports_its_time_and_the_p99_ratio(bench: ModuleType) -> None:
+    result = {
+        "date": "2026-12-05",
+        "machine": {"cpu": "cpu", "cores": "2", "python": "3.11"},
+        "rounds": 1,
+        "soak_seconds": 60,
+        "results": {},
+        "side_by_side": {},
+        "paired_rounds": 0,
+        "ladder": {},
+        "collector_down_soak": None,
+        "scrape_interference": {
+            "series": 10_000,
+            "scrape_ms_median": 6.04,
+            "scrapes_during": 20,
+            "every_s": 0.5,
+            "rate": 400,
+            "p99_ms_without": 4.0,
+            "p99_ms_with": 6.0,
+        },
+    }
+    text = bench.markdown(result)
+    assert "Scrapes of 10,000 series" in text
+    assert "6.0 ms each" in text
+    assert "4.00 ms without scrapes, 6.00 ms with one every 0.5 s (20 scrapes; 1.50x)" in text
