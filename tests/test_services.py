@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import socket
 import stat
@@ -38,15 +39,29 @@ def state() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def _below_ephemeral() -> list[int]:
+    """Ports below the kernel's ephemeral range, in a random order. The script takes the port
+    after a held one: in the ephemeral range, any test's client connection may own that one
+    between the script's check and the server's bind (PostgreSQL then fails to start)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return random.sample(range(20_000, low - 100, 10), 200)
+
+
 @pytest.fixture
 def held() -> Iterator[list[int]]:
     """Two ports held by listening sockets of this process, as another server would hold them."""
-    sockets = []
-    for _ in range(2):
+    sockets: list[socket.socket] = []
+    for port in _below_ephemeral():
         s = socket.socket()
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
         s.listen()
         sockets.append(s)
+        if len(sockets) == 2:
+            break
     yield [s.getsockname()[1] for s in sockets]
     for s in sockets:
         s.close()
@@ -119,10 +134,15 @@ def test_without_ss_the_holder_comes_from_proc(state: Path, held: list[int], tmp
 
 def test_free_ports_are_kept(state: Path) -> None:
     ports = []
-    for _ in range(2):
+    for port in _below_ephemeral():  # free now, and no client connection will take them
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+        if len(ports) == 2:
+            break
     err, chosen = run_and_stop(state, ports)
     assert "is held by" not in err
     assert f"127.0.0.1:{ports[0]}/cfk" in chosen["DATABASE_URL"]
