@@ -210,7 +210,10 @@ def test_otlp_record_ours_direct(
     benchmark(log_once)
     stats = _core.stats()["logs"]  # the direct route: every record went into the core
     assert stats["accepted"] >= 1
-    assert stats["accepted"] == stats["queued"] + stats["dropped_queue_full"]
+    # Each is queued, dropped for room, or taken by the export thread: at most one batch (512)
+    # is in flight there, waiting out its retry pause, and counted nowhere yet.
+    settled = sum(stats.get(k, 0) for k in ("queued", "dropped_queue_full", "exported", "rejected"))
+    assert 0 <= stats["accepted"] - settled - stats.get("dropped_export_failed", 0) <= 512
 
 
 @pytest.mark.benchmark(group=OTLP_RECORD)
