@@ -87,10 +87,22 @@ def receiver() -> Iterator[OtlpReceiver]:
         yield r
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and not handed out before in this run.
+
+    The kernel may give the port it just freed to the next bind on port 0, so two
+    calls in a row (a collector's health and Prometheus ports) could get the same one.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass
