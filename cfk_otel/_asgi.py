@@ -27,8 +27,9 @@ from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_OR
 from opentelemetry.trace import Status, StatusCode
 
 from . import _errors_total, _metrics
-from ._core import CoreSpan, Spans
+from ._core import CoreSpan, Ended, Spans
 from ._guard import guard
+from ._logs import RequestLog
 from ._redact import Known, exception_attributes, scrub_text, scrub_url
 from ._routes import UNMATCHED, RouteResolver
 from ._types import ASGIApp, Message, Receive, RequestInfo, RequestObserver, Scope, Send
@@ -138,8 +139,11 @@ class TelemetryMiddleware:
         secrets: Known | None = None,
     ) -> None:
         self.app = app
-        # Called once per finished request or websocket (request log line, error reports).
-        self._observers = tuple(observers)
+        # Called once per finished request or websocket (error reports, the app's own). The
+        # request line is written first, and its OTLP record joins the request's one call
+        # into the core (see _record).
+        self._request_log = next((o for o in observers if isinstance(o, RequestLog)), None)
+        self._observers = tuple(o for o in observers if o is not self._request_log)
         # Which finished requests count in errors_total (SENTRY_CAPTURE_4XX's statuses).
         self._errors = errors or _errors_total.RequestErrors()
         # The configured secret values, withheld from an error's message on the span.
@@ -248,14 +252,19 @@ class TelemetryMiddleware:
         error: BaseException | None,
         close_code: int | None = None,
     ) -> None:
-        self._finish(span, scope, kind, method, route, status, error)
+        ended = self._finish(span, scope, kind, method, route, status, error)
+        request_log, observers = self._request_log, self._observers
+        info: RequestInfo | None = None
+        if request_log is not None or observers:
+            info = RequestInfo(scope, kind, method, route, status, elapsed, error, span.get_span_context())
         if kind == "http":
-            self.metrics.record_request(method, route, str(status), elapsed)
+            # One call into the core on the native path: span, request metrics, OTLP line.
+            log = request_log.write(info) if request_log is not None and info is not None else None
+            self.metrics.record_request(method, route, str(status), elapsed, ended, log)
         if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
             self._errors.count(self.metrics, kind, route, status, error, close_code)
-        if self._observers:
-            info = RequestInfo(scope, kind, method, route, status, elapsed, error, span.get_span_context())
-            for observer in self._observers:
+        if info is not None:
+            for observer in observers:
                 observer(info)
 
     def _finish(
@@ -267,10 +276,12 @@ class TelemetryMiddleware:
         route: str,
         status: int,
         error: BaseException | None,
-    ) -> None:
+    ) -> Ended | None:
+        """Set the span's attributes and status and end it. An HTTP request's span of the
+        core is left to queue (returned) with the request's metrics, in one call."""
         if not span.is_recording():
             span.end()
-            return
+            return None
         server = scope.get("server")
         client = scope.get("client")
         attributes: dict[str, Any] = {
@@ -299,11 +310,19 @@ class TelemetryMiddleware:
             span.set_own(attributes)
         else:
             span.set_attributes(attributes)
+        if error is not None or status >= 500:
+            self._failed(span, status, error)
+        if kind == "http" and type(span) is CoreSpan:
+            return span.ending()
+        span.end()
+        return None
+
+    def _failed(self, span: trace.Span, status: int, error: BaseException | None) -> None:
+        """The span of a request that raised ``error`` or answered a 5xx ``status``."""
         if error is not None:
             span.record_exception(error, exception_attributes(error, self._known))
             span.set_attribute(ERROR_TYPE, type(error).__qualname__)
             span.set_status(Status(StatusCode.ERROR, scrub_text(str(error), self._known)))
-        elif status >= 500:
+        else:
             span.set_attribute(ERROR_TYPE, str(status))
             span.set_status(Status(StatusCode.ERROR))
-        span.end()

@@ -53,7 +53,7 @@ from ._guard import guard, warn_once
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._native import OtlpExporter
+    from ._native import Family, OtlpExporter
 
 _native: ModuleType | None
 try:
@@ -519,14 +519,24 @@ class CoreSpan(trace.Span):
         self.add_event("exception", event, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
+        ended = self.ending(end_time)
+        if ended is not None:
+            with _RECORD_SPAN:  # never into the app; the span alone is lost
+                ended[0].record_span(*ended[1])
+
+    def ending(self, end_time: int | None = None) -> Ended | None:
+        """End the span, and give what queues it in the core when it is to be recorded now
+        (sampled): the exporter and ``record_span``'s arguments, for the caller to hand over
+        together with other work (:func:`end_request`, :func:`end_call`). None when there is
+        nothing to queue now: ended already, or held by the keeper of sampled-out traces."""
         if self._end_time is not None:
             _log.warning("Calling end() on an ended span.")
-            return
+            return None
         self._end_time = end = end_time if end_time is not None else time.time_ns()
         if not self.context.trace_flags.sampled:
             keeper = _sampling.KEEPER  # recorded only: its trace is kept if it fails or is slow
             if keeper is None:
-                return
+                return None
             parent = self.parent
             if parent is None or parent.is_remote:
                 failed = self.status.status_code is StatusCode.ERROR
@@ -538,40 +548,103 @@ class CoreSpan(trace.Span):
                 if extra is not None:
                     size += _sampling.estimate(extra) - _sampling.SPAN_BYTES
                 keeper.hold(self.context.trace_id, CoreSpan._record, self, size)
-            return
-        self._record()
+            return None
+        exporter = self._home.exporter
+        assert exporter is not None  # a CoreSpan is only made with an exporter
+        return exporter, self._arguments()
 
     def _record(self) -> None:
-        """Hand the ended span to the core's exporter."""
-        end = self._end_time
-        assert end is not None
-        parent = self.parent
-        status = self.status
-        attributes, dropped = self._merged()
+        """Hand the ended span to the core's exporter (the keeper's call, later)."""
         exporter = self._home.exporter
         assert exporter is not None  # a CoreSpan is only made with an exporter
         with _RECORD_SPAN:  # never into the app; the span alone is lost
-            exporter.record_span(
-                0,
-                self.context.trace_id,
-                self.context.span_id,
-                parent.span_id if parent is not None else 0,
-                _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
-                self.context.trace_state.to_header(),
-                self.name,
-                self.kind.value + 1,  # OTLP counts from UNSPECIFIED
-                self.start_time,
-                end,
-                attributes,
-                self.events,
-                status.status_code.value,
-                status.description or "",
-                dropped,
-                self.dropped_events,
-            )
+            exporter.record_span(*self._arguments())
+
+    def _arguments(self) -> tuple[Any, ...]:
+        """The ended span as ``OtlpExporter.record_span`` takes it."""
+        end = self._end_time
+        assert end is not None
+        context, parent, status = self.context, self.parent, self.status
+        attributes, dropped = self._merged()
+        return (
+            0,
+            context.trace_id,
+            context.span_id,
+            parent.span_id if parent is not None else 0,
+            _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
+            context.trace_state.to_header(),
+            self.name,
+            self.kind.value + 1,  # OTLP counts from UNSPECIFIED
+            self.start_time,
+            end,
+            attributes,
+            self.events,
+            status.status_code.value,
+            status.description or "",
+            dropped,
+            self.dropped_events,
+        )
 
     def __repr__(self) -> str:
         return f"CoreSpan(name={self.name!r}, kind={self.kind!r}, context={self.context!r})"
+
+
+# An ended span or a log record on its way into the core: the exporter that queues it, and
+# the arguments of its record_span / record_log (see CoreSpan.ending, LogSink.prepared).
+Ended = tuple["OtlpExporter", tuple[Any, ...]]
+_END_REQUEST: Final = guard("recording the end of a request", then="its span, metrics or line lost")
+_END_CALL: Final = guard("recording the end of a client call", then="its span or metric lost")
+
+
+def end_request(
+    span: Ended | None,
+    requests: Family | None,
+    duration: Family | None,
+    method: str,
+    route: str,
+    status: str,
+    seconds: float,
+    log: Ended | None = None,
+) -> tuple[bool, bool]:
+    """The end of one HTTP request in one call into the core: its server span and request
+    line's log record queued (each when given), ``http_requests_total`` and
+    ``http_request_duration_seconds`` recorded in ``requests`` and ``duration`` (when
+    given). Whether either metric folded a new label set into its overflow series."""
+    if _native is None:  # nothing here is the core's: neither span, record nor family exists
+        return False, False
+    with _END_REQUEST:
+        overflowed: tuple[bool, bool] = _native.end_request(
+            span[0] if span is not None else None,
+            span[1] if span is not None else None,
+            requests,
+            duration,
+            method,
+            route,
+            status,
+            seconds,
+            log[0] if log is not None else None,
+            log[1] if log is not None else None,
+        )
+        return overflowed
+    return False, False
+
+
+def end_call(span: Ended | None, family: Family | None, labels: tuple[str, ...], seconds: float) -> bool:
+    """The end of one client call in one call into the core: its span queued (when given)
+    and ``seconds`` observed in ``family`` (when given). Whether the observation folded a
+    new label set into the overflow series."""
+    if _native is None:
+        return False
+    with _END_CALL:
+        overflowed: bool = _native.end_call(
+            span[0] if span is not None else None,
+            span[1] if span is not None else None,
+            family,
+            labels,
+            seconds,
+        )
+        return overflowed
+    return False
 
 
 class Spans:
@@ -723,9 +796,31 @@ class LogSink:
     ) -> bool:
         """Queue one record in the core; False when the SDK must take it instead (more
         attributes than its count limit, or more distinct logger names than the core names)."""
+        prepared = self.prepared(
+            name, timestamp, observed, severity_number, severity_text, body, attributes, span
+        )
+        if prepared is None:
+            return False
+        prepared[0].record_log(*prepared[1])
+        return True
+
+    def prepared(
+        self,
+        name: str,
+        timestamp: int,
+        observed: int,
+        severity_number: int,
+        severity_text: str,
+        body: object,
+        attributes: dict[str, Any],
+        span: SpanContext | None,
+    ) -> Ended | None:
+        """What queues one record in the core (the exporter and ``record_log``'s arguments),
+        for :meth:`record` or a caller that hands it over with other work; None when the SDK
+        must take it instead (see :meth:`record`)."""
         limit = self._max_attributes
         if limit is not None and len(attributes) > limit:
-            return False
+            return None
         exporter = _EXPORTERS.get((os.getpid(), "logs"))
         if exporter is None or exporter is not self._exporter:  # first use, a fork, a shutdown
             exporter = self._exporter = _exporter("logs", self.provider.resource, [])
@@ -734,20 +829,20 @@ class LogSink:
         if index == -1:
             index = self._scopes[name] = exporter.scope(name, "")
         if index is None:
-            return False
+            return None
         if span is not None and span.is_valid:
-            exporter.record_log(
-                index,
-                timestamp,
-                observed,
-                severity_number,
-                severity_text,
-                body,
-                attributes,
-                span.trace_id,
-                span.span_id,
-                int(span.trace_flags),
-            )
+            trace_id, span_id, flags = span.trace_id, span.span_id, int(span.trace_flags)
         else:
-            exporter.record_log(index, timestamp, observed, severity_number, severity_text, body, attributes)
-        return True
+            trace_id = span_id = flags = 0
+        return exporter, (
+            index,
+            timestamp,
+            observed,
+            severity_number,
+            severity_text,
+            body,
+            attributes,
+            trace_id,
+            span_id,
+            flags,
+        )

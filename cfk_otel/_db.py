@@ -41,7 +41,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import _errors_total, _metrics, _sdk
-from ._core import Spans
+from ._core import CoreSpan, Spans
 from ._guard import guard
 from ._redact import Known, exception_attributes, scrub_text
 
@@ -53,6 +53,7 @@ _RECORD_QUERY: Final = guard("recording a query")
 _RECORD_REDIS: Final = guard("recording a redis call")
 _RECORD_FAILURE: Final = guard("recording a failed call on its span")
 _END_SPAN: Final = guard("ending a client span")
+_RECORD_METRIC: Final = guard("recording a client call's duration")
 
 _SQL_OPERATIONS: Final = frozenset(
     {
@@ -250,6 +251,19 @@ class _Client:
         with _END_SPAN:  # a failing span processor: never into the app's call
             span.end()
 
+    def finish(
+        self, span: trace.Span, histogram: _metrics.Histogram, key: tuple[str, ...], seconds: float
+    ) -> None:
+        """The call's duration recorded in ``histogram`` and its span ended: one call into the
+        core when the span is the core's, else the two apart, each under its own guard."""
+        if type(span) is CoreSpan:
+            with _END_SPAN:
+                histogram.record_ending(key, seconds, span)
+            return
+        with _RECORD_METRIC:
+            histogram.record_by_key(key, seconds)
+        self.end(span)
+
 
 def _client(kwargs: dict[str, Any]) -> _Client:
     """An instrumentor's client, from the process's settings (read once, at instrument())."""
@@ -306,11 +320,10 @@ async def _traced_query(
         raise
     finally:
         elapsed = time.perf_counter() - start
-        with _RECORD_QUERY:
-            _metrics.default().database_query_duration.record_by_key((operation,), elapsed)
-            if elapsed >= client.slow_query_threshold:
+        if elapsed >= client.slow_query_threshold:
+            with _RECORD_QUERY:
                 _report_slow(span, query, elapsed)
-        client.end(span)
+        client.finish(span, _metrics.default().database_query_duration, (operation,), elapsed)
 
 
 def _asyncpg_wrapper(client: _Client, source: str) -> Callable[..., Awaitable[Any]]:
@@ -462,10 +475,11 @@ def _redis_done(
     elapsed = time.perf_counter() - start
     if error is not None and not (pipeline and _is_watch_error(error)):
         client.failed(span, error)
-    with _RECORD_REDIS:
-        command = "PIPELINE" if pipeline else redis_command(args)
-        _metrics.default().redis_operation_duration.record_by_key((command,), elapsed)
-    client.end(span)
+    command = "PIPELINE" if pipeline else "OTHER"
+    if not pipeline:
+        with _RECORD_REDIS:
+            command = redis_command(args)
+    client.finish(span, _metrics.default().redis_operation_duration, (command,), elapsed)
 
 
 def _is_watch_error(error: Exception) -> bool:

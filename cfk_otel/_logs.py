@@ -31,12 +31,12 @@ from opentelemetry import trace
 from opentelemetry._logs import Logger as OtelLogger
 from opentelemetry._logs import LoggerProvider, SeverityNumber
 
-from ._core import LogSink
+from ._core import Ended, LogSink
 from ._guard import guard
 from ._http import utc_timestamp
 from ._redact import Known, scrub, scrub_text, scrub_url
 from ._settings import Settings
-from ._types import RequestInfo, RequestObserver
+from ._types import RequestInfo
 
 LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -55,6 +55,7 @@ _SEVERITY: Final = {
 }
 MAX_MESSAGE: Final = 16_384
 _LOG_CALL: Final = guard("a log call")
+_QUEUE_LINE: Final = guard("queueing a request line in the core", then="the line is lost")
 # What ends a value cut at its length limit (the compiled core writes the same marker).
 _TRUNCATED: Final = "…[truncated {} chars]"
 # A stdout line's ceiling in bytes: a line over it is written again with its longest
@@ -583,28 +584,37 @@ class OtlpHandler(logging.Handler):
 
     def emit_request(self, request: _RequestLine) -> None:
         """A request line as an OTLP log record, straight into the core."""
+        ended = self.prepare_request(request)
+        if ended is None:
+            return
+        try:
+            ended[0].record_log(*ended[1])
+        except Exception:  # a log line must never raise into the app
+            self.handleError(_RequestRecord(request.level, request.message, request.fields, request.span))
+
+    def prepare_request(self, request: _RequestLine) -> Ended | None:
+        """A request line as an OTLP log record for the core: what queues it (see
+        ``LogSink.prepared``), for :meth:`emit_request` or for the middleware's one call at
+        the request's end. None when it went through the SDK's logger instead, or failed."""
         number, text = _SEVERITY[request.level]
         try:
             stamp = int(request.created * 1e9)
-            if not self._sink.record(  # type: ignore[union-attr]  # direct: the sink is there
-                _REQUESTS_LOGGER,
-                stamp,
-                stamp,
-                number.value,
-                text,
-                request.message,
-                request.fields,
-                request.span,
-            ):
+            fields = request.fields
+            ended = self._sink.prepared(  # type: ignore[union-attr]  # direct: the sink is there
+                _REQUESTS_LOGGER, stamp, stamp, number.value, text, request.message, fields, request.span
+            )
+            if ended is None:
                 self._emit(
                     self._logger(_REQUESTS_LOGGER),
-                    _RequestRecord(request.level, request.message, request.fields, request.span),
+                    _RequestRecord(request.level, request.message, fields, request.span),
                     number,
                     text,
-                    dict(request.fields),
+                    dict(fields),
                 )
+            return ended
         except Exception:  # a log line must never raise into the app
             self.handleError(_RequestRecord(request.level, request.message, request.fields, request.span))
+            return None
 
     def _logger(self, name: str) -> OtelLogger:
         logger = self._loggers.get(name)
@@ -1102,35 +1112,50 @@ def _route(listeners: tuple[object, ...]) -> _Route | None:
     return _Route(stream, formatter if stream is not None else None, otlp)  # type: ignore[arg-type]
 
 
-def request_observer(settings: Settings) -> RequestObserver | None:
-    """The request line written for each HTTP request, or None when switched off."""
-    if not settings.log_requests:
-        return None
-    rate = settings.log_requests_sample_rate
-    limit = settings.log_value_limit
-    seen: tuple[object, ...] = ()
-    route: _Route | None = None
+class RequestLog:
+    """The request line written for each HTTP request: a request observer.
 
-    def observe(info: RequestInfo) -> None:
-        nonlocal route, seen
+    Called with a :class:`RequestInfo` it writes the line everywhere it goes. The
+    middleware calls :meth:`write` instead, which leaves the OTLP record that goes straight
+    into the core to the middleware, to hand over with the request's span and metrics in
+    one call (``_core.end_request``).
+    """
+
+    __slots__ = ("_limit", "_rate", "_route", "_seen")
+
+    def __init__(self, settings: Settings) -> None:
+        self._rate = settings.log_requests_sample_rate
+        self._limit = settings.log_value_limit
+        self._seen: tuple[object, ...] = ()
+        self._route: _Route | None = None
+
+    def __call__(self, info: RequestInfo) -> None:
+        ended = self.write(info)
+        if ended is not None:
+            with _QUEUE_LINE:  # a log line must never raise into the app
+                ended[0].record_log(*ended[1])
+
+    def write(self, info: RequestInfo) -> Ended | None:
+        """Write the request line of ``info``; what queues its OTLP record in the core when
+        that is left to the caller (None: nothing left to do)."""
         if info.kind != "http":
-            return
+            return None
         status = info.status
         if status < 400:
-            if rate < 1.0 and random.random() >= rate:  # noqa: S311  (sampling, not crypto)
-                return
+            if self._rate < 1.0 and random.random() >= self._rate:  # noqa: S311  (sampling, not crypto)
+                return None
             level = logging.INFO
         else:
             level = logging.ERROR if status >= 500 else logging.WARNING
         if not _requests.isEnabledFor(level):
-            return
+            return None
         span: trace.SpanContext | None = info.span_context
         if not span.is_valid:  # type: ignore[union-attr]  # a RequestInfo always has one
             span = None
         # An absolute-form target (GET http://user:pw@host/...) loses its userinfo.
         method, path = info.method, scrub_url(info.scope.get("path", ""))
-        if len(path) > limit:
-            path = cut(path, limit)
+        if len(path) > self._limit:
+            path = cut(path, self._limit)
         duration_ms = round(info.duration * 1_000_000) / 1000  # µs precision; round(x, 3) costs 3x
         request = _RequestLine(
             time.time(),
@@ -1144,15 +1169,22 @@ def request_observer(settings: Settings) -> RequestObserver | None:
             span,
         )
         listeners = _listeners()
-        if listeners != seen:
-            seen, route = listeners, _route(listeners)
+        if listeners != self._seen:
+            self._seen, self._route = listeners, _route(listeners)
+        route = self._route
         if route is None:
             _requests.handle(_RequestRecord(level, request.message, request.fields, span))
-            return
+            return None
         stream, otlp = route.stream, route.otlp
         if stream is not None and level >= stream.level:
             stream.write_line(route.formatter._line(request))  # type: ignore[union-attr]
         if otlp is not None and level >= otlp.level:
-            otlp.emit_request(request)
+            return otlp.prepare_request(request)
+        return None
 
-    return observe
+
+def request_observer(settings: Settings) -> RequestLog | None:
+    """The request line written for each HTTP request, or None when switched off."""
+    if not settings.log_requests:
+        return None
+    return RequestLog(settings)

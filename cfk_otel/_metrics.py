@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, NumberDataPoint
 
-from . import _settings
+from . import _core, _settings
 from ._core import _native
 from ._guard import guard
 from ._version import __version__
@@ -361,6 +361,16 @@ class Histogram(_Metric):
             return
         self._histogram.record(value, self._attributes(key))
 
+    def record_ending(self, key: tuple[str, ...], value: float, span: _core.CoreSpan) -> None:
+        """:meth:`record_by_key`, and end the core's ``span``, in one call into the core (a
+        client call's span and its duration, see ``_core.end_call``)."""
+        family = self.family
+        if family is None or not value >= 0.0:  # the SDK's histogram, or a value it drops
+            self.record_by_key(key, value)
+            family = None
+        if _core.end_call(span.ending(), family, key, value):
+            self._overflowed()
+
     def start_timer(self, labels: Labels = None) -> Timer:
         """Start timing now; call the result (or leave its ``with`` block) to record seconds."""
         return Timer(self, labels)
@@ -621,17 +631,27 @@ class Metrics:
             "database_pool_max_connections", callbacks=[self._observe_pool_max], description="Pool capacity"
         )
 
-    def record_request(self, method: str, route: str, status: str, seconds: float) -> None:
+    def record_request(
+        self,
+        method: str,
+        route: str,
+        status: str,
+        seconds: float,
+        span: _core.Ended | None = None,
+        log: _core.Ended | None = None,
+    ) -> None:
         """The end of one HTTP request: ``http_requests_total`` and ``http_request_duration_seconds``,
-        in one call into the core on the native path."""
+        with the request's ended span and its request line's log record when the core is to
+        queue them (see ``_core.end_request``): one call into the core on the native path."""
         requests, duration = self.http_requests, self.http_request_duration
         if requests.family is None or duration.family is None or not seconds >= 0.0:
             requests.add_by_key((method, route, status), 1.0)
             duration.record_by_key((method, route), seconds)
+            if span is not None or log is not None:
+                _core.end_request(span, None, None, method, route, status, seconds, log)
             return
-        assert _native is not None  # the families are the core's
-        counted, observed = _native.record_request(
-            requests.family, duration.family, method, route, status, seconds
+        counted, observed = _core.end_request(
+            span, requests.family, duration.family, method, route, status, seconds, log
         )
         if counted:
             requests._overflowed()

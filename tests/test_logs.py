@@ -973,3 +973,92 @@ def test_an_otlp_record_over_the_ceiling_is_fitted_within_it() -> None:
     assert fitted["exception.stacktrace"] == "Traceback..."
     dropped = fitted.get("cfk_otel.dropped_fields", 0)
     assert len([k for k in fitted if k.startswith("field")]) + dropped == 100
+
+
+# --- issue 22: one call into the core when a request ends -----------------------------------
+
+
+async def _serve_once(app: Any, path: str) -> None:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"user-agent", b"tests")],
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    await app(scope, receive, send)
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_a_request_ends_in_one_call_into_the_core(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], core_calls: Any
+) -> None:
+    """The server span, both request metrics and the request line's OTLP record cross into
+    the core together; the stdout line is written as before, and all of it arrives."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from cfk_otel import _core
+    from cfk_otel._asgi import TelemetryMiddleware
+    from cfk_otel._logs import request_observer
+    from cfk_otel.testing import OtlpReceiver
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    with OtlpReceiver() as receiver:
+        provider, sink = _sink_provider(receiver, monkeypatch)
+        configure_logging(settings, provider, sink)
+        tracer_provider = TracerProvider()
+        _core.activate(_core.Choice(True, ""), tracer_provider)
+        try:
+            observer = request_observer(settings)
+            assert observer is not None
+            app = TelemetryMiddleware(
+                Starlette(routes=[Route("/hello/{n}", hello)]),
+                tracer_provider=tracer_provider,
+                meter_provider=MeterProvider(),
+                observers=[observer],
+            )
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(_serve_once(app, "/hello/1"))  # the first makes the exporters
+            with core_calls.watch() as calls:
+                loop.run_until_complete(_serve_once(app, "/hello/2"))
+            loop.close()
+            assert calls == ["end_request"]
+            assert [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()] == [
+                "/hello/1",
+                "/hello/2",
+            ]
+            _flush(provider)
+            assert receiver.wait_for(lambda: len(receiver.spans) == 2 and len(receiver.logs) == 2)
+            spans = {s.attributes["url.path"]: s for s in receiver.spans}
+            assert spans["/hello/2"].name == "GET /hello/{n}"
+            assert spans["/hello/2"].attributes["http.response.status_code"] == 200
+            [line] = [log for log in receiver.logs if log.attributes["path"] == "/hello/2"]
+            assert line.scope == "cfk_otel.requests"
+            assert line.record.span_id == spans["/hello/2"].span.span_id
+            assert line.attributes["route"] == "/hello/{n}"
+            [(labels, _, _, count, _, _)] = app.metrics.http_request_duration.family.rows()  # type: ignore[union-attr]
+            assert (labels, count) == (["GET", "/hello/{n}"], 2)
+            assert app.metrics.http_requests.values() == [(("GET", "/hello/{n}", "200"), 2.0)]
+        finally:
+            _core.activate(_core.Choice(False, "not set up"))
+            _core.shutdown(1.0)
+            provider.shutdown()

@@ -437,7 +437,7 @@ impl Family {
 
     /// Adds `value` to a counter's or a gauge's series; True when a new label set went to the
     /// overflow series.
-    fn add(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
+    pub(crate) fn add(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
         let ((), overflowed) = self.update(labels, |series| {
             if let Series::Counter(total) = series {
                 *total += value;
@@ -489,7 +489,7 @@ impl Family {
 
     /// Records `value` in a histogram's series: its bucket is the first bound >= value. True
     /// when a new label set went to the overflow series.
-    fn observe(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
+    pub(crate) fn observe(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
         let bucket = self.bounds.partition_point(|bound| *bound < value);
         let ((), overflowed) = self.update(labels, |series| {
             if let Series::Histogram {
@@ -581,6 +581,18 @@ pub fn float_to_go_string(value: f64) -> String {
 pub fn record_request(
     requests: PyRef<'_, Family>,
     duration: PyRef<'_, Family>,
+    method: String,
+    route: String,
+    status: String,
+    seconds: f64,
+) -> PyResult<(bool, bool)> {
+    record_request_in(&requests, &duration, method, route, status, seconds)
+}
+
+/// What `record_request` does, for the core's own callers (`request.rs`).
+pub(crate) fn record_request_in(
+    requests: &Family,
+    duration: &Family,
     method: String,
     route: String,
     status: String,

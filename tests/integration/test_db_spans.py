@@ -38,11 +38,11 @@ SCRIPT = textwrap.dedent(
     else:
         from cfk_otel._db import AsyncpgInstrumentor as AsyncPGInstrumentor, RedisInstrumentor
         _core.activate(_core.Choice(True, ""), provider)
-        end = _core.CoreSpan.end
+        ending = _core.CoreSpan.ending  # every way a core span ends (end() calls it too)
         def counted(span, end_time=None):
             lean.append(span.name)
-            end(span, end_time)
-        _core.CoreSpan.end = counted
+            return ending(span, end_time)
+        _core.CoreSpan.ending = counted
     AsyncPGInstrumentor().instrument()
     RedisInstrumentor().instrument()
 

@@ -1,0 +1,92 @@
+//! The end of a request, and of a client call, in one crossing from Python.
+//!
+//! A request ends with up to three records: its server span, its two request metrics and its
+//! request line's OTLP log record. Each used to be its own call (with its own Python around it);
+//! here they are one. A span or a log record is passed as the argument tuple of
+//! `OtlpExporter.record_span` / `record_log`, with the exporter it goes to, or None when there is
+//! none to queue (the span sampled out, the line not sent over OTLP).
+
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::metrics::{record_request_in, Family};
+use crate::otlp::OtlpExporter;
+
+/// Keeps the first of several failures: every part is attempted even when one fails.
+fn keep<T>(result: PyResult<T>, failure: &mut Option<PyErr>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(error) => {
+            failure.get_or_insert(error);
+            None
+        }
+    }
+}
+
+/// Queues the span `span` (record_span's arguments) on `spans`, when there is one.
+fn queue_span(
+    spans: Option<&PyRef<'_, OtlpExporter>>,
+    span: Option<&Bound<'_, PyTuple>>,
+    failure: &mut Option<PyErr>,
+) {
+    if let (Some(exporter), Some(span)) = (spans, span) {
+        keep(exporter.record_span_args(span), failure);
+    }
+}
+
+/// The end of one HTTP request: the server span queued (when given), `http_requests_total` and
+/// `http_request_duration_seconds` recorded (when their families are given), and the request
+/// line's log record queued (when given). Returns whether either metric folded a new label set
+/// into its overflow series. A part that fails does not stop the others; the first failure is
+/// raised once all were attempted.
+///
+/// The span's ids are at hand here, and it is given only when sampled: an exemplar for the
+/// duration histogram (issue 24) is taken from it in this same call, not a second crossing.
+#[pyfunction]
+#[pyo3(signature = (spans, span, requests, duration, method, route, status, seconds, logs=None, log=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn end_request(
+    spans: Option<PyRef<'_, OtlpExporter>>,
+    span: Option<&Bound<'_, PyTuple>>,
+    requests: Option<PyRef<'_, Family>>,
+    duration: Option<PyRef<'_, Family>>,
+    method: String,
+    route: String,
+    status: String,
+    seconds: f64,
+    logs: Option<PyRef<'_, OtlpExporter>>,
+    log: Option<&Bound<'_, PyTuple>>,
+) -> PyResult<(bool, bool)> {
+    let mut failure = None;
+    queue_span(spans.as_ref(), span, &mut failure);
+    let mut overflowed = (false, false);
+    if let (Some(requests), Some(duration)) = (&requests, &duration) {
+        let recorded = record_request_in(requests, duration, method, route, status, seconds);
+        overflowed = keep(recorded, &mut failure).unwrap_or_default();
+    }
+    if let (Some(exporter), Some(log)) = (&logs, log) {
+        keep(exporter.record_log_args(log), &mut failure);
+    }
+    failure.map_or(Ok(overflowed), Err)
+}
+
+/// The end of one client call (a query, a Redis command): its span queued (when given) and its
+/// duration observed in `family` under `labels` (when given). Returns whether the observation
+/// folded a new label set into the overflow series; failures as `end_request`.
+#[pyfunction]
+#[pyo3(signature = (spans, span, family, labels, seconds))]
+pub fn end_call(
+    spans: Option<PyRef<'_, OtlpExporter>>,
+    span: Option<&Bound<'_, PyTuple>>,
+    family: Option<PyRef<'_, Family>>,
+    labels: Vec<String>,
+    seconds: f64,
+) -> PyResult<bool> {
+    let mut failure = None;
+    queue_span(spans.as_ref(), span, &mut failure);
+    let overflowed = match &family {
+        Some(family) => keep(family.observe(labels, seconds), &mut failure).unwrap_or(false),
+        None => false,
+    };
+    failure.map_or(Ok(overflowed), Err)
+}
