@@ -614,16 +614,7 @@ def end_request(
         return False, False
     with _END_REQUEST:
         overflowed: tuple[bool, bool] = _native.end_request(
-            span[0] if span is not None else None,
-            span[1] if span is not None else None,
-            requests,
-            duration,
-            method,
-            route,
-            status,
-            seconds,
-            log[0] if log is not None else None,
-            log[1] if log is not None else None,
+            span, requests, duration, method, route, status, seconds, log
         )
         return overflowed
     return False, False
@@ -636,13 +627,7 @@ def end_call(span: Ended | None, family: Family | None, labels: tuple[str, ...],
     if _native is None:
         return False
     with _END_CALL:
-        overflowed: bool = _native.end_call(
-            span[0] if span is not None else None,
-            span[1] if span is not None else None,
-            family,
-            labels,
-            seconds,
-        )
+        overflowed: bool = _native.end_call(span, family, labels, seconds)
         return overflowed
     return False
 

@@ -98,20 +98,17 @@ def record_request(
 ) -> tuple[bool, bool]: ...
 def float_to_go_string(value: float) -> str: ...
 def end_request(
-    spans: OtlpExporter | None,
-    span: tuple[Any, ...] | None,
+    span: tuple[OtlpExporter, tuple[Any, ...]] | None,
     requests: Family | None,
     duration: Family | None,
     method: str,
     route: str,
     status: str,
     seconds: float,
-    logs: OtlpExporter | None = None,
-    log: tuple[Any, ...] | None = None,
+    log: tuple[OtlpExporter, tuple[Any, ...]] | None = None,
 ) -> tuple[bool, bool]: ...
 def end_call(
-    spans: OtlpExporter | None,
-    span: tuple[Any, ...] | None,
+    span: tuple[OtlpExporter, tuple[Any, ...]] | None,
     family: Family | None,
     labels: Sequence[str],
     seconds: float,

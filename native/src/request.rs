@@ -3,8 +3,9 @@
 //! A request ends with up to three records: its server span, its two request metrics and its
 //! request line's OTLP log record. Each used to be its own call (with its own Python around it);
 //! here they are one. A span or a log record is passed as the argument tuple of
-//! `OtlpExporter.record_span` / `record_log`, with the exporter it goes to, or None when there is
-//! none to queue (the span sampled out, the line not sent over OTLP).
+//! `OtlpExporter.record_span` / `record_log` together with the exporter it goes to, `(exporter,
+//! arguments)`, or None when there is none to queue (the span sampled out, the line not sent over
+//! OTLP).
 
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -23,14 +24,13 @@ fn keep<T>(result: PyResult<T>, failure: &mut Option<PyErr>) -> Option<T> {
     }
 }
 
-/// Queues the span `span` (record_span's arguments) on `spans`, when there is one.
-fn queue_span(
-    spans: Option<&PyRef<'_, OtlpExporter>>,
-    span: Option<&Bound<'_, PyTuple>>,
-    failure: &mut Option<PyErr>,
-) {
-    if let (Some(exporter), Some(span)) = (spans, span) {
-        keep(exporter.record_span_args(span), failure);
+/// An ended span or a log record: the exporter that queues it and its `record_*` arguments.
+type Ended<'py> = (PyRef<'py, OtlpExporter>, Bound<'py, PyTuple>);
+
+/// Queues `span`, when there is one.
+fn queue_span(span: Option<&Ended<'_>>, failure: &mut Option<PyErr>) {
+    if let Some((exporter, arguments)) = span {
+        keep(exporter.record_span_args(arguments), failure);
     }
 }
 
@@ -43,29 +43,27 @@ fn queue_span(
 /// The span's ids are at hand here, and it is given only when sampled: an exemplar for the
 /// duration histogram (issue 24) is taken from it in this same call, not a second crossing.
 #[pyfunction]
-#[pyo3(signature = (spans, span, requests, duration, method, route, status, seconds, logs=None, log=None))]
+#[pyo3(signature = (span, requests, duration, method, route, status, seconds, log=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn end_request(
-    spans: Option<PyRef<'_, OtlpExporter>>,
-    span: Option<&Bound<'_, PyTuple>>,
+    span: Option<Ended<'_>>,
     requests: Option<PyRef<'_, Family>>,
     duration: Option<PyRef<'_, Family>>,
     method: String,
     route: String,
     status: String,
     seconds: f64,
-    logs: Option<PyRef<'_, OtlpExporter>>,
-    log: Option<&Bound<'_, PyTuple>>,
+    log: Option<Ended<'_>>,
 ) -> PyResult<(bool, bool)> {
     let mut failure = None;
-    queue_span(spans.as_ref(), span, &mut failure);
+    queue_span(span.as_ref(), &mut failure);
     let mut overflowed = (false, false);
     if let (Some(requests), Some(duration)) = (&requests, &duration) {
         let recorded = record_request_in(requests, duration, method, route, status, seconds);
         overflowed = keep(recorded, &mut failure).unwrap_or_default();
     }
-    if let (Some(exporter), Some(log)) = (&logs, log) {
-        keep(exporter.record_log_args(log), &mut failure);
+    if let Some((exporter, arguments)) = &log {
+        keep(exporter.record_log_args(arguments), &mut failure);
     }
     failure.map_or(Ok(overflowed), Err)
 }
@@ -74,16 +72,15 @@ pub fn end_request(
 /// duration observed in `family` under `labels` (when given). Returns whether the observation
 /// folded a new label set into the overflow series; failures as `end_request`.
 #[pyfunction]
-#[pyo3(signature = (spans, span, family, labels, seconds))]
+#[pyo3(signature = (span, family, labels, seconds))]
 pub fn end_call(
-    spans: Option<PyRef<'_, OtlpExporter>>,
-    span: Option<&Bound<'_, PyTuple>>,
+    span: Option<Ended<'_>>,
     family: Option<PyRef<'_, Family>>,
     labels: Vec<String>,
     seconds: f64,
 ) -> PyResult<bool> {
     let mut failure = None;
-    queue_span(spans.as_ref(), span, &mut failure);
+    queue_span(span.as_ref(), &mut failure);
     let overflowed = match &family {
         Some(family) => keep(family.observe(labels, seconds), &mut failure).unwrap_or(false),
         None => false,
