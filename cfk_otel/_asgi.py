@@ -31,6 +31,7 @@ from ._core import CoreSpan, Spans
 from ._guard import guard
 from ._redact import Known, exception_attributes, scrub_text, scrub_url
 from ._routes import UNMATCHED, RouteResolver
+from ._sampling import exemplar_ids
 from ._types import ASGIApp, Message, Receive, RequestInfo, RequestObserver, Scope, Send
 
 __all__ = [
@@ -250,7 +251,9 @@ class TelemetryMiddleware:
     ) -> None:
         self._finish(span, scope, kind, method, route, status, error)
         if kind == "http":
-            self.metrics.record_request(method, route, str(status), elapsed)
+            # The span has ended, so a trace kept for failing or being slow is known here.
+            trace_id, span_id = exemplar_ids(span.get_span_context())
+            self.metrics.record_request(method, route, str(status), elapsed, trace_id, span_id)
         if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
             self._errors.count(self.metrics, kind, route, status, error, close_code)
         if self._observers:

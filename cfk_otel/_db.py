@@ -44,6 +44,7 @@ from . import _errors_total, _metrics, _sdk
 from ._core import Spans
 from ._guard import guard
 from ._redact import Known, exception_attributes, scrub_text
+from ._sampling import exemplar_ids
 
 _log = logging.getLogger("cfk_otel.db")
 # What can fail on a call's way through, each logged once (never into the app's call).
@@ -307,7 +308,9 @@ async def _traced_query(
     finally:
         elapsed = time.perf_counter() - start
         with _RECORD_QUERY:
-            _metrics.default().database_query_duration.record_by_key((operation,), elapsed)
+            # Inside a request: a trace kept later is not known yet, the head decision is.
+            trace_id, span_id = exemplar_ids(span.get_span_context(), ended=False)
+            _metrics.default().database_query_duration.record_by_key((operation,), elapsed, trace_id, span_id)
             if elapsed >= client.slow_query_threshold:
                 _report_slow(span, query, elapsed)
         client.end(span)
@@ -464,7 +467,8 @@ def _redis_done(
         client.failed(span, error)
     with _RECORD_REDIS:
         command = "PIPELINE" if pipeline else redis_command(args)
-        _metrics.default().redis_operation_duration.record_by_key((command,), elapsed)
+        trace_id, span_id = exemplar_ids(span.get_span_context(), ended=False)
+        _metrics.default().redis_operation_duration.record_by_key((command,), elapsed, trace_id, span_id)
     client.end(span)
 
 

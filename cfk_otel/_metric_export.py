@@ -145,6 +145,8 @@ class Collection:
             explicit_bounds=point.explicit_bounds,
             min=point.min,
             max=point.max,
+            # Those of the measurements in this delta: taken since the previous read.
+            exemplars=[e for e in point.exemplars if e.time_unix_nano >= start],
         )
 
     def _sum_delta(

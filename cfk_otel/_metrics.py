@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 
 from opentelemetry import metrics
+from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, NumberDataPoint
 
 from . import _settings
@@ -349,14 +350,20 @@ class Histogram(_Metric):
         if key is not None:
             self.record_by_key(key, value)
 
-    def record_by_key(self, key: tuple[str, ...], value: float) -> None:
-        """Record into the series whose label values are ``key``, in label order (the hot path)."""
+    def record_by_key(self, key: tuple[str, ...], value: float, trace_id: int = 0, span_id: int = 0) -> None:
+        """Record into the series whose label values are ``key``, in label order (the hot path).
+
+        ``trace_id`` and ``span_id`` (native path): the measurement becomes its bucket's
+        exemplar; give them only for a span whose trace is exported
+        (:func:`cfk_otel._sampling.exemplar_ids`). The SDK path's instrument takes its
+        exemplars from the current span itself.
+        """
         if not value >= 0.0:  # negative or NaN: as the SDK, dropped
             self._misuse("negative", f"records only non-negative numbers, got {value!r}; dropped")
             return
         family = self.family
         if family is not None:
-            if family.observe(key, value):
+            if family.observe(key, value, trace_id, span_id):
                 self._overflowed()
             return
         self._histogram.record(value, self._attributes(key))
@@ -383,8 +390,22 @@ class Histogram(_Metric):
             return []
         return [((), [0.0] * self._size, 0.0, 0.0, math.inf, -math.inf)]
 
+    def exemplars(self) -> dict[tuple[str, ...], list[tuple[int, Exemplar]]]:
+        """Native path: each series' exemplars by label values, as (bucket index, exemplar)."""
+        if self.family is None:
+            return {}
+        return {
+            tuple(key): [
+                (bucket, Exemplar({}, value, time_ns, span_id, trace_id))
+                for bucket, trace_id, span_id, value, time_ns in found
+            ]
+            for key, found in self.family.exemplars()
+        }
+
     def points(self, now: int) -> list[tuple[tuple[str, ...], HistogramDataPoint]]:
-        """Every series with its label values, cumulative since this histogram was registered."""
+        """Every series with its label values, cumulative since this histogram was registered,
+        with its exemplars (the latest per bucket) on the native path."""
+        exemplars = self.exemplars()
         return [
             (
                 key,
@@ -399,6 +420,7 @@ class Histogram(_Metric):
                     # No observation yet: no infinities on the wire.
                     min=low if count else 0.0,
                     max=high if count else 0.0,
+                    exemplars=[e for _, e in exemplars.get(key, ())],
                 ),
             )
             for key, counts, total, count, low, high in self._rows()
@@ -621,17 +643,20 @@ class Metrics:
             "database_pool_max_connections", callbacks=[self._observe_pool_max], description="Pool capacity"
         )
 
-    def record_request(self, method: str, route: str, status: str, seconds: float) -> None:
+    def record_request(
+        self, method: str, route: str, status: str, seconds: float, trace_id: int = 0, span_id: int = 0
+    ) -> None:
         """The end of one HTTP request: ``http_requests_total`` and ``http_request_duration_seconds``,
-        in one call into the core on the native path."""
+        in one call into the core on the native path. ``trace_id`` and ``span_id``: the
+        server span's, when its trace is exported (the duration bucket's exemplar)."""
         requests, duration = self.http_requests, self.http_request_duration
         if requests.family is None or duration.family is None or not seconds >= 0.0:
             requests.add_by_key((method, route, status), 1.0)
-            duration.record_by_key((method, route), seconds)
+            duration.record_by_key((method, route), seconds, trace_id, span_id)
             return
         assert _native is not None  # the families are the core's
         counted, observed = _native.record_request(
-            requests.family, duration.family, method, route, status, seconds
+            requests.family, duration.family, method, route, status, seconds, trace_id, span_id
         )
         if counted:
             requests._overflowed()

@@ -19,8 +19,9 @@ the ratio ``SENTRY_TRACES_SAMPLE_RATE`` implies), cfk_otel wraps it:
   sampled copies. The compiled core's spans take the same :class:`Keeper` (``_core``).
 
 Metrics, request lines and ``errors_total`` do not depend on any of this: they count
-every request. :func:`kept` answers "was this trace exported?" for a span context, for
-anything (exemplars) that may only name a kept trace.
+every request. :func:`kept` answers "was this trace exported?" for a span context, and
+:func:`exemplar_ids` gives the ids a histogram's exemplar may carry: an exemplar names
+only an exported trace.
 """
 
 from __future__ import annotations
@@ -285,15 +286,31 @@ def latency(attributes: Mapping[str, Any] | None, duration_ns: int) -> int:
 
 # The process's keeper, made by set-up when the bias is on (None otherwise).
 KEEPER: Keeper | None = None
+# Whether sampled spans go anywhere (set-up: False when OTEL_TRACES_EXPORTER is none).
+EXPORTED = True
+NO_IDS: Final = (0, 0)
 
 
 def kept(context: SpanContext) -> bool:
     """Whether the trace of ``context`` was (or will be) exported: sampled at its head, or
     kept when its local root ended. Meaningful once that root has ended."""
     if context.trace_flags.sampled:
-        return True
+        return EXPORTED
     keeper = KEEPER
     return keeper is not None and keeper.was_kept(context.trace_id)
+
+
+def exemplar_ids(context: SpanContext, ended: bool = True) -> tuple[int, int]:
+    """``(trace_id, span_id)`` of ``context`` for a histogram's exemplar, or ``(0, 0)`` when
+    its trace is not exported. ``ended``: the span's local root has ended (a request's
+    server span), so a trace kept for failing or being slow counts; a span inside a
+    request (a client call) only has its head decision to go by."""
+    if context.trace_flags.sampled:
+        return (context.trace_id, context.span_id) if EXPORTED else NO_IDS
+    keeper = KEEPER
+    if ended and keeper is not None and keeper.was_kept(context.trace_id):
+        return context.trace_id, context.span_id
+    return NO_IDS
 
 
 def head_sampler(settings: _settings.Settings) -> Sampler:
@@ -311,8 +328,9 @@ def sdk_arguments(settings: _settings.Settings) -> dict[str, Any]:
     """The SDK configurator's keyword arguments: the head sampler the settings chose and,
     with a ratio sampler and the bias on, what keeps failed and slow traces whole (sets
     :data:`KEEPER`)."""
-    global KEEPER  # noqa: PLW0603  (process state, written by set-up)
+    global KEEPER, EXPORTED  # noqa: PLW0603  (process state, written by set-up)
     KEEPER = None
+    EXPORTED = bool(settings.traces_exporters)
     inner = head_sampler(settings)
     if settings.keep_slower_than is None or settings.sampler not in RATIO_SAMPLERS:
         return {"sampler": inner}

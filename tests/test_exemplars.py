@@ -1,0 +1,259 @@
+"""Exemplars on the native path (issue 24): the core keeps the latest measurement of an
+exported trace per histogram bucket, and both the OpenMetrics scrape and the OTLP push
+carry it."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import Histogram
+from opentelemetry.sdk.metrics.export import AggregationTemporality, HistogramDataPoint
+from opentelemetry.trace import SpanContext, TraceFlags
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from cfk_otel import _metric_export, _sampling
+from cfk_otel._metrics import Metrics
+from cfk_otel.testing import OtlpReceiver, ReceivedSpan
+from tests.conftest import Services, free_port, launch, uvicorn_command
+
+native = pytest.importorskip("cfk_otel._native")
+
+SERVER, CLIENT = 2, 3  # OTLP span kinds
+TRACE, SPAN = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+# The exact OpenMetrics form, shared with the SDK path's text.
+EXEMPLAR_LINE = re.compile(
+    r"^(\w+)_bucket\{(.*)\} (\S+)"
+    r' # \{trace_id="([0-9a-f]{32})",span_id="([0-9a-f]{16})"\} (\S+) (\d+\.\d{3})$'
+)
+
+
+def _family() -> Any:
+    return native.Family(
+        "took_seconds", "Took", "seconds", ["method", "path"], [0.1, 1.0], ["0.1", "1.0"], otlp_unit="s"
+    )
+
+
+# The core
+
+
+def test_each_bucket_keeps_the_latest_exemplar_of_the_ids_given() -> None:
+    family, plain = _family(), _family()
+    before = time.time_ns()
+    for value, ids in (
+        (0.05, (TRACE, SPAN)),
+        (0.07, (TRACE + 1, SPAN + 1)),  # the same bucket: replaces the one before
+        (0.08, (0, 0)),  # no ids: counted, no exemplar
+        (0.09, (TRACE + 2, 0)),  # half the ids: none either
+        (0.5, (TRACE + 3, SPAN + 3)),
+        (7.0, (TRACE + 4, SPAN + 4)),  # the +Inf bucket
+    ):
+        family.observe(["GET", "/a"], value, *ids)
+        plain.observe(["GET", "/a"], value)
+    for either in (family, plain):
+        either.observe(["GET", "/b"], 0.5)
+    after = time.time_ns()
+
+    (labels, found), *rest = family.exemplars()
+    assert labels == ["GET", "/a"]
+    assert rest == []
+    assert [(b, t, s, v) for b, t, s, v, _ in found] == [
+        (0, TRACE + 1, SPAN + 1, 0.07),
+        (1, TRACE + 3, SPAN + 3, 0.5),
+        (2, TRACE + 4, SPAN + 4, 7.0),
+    ]
+    assert all(before <= when <= after for *_, when in found)
+    assert family.rows() == plain.rows()
+    # The Prometheus text format has no exemplars: unchanged.
+    assert family.render() == plain.render()
+    assert "#" not in "".join(line for line in family.render().splitlines() if not line.startswith("# "))
+
+
+def test_exemplars_stay_one_per_bucket() -> None:
+    family = _family()
+    for i in range(1, 2001):
+        family.observe(["GET", "/a"], (i % 30) / 10, TRACE + i, SPAN + i)
+    (_, found), *_ = family.exemplars()
+    assert len(found) == 3
+    assert found[2][1] == TRACE + 2000  # the latest
+    assert native.render([family], True).count(" # {") == 3
+
+
+def test_the_openmetrics_text_carries_them_in_the_exact_form() -> None:
+    requests = native.Family("http_requests_total", "Requests", "", ["method", "path", "status"])
+    family = _family()
+    native.record_request(requests, family, "GET", "/a", "200", 0.0421, TRACE, SPAN)
+    native.record_request(requests, family, "GET", "/a", "200", 0.5)
+    text = native.render([requests, family], True)
+
+    lines = [line for line in text.splitlines() if " # {" in line]
+    assert len(lines) == 1
+    match = EXEMPLAR_LINE.match(lines[0])
+    assert match is not None, lines[0]
+    name, labels, count, trace_id, span_id, value, when = match.groups()
+    assert (name, labels, count) == ("took_seconds", 'le="0.1",method="GET",path="/a"', "1.0")
+    assert (trace_id, span_id, value) == (f"{TRACE:032x}", f"{SPAN:016x}", "0.0421")
+    assert abs(float(when) - time.time()) < 60
+
+    parsed = {f.name: f for f in text_string_to_metric_families(text + "# EOF\n")}
+    exemplars = [s.exemplar for s in parsed["took_seconds"].samples if s.exemplar]
+    assert [(e.labels, e.value) for e in exemplars] == [
+        ({"trace_id": f"{TRACE:032x}", "span_id": f"{SPAN:016x}"}, 0.0421)
+    ]
+
+
+def test_the_cores_otlp_rows_carry_them(receiver: OtlpReceiver) -> None:
+    family = _family()
+    family.observe(["GET", "/a"], 0.5, TRACE, SPAN)
+    core = native.OtlpExporter("metrics", f"{receiver.http_endpoint}/v1/metrics", [], {}, [("cfk_otel", "0")])
+    try:
+        core.record_metrics(0, [family], 1, 2)
+        assert core.force_flush(5.0)
+        assert receiver.wait_for(lambda: len(receiver.metrics) == 1)
+    finally:
+        core.shutdown(1.0)
+    (point,) = receiver.metrics[0].metric.histogram.data_points
+    (exemplar,) = point.exemplars
+    assert (exemplar.trace_id, exemplar.span_id) == (TRACE.to_bytes(16, "big"), SPAN.to_bytes(8, "big"))
+    assert exemplar.as_double == 0.5
+    assert exemplar.time_unix_nano > 0
+
+
+def test_the_sdk_metrics_data_carries_them_cumulative_and_as_deltas() -> None:
+    metrics = Metrics(native=True)
+    metrics.record_request("GET", "/a", "200", 0.2, TRACE, SPAN)
+    metrics.record_request("GET", "/a", "200", 0.3)
+    cumulative = _metric_export.Collection(metrics.direct)
+    delta = _metric_export.Collection(metrics.direct, {Histogram: AggregationTemporality.DELTA})
+
+    def point(collection: _metric_export.Collection) -> HistogramDataPoint:
+        (found,) = [m for m in collection.metrics() if m.name == "http_request_duration_seconds"]
+        (only,) = found.data.data_points
+        assert isinstance(only, HistogramDataPoint)
+        return only
+
+    (exemplar,) = point(cumulative).exemplars
+    assert (exemplar.trace_id, exemplar.span_id, exemplar.value) == (TRACE, SPAN, 0.2)
+    assert exemplar.filtered_attributes == {}
+    assert [e.trace_id for e in point(delta).exemplars] == [TRACE]
+    metrics.record_request("GET", "/a", "200", 0.01, TRACE + 1, SPAN + 1)
+    # A delta carries only the exemplars of its own measurements.
+    assert [e.trace_id for e in point(delta).exemplars] == [TRACE + 1]
+    assert sorted(e.trace_id for e in point(cumulative).exemplars) == [TRACE, TRACE + 1]
+
+
+# Which ids an exemplar may take
+
+
+def test_an_exemplar_names_only_an_exported_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    sampled = SpanContext(TRACE, SPAN, False, TraceFlags(TraceFlags.SAMPLED))
+    unsampled = SpanContext(TRACE + 1, SPAN, False, TraceFlags(TraceFlags.DEFAULT))
+    keeper = _sampling.Keeper(threshold=1.0)
+    monkeypatch.setattr(_sampling, "KEEPER", keeper)
+    assert _sampling.exemplar_ids(sampled) == (TRACE, SPAN)
+    assert _sampling.exemplar_ids(sampled, ended=False) == (TRACE, SPAN)
+    assert _sampling.exemplar_ids(unsampled) == (0, 0)
+    keeper.finish(TRACE + 1, lambda span: None, object(), failed=True, duration_ns=0)
+    assert _sampling.exemplar_ids(unsampled) == (TRACE + 1, SPAN)  # kept when its root ended
+    assert _sampling.exemplar_ids(unsampled, ended=False) == (0, 0)  # inside it: not known yet
+    monkeypatch.setattr(_sampling, "EXPORTED", False)  # OTEL_TRACES_EXPORTER=none
+    assert _sampling.exemplar_ids(sampled) == (0, 0)
+
+
+# End to end: at 10%, the scrape's and the push's exemplars name exported spans
+
+HEALTHY, FAILED, SLOW = 60, 4, 3
+THRESHOLD = 0.05
+HISTOGRAMS = {
+    "http_request_duration_seconds": (SERVER, None),
+    "database_query_duration_seconds": (CLIENT, "SELECT"),
+    "redis_operation_duration_seconds": (CLIENT, "GET"),
+}
+
+
+def _scrape(url: str, accept: str) -> str:
+    request = urllib.request.Request(f"{url}/api/metrics", headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _check(name: str, trace_id: str, span_id: str, spans: dict[str, ReceivedSpan]) -> ReceivedSpan:
+    """The exported span an exemplar of ``name`` names: the histogram's own kind of span."""
+    span = spans.get(span_id)
+    assert span is not None, f"{name}: exemplar {trace_id}/{span_id} names no exported span"
+    kind, span_name = HISTOGRAMS[name]
+    assert span.trace_id == trace_id
+    assert span.span.kind == kind
+    assert span_name is None or span.name == span_name
+    return span
+
+
+def test_the_scrape_and_the_push_name_exported_spans(tmp_path: Path, services: Services) -> None:
+    with OtlpReceiver() as receiver:
+        port = free_port()
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "SERVICE_NAME": "cf-kanban-exemplars",
+            "CFK_OTEL_NATIVE": "true",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            "CFK_TRACES_KEEP_SLOWER_THAN": str(THRESHOLD),
+            "DATABASE_URL": services.database_url,
+            "REDIS_URL": services.redis_url,
+            "OTEL_LOGS_EXPORTER": "none",
+        }
+        app = launch(tmp_path, uvicorn_command("sampling_app:app", port), env, port)
+        try:
+            for path, count in (("/ok", HEALTHY), ("/failed", FAILED), ("/slow", SLOW), ("/ok", HEALTHY)):
+                for _ in range(count):
+                    app.get(path)
+            openmetrics = _scrape(app.url, "application/openmetrics-text; version=1.0.0")
+            prometheus = _scrape(app.url, "text/plain")
+
+            def pushed() -> dict[str, Any]:
+                last = {}
+                for received in list(receiver.metrics):
+                    if received.name in HISTOGRAMS and received.scope == "cfk_otel":
+                        last[received.name] = received.metric
+                return last
+
+            def pushed_all() -> bool:
+                last = pushed()
+                return len(last) == 3 and all(
+                    sum(p.count for p in m.histogram.data_points) >= 2 * HEALTHY + FAILED + SLOW
+                    for n, m in last.items()
+                    if n == "http_request_duration_seconds"
+                )
+
+            assert receiver.wait_for(pushed_all)
+            otlp = pushed()
+        finally:
+            app.terminate()  # flushes the spans still queued
+        spans = {s.span_id: s for s in receiver.spans}
+
+    assert " # {" not in prometheus
+    scraped: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for family in text_string_to_metric_families(openmetrics):
+        for sample in family.samples:
+            if sample.exemplar is not None:
+                scraped[family.name].append(
+                    (sample.exemplar.labels["trace_id"], sample.exemplar.labels["span_id"])
+                )
+    assert set(scraped) == set(HISTOGRAMS), sorted(scraped)
+    roots = [_check(name, *ids, spans) for name in scraped for ids in scraped[name]]
+    # A failed or a slow request's trace, kept whole although its head said no, is named too.
+    assert {"GET /failed", "GET /slow"} <= {r.name for r in roots if r.span.kind == SERVER}
+
+    carried = set()
+    for name, metric in otlp.items():
+        for point in metric.histogram.data_points:
+            for exemplar in point.exemplars:
+                _check(name, exemplar.trace_id.hex(), exemplar.span_id.hex(), spans)
+                carried.add(name)
+    assert carried == set(HISTOGRAMS)
