@@ -9,7 +9,9 @@ the metrics cfk_otel aggregates itself (:mod:`cfk_otel._metrics`). With several 
 shared directory every :data:`SHARE_INTERVAL` seconds, and whichever worker is scraped
 sums its live numbers with the others' files: one scrape shows the whole app, with no
 extra per-worker labels. Counters of workers that have exited keep counting (so totals
-never go backwards); gauges only count live workers.
+never go backwards); gauges only count live workers. The files are OpenMetrics text, so
+they carry the histograms' exemplars; of a bucket's exemplars across workers the newest
+is shown.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Exemplar, Timestamp
 
 from . import _metrics
 from ._core import _native
@@ -97,11 +101,18 @@ class DirectCollector:
             if isinstance(metric, _metrics.Histogram):
                 histogram = HistogramMetricFamily(metric.name, metric.description, labels=names, unit=unit)
                 bounds = [*(str(b) for b in metric.buckets), "+Inf"]
+                exemplars = metric.exemplars()  # the core's, for the workers' shared files
                 for key, counts, total in metric.rows():
-                    running, buckets = 0.0, []
-                    for bound, count in zip(bounds, counts, strict=True):
+                    running = 0.0
+                    buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+                    kept = dict(exemplars.get(key, ()))
+                    for index, (bound, count) in enumerate(zip(bounds, counts, strict=True)):
                         running += count
-                        buckets.append((bound, running))
+                        exemplar = kept.get(index)
+                        if exemplar is None:
+                            buckets.append((bound, running))
+                        else:
+                            buckets.append((bound, running, _exemplar(exemplar)))
                     histogram.add_metric([key[i] for i in order], buckets, total)
                 family = histogram
             else:
@@ -110,6 +121,13 @@ class DirectCollector:
                 for key, value in metric.values():
                     family.add_metric([key[i] for i in order], value)
             yield family
+
+
+def _exemplar(exemplar: Any) -> Exemplar:
+    """An SDK exemplar (``opentelemetry.sdk.metrics.Exemplar``) as prometheus_client's."""
+    seconds, nanoseconds = divmod(exemplar.time_unix_nano, 1_000_000_000)
+    ids = {"trace_id": f"{exemplar.trace_id:032x}", "span_id": f"{exemplar.span_id:016x}"}
+    return Exemplar(ids, exemplar.value, Timestamp(seconds, nanoseconds))
 
 
 class _Both:
@@ -172,7 +190,8 @@ class Scrape:
         if self._directory is None:
             return
         temporary = self._file.with_suffix(".tmp")
-        temporary.write_bytes(text_format.generate_latest(self._registry))
+        # OpenMetrics: the Prometheus text format would leave the exemplars out.
+        temporary.write_bytes(openmetrics.generate_latest(self._registry))  # type: ignore[no-untyped-call]
         temporary.replace(self._file)  # atomic: a reader never sees half a file
 
     def stop(self) -> None:
@@ -198,6 +217,7 @@ class _Merged:
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         totals: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        newest: dict[tuple[str, tuple[tuple[str, str], ...]], Exemplar] = {}
         own = f"{os.getpid()}.prom"
         sources: list[Iterable[Metric]] = [self._registry.collect()]
         for path in sorted(self._directory.glob("*.prom")):
@@ -208,7 +228,7 @@ class _Merged:
             except OSError:
                 continue
             alive = _alive(path.stem)
-            sources.append([f for f in text_string_to_metric_families(text) if alive or f.type != "gauge"])
+            sources.append([f for f in _parse(text, path.name) if alive or f.type != "gauge"])
         for source in sources:
             for family in source:
                 families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
@@ -216,10 +236,31 @@ class _Merged:
                 for sample in family.samples:
                     key = (sample.name, tuple(sorted(sample.labels.items())))
                     sums[key] = sums.get(key, 0.0) + sample.value
+                    exemplar = sample.exemplar
+                    if exemplar is not None:
+                        seen = newest.get(key)
+                        if seen is None or _when(exemplar) > _when(seen):
+                            newest[key] = exemplar
         for name, family in families.items():
             for (sample_name, labels), value in totals[name].items():
-                family.add_sample(sample_name, dict(labels), value)
+                exemplar = newest.get((sample_name, labels))
+                family.add_sample(sample_name, dict(labels), value, exemplar=exemplar)
             yield family
+
+
+def _parse(text: str, name: str) -> list[Metric]:
+    """A worker's shared file: OpenMetrics (ends with ``# EOF``), or the Prometheus text an
+    earlier version wrote. A file that does not parse is left out of this scrape."""
+    parse = parse_openmetrics if text.endswith("# EOF\n") else text_string_to_metric_families
+    try:
+        return list(parse(text))
+    except ValueError:
+        _log.debug("cfk_otel: left out the unreadable metrics share %s", name, exc_info=True)
+        return []
+
+
+def _when(exemplar: Exemplar) -> float:
+    return float(exemplar.timestamp) if exemplar.timestamp is not None else 0.0
 
 
 def _alive(pid_text: str) -> bool:

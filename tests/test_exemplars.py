@@ -4,6 +4,7 @@ carry it."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import urllib.request
@@ -12,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import Histogram
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, HistogramDataPoint
 from opentelemetry.trace import SpanContext, TraceFlags
+from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from cfk_otel import _metric_export, _sampling
 from cfk_otel._metrics import Metrics
+from cfk_otel._prometheus import Scrape, ScrapeReader, reader_arguments
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 from tests.conftest import Services, free_port, launch, uvicorn_command
 
@@ -147,6 +150,64 @@ def test_the_sdk_metrics_data_carries_them_cumulative_and_as_deltas() -> None:
     assert sorted(e.trace_id for e in point(cumulative).exemplars) == [TRACE, TRACE + 1]
 
 
+# Several workers: the merged scrape keeps them, the newest per bucket
+
+
+def _worker(directory: Path) -> tuple[Scrape, Metrics, MeterProvider]:
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[ScrapeReader(**reader_arguments(registry))])
+    metrics = Metrics(provider, native=True)
+    return Scrape(registry, directory, metrics.direct), metrics, provider
+
+
+def _bucket_exemplars(text: str) -> dict[str, tuple[str, float]]:
+    return {
+        sample.labels["le"]: (sample.exemplar.labels["trace_id"], sample.exemplar.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == "http_request_duration_seconds"
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+
+
+def test_the_merged_scrape_keeps_the_newest_exemplar_per_bucket(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "group", tmp_path / "other"
+    scrape, metrics, provider = _worker(ours)
+    other, other_metrics, other_provider = _worker(theirs)
+    try:
+        metrics.record_request("GET", "/x", "200", 0.03, TRACE, SPAN)  # older than the other's
+        other_metrics.record_request("GET", "/x", "200", 0.04, TRACE + 1, SPAN)
+        other_metrics.record_request("GET", "/x", "200", 0.3, TRACE + 2, SPAN)
+        metrics.record_request("GET", "/x", "200", 0.7, TRACE + 3, SPAN)  # newer
+        other.share_now()
+        # The other worker's file, as a live worker (our parent stands in) leaves it.
+        shared = (theirs / f"{os.getpid()}.prom").read_text()
+        assert shared.endswith("# EOF\n")
+        (ours / f"{os.getppid()}.prom").write_text(shared)
+
+        body, _ = scrape.render(openmetrics_format=True)
+        assert _bucket_exemplars(body.decode()) == {
+            "0.05": (f"{TRACE + 1:032x}", 0.04),
+            "0.5": (f"{TRACE + 2:032x}", 0.3),
+            "1.0": (f"{TRACE + 3:032x}", 0.7),
+        }
+        counts = {
+            s.labels["le"]: s.value
+            for f in text_string_to_metric_families(body.decode())
+            if f.name == "http_request_duration_seconds"
+            for s in f.samples
+            if s.name.endswith("_bucket")
+        }
+        assert counts["0.05"] == 2
+        assert counts["+Inf"] == 4
+        assert b" # {" not in scrape.render(openmetrics_format=False)[0]
+    finally:
+        scrape.stop()
+        other.stop()
+        provider.shutdown()
+        other_provider.shutdown()
+
+
 # Which ids an exemplar may take
 
 
@@ -257,3 +318,47 @@ def test_the_scrape_and_the_push_name_exported_spans(tmp_path: Path, services: S
                 _check(name, exemplar.trace_id.hex(), exemplar.span_id.hex(), spans)
                 carried.add(name)
     assert carried == set(HISTOGRAMS)
+
+
+def test_two_workers_scrape_carries_exemplars_of_exported_spans(tmp_path: Path, services: Services) -> None:
+    with OtlpReceiver() as receiver:
+        port = free_port()
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+            "SERVICE_NAME": "cf-kanban-exemplars",
+            "CFK_TRACES_KEEP_SLOWER_THAN": str(THRESHOLD),
+            "DATABASE_URL": services.database_url,
+            "REDIS_URL": services.redis_url,
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_LOGS_EXPORTER": "none",
+        }
+        app = launch(tmp_path, uvicorn_command("sampling_app:app", port, "--workers", "2"), env, port)
+        try:
+            sent = 40
+            for _ in range(sent // 2):
+                assert app.get("/ok")[0] == 200
+                assert app.get("/hello")[0] == 200
+            # Whichever worker answers sums both (shares are written every 2 s).
+            deadline = time.monotonic() + 15
+            while True:
+                text = _scrape(app.url, "application/openmetrics-text")
+                families = {f.name: f for f in text_string_to_metric_families(text)}
+                counted = sum(
+                    s.value
+                    for s in families["http_request_duration_seconds"].samples
+                    if s.name.endswith("_count") and s.labels["path"] in ("/ok", "/hello")
+                )
+                if counted >= sent or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+        finally:
+            app.terminate()
+        spans = {s.span_id: s for s in receiver.spans}
+    assert counted >= sent
+    named = 0
+    for name in HISTOGRAMS:
+        for sample in families[name].samples:
+            if sample.exemplar is not None:
+                _check(name, sample.exemplar.labels["trace_id"], sample.exemplar.labels["span_id"], spans)
+                named += 1
+    assert named >= 4  # /ok and /hello, a query and a Redis call
