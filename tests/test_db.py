@@ -1,4 +1,4 @@
-"""cfk_otel/_db.py: bounded labels for query and command timings; span attributes."""
+"""cfk_otel/_instrumentation/db.py: bounded labels for query and command timings; span attributes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cfk_otel._db import (
+from cfk_otel._instrumentation.db import (
     _asyncpg_target,
     _Client,
     _Conventions,
