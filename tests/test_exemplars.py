@@ -209,6 +209,21 @@ def test_the_merged_scrape_keeps_the_newest_exemplar_per_bucket(tmp_path: Path) 
         other_provider.shutdown()
 
 
+def test_a_share_that_does_not_parse_is_left_out_once_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    scrape, metrics, provider = _worker(tmp_path)
+    try:
+        metrics.record_request("GET", "/x", "200", 0.03, TRACE, SPAN)
+        (tmp_path / f"{os.getppid()}.prom").write_text("# TYPE broken counter\nbroken_total{ 1\n# EOF\n")
+        body, _ = scrape.render(openmetrics_format=True)
+        assert _bucket_exemplars(body.decode()) == {"0.05": (f"{TRACE:032x}", 0.03)}
+        assert f"metrics share ({os.getppid()}.prom) does not parse" in caplog.text
+    finally:
+        scrape.stop()
+        provider.shutdown()
+
+
 # Which ids an exemplar may take
 
 

@@ -38,7 +38,7 @@ from prometheus_client.samples import Exemplar, Timestamp
 from cfk_otel._asgi.http import respond
 from cfk_otel._asgi.types import Receive, Scope, Send
 from cfk_otel._core.seam import _native
-from cfk_otel._guard import guard
+from cfk_otel._guard import guard, warn_once
 
 from . import catalogue as _metrics
 
@@ -256,7 +256,8 @@ def _parse(text: str, name: str) -> list[Metric]:
     try:
         return list(parse(text))
     except ValueError:
-        _log.debug("cfk_otel: left out the unreadable metrics share %s", name, exc_info=True)
+        # Once: the scrape still answers with the other workers' numbers.
+        warn_once("metrics share", "cfk_otel: a worker's metrics share (%s) does not parse; left out", name)
         return []
 
 
