@@ -19,14 +19,13 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from cfk_otel import _native as native
 from cfk_otel._core import sampling as _sampling
 from cfk_otel._metrics import export as _metric_export
 from cfk_otel._metrics.catalogue import Metrics
 from cfk_otel._metrics.scrape import Scrape, ScrapeReader, reader_arguments
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 from tests.conftest import Services, free_port, launch, uvicorn_command
-
-native = pytest.importorskip("cfk_otel._native")
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 TRACE, SPAN = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
