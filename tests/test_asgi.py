@@ -1,4 +1,4 @@
-"""cfk_otel/_asgi.py and _routes.py, in process, with providers injected."""
+"""cfk_otel/_asgi/middleware.py and _routes.py, in process, with providers injected."""
 
 from __future__ import annotations
 

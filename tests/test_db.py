@@ -1,4 +1,4 @@
-"""cfk_otel/_db.py: bounded labels for query and command timings; span attributes."""
+"""cfk_otel/_instrumentation/db.py: bounded labels for query and command timings; span attributes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from cfk_otel._db import (
+from cfk_otel._instrumentation.db import (
     _asyncpg_target,
     _Client,
     _Conventions,
@@ -143,7 +143,8 @@ def test_a_client_call_ends_in_one_call_into_the_core(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import SpanKind
 
-    from cfk_otel import _core, _metrics
+    from cfk_otel._core import seam as _core
+    from cfk_otel._metrics import catalogue as _metrics
     from cfk_otel.testing import OtlpReceiver
 
     with OtlpReceiver() as receiver:
@@ -166,6 +167,10 @@ def test_a_client_call_ends_in_one_call_into_the_core(
             assert receiver.wait_for(lambda: len(receiver.spans) == 2)
             assert [s.name for s in receiver.spans] == ["SELECT", "SELECT"]
             assert receiver.spans[1].attributes == {"db.system.name": "postgresql"}
+            # The exemplar's ids travelled in the same call: the second call's, in its bucket.
+            [(_, exemplars)] = histogram.family.exemplars()  # type: ignore[union-attr]
+            context = span.get_span_context()
+            assert {i: (t, s) for i, t, s, _, _ in exemplars}[2] == (context.trace_id, context.span_id)
         finally:
             _core.activate(_core.Choice(False, "not set up"))
             _core.shutdown(1.0)

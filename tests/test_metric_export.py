@@ -1,4 +1,4 @@
-"""cfk_otel/_metric_export.py: our metrics joining the SDK's OTLP push through its public exporter."""
+"""cfk_otel/_metrics/export.py: our metrics joining the SDK's OTLP push through its public exporter."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from opentelemetry.sdk.metrics.export import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from cfk_otel import _settings
-from cfk_otel._metric_export import OtlpMetricExporter, in_place_of_otlp, preferred_temporality
-from cfk_otel._metrics import Metrics
+from cfk_otel._metrics.catalogue import Metrics
+from cfk_otel._metrics.export import OtlpMetricExporter, in_place_of_otlp, preferred_temporality
 from cfk_otel.testing import OtlpReceiver
 from tests.conftest import Services, free_port, launch, uvicorn_command
 

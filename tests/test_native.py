@@ -113,7 +113,7 @@ FLAGS = 0x100
 
 
 def hand_over(core: Any, span: ReadableSpan, scope: int) -> None:
-    """What cfk_otel._core does with a finished span of its own: one call."""
+    """What cfk_otel._core.seam does with a finished span of its own: one call."""
     context = span.get_span_context()
     core.record_span(
         scope,

@@ -40,10 +40,12 @@ fn queue_span(span: Option<&Ended<'_>>, failure: &mut Option<PyErr>) {
 /// into its overflow series. A part that fails does not stop the others; the first failure is
 /// raised once all were attempted.
 ///
-/// The span's ids are at hand here, and it is given only when sampled: an exemplar for the
-/// duration histogram (issue 24) is taken from it in this same call, not a second crossing.
+/// `trace_id` and `span_id`, when non-zero, make the duration its bucket's exemplar (the caller
+/// gives them only for a request whose trace is exported): the decision travels in this call.
 #[pyfunction]
-#[pyo3(signature = (span, requests, duration, method, route, status, seconds, log=None))]
+#[pyo3(signature = (
+    span, requests, duration, method, route, status, seconds, log=None, trace_id=0, span_id=0,
+))]
 #[allow(clippy::too_many_arguments)]
 pub fn end_request(
     span: Option<Ended<'_>>,
@@ -54,12 +56,16 @@ pub fn end_request(
     status: String,
     seconds: f64,
     log: Option<Ended<'_>>,
+    trace_id: u128,
+    span_id: u64,
 ) -> PyResult<(bool, bool)> {
     let mut failure = None;
     queue_span(span.as_ref(), &mut failure);
     let mut overflowed = (false, false);
     if let (Some(requests), Some(duration)) = (&requests, &duration) {
-        let recorded = record_request_in(requests, duration, method, route, status, seconds);
+        let recorded = record_request_in(
+            requests, duration, method, route, status, seconds, trace_id, span_id,
+        );
         overflowed = keep(recorded, &mut failure).unwrap_or_default();
     }
     if let Some((exporter, arguments)) = &log {
@@ -69,20 +75,25 @@ pub fn end_request(
 }
 
 /// The end of one client call (a query, a Redis command): its span queued (when given) and its
-/// duration observed in `family` under `labels` (when given). Returns whether the observation
-/// folded a new label set into the overflow series; failures as `end_request`.
+/// duration observed in `family` under `labels` (when given), with `trace_id` and `span_id` as
+/// its bucket's exemplar when non-zero. Returns whether the observation folded a new label set
+/// into the overflow series; failures as `end_request`.
 #[pyfunction]
-#[pyo3(signature = (span, family, labels, seconds))]
+#[pyo3(signature = (span, family, labels, seconds, trace_id=0, span_id=0))]
 pub fn end_call(
     span: Option<Ended<'_>>,
     family: Option<PyRef<'_, Family>>,
     labels: Vec<String>,
     seconds: f64,
+    trace_id: u128,
+    span_id: u64,
 ) -> PyResult<bool> {
     let mut failure = None;
     queue_span(span.as_ref(), &mut failure);
     let overflowed = match &family {
-        Some(family) => keep(family.observe(labels, seconds), &mut failure).unwrap_or(false),
+        Some(family) => {
+            keep(family.observe(labels, seconds, trace_id, span_id), &mut failure).unwrap_or(false)
+        }
         None => false,
     };
     failure.map_or(Ok(overflowed), Err)
