@@ -50,6 +50,7 @@ __all__ = [
 
 
 _RECORD_REQUEST: Final = guard("recording a request")
+_WRITE_LINE: Final = guard("writing a request line", then="the request's span and metrics are recorded")
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _FASTAPI_TELEMETRY: Final = "fastapi.telemetry"  # the scope key of FastAPI's own telemetry
 
@@ -264,7 +265,10 @@ class TelemetryMiddleware:
             # One call into the core on the native path: span, request metrics (with the
             # exemplar's ids: the span has ended, so a trace kept for failing or being slow is
             # known here) and the OTLP request line.
-            log = request_log.write(info) if request_log is not None and info is not None else None
+            log = None
+            if request_log is not None and info is not None:
+                with _WRITE_LINE:  # a failing line must not cost the span and the metrics
+                    log = request_log.write(info)
             trace_id, span_id = exemplar_ids(span.get_span_context())
             self.metrics.record_request(method, route, str(status), elapsed, trace_id, span_id, ended, log)
         if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
