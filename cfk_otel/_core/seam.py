@@ -574,7 +574,7 @@ class CoreSpan(trace.Span):
             context.span_id,
             parent.span_id if parent is not None else 0,
             _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
-            context.trace_state.to_header(),
+            context.trace_state.to_header() if context.trace_state else "",  # mostly empty: no join
             self.name,
             self.kind.value + 1,  # OTLP counts from UNSPECIFIED
             self.start_time,
