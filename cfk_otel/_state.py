@@ -5,6 +5,14 @@ It is written in one place, the set-up (:mod:`cfk_otel._bootstrap.setup`): the e
 the set-up records what happened. Everything else receives what it needs when it is
 built (the middleware, its endpoints and observers get the settings and this state from
 ``instrument_app``), so nothing on the request path looks the settings up again.
+
+A few process-wide values live beside the code that uses them, each written by one
+function that only set-up calls: the path the seam chose (``_core.seam.activate``), the
+keeper of failed and slow traces (``_core.sampling.sdk_arguments``), Sentry's one event
+processor and the uncaught-exception hooks. ``tests/test_state.py`` holds that list. The
+metric registry's path is decided on its first use, which may come before set-up (a
+module-level ``Counter``), so it reads ``CFK_OTEL_NATIVE`` through the same declaration
+the settings use (``_metrics.catalogue.native_path``).
 """
 
 from __future__ import annotations
