@@ -1,9 +1,9 @@
 """``/api/metrics``: the Prometheus scrape endpoint, summed across a process group's workers.
 
 Two sources make one scrape, both through ``prometheus_client``'s public collector
-interface: the SDK's ``PrometheusMetricReader`` (registered through the configurator as
-the ``cfk_prometheus`` metric exporter) translates what SDK instruments record into a
-``prometheus_client`` registry that this module owns, and :class:`DirectCollector` reads
+interface: :class:`ScrapeReader` (our reader of the SDK's metrics, registered through the
+configurator as the ``cfk_prometheus`` metric exporter) translates what SDK instruments
+record into a ``prometheus_client`` registry that this module owns, and :class:`DirectCollector` reads
 the metrics cfk_otel aggregates itself (:mod:`cfk_otel._metrics`). With several workers
 (``uvicorn --workers N``, gunicorn), each worker also writes its own exposition to a
 shared directory every :data:`SHARE_INTERVAL` seconds, and whichever worker is scraped
@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -35,6 +34,7 @@ from . import _metrics
 from ._core import _native
 from ._guard import guard
 from ._http import respond
+from ._scrape_reader import SdkReader
 from ._types import Receive, Scope, Send
 
 _log = logging.getLogger("cfk_otel")
@@ -44,14 +44,13 @@ SHARE_INTERVAL: Final = 2.0
 _RENDER: Final = guard("rendering /api/metrics", then="answering 500")
 
 
-class ScrapeReader(PrometheusMetricReader):
-    """The SDK's Prometheus reader, as the ``cfk_prometheus`` metric exporter entry point."""
+class ScrapeReader(SdkReader):
+    """Our reader of the SDK's metrics, as the ``cfk_prometheus`` metric exporter entry point."""
 
 
 def reader_arguments(registry: CollectorRegistry) -> dict[str, Any]:
-    # No target_info metric and no otel_scope_* labels: the scrape shows exactly the
-    # document's names and labels.
-    return {"disable_target_info": True, "scope_info_enabled": False, "registry": registry}
+    """The configurator's arguments for :class:`ScrapeReader`: the registry the scrape reads."""
+    return {"registry": registry}
 
 
 def join_process_group() -> None:

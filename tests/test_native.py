@@ -19,7 +19,6 @@ from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
@@ -44,6 +43,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.utils import floatToGoString
 
 from cfk_otel import _native as native
+from cfk_otel._prometheus import ScrapeReader, reader_arguments
 from cfk_otel.testing import OtlpReceiver
 
 RESOURCE = {"service.name": "cf-kanban", "service.version": "1.2.3", "deployment.environment": "test"}
@@ -360,9 +360,10 @@ def measured_both_ways(reader: Any) -> tuple[MeterProvider, Any, Any]:
 
 
 def test_the_scrape_text_equals_the_sdk_readers() -> None:
-    """The same measurements through the SDK's Prometheus reader and through the core."""
+    """The same measurements through the scrape's SDK reader and through the core (that reader is
+    held to the SDK's own Prometheus reader in tests/test_scrape_reader.py)."""
     registry = CollectorRegistry()
-    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=registry)
+    reader = ScrapeReader(**reader_arguments(registry))
     provider, counter, histogram = measured_both_ways(reader)
 
     assert native.render([counter, histogram]) == generate_latest(registry).decode()
