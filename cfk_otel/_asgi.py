@@ -250,7 +250,16 @@ class TelemetryMiddleware:
     ) -> None:
         self._finish(span, scope, kind, method, route, status, error)
         if kind == "http":
-            self.metrics.record_request(method, route, str(status), elapsed)
+            if self.metrics.http_request_duration.family is None:
+                # The SDK's histogram takes its exemplar from the current context, which the
+                # request's span has left: give it that span again (the SDK path only).
+                token = context.attach(trace.set_span_in_context(span))
+                try:
+                    self.metrics.record_request(method, route, str(status), elapsed)
+                finally:
+                    context.detach(token)
+            else:
+                self.metrics.record_request(method, route, str(status), elapsed)
         if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
             self._errors.count(self.metrics, kind, route, status, error, close_code)
         if self._observers:

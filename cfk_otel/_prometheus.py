@@ -34,7 +34,7 @@ from . import _metrics
 from ._core import _native
 from ._guard import guard
 from ._http import respond
-from ._scrape_reader import SdkReader
+from ._scrape_reader import SdkReader, trace_id_first
 from ._types import Receive, Scope, Send
 
 _log = logging.getLogger("cfk_otel")
@@ -152,7 +152,8 @@ class Scrape:
                 return fast
         source: Any = self._registry if self._directory is None else _Merged(self._registry, self._directory)
         if openmetrics_format:
-            return openmetrics.generate_latest(source), openmetrics.CONTENT_TYPE_LATEST  # type: ignore[no-untyped-call]
+            body = openmetrics.generate_latest(source)  # type: ignore[no-untyped-call]
+            return trace_id_first(body), openmetrics.CONTENT_TYPE_LATEST
         return text_format.generate_latest(source), text_format.CONTENT_TYPE_LATEST
 
     def _render_native(self, openmetrics_format: bool) -> tuple[bytes, str] | None:
@@ -163,7 +164,7 @@ class Scrape:
             return None
         ours = _native.render(families, openmetrics_format).encode()
         if openmetrics_format:
-            theirs = openmetrics.generate_latest(self._sdk)  # type: ignore[no-untyped-call]
+            theirs = trace_id_first(openmetrics.generate_latest(self._sdk))  # type: ignore[no-untyped-call]
             return theirs.removesuffix(b"# EOF\n") + ours + b"# EOF\n", openmetrics.CONTENT_TYPE_LATEST
         return text_format.generate_latest(self._sdk) + ours, text_format.CONTENT_TYPE_LATEST
 

@@ -4,16 +4,25 @@ Prometheus reader (opentelemetry-exporter-prometheus, the test extra's oracle)."
 from __future__ import annotations
 
 import inspect
+import re
+import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from cfk_otel._scrape_reader import SdkReader, label_name, metric_name, unit_suffix
+from cfk_otel._prometheus import Scrape
+from cfk_otel._scrape_reader import SdkReader, label_name, metric_name, trace_id_first, unit_suffix
+from cfk_otel.testing import OtlpReceiver
+from tests.conftest import Services, free_port, launch, uvicorn_command
 
 
 def observe(options: CallbackOptions) -> Iterable[Observation]:
@@ -123,3 +132,115 @@ def test_names_and_units_as_the_specification_maps_them() -> None:
     assert unit_suffix("/min") == "per_min"  # no numerator; "min" has no "per" name
     assert unit_suffix("{x}/h") == "per_hour"
     assert unit_suffix("_weird unit_") == "weird_unit"
+
+
+EXEMPLAR_LINE = re.compile(
+    # prometheus_client's OpenMetrics writer sorts the labels, le among them (so does the core).
+    r'^latency_seconds_bucket\{le="0\.1",method="GET",path="/x"\} \d\.0 '
+    r'# \{trace_id="([0-9a-f]{32})",span_id="([0-9a-f]{16})"\} 0\.0421 (\d+\.\d{3})$',
+    re.MULTILINE,
+)
+
+
+def openmetrics_text(registry: CollectorRegistry) -> str:
+    return Scrape(registry, direct=lambda: ()).render(openmetrics_format=True)[0].decode()
+
+
+def test_histogram_exemplars_on_the_openmetrics_buckets_only() -> None:
+    """Issue 24 point 2 on the SDK path: the latest exemplar of each bucket, the span it was
+    recorded in, in the form both paths write; none in the Prometheus text format."""
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[SdkReader(registry)])
+    histogram = provider.get_meter("app").create_histogram(
+        "latency", "s", explicit_bucket_boundaries_advisory=[0.01, 0.1, 1.0]
+    )
+    tracer = TracerProvider().get_tracer("test")
+    labels = {"path": "/x", "method": "GET"}
+    before = time.time()
+    with tracer.start_as_current_span("request") as span:
+        histogram.record(0.0421, labels)
+    text = openmetrics_text(registry)
+    (trace_id, span_id, stamp), *more = EXEMPLAR_LINE.findall(text)
+    assert not more
+    assert (int(trace_id, 16), int(span_id, 16)) == (span.context.trace_id, span.context.span_id)
+    assert before - 0.001 <= float(stamp) <= time.time()
+    assert text.count(" # {") == 1  # the other buckets, the _count and the _sum have none
+    # prometheus_client's OpenMetrics parser reads it back.
+    family = next(f for f in openmetrics_families(text) if f.name == "latency_seconds")
+    bucket = next(s for s in family.samples if s.labels.get("le") == "0.1")
+    assert bucket.exemplar is not None
+    assert bucket.exemplar.labels == {"trace_id": trace_id, "span_id": span_id}
+    assert bucket.exemplar.value == 0.0421
+    assert " # " not in generate_latest(registry).decode()  # the Prometheus text: none
+
+    # Kept while nothing newer falls in the bucket; the newest replaces it.
+    assert EXEMPLAR_LINE.findall(openmetrics_text(registry))[0][:2] == (trace_id, span_id)
+    with tracer.start_as_current_span("later") as later:
+        histogram.record(0.0421, labels)
+    assert EXEMPLAR_LINE.findall(openmetrics_text(registry))[0][1] == f"{later.context.span_id:016x}"
+    # A measurement outside a sampled span leaves none behind.
+    unsampled = TracerProvider(sampler=ALWAYS_OFF).get_tracer("test")
+    with unsampled.start_as_current_span("dropped"):
+        histogram.record(5.0, labels)
+    histogram.record(0.005, labels)
+    assert openmetrics_text(registry).count(" # {") == 1
+    provider.shutdown()
+
+
+def test_trace_id_first_touches_exemplars_only() -> None:
+    ids = 'span_id="00f067aa0ba902b7",trace_id="4bf92f3577b34da6a3ce929d0e0e4736"'
+    body = (
+        '# HELP x_seconds Help with # {span_id=\\"00f067aa0ba902b7\\",trace_id=\\"x\\"}\n'
+        'x_seconds_bucket{le="1.0",path="# {span_id=\\"1\\"}"} 1.0 # {' + ids + "} 0.5 12.345\n"
+    ).encode()
+    assert trace_id_first(body) == body.replace(
+        ids.encode(), b'trace_id="4bf92f3577b34da6a3ce929d0e0e4736",span_id="00f067aa0ba902b7"'
+    )
+    assert trace_id_first(b"x 1.0\n") == b"x 1.0\n"
+
+
+def test_an_apps_exemplars_name_exported_spans(tmp_path: Path, services: Services) -> None:
+    """The SDK path under opentelemetry-instrument: each exemplar of the scrape names a span the
+    app exported (the request's server span: the client calls' durations are recorded in it)."""
+    with OtlpReceiver() as receiver:
+        port = free_port()
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+            "SERVICE_NAME": "cf-kanban-exemplars",
+            "CFK_OTEL_NATIVE": "false",
+            "DATABASE_URL": services.database_url,
+            "REDIS_URL": services.redis_url,
+        }
+        app = launch(tmp_path, uvicorn_command("core_app:app", port), env, port)
+        try:
+            for _ in range(3):
+                assert app.get("/boards/7/work")[0] == 200  # one PostgreSQL query, one Redis call
+            status, headers, body = app.get("/api/metrics", {"Accept": "application/openmetrics-text"})
+            assert status == 200
+            assert headers["content-type"].startswith("application/openmetrics-text")
+            exemplars = {
+                family.name: {
+                    (s.exemplar.labels["trace_id"], s.exemplar.labels["span_id"])
+                    for s in family.samples
+                    if s.exemplar
+                }
+                for family in openmetrics_families(body.decode())
+            }
+            wanted = (
+                "http_request_duration_seconds",
+                "database_query_duration_seconds",
+                "redis_operation_duration_seconds",
+            )
+            for name in wanted:
+                assert exemplars[name], name
+            shown = set().union(*(exemplars[name] for name in wanted))
+
+            def exported() -> set[tuple[str, str]]:
+                return {(s.trace_id, s.span_id) for s in receiver.iter_spans()}
+
+            assert receiver.wait_for(lambda: shown <= exported()), (shown, exported())
+            servers = {(s.trace_id, s.span_id) for s in receiver.iter_spans() if s.name.startswith("GET ")}
+            assert exemplars["http_request_duration_seconds"] <= servers
+            assert b" # {" not in app.get("/api/metrics")[2]  # the Prometheus text: none
+        finally:
+            app.terminate()
