@@ -48,6 +48,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from . import _metrics
 from ._guard import guard
+from ._scrape_reader import without_sdk_self
 from ._version import __version__
 
 _log = logging.getLogger("cfk_otel")
@@ -225,7 +226,9 @@ class OtlpMetricExporter(MetricExporter):
     ) -> MetricExportResult:
         data = metrics_data
         with _MERGE:
-            data = merged(metrics_data, self._collection.metrics(), self._resource)
+            data = merged(without_sdk_self(metrics_data), self._collection.metrics(), self._resource)
+        if not any(sm.metrics for rm in data.resource_metrics for sm in rm.scope_metrics):
+            return MetricExportResult.SUCCESS  # nothing to send: no request at all
         return self._inner.export(data, timeout_millis=timeout_millis, **kwargs)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:

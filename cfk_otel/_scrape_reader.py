@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
+from opentelemetry.sdk import environment_variables
 from opentelemetry.sdk.metrics import (
     Counter,
     Exemplar,
@@ -35,6 +36,7 @@ from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
     InMemoryMetricReader,
     MetricsData,
+    ResourceMetrics,
     Sum,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
@@ -62,6 +64,27 @@ _PER_UNITS: Final = {
     **{"s": "second", "m": "minute", "h": "hour", "d": "day"},
     **{"w": "week", "mo": "month", "y": "year"},
 }
+
+
+# Before 1.42 the SDK always records metrics about itself (otel.sdk.span.*, its scope
+# "opentelemetry-sdk"); from 1.42 only when OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED=true. The
+# scrape follows the newer rule on every release: left out where that variable does not exist.
+_ASKED: Final = hasattr(environment_variables, "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED")
+SDK_SELF: Final = None if _ASKED else "opentelemetry-sdk"
+
+
+def without_sdk_self(data: MetricsData | None) -> MetricsData | None:
+    """``data`` without the SDK's metrics about itself, where the SDK records them unasked."""
+    if data is None or SDK_SELF is None:
+        return data
+    return MetricsData(
+        [
+            ResourceMetrics(
+                rm.resource, [sm for sm in rm.scope_metrics if sm.scope.name != SDK_SELF], rm.schema_url
+            )
+            for rm in data.resource_metrics
+        ]
+    )
 
 
 def metric_name(name: str) -> str:
@@ -130,6 +153,8 @@ class SdkCollector:
         families: Families = {}
         for resource_metrics in data.resource_metrics:
             for scope_metrics in resource_metrics.scope_metrics:
+                if scope_metrics.scope.name == SDK_SELF:
+                    continue
                 for m in scope_metrics.metrics:
                     self._translate(m.name, m.description or "", m.unit or "", m.data, families)
         yield from families.values()

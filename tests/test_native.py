@@ -301,7 +301,13 @@ def test_log_records_equal_the_sdks(receiver: OtlpReceiver) -> None:
     assert core.force_flush(5.0)
     assert receiver.wait_for(lambda: len(receiver.logs) == len(records))
     want = list(encode_logs(records).resource_logs[0].scope_logs[0].log_records)
-    assert [r.record for r in receiver.logs] == want
+    got = [r.record for r in receiver.logs]
+    # A None body: the core writes an empty value, as later SDK encoders do; 1.40's
+    # leaves the field out. The same record either way (as the collector reads it).
+    if not want[3].HasField("body"):
+        assert got[3].body.ByteSize() == 0
+        got[3].ClearField("body")
+    assert got == want
     with pytest.raises(ValueError, match="sends Logs"):
         core.record_span(0, 1, 2, 0, FLAGS, "", "x", 2, 1, 2, {})
     core.shutdown(1.0)

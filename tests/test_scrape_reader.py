@@ -122,6 +122,20 @@ def test_no_target_info_no_scope_labels_and_an_unused_reader_scrapes_empty() -> 
     reader.shutdown()  # twice is harmless
 
 
+def test_the_sdks_metrics_about_itself_are_left_out_as_from_1_42() -> None:
+    """SDK 1.40 and 1.41 count every span they start (otel.sdk.span.*) on the meter provider,
+    unasked; from 1.42 only with OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED=true."""
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[SdkReader(registry)])
+    provider.get_meter("app").create_counter("hits").add(1)
+    with TracerProvider(meter_provider=provider).get_tracer("t").start_as_current_span("x"):
+        pass
+    text = generate_latest(registry).decode()
+    assert "hits_total 1.0" in text
+    assert "otel_sdk" not in text
+    provider.shutdown()
+
+
 def test_names_and_units_as_the_specification_maps_them() -> None:
     assert metric_name("3http.server-duration") == "_http_server_duration"
     assert metric_name("a:b") == "a:b"
