@@ -35,10 +35,10 @@ from prometheus_client import CollectorRegistry
 from pytest_benchmark.fixture import BenchmarkFixture
 from starlette.routing import Route
 
-from cfk_otel import _core
-from cfk_otel._asgi import ASGIApp, Message, Receive, Scope, Send
-from cfk_otel._prometheus import ScrapeReader, reader_arguments
-from cfk_otel._resource import build_attributes
+from cfk_otel._asgi.middleware import ASGIApp, Message, Receive, Scope, Send
+from cfk_otel._bootstrap.resource import build_attributes
+from cfk_otel._core import seam as _core
+from cfk_otel._metrics.scrape import ScrapeReader, reader_arguments
 from cfk_otel._settings import load
 
 SETTINGS: Mapping[str, str] = {
@@ -111,7 +111,7 @@ def tracer_provider(resource: Resource) -> Iterator[TracerProvider]:
 @pytest.fixture
 def otlp_tracer_provider(resource: Resource, monkeypatch: pytest.MonkeyPatch) -> Iterator[TracerProvider]:
     """cfk_otel's production span path: our spans recorded by the compiled core
-    (cfk_otel/_core.py, the native path set-up chooses), the app's through the SDK.
+    (cfk_otel/_core/seam.py, the native path set-up chooses), the app's through the SDK.
 
     Nothing is sent while benchmarking: the endpoint is a closed port and the schedule
     longer than the run; the core's queue is bounded, so it drops the oldest, as in production.

@@ -34,8 +34,9 @@ from opentelemetry.trace import INVALID_SPAN, INVALID_SPAN_CONTEXT
 from pytest_benchmark.fixture import BenchmarkFixture
 from pythonjsonlogger.json import JsonFormatter as PythonJsonFormatter
 
-from cfk_otel import _core
-from cfk_otel._logs import OtlpHandler, configure_logging, get_logger
+from cfk_otel._core import seam as _core
+from cfk_otel._logs.api import get_logger
+from cfk_otel._logs.handlers import OtlpHandler, configure_logging
 from cfk_otel._settings import load
 
 from .conftest import SETTINGS, NullLogExporter, NullStream, describe

@@ -11,7 +11,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from cfk_otel._metrics import DURATION_BUCKETS, Metrics
+from cfk_otel._metrics.catalogue import DURATION_BUCKETS, Metrics
 
 from .conftest import describe
 

@@ -28,8 +28,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from cfk_otel import TelemetryMiddleware, _core, _native, _sampling
-from cfk_otel._asgi import ASGIApp
+from cfk_otel import TelemetryMiddleware, _native
+from cfk_otel._asgi.middleware import ASGIApp
+from cfk_otel._core import sampling as _sampling
+from cfk_otel._core import seam as _core
 from cfk_otel._native import OtlpExporter
 
 from .conftest import describe, hello_app, requests_in_a_loop

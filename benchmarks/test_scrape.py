@@ -25,9 +25,9 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, make_asgi_app
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from cfk_otel._asgi import ASGIApp
-from cfk_otel._metrics import MAX_SERIES, Metrics
-from cfk_otel._prometheus import MetricsEndpoint, Scrape
+from cfk_otel._asgi.middleware import ASGIApp
+from cfk_otel._metrics.catalogue import MAX_SERIES, Metrics
+from cfk_otel._metrics.scrape import MetricsEndpoint, Scrape
 
 from .conftest import Exchange, cfk_meter_provider, describe
 

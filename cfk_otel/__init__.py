@@ -7,11 +7,11 @@ with :class:`TelemetryMiddleware`.
 
 from __future__ import annotations
 
-from ._api import configure, shutdown
-from ._app import instrument_app
-from ._asgi import TelemetryMiddleware
-from ._errors import capture_error, capture_message, set_user
-from ._health import (
+from ._asgi.app import instrument_app
+from ._asgi.middleware import TelemetryMiddleware
+from ._bootstrap.api import configure, shutdown
+from ._errors.api import capture_error, capture_message, set_user
+from ._health.registry import (
     HealthCheckResult,
     HealthRegistry,
     health_app,
@@ -19,8 +19,8 @@ from ._health import (
     mark_shutting_down,
     register_health_check,
 )
-from ._logs import Logger, get_logger, logger
-from ._metrics import (
+from ._logs.api import Logger, get_logger, logger
+from ._metrics.catalogue import (
     Counter,
     Gauge,
     Histogram,

@@ -87,13 +87,46 @@ class Family:
     def set(self, labels: Sequence[str], value: float) -> bool: ...
     def finish(self, labels: Sequence[str]) -> bool: ...
     def touch(self, labels: Sequence[str]) -> None: ...
-    def observe(self, labels: Sequence[str], value: float) -> bool: ...
+    # trace_id and span_id (both non-zero): the measurement becomes its bucket's exemplar,
+    # replacing the one before (pass them only for a span whose trace is exported).
+    def observe(self, labels: Sequence[str], value: float, trace_id: int = 0, span_id: int = 0) -> bool: ...
     def values(self) -> list[tuple[list[str], float]]: ...
     def rows(self) -> list[tuple[list[str], list[int], float, int, float, float]]: ...
+    # Per series with any: (label values, [(bucket index, trace id, span id, value, unix ns)]).
+    def exemplars(self) -> list[tuple[list[str], list[tuple[int, int, int, float, int]]]]: ...
     def render(self, openmetrics: bool = False) -> str: ...
 
 def render(families: Sequence[Family], openmetrics: bool = False) -> str: ...
+
+# trace_id and span_id: the server span's, when its trace is exported (0: no exemplar).
 def record_request(
-    requests: Family, duration: Family, method: str, route: str, status: str, seconds: float
+    requests: Family,
+    duration: Family,
+    method: str,
+    route: str,
+    status: str,
+    seconds: float,
+    trace_id: int = 0,
+    span_id: int = 0,
 ) -> tuple[bool, bool]: ...
 def float_to_go_string(value: float) -> str: ...
+def end_request(
+    span: tuple[OtlpExporter, tuple[Any, ...]] | None,
+    requests: Family | None,
+    duration: Family | None,
+    method: str,
+    route: str,
+    status: str,
+    seconds: float,
+    log: tuple[OtlpExporter, tuple[Any, ...]] | None = None,
+    trace_id: int = 0,
+    span_id: int = 0,
+) -> tuple[bool, bool]: ...
+def end_call(
+    span: tuple[OtlpExporter, tuple[Any, ...]] | None,
+    family: Family | None,
+    labels: Sequence[str],
+    seconds: float,
+    trace_id: int = 0,
+    span_id: int = 0,
+) -> bool: ...

@@ -1,6 +1,6 @@
 """The one process state of cfk_otel.
 
-It is written in one place, the set-up (:mod:`cfk_otel._sdk`): the entry points that
+It is written in one place, the set-up (:mod:`cfk_otel._bootstrap.setup`): the entry points that
 ``opentelemetry-instrument`` loads and ``cfk_otel.configure()`` report to the set-up, and
 the set-up records what happened. Everything else receives what it needs when it is
 built (the middleware, its endpoints and observers get the settings and this state from
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._core import LogSink
-    from ._prometheus import Scrape
+    from ._core.seam import LogSink
+    from ._metrics.scrape import Scrape
     from ._settings import Settings
 
 

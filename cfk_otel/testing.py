@@ -35,7 +35,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.resources import Resource
 
-from . import _metric_export, _metrics
+from ._metrics import catalogue as _metrics
+from ._metrics import export as _metric_export
 
 __all__ = ["MetricsReader", "OtlpReceiver", "ReceivedLog", "ReceivedMetric", "ReceivedSpan", "attributes"]
 

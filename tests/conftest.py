@@ -87,6 +87,38 @@ def receiver() -> Iterator[OtlpReceiver]:
         yield r
 
 
+class CoreCalls:
+    """Every call into the compiled core made while :meth:`watch` is open, by name: a
+    function of ``cfk_otel._native`` or a method of its exporter or metric family."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[list[str]]:
+        from cfk_otel import _native
+
+        owners = (_native.OtlpExporter, _native.Family)
+
+        def profile(frame: object, event: str, arg: object) -> None:
+            if event == "c_call":
+                owner = getattr(arg, "__self__", None)
+                if owner is _native or isinstance(owner, owners):
+                    self.names.append(getattr(arg, "__name__", "?"))
+
+        self.names.clear()
+        sys.setprofile(profile)
+        try:
+            yield self.names
+        finally:
+            sys.setprofile(None)
+
+
+@pytest.fixture
+def core_calls() -> CoreCalls:
+    return CoreCalls()
+
+
 _HANDED_OUT: set[int] = set()
 
 

@@ -1,4 +1,4 @@
-"""cfk_otel/_api.py: configure() and shutdown() without opentelemetry-instrument."""
+"""cfk_otel/_bootstrap/api.py: configure() and shutdown() without opentelemetry-instrument."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_disabling_ours_without_the_upstream_instrumentations_is_quiet() -> None
             sys.modules["opentelemetry.instrumentation.asyncpg"] = None
             sys.modules["opentelemetry.instrumentation.redis"] = None
         import asyncpg, redis, cfk_otel
-        from cfk_otel._db import AsyncpgInstrumentor, RedisInstrumentor
+        from cfk_otel._instrumentation.db import AsyncpgInstrumentor, RedisInstrumentor
         cfk_otel.configure()
         loaded = [AsyncpgInstrumentor().is_instrumented_by_opentelemetry]
         if not hidden:

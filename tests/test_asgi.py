@@ -1,4 +1,4 @@
-"""cfk_otel/_asgi.py and _routes.py, in process, with providers injected."""
+"""cfk_otel/_asgi/middleware.py and _routes.py, in process, with providers injected."""
 
 from __future__ import annotations
 
@@ -274,6 +274,40 @@ def test_a_failing_route_lookup_never_fails_the_request(caplog: pytest.LogCaptur
         assert hh.client.get("/").text == "fine"
         assert hh.client.get("/").text == "fine"
     assert caplog.text.count("recording a request failed") == 1
+
+
+def test_a_failing_request_line_costs_neither_span_nor_metrics(caplog: pytest.LogCaptureFixture) -> None:
+    """The request line is written before the request's span and metrics are recorded (they
+    go into the core together): a line that fails must not take them along."""
+    from cfk_otel._logs.requests import RequestLog
+    from cfk_otel._settings import load
+
+    class Failing(RequestLog):
+        def write(self, info: Any) -> None:
+            raise RuntimeError("stdout is gone")
+
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = MetricsReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    reader.read_from(meter_provider)
+    seen: list[int] = []
+    app = TelemetryMiddleware(
+        starlette_app(),
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        observers=[Failing(load({})), lambda info: seen.append(info.status)],
+    )
+    with TestClient(app) as client:
+        assert client.get("/tickets/1").status_code == 200
+        assert client.get("/tickets/2").status_code == 200
+    assert [s.name for s in spans.get_finished_spans()] == ["GET /tickets/{ticket_id}"] * 2
+    assert app.metrics.http_requests.values() == [(("GET", "/tickets/{ticket_id}", "200"), 2.0)]
+    assert seen == [200, 200]  # the other observers still run
+    assert caplog.text.count("writing a request line failed") == 1
+    meter_provider.shutdown()
+    tracer_provider.shutdown()
 
 
 class _XTracePropagator(TextMapPropagator):

@@ -1,4 +1,4 @@
-"""cfk_otel/_cli.py: ``cfk-otel doctor`` and ``cfk-otel env``."""
+"""cfk_otel/_cli/main.py: ``cfk-otel doctor`` and ``cfk-otel env``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import grpc
 import pytest
 import yaml
 
-from cfk_otel import _live
-from cfk_otel._cli import doctor, main
+from cfk_otel._cli import live as _live
+from cfk_otel._cli.main import doctor, main
 from cfk_otel._settings import DECLARED, Variable, load, markdown_table
 from cfk_otel.testing import OtlpReceiver
 from tests.collector.conftest import launch_prometheus, stop_prometheus

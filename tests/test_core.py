@@ -1,4 +1,4 @@
-"""The request path's seam (cfk_otel._core): the compiled core against the SDK, its oracle.
+"""The request path's seam (cfk_otel._core.seam): the compiled core against the SDK, its oracle.
 
 The same requests go through an app under ``opentelemetry-instrument`` twice, once on each
 path, and what arrives over OTLP must be the same but for ids and times.
@@ -16,7 +16,8 @@ from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cfk_otel import _core, _settings
+from cfk_otel import _settings
+from cfk_otel._core import seam as _core
 from cfk_otel.testing import OtlpReceiver, ReceivedLog, ReceivedSpan
 from tests.conftest import Services, free_port, launch, uvicorn_command
 

@@ -1,4 +1,4 @@
-"""cfk_otel/_core.py: the core's spans are exported exactly as the SDK's spans would be."""
+"""cfk_otel/_core/seam.py: the core's spans are exported exactly as the SDK's spans would be."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from cfk_otel import _core
-from cfk_otel._asgi import TelemetryMiddleware
-from cfk_otel._core import CoreSpan, Spans
+from cfk_otel._asgi.middleware import TelemetryMiddleware
+from cfk_otel._core import seam as _core
+from cfk_otel._core.seam import CoreSpan, Spans
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 
 RESOURCE = Resource.create({"service.name": "cf-kanban"})
@@ -304,7 +304,7 @@ def test_long_values_are_cut_as_the_sdk_cuts_them(monkeypatch: pytest.MonkeyPatc
         app = Starlette(routes=[Route("/long/{rest:path}", long)])
         with TestClient(TelemetryMiddleware(app, tracer_provider=provider)) as client:
             client.get("/long/abcdefghijklmnop", headers={"user-agent": "a-rather-long-user-agent"})
-        spans = Spans(provider)  # a client span, as cfk_otel/_db.py starts them
+        spans = Spans(provider)  # a client span, as cfk_otel/_instrumentation/db.py starts them
         statement = {"db.statement": "SELECT * FROM a_long_table_name", "net.peer.port": 5432}
         spans.start("SELECT", None, SpanKind.CLIENT, statement).end()
         _flush(provider)

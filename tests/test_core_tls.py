@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cfk_otel import _core, _settings
+from cfk_otel import _settings
+from cfk_otel._core import seam as _core
 from cfk_otel.testing import OtlpReceiver
 from tests.conftest import free_port, launch, uvicorn_command
 

@@ -1,12 +1,13 @@
-"""cfk_otel/_db.py: bounded labels for query and command timings; span attributes."""
+"""cfk_otel/_instrumentation/db.py: bounded labels for query and command timings; span attributes."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from cfk_otel._db import (
+from cfk_otel._instrumentation.db import (
     _asyncpg_target,
     _Client,
     _Conventions,
@@ -129,3 +130,47 @@ def test_redis_names_and_statements() -> None:
     pipeline = SimpleNamespace(command_stack=[(("SET", "k", "v"), {}), (("GET", "k"), {})])
     assert _redis_pipeline(pipeline) == (2, "SET ? ?\nGET ?", "SET GET")
     assert _redis_pipeline(SimpleNamespace()) == (0, "", "redis")
+
+
+# --- issue 22: one call into the core per client call ---------------------------------------
+
+
+def test_a_client_call_ends_in_one_call_into_the_core(
+    monkeypatch: pytest.MonkeyPatch, core_calls: Any
+) -> None:
+    """The client span and its duration cross into the core together; both arrive."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+
+    from cfk_otel._core import seam as _core
+    from cfk_otel._metrics import catalogue as _metrics
+    from cfk_otel.testing import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.http_endpoint)
+        _core.shutdown(1.0)
+        provider = TracerProvider()
+        _core.activate(_core.Choice(True, ""), provider)
+        try:
+            client = _Client(provider)
+            histogram = _metrics.Metrics(MeterProvider(), native=True).database_query_duration
+            client.finish(
+                client.spans.start("SELECT", None, SpanKind.CLIENT, {}), histogram, ("SELECT",), 0.001
+            )
+            span = client.spans.start("SELECT", None, SpanKind.CLIENT, {"db.system.name": "postgresql"})
+            with core_calls.watch() as calls:
+                client.finish(span, histogram, ("SELECT",), 0.002)
+            assert calls == ["end_call"]
+            assert histogram.rows() == [(("SELECT",), [0.0, 1.0, 1.0, *[0.0] * 11], 0.003)]
+            assert _core.flush(5.0)
+            assert receiver.wait_for(lambda: len(receiver.spans) == 2)
+            assert [s.name for s in receiver.spans] == ["SELECT", "SELECT"]
+            assert receiver.spans[1].attributes == {"db.system.name": "postgresql"}
+            # The exemplar's ids travelled in the same call: the second call's, in its bucket.
+            [(_, exemplars)] = histogram.family.exemplars()  # type: ignore[union-attr]
+            context = span.get_span_context()
+            assert {i: (t, s) for i, t, s, _, _ in exemplars}[2] == (context.trace_id, context.span_id)
+        finally:
+            _core.activate(_core.Choice(False, "not set up"))
+            _core.shutdown(1.0)

@@ -1,4 +1,4 @@
-"""cfk_otel/_distro.py: the workers of ``uvicorn --workers`` are instrumented on every contrib release."""
+"""cfk_otel/_bootstrap/distro.py: `uvicorn --workers` workers are instrumented on every contrib release."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.instrumentation import auto_instrumentation
 
-from cfk_otel._distro import keep_workers_instrumented
+from cfk_otel._bootstrap.distro import keep_workers_instrumented
 
 DIRECTORY = str(Path(auto_instrumentation.__file__).resolve().parent)
 

@@ -1,4 +1,4 @@
-"""cfk_otel/_errors.py and _sentry.py: the document's API, scrubbing, per-request scopes.
+"""cfk_otel/_errors/api.py and _sentry.py: the document's API, scrubbing, per-request scopes.
 
 Sentry runs for real here, in process, sending to cfk_otel.testing.SentryReceiver.
 """
@@ -32,8 +32,11 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import cfk_otel
-from cfk_otel import _errors, _errors_total, _sampling, _settings
-from cfk_otel._asgi import RequestInfo, TelemetryMiddleware
+from cfk_otel import _settings
+from cfk_otel._asgi.middleware import RequestInfo, TelemetryMiddleware
+from cfk_otel._core import sampling as _sampling
+from cfk_otel._errors import api as _errors
+from cfk_otel._errors import total as _errors_total
 from cfk_otel.testing import SentryReceiver, parse_envelope
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +106,7 @@ def test_without_a_dsn_the_api_only_counts(counted: list[tuple[str, str]]) -> No
 
 def test_without_a_dsn_sentry_sdk_is_never_imported() -> None:
     code = (
-        "import sys, cfk_otel; from cfk_otel import _errors, _settings; "
+        "import sys, cfk_otel; from cfk_otel import _settings; from cfk_otel._errors import api as _errors; "
         "_errors.start(_settings.load({})); cfk_otel.capture_error(ValueError()); "
         "cfk_otel.capture_message('m'); cfk_otel.set_user({'id': 1}); "
         "print('sentry_sdk' in sys.modules)"
@@ -266,7 +269,7 @@ def test_scrub_text_removes_credentials() -> None:
 
 
 def test_before_send_drops_an_exception_already_reported() -> None:
-    from cfk_otel._sentry import before_send
+    from cfk_otel._errors.sentry import before_send
 
     error = ValueError("once")
     hint: Any = {"exc_info": (ValueError, error, None)}
@@ -278,7 +281,7 @@ def test_before_send_drops_an_exception_already_reported() -> None:
 
 
 def test_budget_refills_over_time() -> None:
-    from cfk_otel._sentry import Budget
+    from cfk_otel._errors.sentry import Budget
 
     now = [0.0]
     budget = Budget(rate=10.0, burst=3.0, clock=lambda: now[0])
@@ -295,7 +298,7 @@ def test_budget_refills_over_time() -> None:
 def test_an_error_storm_stays_within_the_event_budget(
     sentry: SentryReceiver, counted: list[tuple[str, str]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from cfk_otel import _sentry
+    from cfk_otel._errors import sentry as _sentry
 
     _sentry.budget = _sentry.Budget(rate=0.0, burst=5.0)
     with caplog.at_level(logging.WARNING, "cfk_otel.errors"):
@@ -478,7 +481,7 @@ def test_4xx_rule_5xx_and_cancellations(sentry: SentryReceiver, counted: list[tu
 
 
 def test_observer_never_raises(sentry: SentryReceiver, caplog: pytest.LogCaptureFixture) -> None:
-    from cfk_otel._sentry import ErrorObserver
+    from cfk_otel._errors.sentry import ErrorObserver
 
     broken: Any = RequestInfo(None, "http", "GET", "/x", 500, 0.1, None, None)  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING, "cfk_otel.errors"):
@@ -489,7 +492,7 @@ def test_observer_never_raises(sentry: SentryReceiver, caplog: pytest.LogCapture
 def test_failed_background_task_is_reported_and_the_previous_handler_still_runs(
     sentry: SentryReceiver,
 ) -> None:
-    from cfk_otel._sentry import watch_background_tasks
+    from cfk_otel._errors.sentry import watch_background_tasks
 
     seen: list[str] = []
 
@@ -732,7 +735,7 @@ def test_capture_4xx_narrows_or_turns_off_the_4xx(counted: list[tuple[str, str]]
 
 
 def test_4xx_are_reported_by_default_one_issue_per_route_and_rate_limited(sentry: SentryReceiver) -> None:
-    from cfk_otel import _sentry
+    from cfk_otel._errors import sentry as _sentry
 
     _errors._reset_for_tests()
     _errors.start(_settings.load({"SENTRY_DSN": sentry.dsn}))  # SENTRY_CAPTURE_4XX unset: all
@@ -757,7 +760,7 @@ def test_4xx_are_reported_by_default_one_issue_per_route_and_rate_limited(sentry
 
 
 def test_without_sentry_a_failed_background_task_counts_once(counted: list[tuple[str, str]]) -> None:
-    from cfk_otel import _uncaught
+    from cfk_otel._errors import uncaught as _uncaught
 
     async def fail() -> None:
         raise LookupError("nobody awaited me")
@@ -765,7 +768,7 @@ def test_without_sentry_a_failed_background_task_counts_once(counted: list[tuple
     async def main() -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda loop, context: None)
-        _uncaught.watch_loop(loop)  # as uvicorn's start-up does (cfk_otel._uvicorn)
+        _uncaught.watch_loop(loop)  # as uvicorn's start-up does (cfk_otel._instrumentation.uvicorn)
         task = loop.create_task(fail())
         await asyncio.sleep(0.05)
         del task
@@ -776,9 +779,9 @@ def test_without_sentry_a_failed_background_task_counts_once(counted: list[tuple
 
 
 def test_errors_total_has_one_writer() -> None:
-    """Only cfk_otel/_errors_total.py writes errors_total; _metrics.py declares it."""
-    for path in sorted((ROOT / "cfk_otel").glob("*.py")):
-        if path.name in ("_errors_total.py", "_metrics.py"):
+    """Only cfk_otel/_errors/total.py writes errors_total; _metrics/catalogue.py declares it."""
+    for path in sorted((ROOT / "cfk_otel").rglob("*.py")):
+        if path.relative_to(ROOT / "cfk_otel").as_posix() in ("_errors/total.py", "_metrics/catalogue.py"):
             continue
         text = path.read_text()
         assert not re.search(r"\.errors\.(inc|add_by_key)\b|count_error\(", text), path.name

@@ -76,18 +76,19 @@ def test_the_package_guards_with_the_one_guard() -> None:
     """No hand-written "log and swallow" handler and no once-flag outside ``_guard``: the guard is
     the one place that decides how a failure is logged, and that it is logged once."""
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path.name == "_guard.py":
             continue
+        name = path.relative_to(PACKAGE)
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.ExceptHandler) and _catches_everything(node) and _only_logs(node):
-                found.append(f"{path.name}:{node.lineno}: log-and-swallow handler; use _guard.guard")
+                found.append(f"{name}:{node.lineno}: log-and-swallow handler; use _guard.guard")
             targets = node.targets if isinstance(node, ast.Assign) else []
             for target in targets:
                 name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
                 if "warned" in name:
-                    found.append(f"{path.name}:{node.lineno}: a once-flag ({name}); use _guard.warn_once")
+                    found.append(f"{name}:{node.lineno}: a once-flag ({name}); use _guard.warn_once")
     assert found == []
 
 

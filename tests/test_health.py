@@ -1,4 +1,4 @@
-"""cfk_otel/_health.py in process: the probes' answers, checks, timeouts, cache and shutdown."""
+"""cfk_otel/_health/registry.py in process: the probes' answers, checks, timeouts, cache and shutdown."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from starlette.testclient import TestClient
 from cfk_otel import (
     HealthCheckResult,
     HealthRegistry,
-    _health,
     _settings,
     health_app,
     mark_shutting_down,
     register_health_check,
 )
+from cfk_otel._health import registry as _health
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -608,7 +608,7 @@ def test_mark_shutting_down_applies_to_the_whole_process() -> None:
 def test_uvicorns_signal_handler_marks_the_process_shutting_down() -> None:
     from uvicorn import Config, Server
 
-    from cfk_otel._uvicorn import UvicornInstrumentor
+    from cfk_otel._instrumentation.uvicorn import UvicornInstrumentor
 
     instrumentor = UvicornInstrumentor()
     already = instrumentor.is_instrumented_by_opentelemetry

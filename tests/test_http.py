@@ -7,7 +7,7 @@ import re
 import time
 from typing import Any
 
-from cfk_otel._http import JSON, respond, utc_timestamp
+from cfk_otel._asgi.http import JSON, respond, utc_timestamp
 
 
 def _sent(**kwargs: Any) -> list[dict[str, Any]]:

@@ -2,33 +2,57 @@
 
 Every import counts: at module level, inside functions (lazy) and under ``TYPE_CHECKING``.
 A circle means two modules that cannot be understood, tested or changed one at a time;
-the usual fix is a smaller module both import (as ``_types`` and ``_errors_total`` are),
+the usual fix is a smaller module both import (as ``_asgi.types`` and ``_errors.total`` are),
 or an event one emits and the other subscribes to.
 """
 
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "cfk_otel"
 
 
+def _module_name(path: Path) -> str:
+    """``_core.seam`` for cfk_otel/_core/seam.py; a package's ``__init__`` is the package."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(node: ast.ImportFrom, package: str) -> list[str]:
+    """The cfk_otel modules one ``from ... import`` names (a module, or a module's members)."""
+    if node.level:
+        anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
+        base = ".".join([*anchor, node.module] if node.module else anchor)
+    elif node.module and (node.module == "cfk_otel" or node.module.startswith("cfk_otel.")):
+        base = node.module.removeprefix("cfk_otel").lstrip(".")
+    else:
+        return []
+    return [base, *(f"{base}.{a.name}" if base else a.name for a in node.names)]
+
+
 def _graph() -> dict[str, set[str]]:
-    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(path) for path in paths}
+    packages = {_module_name(path) for path in paths if path.name == "__init__.py"}
     graph: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
+    for path in paths:
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
-                targets.update(names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cfk_otel."):
-                targets.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom):
+                targets.update(_imported(node, package))
             elif isinstance(node, ast.Import):
-                targets.update(a.name.split(".")[1] for a in node.names if a.name.startswith("cfk_otel."))
-        graph[path.stem] = {t for t in targets if t in modules and t != path.stem}
+                targets.update(
+                    a.name.removeprefix("cfk_otel.") for a in node.names if a.name.startswith("cfk_otel.")
+                )
+        # Edges to modules only: importing a package runs its __init__, which for
+        # cfk_otel itself is the public API and for a subpackage is only a docstring.
+        graph[name] = {t for t in targets if t in modules and t not in packages and t != name}
     return graph
 
 

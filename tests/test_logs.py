@@ -1,4 +1,4 @@
-"""cfk_otel/_logs.py: the document's JSON lines, child loggers, redaction, correlation."""
+"""cfk_otel/_logs/: the document's JSON lines, child loggers, redaction, correlation."""
 
 from __future__ import annotations
 
@@ -15,15 +15,21 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from cfk_otel._logs import (
+from cfk_otel._logs.api import (
+    Logger,
+    get_logger,
+)
+from cfk_otel._logs.handlers import (
+    configure_logging,
+)
+from cfk_otel._logs.record import (
+    _RequestRecord,
+)
+from cfk_otel._logs.render import (
     MAX_MESSAGE,
     JsonFormatter,
-    Logger,
     PrettyFormatter,
     _dumps,
-    _RequestRecord,
-    configure_logging,
-    get_logger,
 )
 from cfk_otel._settings import Settings, load
 
@@ -285,8 +291,8 @@ def test_configure_logging_owns_the_root(capsys: pytest.CaptureFixture[str]) -> 
 def test_request_lines_are_sampled_but_errors_kept(settings: Settings) -> None:
     from opentelemetry.trace import INVALID_SPAN_CONTEXT
 
-    from cfk_otel._asgi import RequestInfo
-    from cfk_otel._logs import request_observer
+    from cfk_otel._asgi.middleware import RequestInfo
+    from cfk_otel._logs.requests import request_observer
 
     c = Capture("cfk_otel.requests", JsonFormatter(settings))
     try:
@@ -343,9 +349,9 @@ def test_request_line_written_directly_equals_the_generic_document(
 def test_request_lines_take_the_direct_route_only_when_nothing_else_listens(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cfk_otel import _logs
-    from cfk_otel._asgi import RequestInfo
-    from cfk_otel._logs import request_observer
+    from cfk_otel._asgi.middleware import RequestInfo
+    from cfk_otel._logs import requests as _logs
+    from cfk_otel._logs.requests import request_observer
 
     configure_logging(settings, None)  # stdout only
     observe = request_observer(settings)
@@ -395,12 +401,12 @@ def test_both_handlers_share_one_redaction_and_see_what_a_filter_adds(
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 
-    from cfk_otel import _logs
+    from cfk_otel._logs import handlers, render
 
     calls: list[object] = []
-    original = _logs.scrub
+    original = render.scrub
     monkeypatch.setattr(
-        _logs, "scrub", lambda value, known=None: calls.append(value) or original(value, known=known)
+        render, "scrub", lambda value, known=None: calls.append(value) or original(value, known=known)
     )
     provider = LoggerProvider()
     memory = InMemoryLogRecordExporter()
@@ -408,7 +414,7 @@ def test_both_handlers_share_one_redaction_and_see_what_a_filter_adds(
     stream = io.StringIO()
     json_handler = logging.StreamHandler(stream)
     json_handler.setFormatter(JsonFormatter(settings))
-    otlp_handler = _logs.OtlpHandler(provider)
+    otlp_handler = handlers.OtlpHandler(provider)
     std = logging.getLogger("test.shared_redaction")
     std.propagate = False
     std.setLevel(logging.INFO)
@@ -452,7 +458,7 @@ def _sink_provider(receiver: Any, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
-    from cfk_otel import _core
+    from cfk_otel._core import seam as _core
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.http_endpoint)
     _core.shutdown(1.0)
@@ -465,7 +471,7 @@ def _sink_provider(receiver: Any, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
 
 
 def _flush(provider: Any) -> None:
-    from cfk_otel import _core
+    from cfk_otel._core import seam as _core
 
     provider.force_flush()
     assert _core.flush(5.0)
@@ -476,8 +482,8 @@ def test_app_records_sent_by_the_core_equal_the_sdks(monkeypatch: pytest.MonkeyP
     from opentelemetry.sdk._logs import LogRecordProcessor
     from opentelemetry.sdk.resources import Resource
 
-    from cfk_otel import _core
-    from cfk_otel._logs import OtlpHandler
+    from cfk_otel._core import seam as _core
+    from cfk_otel._logs.handlers import OtlpHandler
     from cfk_otel.testing import OtlpReceiver
 
     span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
@@ -553,8 +559,8 @@ def test_app_records_sent_by_the_core_equal_the_sdks(monkeypatch: pytest.MonkeyP
 def test_app_records_beyond_the_attribute_limit_go_through_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry.sdk._logs import LogRecordLimits
 
-    from cfk_otel import _core
-    from cfk_otel._logs import OtlpHandler
+    from cfk_otel._core import seam as _core
+    from cfk_otel._logs.handlers import OtlpHandler
     from cfk_otel.testing import OtlpReceiver
 
     limits: dict[str, Any] = {}
@@ -681,7 +687,7 @@ def test_colliding_keys_are_prefixed_in_the_otlp_record_too() -> None:
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 
-    from cfk_otel._logs import OtlpHandler
+    from cfk_otel._logs.handlers import OtlpHandler
 
     provider = LoggerProvider()
     memory = InMemoryLogRecordExporter()
@@ -710,7 +716,7 @@ def test_colliding_keys_are_prefixed_in_the_otlp_record_too() -> None:
 @pytest.fixture
 def warnings_seen(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The once-only misuse warnings (logger "cfk_otel"), each test starting afresh."""
-    from cfk_otel import _logs
+    from cfk_otel._logs import api as _logs
 
     monkeypatch.setattr(_logs, "_misused", set())
     seen: list[str] = []
@@ -840,7 +846,7 @@ def test_pretty_escapes_control_characters_everywhere(settings: Settings) -> Non
 def test_pretty_colours_only_a_terminal_and_honours_no_color_and_force_color(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cfk_otel._logs import colour_wanted
+    from cfk_otel._logs.render import colour_wanted
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -913,7 +919,7 @@ def test_long_context_values_are_cut_with_a_marker(capture: Capture) -> None:
 
 
 def test_a_line_over_the_byte_ceiling_is_fitted_within_it(capture: Capture) -> None:
-    from cfk_otel._logs import LINE_MAX_BYTES
+    from cfk_otel._logs.render import LINE_MAX_BYTES
 
     log = get_logger(capture.std.name)
     log.info("nested", {"nested": {"a": "é" * 1_000_000}, "small": 1})
@@ -939,8 +945,8 @@ def test_a_line_over_the_byte_ceiling_is_fitted_within_it(capture: Capture) -> N
 def test_the_request_lines_path_is_cut_at_the_log_limit(settings: Settings) -> None:
     from opentelemetry.trace import INVALID_SPAN_CONTEXT
 
-    from cfk_otel._asgi import RequestInfo
-    from cfk_otel._logs import request_observer
+    from cfk_otel._asgi.middleware import RequestInfo
+    from cfk_otel._logs.requests import request_observer
 
     c = Capture("cfk_otel.requests", JsonFormatter(settings))
     try:
@@ -958,7 +964,7 @@ def test_the_request_lines_path_is_cut_at_the_log_limit(settings: Settings) -> N
 
 def test_an_otlp_record_over_the_ceiling_is_fitted_within_it() -> None:
     """Issue 20: a record's attributes stay within 64 KiB in UTF-8, whatever the context."""
-    from cfk_otel._logs import RECORD_MAX_BYTES, _within_ceiling
+    from cfk_otel._logs.render import RECORD_MAX_BYTES, _within_ceiling
 
     small = {"userId": "u-1", "n": 3, "code.file.path": "/app/x.py"}
     assert _within_ceiling(small) is small  # the usual case: untouched
@@ -973,3 +979,99 @@ def test_an_otlp_record_over_the_ceiling_is_fitted_within_it() -> None:
     assert fitted["exception.stacktrace"] == "Traceback..."
     dropped = fitted.get("cfk_otel.dropped_fields", 0)
     assert len([k for k in fitted if k.startswith("field")]) + dropped == 100
+
+
+# --- issue 22: one call into the core when a request ends -----------------------------------
+
+
+async def _serve_once(app: Any, path: str) -> None:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"user-agent", b"tests")],
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    await app(scope, receive, send)
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_a_request_ends_in_one_call_into_the_core(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], core_calls: Any
+) -> None:
+    """The server span, both request metrics and the request line's OTLP record cross into
+    the core together; the stdout line is written as before, and all of it arrives."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from cfk_otel._asgi.middleware import TelemetryMiddleware
+    from cfk_otel._core import seam as _core
+    from cfk_otel._logs.requests import request_observer
+    from cfk_otel.testing import OtlpReceiver
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    with OtlpReceiver() as receiver:
+        provider, sink = _sink_provider(receiver, monkeypatch)
+        configure_logging(settings, provider, sink)
+        tracer_provider = TracerProvider()
+        _core.activate(_core.Choice(True, ""), tracer_provider)
+        try:
+            observer = request_observer(settings)
+            assert observer is not None
+            app = TelemetryMiddleware(
+                Starlette(routes=[Route("/hello/{n}", hello)]),
+                tracer_provider=tracer_provider,
+                meter_provider=MeterProvider(),
+                observers=[observer],
+            )
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(_serve_once(app, "/hello/1"))  # the first makes the exporters
+            with core_calls.watch() as calls:
+                loop.run_until_complete(_serve_once(app, "/hello/2"))
+            loop.close()
+            assert calls == ["end_request"]
+            assert [json.loads(line)["path"] for line in capsys.readouterr().out.splitlines()] == [
+                "/hello/1",
+                "/hello/2",
+            ]
+            _flush(provider)
+            assert receiver.wait_for(lambda: len(receiver.spans) == 2 and len(receiver.logs) == 2)
+            spans = {s.attributes["url.path"]: s for s in receiver.spans}
+            assert spans["/hello/2"].name == "GET /hello/{n}"
+            assert spans["/hello/2"].attributes["http.response.status_code"] == 200
+            [line] = [log for log in receiver.logs if log.attributes["path"] == "/hello/2"]
+            assert line.scope == "cfk_otel.requests"
+            assert line.record.span_id == spans["/hello/2"].span.span_id
+            assert line.attributes["route"] == "/hello/{n}"
+            [(labels, _, _, count, _, _)] = app.metrics.http_request_duration.family.rows()  # type: ignore[union-attr]
+            assert (labels, count) == (["GET", "/hello/{n}"], 2)
+            assert app.metrics.http_requests.values() == [(("GET", "/hello/{n}", "200"), 2.0)]
+            # The exemplar's ids travelled in the same call: the second request's are in its bucket.
+            [(_, exemplars)] = app.metrics.http_request_duration.family.exemplars()  # type: ignore[union-attr]
+            ids = (
+                int(spans["/hello/2"].span.trace_id.hex(), 16),
+                int(spans["/hello/2"].span.span_id.hex(), 16),
+            )
+            assert ids in {(t, s) for _, t, s, _, _ in exemplars}
+        finally:
+            _core.activate(_core.Choice(False, "not set up"))
+            _core.shutdown(1.0)
+            provider.shutdown()

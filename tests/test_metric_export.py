@@ -1,4 +1,4 @@
-"""cfk_otel/_metric_export.py: our metrics joining the SDK's OTLP push through its public exporter."""
+"""cfk_otel/_metrics/export.py: our metrics joining the SDK's OTLP push through its public exporter."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from opentelemetry.sdk.metrics.export import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from cfk_otel import _settings
-from cfk_otel._metric_export import OtlpMetricExporter, in_place_of_otlp, preferred_temporality
-from cfk_otel._metrics import Metrics
+from cfk_otel._metrics.catalogue import Metrics
+from cfk_otel._metrics.export import OtlpMetricExporter, in_place_of_otlp, preferred_temporality
 from cfk_otel.testing import OtlpReceiver
 from tests.conftest import Services, free_port, launch, uvicorn_command
 
@@ -346,7 +346,7 @@ def test_nothing_to_send_sends_nothing_and_the_sdks_own_metrics_only_when_asked(
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from cfk_otel._scrape_reader import SDK_SELF
+    from cfk_otel._metrics.reader import SDK_SELF
 
     capture = Capture()
     exporter = OtlpMetricExporter(inner=capture, source=lambda: ())

@@ -1,4 +1,4 @@
-"""cfk_otel/_metrics.py: the custom-metrics API on an injected meter provider."""
+"""cfk_otel/_metrics/catalogue.py: the custom-metrics API on an injected meter provider."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from cfk_otel._metrics import Metrics
+from cfk_otel._metrics.catalogue import Metrics
 from cfk_otel.testing import MetricsReader
 
 
@@ -212,7 +212,7 @@ def test_wrong_labels_drop_the_measurement_and_name_metric_expected_given(
 
 
 def test_wrong_labels_raise_in_strict_mode(m: Metrics, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cfk_otel._metrics.STRICT", True)
+    monkeypatch.setattr("cfk_otel._metrics.catalogue.STRICT", True)
     c = m.register_counter("jobs", "Jobs", ["kind"])
     with pytest.raises(ValueError, match=r"metric 'jobs': expected labels \['kind'\], given \['kind', 'x'\]"):
         c.inc({"kind": "a", "x": "y"})
@@ -248,7 +248,7 @@ def test_pair_gauges_never_go_below_zero(
 def test_label_sets_beyond_the_limit_share_one_overflow_series(
     m: Metrics, reader: InMemoryMetricReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("cfk_otel._metrics.MAX_SERIES", 3)
+    monkeypatch.setattr("cfk_otel._metrics.catalogue.MAX_SERIES", 3)
     c = m.register_counter("ids", "Per id", ["id"])
     for i in range(10):
         c.inc({"id": str(i)})
@@ -477,7 +477,9 @@ def test_every_metric_is_in_the_first_collection(m: Metrics, reader: InMemoryMet
 
 def test_strict_mode_follows_cfk_otel_strict(monkeypatch: pytest.MonkeyPatch) -> None:
     """_sdk's start-up hands CFK_OTEL_STRICT to the metrics."""
-    from cfk_otel import _metrics, _sdk, _settings
+    from cfk_otel import _settings
+    from cfk_otel._bootstrap import setup as _sdk
+    from cfk_otel._metrics import catalogue as _metrics
 
     monkeypatch.setattr(_metrics, "STRICT", False)
     monkeypatch.setattr(_sdk, "build_attributes", lambda settings: {})

@@ -43,7 +43,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.utils import floatToGoString
 
 from cfk_otel import _native as native
-from cfk_otel._prometheus import ScrapeReader, reader_arguments
+from cfk_otel._metrics.scrape import ScrapeReader, reader_arguments
 from cfk_otel.testing import OtlpReceiver
 
 RESOURCE = {"service.name": "cf-kanban", "service.version": "1.2.3", "deployment.environment": "test"}
@@ -113,7 +113,7 @@ FLAGS = 0x100
 
 
 def hand_over(core: Any, span: ReadableSpan, scope: int) -> None:
-    """What cfk_otel._core does with a finished span of its own: one call."""
+    """What cfk_otel._core.seam does with a finished span of its own: one call."""
     context = span.get_span_context()
     core.record_span(
         scope,

@@ -1,4 +1,4 @@
-"""cfk_otel/_packages.py: the installed OpenTelemetry family, checked as `pip check` would."""
+"""cfk_otel/_bootstrap/packages.py: the installed OpenTelemetry family, checked as `pip check` would."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cfk_otel import _packages
+from cfk_otel._bootstrap import packages as _packages
 
 
 @dataclass
@@ -105,7 +105,7 @@ def test_the_distro_warns_once_from_its_own_thread(
 ) -> None:
     import threading
 
-    from cfk_otel import _distro
+    from cfk_otel._bootstrap import distro as _distro
 
     monkeypatch.setattr(_packages, "report", lambda: "cfk_otel: the installed ... Fix, in one command: pip x")
     before = set(threading.enumerate())

@@ -40,12 +40,18 @@ _SDK = "reimplements an SDK fast path; goes when the native core owns it (issue 
 _ASYNCPG = "asyncpg has no public hook for the query text of a prepared statement (issue 22)"
 _LOGGING = "the standard library keeps the time relativeCreated counts from only in logging._startTime"
 ALLOWED: dict[tuple[str, str], str] = {
-    ("_db.py", "instance._connection"): _ASYNCPG,
-    ("_db.py", "getattr(connection, '_params')"): "asyncpg exposes no public database name or user",
-    ("_db.py", "getattr(connection, '_addr')"): "asyncpg exposes no public peer address",
-    ("_db.py", "getattr(instance, '_reset_query')"): "asyncpg: the pool's reset query, to leave it unspanned",
-    ("_logs.py", "getattr(logging, '_startTime')"): _LOGGING,
-    ("_db.py", "instance._query"): _ASYNCPG,
+    ("_instrumentation/db.py", "instance._connection"): _ASYNCPG,
+    (
+        "_instrumentation/db.py",
+        "getattr(connection, '_params')",
+    ): "asyncpg exposes no public database name or user",
+    ("_instrumentation/db.py", "getattr(connection, '_addr')"): "asyncpg exposes no public peer address",
+    (
+        "_instrumentation/db.py",
+        "getattr(instance, '_reset_query')",
+    ): "asyncpg: the pool's reset query, to leave it unspanned",
+    ("_logs/record.py", "getattr(logging, '_startTime')"): _LOGGING,
+    ("_instrumentation/db.py", "instance._query"): _ASYNCPG,
 }
 
 

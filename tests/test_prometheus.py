@@ -1,4 +1,4 @@
-"""cfk_otel/_prometheus.py: rendering, and summing a worker group's shares."""
+"""cfk_otel/_metrics/scrape.py: rendering, and summing a worker group's shares."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from cfk_otel._metrics import Metrics
-from cfk_otel._prometheus import (
+from cfk_otel._metrics.catalogue import Metrics
+from cfk_otel._metrics.scrape import (
     GROUP_ENV,
     MetricsEndpoint,
     Scrape,

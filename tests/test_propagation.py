@@ -1,4 +1,4 @@
-"""W3C Trace Context as the specification reads it (cfk_otel._propagation, issue 24 point 4).
+"""W3C Trace Context as the specification reads it (cfk_otel._core.propagation, issue 24 point 4).
 
 The four cases the stock propagator gets wrong in the W3C harness, written from the
 specification's text (w3c/trace-context, spec/20-http_request_header_format.md and
@@ -22,7 +22,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cfk_otel import _settings
-from cfk_otel._propagation import W3CTraceContextPropagator, W3CTraceState, install
+from cfk_otel._core.propagation import W3CTraceContextPropagator, W3CTraceState, install
 from tests.conftest import free_port, launch, uvicorn_command
 
 TRACE = "12345678901234567890123456789012"

@@ -1,4 +1,4 @@
-"""cfk_otel/_resource.py."""
+"""cfk_otel/_bootstrap/resource.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cfk_otel._resource import build_attributes, container_id
+from cfk_otel._bootstrap.resource import build_attributes, container_id
 from cfk_otel._settings import load
 
 CID = "a" * 12 + "0123456789abcdef" * 3 + "b" * 4

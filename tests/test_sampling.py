@@ -1,4 +1,4 @@
-"""Sampling that keeps every failed and slow trace whole (cfk_otel._sampling, issue 24)."""
+"""Sampling that keeps every failed and slow trace whole (cfk_otel._core.sampling, issue 24)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
-from cfk_otel import _core, _sampling, _settings
+from cfk_otel import _settings
+from cfk_otel._core import sampling as _sampling
+from cfk_otel._core import seam as _core
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
 from tests.conftest import Services, free_port, launch, uvicorn_command
 

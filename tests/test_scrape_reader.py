@@ -1,4 +1,4 @@
-"""cfk_otel/_scrape_reader.py: our reader of the SDK's metrics for the scrape, held to the SDK's own
+"""cfk_otel/_metrics/reader.py: our reader of the SDK's metrics for the scrape, held to the SDK's own
 Prometheus reader (opentelemetry-exporter-prometheus, the test extra's oracle)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from cfk_otel._prometheus import Scrape
-from cfk_otel._scrape_reader import SdkReader, label_name, metric_name, trace_id_first, unit_suffix
+from cfk_otel._metrics.reader import SdkReader, label_name, metric_name, trace_id_first, unit_suffix
+from cfk_otel._metrics.scrape import Scrape
 from cfk_otel.testing import OtlpReceiver
 from tests.conftest import Services, free_port, launch, uvicorn_command
 

@@ -85,7 +85,7 @@ def test_no_secret_comes_out_of_any_route(tmp_path: Path) -> None:
         finally:
             app.terminate()
         doctor = subprocess.run(
-            [sys.executable, "-m", "cfk_otel._cli", "doctor"],
+            [sys.executable, "-m", "cfk_otel._cli.main", "doctor"],
             check=False,
             env={"PATH": "/usr/bin:/bin", **env},
             capture_output=True,

@@ -1,4 +1,4 @@
-"""cfk_otel/_uncaught.py: exceptions nobody caught become records (and Sentry reports), once."""
+"""cfk_otel/_errors/uncaught.py: exceptions nobody caught become records (and Sentry reports), once."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
-from cfk_otel import _errors, _errors_total, _settings, _uncaught
+from cfk_otel import _settings
+from cfk_otel._errors import api as _errors
+from cfk_otel._errors import total as _errors_total
+from cfk_otel._errors import uncaught as _uncaught
 from cfk_otel.testing import SentryReceiver
 from tests.conftest import ROOT
 
@@ -270,7 +273,7 @@ def test_a_process_that_crashes_writes_only_json(tmp_path: Any) -> None:
 
 @pytest.mark.usefixtures("hooks")
 def test_telemetry_shutdown_puts_the_hooks_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cfk_otel import _sdk
+    from cfk_otel._bootstrap import setup as _sdk
     from cfk_otel._state import State
 
     monkeypatch.setattr(_sdk, "STATE", State(started=True))

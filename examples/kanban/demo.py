@@ -296,6 +296,8 @@ def start_collector(stack: Stack, ports: Ports) -> Process:
         CFK_PROMETHEUS_ENDPOINT=f"127.0.0.1:{ports.exporter}",
         CFK_STORAGE_DIR=str(stack.tmp / "collector-storage"),
         CFK_BATCH_TIMEOUT="200ms",
+        # Every span in its log, so the summary can show the trace an exemplar leads to.
+        CFK_DEBUG_VERBOSITY="detailed",
     )
     built = ROOT / "collector" / "bin" / "otelcol-cfk"
     if os.access(built, os.X_OK):  # `make collector` linked it; otherwise run asks build.sh
@@ -338,6 +340,7 @@ def start_prometheus(stack: Stack, ports: Ports) -> Process | None:
             f"--config.file={config}",
             f"--storage.tsdb.path={stack.tmp / 'prometheus-data'}",
             f"--web.listen-address=127.0.0.1:{ports.prometheus}",
+            "--enable-feature=exemplar-storage",  # the app's OpenMetrics exemplars
         ],
         clean_env(),
     )
@@ -560,6 +563,90 @@ def print_prometheus(ports: Ports, served: int) -> bool:
     return scraped == via_collector == served
 
 
+# One span as the collector's debug exporter prints it (verbosity detailed).
+COLLECTOR_SPAN = re.compile(
+    r"Trace ID\s*: ([0-9a-f]{32})\s+Parent ID\s*: ([0-9a-f]*)\s+ID\s*: ([0-9a-f]{16})\s+"
+    r"Name\s*: ([^\n]*)\s+Kind\s*: (\w+)"
+)
+EXEMPLAR = re.compile(
+    r"^http_request_duration_seconds_bucket\{(.*)\} \S+"
+    r' # \{trace_id="([0-9a-f]{32})",span_id="([0-9a-f]{16})"\} (\S+)',
+    re.M,
+)
+
+
+def slowest_exemplar(ports: Ports, prom: bool, since: float) -> tuple[str, str, str, float] | None:
+    """The exemplar of the slowest request's bucket: (where from and its series, trace id,
+    span id, seconds), from Prometheus' exemplar storage, or the app's OpenMetrics scrape."""
+    found: list[tuple[str, str, str, float]] = []
+
+    def from_prometheus() -> bool:
+        query = urllib.parse.urlencode(
+            {
+                "query": f"http_request_duration_seconds_bucket{{{app_series(ports)}}}",
+                "start": f"{since:.3f}",
+                "end": f"{time.time() + 1:.3f}",
+            }
+        )
+        _, data = http(f"http://127.0.0.1:{ports.prometheus}/api/v1/query_exemplars?{query}")
+        for series in (data or {}).get("data") or []:
+            labels = series["seriesLabels"]
+            where = f'{{method="{labels.get("method")}",path="{labels.get("path")}",le="{labels.get("le")}"}}'
+            for exemplar in series["exemplars"]:
+                ids = exemplar["labels"]
+                found.append((where, ids["trace_id"], ids["span_id"], float(exemplar["value"])))
+        return bool(found)
+
+    if prom:
+        wait_until(from_prometheus, timeout=10, interval=0.5)
+        source = "Prometheus /api/v1/query_exemplars"
+    else:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{ports.app}/api/metrics", headers={"Accept": "application/openmetrics-text"}
+        )
+        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+            found = [(f"{{{m[1]}}}", m[2], m[3], float(m[4])) for m in EXEMPLAR.finditer(text)]
+        source = "the app's OpenMetrics scrape"
+    if not found:
+        return None
+    where, trace_id, span_id, seconds = max(found, key=lambda e: e[3])
+    return f"{source}: http_request_duration_seconds_bucket{where}", trace_id, span_id, seconds
+
+
+def print_exemplar(ports: Ports, prom: bool, collector: Process, since: float) -> bool:
+    """One exemplar and the trace it leads to, its spans as the collector delivered them."""
+    exemplar = slowest_exemplar(ports, prom, since)
+    if exemplar is None:
+        print("exemplar: none found")
+        return False
+    where, trace_id, span_id, seconds = exemplar
+    print(f"exemplar ({where}): {seconds:.4f} s, trace {trace_id} span {span_id}")
+    spans: dict[str, tuple[str, str, str]] = {}  # span id -> (parent id, name, kind)
+
+    def delivered() -> bool:
+        text = collector.log.read_text(errors="replace")
+        for found in COLLECTOR_SPAN.finditer(text):
+            if found[1] == trace_id:
+                spans[found[3]] = (found[2], found[4].strip(), found[5])
+        return span_id in spans
+
+    wait_until(delivered, timeout=10, interval=0.5)
+    if span_id not in spans:
+        print(f"  trace {trace_id}: not in the collector's output")
+        return False
+    print(f"  the trace it leads to, as the collector delivered it ({len(spans)} spans):")
+
+    def show(parent: str, depth: int) -> None:
+        for child, (above, name, kind) in sorted(spans.items(), key=lambda item: item[1][1]):
+            if above == parent:
+                print(f"    {'  ' * depth}{name} ({kind})")
+                show(child, depth + 1)
+
+    show(spans[span_id][0], 0)  # from the exemplar's span: the request's server span
+    return True
+
+
 def summary(
     ports: Ports,
     board: str,
@@ -568,6 +655,7 @@ def summary(
     collector: Process,
     app: Process,
     prom: bool,
+    since: float = 0.0,
 ) -> bool:
     """Print what the run did and where it can be seen; False when telemetry is missing."""
     base = f"http://127.0.0.1:{ports.app}"
@@ -602,6 +690,7 @@ def summary(
 
     if prom:
         ok &= print_prometheus(ports, served)
+    ok &= print_exemplar(ports, prom, collector, since)
     print("a few of the app's JSON log lines (stdout):")
     wanted = (
         "User created ticket",
@@ -682,8 +771,9 @@ def main() -> int:
             run = uuid.uuid4().hex[:6]
             board = f"demo-{run}"
             say(f"driving traffic on board {board}")
+            since = time.time() - 1
             traffic, listener = drive(f"http://127.0.0.1:{ports.app}", run)
-            ok = summary(ports, board, traffic, listener, collector, app, prometheus is not None)
+            ok = summary(ports, board, traffic, listener, collector, app, prometheus is not None, since)
             print(f"logs of this run: {tmp}/{{app,collector,prometheus}}.log (removed on exit)")
             if not ok:
                 say("some telemetry did not arrive; see the logs above")

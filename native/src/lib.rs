@@ -6,6 +6,7 @@ mod export;
 mod metrics;
 mod otlp;
 mod proto;
+mod request;
 mod value;
 
 use pyo3::prelude::*;
@@ -19,5 +20,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(metrics::render, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::record_request, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::float_to_go_string, m)?)?;
+    m.add_function(wrap_pyfunction!(request::end_request, m)?)?;
+    m.add_function(wrap_pyfunction!(request::end_call, m)?)?;
     Ok(())
 }

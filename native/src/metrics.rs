@@ -5,14 +5,15 @@
 //! line order, so a scrape reads the same on both paths. `tests/test_native.py` compares them.
 
 use crate::proto::{
-    AnyValue, Histogram, HistogramDataPoint, KeyValue, Metric, MetricData, NumberDataPoint, Sum, Value,
-    CUMULATIVE,
+    AnyValue, Exemplar as OtlpExemplar, Histogram, HistogramDataPoint, KeyValue, Metric, MetricData,
+    NumberDataPoint, Sum, Value, CUMULATIVE,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The label value of the series that label sets past a family's `max_series` share.
 const OVERFLOW: &str = "overflow";
@@ -120,19 +121,67 @@ fn escape_help(value: &str, openmetrics: bool) -> String {
     }
 }
 
+/// One measurement with the trace it was taken in: the latest of its bucket.
+#[derive(Clone, Copy)]
+struct Exemplar {
+    trace_id: u128,
+    span_id: u64,
+    value: f64,
+    /// Wall-clock time, unix nanoseconds.
+    time: u64,
+}
+
+impl Exemplar {
+    /// ` # {trace_id="...",span_id="..."} value seconds.millis`: OpenMetrics' exemplar on a
+    /// `_bucket` line, in the form the SDK path's text writes too.
+    fn write_openmetrics(&self, out: &mut String) {
+        let millis = self.time / 1_000_000;
+        let _ = write!(
+            out,
+            " # {{trace_id=\"{:032x}\",span_id=\"{:016x}\"}} {} {}.{:03}",
+            self.trace_id,
+            self.span_id,
+            go_string(self.value),
+            millis / 1000,
+            millis % 1000
+        );
+    }
+
+    fn to_otlp(self) -> OtlpExemplar {
+        OtlpExemplar {
+            filtered_attributes: Vec::new(),
+            time_unix_nano: self.time,
+            as_double: Some(self.value),
+            span_id: self.span_id.to_be_bytes().to_vec(),
+            trace_id: self.trace_id.to_be_bytes().to_vec(),
+        }
+    }
+}
+
+/// An exemplar's ids, when the caller passed a kept span's (0 is no id in W3C Trace Context).
+fn exemplar_ids(trace_id: u128, span_id: u64) -> Option<(u128, u64)> {
+    (trace_id != 0 && span_id != 0).then_some((trace_id, span_id))
+}
+
+fn now_unix_nano() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+}
+
 #[derive(Clone)]
 enum Series {
     /// A counter's total or a gauge's level.
     Counter(f64),
-    /// Exemplars (issue 24) belong here: one optional (trace id, span id, value, time) slot per
-    /// bucket beside `counts`, written by `observe` when the caller passes a kept span's ids,
-    /// read by the OpenMetrics text and `to_otlp`.
+    /// `exemplars` is empty until the first exemplar, then one slot per bucket (the latest
+    /// measurement of a kept trace in that bucket): memory bounded by the bucket count.
     Histogram {
         counts: Vec<u64>,
         sum: f64,
         count: u64,
         min: f64,
         max: f64,
+        exemplars: Vec<Option<Exemplar>>,
     },
 }
 
@@ -198,6 +247,7 @@ impl Family {
                         count: 0,
                         min: f64::INFINITY,
                         max: f64::NEG_INFINITY,
+                        exemplars: Vec::new(),
                     }
                 } else {
                     Series::Counter(0.0)
@@ -274,7 +324,11 @@ impl Family {
                     let _ = writeln!(out, " {}", go_string(*total));
                 }
                 Series::Histogram {
-                    counts, sum, count, ..
+                    counts,
+                    sum,
+                    count,
+                    exemplars,
+                    ..
                 } => {
                     let mut cumulative = 0u64;
                     for (i, n) in counts.iter().enumerate() {
@@ -282,7 +336,12 @@ impl Family {
                         let le = self.bound_labels.get(i).map_or("+Inf", String::as_str);
                         let _ = write!(out, "{}_bucket", self.name);
                         self.labels(values, Some(le), out);
-                        let _ = writeln!(out, " {}", go_string(cumulative as f64));
+                        let _ = write!(out, " {}", go_string(cumulative as f64));
+                        // The Prometheus text format has no exemplars: OpenMetrics only.
+                        if let Some(Some(exemplar)) = exemplars.get(i).filter(|_| openmetrics) {
+                            exemplar.write_openmetrics(out);
+                        }
+                        out.push('\n');
                     }
                     let _ = write!(out, "{}_count", self.name);
                     self.labels(values, None, out);
@@ -328,6 +387,7 @@ impl Family {
                             count,
                             min,
                             max,
+                            exemplars,
                         } => Some(HistogramDataPoint {
                             attributes: attributes(values),
                             start_time_unix_nano: start,
@@ -339,6 +399,7 @@ impl Family {
                             flags: 0,
                             min: Some(*min),
                             max: Some(*max),
+                            exemplars: exemplars.iter().flatten().map(|e| e.to_otlp()).collect(),
                         }),
                         Series::Counter(_) => None,
                     })
@@ -437,7 +498,7 @@ impl Family {
 
     /// Adds `value` to a counter's or a gauge's series; True when a new label set went to the
     /// overflow series.
-    fn add(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
+    pub(crate) fn add(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
         let ((), overflowed) = self.update(labels, |series| {
             if let Series::Counter(total) = series {
                 *total += value;
@@ -489,8 +550,25 @@ impl Family {
 
     /// Records `value` in a histogram's series: its bucket is the first bound >= value. True
     /// when a new label set went to the overflow series.
-    fn observe(&self, labels: Vec<String>, value: f64) -> PyResult<bool> {
+    ///
+    /// `trace_id` and `span_id` (both non-zero) make the measurement its bucket's exemplar,
+    /// in place of the one before: pass them only for a span whose trace is exported.
+    #[pyo3(signature = (labels, value, trace_id=0, span_id=0))]
+    pub(crate) fn observe(
+        &self,
+        labels: Vec<String>,
+        value: f64,
+        trace_id: u128,
+        span_id: u64,
+    ) -> PyResult<bool> {
         let bucket = self.bounds.partition_point(|bound| *bound < value);
+        let exemplar = exemplar_ids(trace_id, span_id).map(|(trace_id, span_id)| Exemplar {
+            trace_id,
+            span_id,
+            value,
+            time: now_unix_nano(),
+        });
+        let buckets = self.bounds.len() + 1;
         let ((), overflowed) = self.update(labels, |series| {
             if let Series::Histogram {
                 counts,
@@ -498,6 +576,7 @@ impl Family {
                 count,
                 min,
                 max,
+                exemplars,
             } = series
             {
                 counts[bucket] += 1;
@@ -505,6 +584,12 @@ impl Family {
                 *count += 1;
                 *min = min.min(value);
                 *max = max.max(value);
+                if exemplar.is_some() {
+                    if exemplars.is_empty() {
+                        exemplars.resize(buckets, None); // once per series
+                    }
+                    exemplars[bucket] = exemplar;
+                }
             }
         })?;
         Ok(overflowed)
@@ -543,8 +628,34 @@ impl Family {
                     count,
                     min,
                     max,
+                    ..
                 } => Some((labels.clone(), counts.clone(), *sum, *count, *min, *max)),
                 Series::Counter(_) => None,
+            })
+            .collect()
+    }
+
+    /// A histogram's exemplars: per series that has any, (label values, [(bucket index,
+    /// trace id, span id, value, unix nanoseconds)]), in the order the series were made.
+    #[allow(clippy::type_complexity)]
+    fn exemplars(&self) -> Vec<(Vec<String>, Vec<(usize, u128, u64, f64, u64)>)> {
+        let table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        table
+            .rows
+            .iter()
+            .filter_map(|(labels, series)| match series {
+                Series::Histogram { exemplars, .. } if !exemplars.is_empty() => Some((
+                    labels.clone(),
+                    exemplars
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, e)| e.map(|e| (i, e.trace_id, e.span_id, e.value, e.time)))
+                        .collect(),
+                )),
+                _ => None,
             })
             .collect()
     }
@@ -575,9 +686,12 @@ pub fn float_to_go_string(value: f64) -> String {
 }
 
 /// The end of one request in one call: `http_requests_total{method,path,status}` counted and
-/// `http_request_duration_seconds{method,path}` observed. Returns whether either folded a new
-/// label set into its overflow series.
+/// `http_request_duration_seconds{method,path}` observed, with the server span's ids as the
+/// bucket's exemplar when they are given (non-zero: its trace is exported). Returns whether
+/// either folded a new label set into its overflow series.
 #[pyfunction]
+#[pyo3(signature = (requests, duration, method, route, status, seconds, trace_id=0, span_id=0))]
+#[allow(clippy::too_many_arguments)]
 pub fn record_request(
     requests: PyRef<'_, Family>,
     duration: PyRef<'_, Family>,
@@ -585,8 +699,27 @@ pub fn record_request(
     route: String,
     status: String,
     seconds: f64,
+    trace_id: u128,
+    span_id: u64,
+) -> PyResult<(bool, bool)> {
+    record_request_in(
+        &requests, &duration, method, route, status, seconds, trace_id, span_id,
+    )
+}
+
+/// What `record_request` does, for the core's own callers (`request.rs`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_request_in(
+    requests: &Family,
+    duration: &Family,
+    method: String,
+    route: String,
+    status: String,
+    seconds: f64,
+    trace_id: u128,
+    span_id: u64,
 ) -> PyResult<(bool, bool)> {
     let counted = requests.add(vec![method.clone(), route.clone(), status], 1.0)?;
-    let observed = duration.observe(vec![method, route], seconds)?;
+    let observed = duration.observe(vec![method, route], seconds, trace_id, span_id)?;
     Ok((counted, observed))
 }

@@ -2,9 +2,10 @@
 //! export.
 
 use prost::Message;
+use pyo3::conversion::FromPyObjectOwned;
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -159,7 +160,72 @@ pub struct OtlpExporter {
 /// Scopes an exporter names at most: a log record's scope is its `logging` logger's name.
 const MAX_SCOPES: usize = 256;
 
+/// Item `index` of an argument tuple.
+fn at<'py, T: FromPyObjectOwned<'py>>(args: &Bound<'py, PyTuple>, index: usize) -> PyResult<T> {
+    args.get_item(index)?.extract::<T>().map_err(Into::into)
+}
+
+fn arity(args: &Bound<'_, PyTuple>, method: &str, count: usize) -> PyResult<()> {
+    if args.len() == count {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(format!(
+            "{method} takes {count} arguments, got {}",
+            args.len()
+        )))
+    }
+}
+
 impl OtlpExporter {
+    /// `record_span` with its sixteen positional arguments in one tuple: how a span ended
+    /// together with other work (see `request.rs`) is handed over.
+    pub(crate) fn record_span_args(&self, args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        arity(args, "record_span", 16)?;
+        let attributes = args.get_item(10)?;
+        let events = args.get_item(11)?;
+        let events = if events.is_none() {
+            None
+        } else {
+            Some(events.cast::<PyList>()?.clone())
+        };
+        self.record_span(
+            at(args, 0)?,
+            at(args, 1)?,
+            at(args, 2)?,
+            at(args, 3)?,
+            at(args, 4)?,
+            at(args, 5)?,
+            at(args, 6)?,
+            at(args, 7)?,
+            at(args, 8)?,
+            at(args, 9)?,
+            attributes.cast::<PyDict>()?,
+            events.as_ref(),
+            at(args, 12)?,
+            at(args, 13)?,
+            at(args, 14)?,
+            at(args, 15)?,
+        )
+    }
+
+    /// `record_log` with its first ten positional arguments in one tuple (no event name).
+    pub(crate) fn record_log_args(&self, args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        arity(args, "record_log", 10)?;
+        self.record_log(
+            at(args, 0)?,
+            at(args, 1)?,
+            at(args, 2)?,
+            at(args, 3)?,
+            at(args, 4)?,
+            &args.get_item(5)?,
+            args.get_item(6)?.cast::<PyDict>()?,
+            at(args, 7)?,
+            at(args, 8)?,
+            at(args, 9)?,
+            String::new(),
+        )
+    }
+
     fn check(&self, signal: Signal, scope: usize) -> PyResult<()> {
         if signal != self.signal {
             return Err(PyValueError::new_err(format!(

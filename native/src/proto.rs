@@ -302,4 +302,22 @@ pub struct HistogramDataPoint {
     pub min: Option<f64>,
     #[prost(double, optional, tag = "12")]
     pub max: Option<f64>,
+    #[prost(message, repeated, tag = "8")]
+    pub exemplars: Vec<Exemplar>,
+}
+
+/// One measurement kept with its trace (`as_double` stands for the `value` oneof, whose
+/// other member, `as_int`, the core never writes).
+#[derive(Clone, PartialEq, Message)]
+pub struct Exemplar {
+    #[prost(message, repeated, tag = "7")]
+    pub filtered_attributes: Vec<KeyValue>,
+    #[prost(fixed64, tag = "2")]
+    pub time_unix_nano: u64,
+    #[prost(double, optional, tag = "3")]
+    pub as_double: Option<f64>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub span_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub trace_id: Vec<u8>,
 }

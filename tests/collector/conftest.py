@@ -257,8 +257,9 @@ class Prometheus:
         return list(data["data"]["result"])
 
 
-def launch_prometheus(tmp_path: Path, config: str) -> Prometheus:
-    """A real Prometheus on 127.0.0.1 with ``config`` (YAML text) and a tmp data dir, once ready."""
+def launch_prometheus(tmp_path: Path, config: str, *flags: str) -> Prometheus:
+    """A real Prometheus on 127.0.0.1 with ``config`` (YAML text) and a tmp data dir, once
+    ready; ``flags`` are added to its command line (``--enable-feature=...``)."""
     port = free_port()
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(config)
@@ -270,6 +271,7 @@ def launch_prometheus(tmp_path: Path, config: str) -> Prometheus:
                 f"--config.file={config_path}",
                 f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
+                *flags,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

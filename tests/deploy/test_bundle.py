@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cfk_otel import _deploy_files
-from cfk_otel._cli import main
+from cfk_otel._cli import deploy_files as _deploy_files
+from cfk_otel._cli.main import main
 from tests.conftest import ROOT
 from tests.deploy.conftest import run, tool
 
@@ -150,7 +150,7 @@ def test_the_wheel_carries_the_bundle(wheel: Path, tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith(("deploy/", "docs/", "collector/"))]  # nothing loose
     target = tmp_path / "ops"
     script = (
-        "import sys, cfk_otel; from cfk_otel._cli import main\n"
+        "import sys, cfk_otel; from cfk_otel._cli.main import main\n"
         f"assert cfk_otel.__file__.startswith({str(unpacked)!r}), cfk_otel.__file__\n"
         f"sys.exit(main(['deploy-files', {str(target)!r}]))\n"
     )

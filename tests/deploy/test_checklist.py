@@ -1,4 +1,4 @@
-"""cfk_otel/_checklist.py: the document's production checklist, from settings alone."""
+"""cfk_otel/_cli/checklist.py: the document's production checklist, from settings alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-from cfk_otel import _checklist, _live, _settings
+from cfk_otel import _settings
+from cfk_otel._cli import checklist as _checklist
+from cfk_otel._cli import live as _live
 from tests.conftest import ROOT, unavailable
 from tests.deploy.conftest import RUNBOOKS, anchors
 

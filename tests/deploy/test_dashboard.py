@@ -133,6 +133,31 @@ def test_the_documents_example_panels_as_written() -> None:
     assert "http_requests_total" in errors["expr"]
 
 
+# The latency panels, whose histograms carry exemplars (issue 24): Grafana shows them as
+# points that open the trace. Not the gauge, the table or the slow-query count (its
+# exemplars would be those of the fast buckets).
+EXEMPLAR_PANELS = {"Response time (p50, p95, p99)", "Endpoint latency heatmap", "Query latency (p95)"}
+WITH_EXEMPLARS = (
+    "http_request_duration_seconds_bucket",
+    "database_query_duration_seconds_bucket",
+    "redis_operation_duration_seconds_bucket",
+)
+
+
+def test_the_latency_panels_show_exemplars() -> None:
+    shown = set()
+    for row in panels_by_row().values():
+        for panel in row:
+            for target in panel["targets"]:
+                if target.get("exemplar"):
+                    assert panel["type"] in ("timeseries", "heatmap"), panel["title"]
+                    assert any(name in target["expr"] for name in WITH_EXEMPLARS), panel["title"]
+                    shown.add(panel["title"])
+                elif panel["title"] in EXEMPLAR_PANELS:
+                    raise AssertionError(f"{panel['title']}: target {target['refId']} without exemplars")
+    assert shown == EXEMPLAR_PANELS
+
+
 def test_app_queries_read_one_job_only() -> None:
     """App metrics are filtered by $job: the collector path must never be added in."""
     app_metrics = (

@@ -83,6 +83,21 @@ def check_summary(out: str, port: int) -> None:
         out,
     ), out
 
+    # One exemplar (issue 24): Prometheus stored it, and it leads to the request's trace as
+    # the collector delivered it, its server span first, named after the exemplar's series.
+    exemplar = re.search(
+        r"^exemplar \(Prometheus /api/v1/query_exemplars: http_request_duration_seconds_bucket"
+        r'\{method="(\w+)",path="(\S+)",le="\S+"\}\): [\d.]+ s, trace [0-9a-f]{32} span [0-9a-f]{16}\n'
+        r"  the trace it leads to, as the collector delivered it \((\d+) spans\):\n"
+        r"    (.+) \(Server\)$",
+        out,
+        re.M,
+    )
+    assert exemplar, out
+    method, path, count, root = exemplar.groups()
+    assert root == f"{method} {path}", out
+    assert int(count) >= 1
+
     logs_at = out.index("a few of the app's JSON log lines")
     lines = [json.loads(line) for line in out[logs_at:].splitlines()[1:6]]
     assert [line["message"] for line in lines][:4] == [

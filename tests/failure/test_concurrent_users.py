@@ -94,6 +94,13 @@ def test_each_request_keeps_its_own_user_and_trace(run_app: StartApp, receiver: 
         if line["message"] in MESSAGES and str(line.get("userId", "")).startswith("u"):
             by_user.setdefault(line["userId"], []).append(line)
     assert set(by_user) == set(users)
+    # Every request has its request line (if one is missing, show what the app said about it).
+    missing = [u for u in users if f"/users/{u}" not in request_trace]
+    assert not missing, (
+        missing[:3],
+        [x for x in lines if missing[0] in json.dumps(x) and x["message"] not in MESSAGES][:5],
+        [x for x in app.output().splitlines() if not x.startswith("{")][:10],
+    )
     for user, mine in by_user.items():
         assert sorted(x["message"] for x in mine) == sorted(MESSAGES), (user, mine)
         assert {x["trace_id"] for x in mine} == {trace[user]} == {request_trace[f"/users/{user}"]}, mine

@@ -1,4 +1,5 @@
-"""cfk_otel/_db.py against a real PostgreSQL: a pool's own reset query is not the app's work."""
+"""cfk_otel/_instrumentation/db.py against a real PostgreSQL: a pool's own reset query is
+not the app's work."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.conftest import IN_MEMORY_PROVIDERS, ROOT, Services
 SCRIPT = IN_MEMORY_PROVIDERS + textwrap.dedent(
     """
     import asyncio, json, os
-    from cfk_otel._db import AsyncpgInstrumentor
+    from cfk_otel._instrumentation.db import AsyncpgInstrumentor
     import asyncpg
 
     AsyncpgInstrumentor().instrument()

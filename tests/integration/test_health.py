@@ -17,7 +17,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from cfk_otel import _health, _settings
+from cfk_otel import _settings
+from cfk_otel._health import registry as _health
 from tests.conftest import Services, free_port
 from tests.test_health import Response, call
 

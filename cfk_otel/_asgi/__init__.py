@@ -1,0 +1,1 @@
+"""The ASGI side: the middleware, route templates, and the one response writer for our endpoints."""

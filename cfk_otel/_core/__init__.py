@@ -1,0 +1,1 @@
+"""The seam: the compiled core when present, the stock OpenTelemetry SDK through its public APIs otherwise."""

@@ -1,0 +1,1 @@
+"""Health: the check registry, the dependency checks and the probe endpoints."""

@@ -1,0 +1,1 @@
+"""Our instrumentations: uvicorn and gunicorn logging, asyncpg and redis client spans."""
