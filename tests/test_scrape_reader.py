@@ -258,3 +258,24 @@ def test_an_apps_exemplars_name_exported_spans(tmp_path: Path, services: Service
             assert b" # {" not in app.get("/api/metrics")[2]  # the Prometheus text: none
         finally:
             app.terminate()
+
+
+def test_the_sdk_paths_histograms_take_the_ids_they_are_given_and_no_others() -> None:
+    """cfk_otel's histograms on the SDK path: the exemplar names the ids given (a request's
+    span, which has left the context by then); without ids, none, even inside a sampled span
+    (the native path's rule: only a trace known to be exported)."""
+    from cfk_otel._metrics.catalogue import Metrics
+
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[SdkReader(registry)])
+    m = Metrics(provider, native=False)
+    with TracerProvider().get_tracer("t").start_as_current_span("ambient"):
+        m.http_request_duration.record_by_key(("GET", "/x"), 0.0421)
+    assert " # {" not in openmetrics_text(registry)
+    m.http_request_duration.record_by_key(("GET", "/x"), 0.0421, 0xABC, 0xDEF)
+    family = next(
+        f for f in openmetrics_families(openmetrics_text(registry)) if f.name.startswith("http_request")
+    )
+    shown = [(s.labels["le"], s.exemplar.labels) for s in family.samples if s.exemplar]
+    assert shown == [("0.05", {"trace_id": f"{0xABC:032x}", "span_id": f"{0xDEF:016x}"})]
+    provider.shutdown()

@@ -443,8 +443,9 @@ class Histogram(_Metric):
         ]
 
 
-# No span: without ids, no exemplar (the SDK would take the current span's, exported or not).
-_NO_EXEMPLAR: Final = Context()
+# Without ids, no exemplar: the SDK would take the current span's, exported or not. (Not an
+# empty Context: the SDK takes an empty one, which is falsy, for "the current context".)
+_NO_EXEMPLAR: Final = trace.set_span_in_context(trace.INVALID_SPAN)
 
 
 def _exemplar_context(trace_id: int, span_id: int) -> Context:
