@@ -27,7 +27,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from cfk_otel._asgi.middleware import ASGIApp
 from cfk_otel._metrics.catalogue import MAX_SERIES, Metrics
-from cfk_otel._metrics.scrape import MetricsEndpoint, Scrape, reader_arguments
+from cfk_otel._metrics.scrape import MetricsEndpoint, Scrape
 
 from .conftest import Exchange, cfk_meter_provider, describe
 
@@ -121,8 +121,8 @@ def test_scrape_upstream(
 def test_scrape_upstream_like_ours(
     benchmark: BenchmarkFixture, loop: asyncio.AbstractEventLoop, resource: Resource
 ) -> None:
-    options = {k: v for k, v in reader_arguments(CollectorRegistry()).items() if k != "registry"}
-    app, provider = upstream_app(resource, options)
+    # The options that make its text ours: no target_info, no otel_scope_* labels.
+    app, provider = upstream_app(resource, {"disable_target_info": True, "scope_info_enabled": False})
     describe(benchmark, "upstream", "make_asgi_app + PrometheusMetricReader (cfk_otel's reader options)")
     body = benchmark(scrape, loop, app)
     provider.shutdown()

@@ -337,3 +337,23 @@ def test_both_paths_export_and_scrape_the_same_metrics(tmp_path: Any, services: 
     assert by_name["errors_total"][-1]  # the 500 was counted
     assert by_name["active_agents_count"][-1] == []  # declared, no made-up series
     assert set(native_scrape) >= {"http_requests", "http_request_duration_seconds", "active_agents_count"}
+
+
+def test_nothing_to_send_sends_nothing_and_the_sdks_own_metrics_only_when_asked() -> None:
+    """SDK 1.40 and 1.41 record metrics about themselves unasked (scope "opentelemetry-sdk");
+    the push leaves them out there, as the SDK does from 1.42. With nothing left, no request."""
+    from opentelemetry.sdk.metrics.export import Metric, ResourceMetrics, ScopeMetrics, Sum
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from cfk_otel._metrics.reader import SDK_SELF
+
+    capture = Capture()
+    exporter = OtlpMetricExporter(inner=capture, source=lambda: ())
+    own = Metric("otel.sdk.span.live", "", "{span}", Sum([], CUMULATIVE, False))
+    scope = ScopeMetrics(InstrumentationScope("opentelemetry-sdk"), [own], "")
+    data = MetricsData([ResourceMetrics(Resource.create(), [scope], "")])
+    assert exporter.export(data) is MetricExportResult.SUCCESS
+    assert len(capture.exports) == (0 if SDK_SELF else 1)
+    assert exporter.export(MetricsData([])) is MetricExportResult.SUCCESS
+    assert len(capture.exports) == (0 if SDK_SELF else 1)  # nothing at all: no request

@@ -19,7 +19,6 @@ from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
@@ -44,6 +43,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.utils import floatToGoString
 
 from cfk_otel import _native as native
+from cfk_otel._metrics.scrape import ScrapeReader, reader_arguments
 from cfk_otel.testing import OtlpReceiver
 
 RESOURCE = {"service.name": "cf-kanban", "service.version": "1.2.3", "deployment.environment": "test"}
@@ -301,7 +301,13 @@ def test_log_records_equal_the_sdks(receiver: OtlpReceiver) -> None:
     assert core.force_flush(5.0)
     assert receiver.wait_for(lambda: len(receiver.logs) == len(records))
     want = list(encode_logs(records).resource_logs[0].scope_logs[0].log_records)
-    assert [r.record for r in receiver.logs] == want
+    got = [r.record for r in receiver.logs]
+    # A None body: the core writes an empty value, as later SDK encoders do; 1.40's
+    # leaves the field out. The same record either way (as the collector reads it).
+    if not want[3].HasField("body"):
+        assert got[3].body.ByteSize() == 0
+        got[3].ClearField("body")
+    assert got == want
     with pytest.raises(ValueError, match="sends Logs"):
         core.record_span(0, 1, 2, 0, FLAGS, "", "x", 2, 1, 2, {})
     core.shutdown(1.0)
@@ -360,9 +366,10 @@ def measured_both_ways(reader: Any) -> tuple[MeterProvider, Any, Any]:
 
 
 def test_the_scrape_text_equals_the_sdk_readers() -> None:
-    """The same measurements through the SDK's Prometheus reader and through the core."""
+    """The same measurements through the scrape's SDK reader and through the core (that reader is
+    held to the SDK's own Prometheus reader in tests/test_scrape_reader.py)."""
     registry = CollectorRegistry()
-    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=registry)
+    reader = ScrapeReader(**reader_arguments(registry))
     provider, counter, histogram = measured_both_ways(reader)
 
     assert native.render([counter, histogram]) == generate_latest(registry).decode()

@@ -10,6 +10,7 @@ import threading
 from importlib.metadata import EntryPoint
 from typing import Any, Final
 
+from opentelemetry.instrumentation import auto_instrumentation
 from opentelemetry.instrumentation.dependencies import DependencyConflictError
 from opentelemetry.instrumentation.distro import BaseDistro
 from opentelemetry.instrumentation.environment_variables import (
@@ -82,6 +83,7 @@ class CfkConfigurator(_OTelSDKConfigurator):
 def check_selected() -> None:
     """``opentelemetry_post_instrument`` hook: say so when another distro took over, or
     when the installed OpenTelemetry packages do not fit together."""
+    keep_workers_instrumented()
     check_packages()
     distro, configurator = _sdk.selection()
     if distro and configurator:
@@ -98,6 +100,26 @@ def check_selected() -> None:
     if _sdk.settings().strict:
         _refuse_to_start(message)
     print(message, file=sys.stderr, flush=True)
+
+
+def keep_workers_instrumented() -> None:
+    """Leave ``opentelemetry-instrument``'s directory on ``PYTHONPATH`` once set-up is done.
+
+    The workers ``uvicorn --workers`` spawns are fresh interpreters, instrumented through the
+    ``sitecustomize`` that directory holds. opentelemetry-instrumentation takes it off while
+    it sets up (a subprocess started then must not set up again) and, before 0.63b0, never
+    put it back: the workers ran untraced. This puts it back as 0.63b0 does (which then
+    finds it there); it does nothing when the app did not start through that directory.
+    """
+    site = getattr(sys.modules.get("sitecustomize"), "__file__", None)
+    if site is None:
+        return
+    directory = os.path.dirname(os.path.abspath(auto_instrumentation.__file__))
+    if os.path.dirname(os.path.abspath(site)) != directory:
+        return
+    current = os.environ.get("PYTHONPATH", "")
+    if directory not in current.split(os.pathsep):
+        os.environ["PYTHONPATH"] = directory + os.pathsep + current if current else directory
 
 
 def check_packages() -> None:

@@ -71,10 +71,12 @@ _UNSET: Final = Status(StatusCode.UNSET)
 # OTLP's span flags as the SDK's encoder writes them: "is the parent remote" is known.
 _HAS_IS_REMOTE: Final = 0x100
 _IS_REMOTE: Final = 0x200
+# W3C Trace Context level 2's random-trace-id flag, where the installed API has it (1.42 and
+# later); an older SDK never sets it, and then neither do we: the two paths stay alike.
+_RANDOM: Final = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
 _FLAGS: Final = {
     (sampled, random): TraceFlags(
-        (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
-        | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+        (TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT) | (_RANDOM if random else 0)
     )
     for sampled in (False, True)
     for random in (False, True)
@@ -717,10 +719,10 @@ class Spans:
         if parent_context is None or not parent_context.is_valid:
             parent_context = None
             trace_id = ids.generate_trace_id()
-            random_trace_id = ids.is_trace_id_random()
+            random_trace_id = bool(_RANDOM) and ids.is_trace_id_random()
         else:
             trace_id = parent_context.trace_id
-            random_trace_id = parent_context.trace_flags.random_trace_id
+            random_trace_id = bool(parent_context.trace_flags & _RANDOM)
         result = provider.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
         decision = result.decision
         span_context = SpanContext(

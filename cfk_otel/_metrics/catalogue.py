@@ -33,9 +33,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, overload
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, NumberDataPoint
+from opentelemetry.trace import SpanContext, TraceFlags
 
 from cfk_otel import _settings
 from cfk_otel._core import seam as _seam
@@ -354,10 +356,10 @@ class Histogram(_Metric):
     def record_by_key(self, key: tuple[str, ...], value: float, trace_id: int = 0, span_id: int = 0) -> None:
         """Record into the series whose label values are ``key``, in label order (the hot path).
 
-        ``trace_id`` and ``span_id`` (native path): the measurement becomes its bucket's
-        exemplar; give them only for a span whose trace is exported
-        (:func:`cfk_otel._core.sampling.exemplar_ids`). The SDK path's instrument takes its
-        exemplars from the current span itself.
+        ``trace_id`` and ``span_id``: the measurement becomes its bucket's exemplar; give them
+        only for a span whose trace is exported (:func:`cfk_otel._core.sampling.exemplar_ids`).
+        The SDK path's instrument takes them as the context it records in, and without them
+        records none (a request's span has left the context when its duration is recorded).
         """
         if not value >= 0.0:  # negative or NaN: as the SDK, dropped
             self._misuse("negative", f"records only non-negative numbers, got {value!r}; dropped")
@@ -367,7 +369,8 @@ class Histogram(_Metric):
             if family.observe(key, value, trace_id, span_id):
                 self._overflowed()
             return
-        self._histogram.record(value, self._attributes(key))
+        exemplar = _exemplar_context(trace_id, span_id) if span_id else _NO_EXEMPLAR
+        self._histogram.record(value, self._attributes(key), context=exemplar)
 
     def record_ending(
         self, key: tuple[str, ...], value: float, span: _seam.CoreSpan, trace_id: int = 0, span_id: int = 0
@@ -438,6 +441,18 @@ class Histogram(_Metric):
             )
             for key, counts, total, count, low, high in self._rows()
         ]
+
+
+# Without ids, no exemplar: the SDK would take the current span's, exported or not. (Not an
+# empty Context: the SDK takes an empty one, which is falsy, for "the current context".)
+_NO_EXEMPLAR: Final = trace.set_span_in_context(trace.INVALID_SPAN)
+
+
+def _exemplar_context(trace_id: int, span_id: int) -> Context:
+    """A context whose current span is the exported one of those ids: the SDK's exemplar
+    filter (``trace_based``) and reservoir read the ids and the sampled flag from it."""
+    span = trace.NonRecordingSpan(SpanContext(trace_id, span_id, False, TraceFlags(TraceFlags.SAMPLED)))
+    return trace.set_span_in_context(span)
 
 
 def _family(metric: _Metric, native: bool) -> Family | None:

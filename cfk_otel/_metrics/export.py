@@ -50,6 +50,7 @@ from cfk_otel._guard import guard
 from cfk_otel._version import __version__
 
 from . import catalogue as _metrics
+from .reader import without_sdk_self
 
 _log = logging.getLogger("cfk_otel")
 SCOPE: Final = InstrumentationScope("cfk_otel", __version__)
@@ -228,7 +229,9 @@ class OtlpMetricExporter(MetricExporter):
     ) -> MetricExportResult:
         data = metrics_data
         with _MERGE:
-            data = merged(metrics_data, self._collection.metrics(), self._resource)
+            data = merged(without_sdk_self(metrics_data), self._collection.metrics(), self._resource)
+        if not any(sm.metrics for rm in data.resource_metrics for sm in rm.scope_metrics):
+            return MetricExportResult.SUCCESS  # nothing to send: no request at all
         return self._inner.export(data, timeout_millis=timeout_millis, **kwargs)
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:

@@ -1,9 +1,9 @@
 """``/api/metrics``: the Prometheus scrape endpoint, summed across a process group's workers.
 
 Two sources make one scrape, both through ``prometheus_client``'s public collector
-interface: the SDK's ``PrometheusMetricReader`` (registered through the configurator as
-the ``cfk_prometheus`` metric exporter) translates what SDK instruments record into a
-``prometheus_client`` registry that this module owns, and :class:`DirectCollector` reads
+interface: :class:`ScrapeReader` (our reader of the SDK's metrics, registered through the
+configurator as the ``cfk_prometheus`` metric exporter) translates what SDK instruments
+record into a ``prometheus_client`` registry that this module owns, and :class:`DirectCollector` reads
 the metrics cfk_otel aggregates itself (:mod:`cfk_otel._metrics.catalogue`). With several workers
 (``uvicorn --workers N``, gunicorn), each worker also writes its own exposition to a
 shared directory every :data:`SHARE_INTERVAL` seconds, and whichever worker is scraped
@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -41,6 +40,7 @@ from cfk_otel._core.seam import _native
 from cfk_otel._guard import guard, warn_once
 
 from . import catalogue as _metrics
+from .reader import SdkReader, trace_id_first
 
 _log = logging.getLogger("cfk_otel")
 
@@ -49,14 +49,13 @@ SHARE_INTERVAL: Final = 2.0
 _RENDER: Final = guard("rendering /api/metrics", then="answering 500")
 
 
-class ScrapeReader(PrometheusMetricReader):
-    """The SDK's Prometheus reader, as the ``cfk_prometheus`` metric exporter entry point."""
+class ScrapeReader(SdkReader):
+    """Our reader of the SDK's metrics, as the ``cfk_prometheus`` metric exporter entry point."""
 
 
 def reader_arguments(registry: CollectorRegistry) -> dict[str, Any]:
-    # No target_info metric and no otel_scope_* labels: the scrape shows exactly the
-    # document's names and labels.
-    return {"disable_target_info": True, "scope_info_enabled": False, "registry": registry}
+    """The configurator's arguments for :class:`ScrapeReader`: the registry the scrape reads."""
+    return {"registry": registry}
 
 
 def join_process_group() -> None:
@@ -172,7 +171,8 @@ class Scrape:
                 return fast
         source: Any = self._registry if self._directory is None else _Merged(self._registry, self._directory)
         if openmetrics_format:
-            return openmetrics.generate_latest(source), openmetrics.CONTENT_TYPE_LATEST  # type: ignore[no-untyped-call]
+            body = openmetrics.generate_latest(source)  # type: ignore[no-untyped-call]
+            return trace_id_first(body), openmetrics.CONTENT_TYPE_LATEST
         return text_format.generate_latest(source), text_format.CONTENT_TYPE_LATEST
 
     def _render_native(self, openmetrics_format: bool) -> tuple[bytes, str] | None:
@@ -183,7 +183,7 @@ class Scrape:
             return None
         ours = _native.render(families, openmetrics_format).encode()
         if openmetrics_format:
-            theirs = openmetrics.generate_latest(self._sdk)  # type: ignore[no-untyped-call]
+            theirs = trace_id_first(openmetrics.generate_latest(self._sdk))  # type: ignore[no-untyped-call]
             return theirs.removesuffix(b"# EOF\n") + ours + b"# EOF\n", openmetrics.CONTENT_TYPE_LATEST
         return text_format.generate_latest(self._sdk) + ours, text_format.CONTENT_TYPE_LATEST
 
