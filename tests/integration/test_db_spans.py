@@ -178,6 +178,27 @@ def _with_stable_conventions(span: dict[str, Any], dup: bool) -> dict[str, Any]:
     return {**span, "attributes": {**old, **stable} if dup else stable}
 
 
+_PREPARED = "SELECT $1::int * 2"  # the prepared statement of the script above
+
+
+def _redis(span: dict[str, Any]) -> bool:
+    attributes = span["attributes"]
+    return "redis" in (attributes.get("db.system"), attributes.get("db.system.name"))
+
+
+def _without_attributes(span: dict[str, Any]) -> dict[str, Any]:
+    return {**span, "attributes": {}}
+
+
+def _sorted(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(spans, key=lambda s: json.dumps(s, sort_keys=True, default=str))
+
+
+def _statement(span: dict[str, Any]) -> object:
+    attributes = span["attributes"]
+    return attributes.get("db.query.text", attributes.get("db.statement"))
+
+
 @pytest.mark.parametrize("semconv", ["", "database/dup", "database,http/dup", "http"])
 def test_client_spans_arrive_as_upstream_spans_would(services: Services, semconv: str) -> None:
     with OtlpReceiver() as upstream, OtlpReceiver() as ours:
@@ -212,7 +233,24 @@ def test_client_spans_arrive_as_upstream_spans_would(services: Services, semconv
                 (_with_stable_conventions(s, dup) if _postgresql(s) else s for s in expected),
                 key=lambda s: json.dumps(s, sort_keys=True, default=str),
             )
-    assert got == expected
+    if semconv and not any(
+        "db.system.name" in s["attributes"] or "server.address" in s["attributes"]
+        for s in expected
+        if _redis(s)
+    ):
+        # Upstream redis of the oldest family (0.61b0) ignores OTEL_SEMCONV_STABILITY_OPT_IN
+        # and writes only the old conventions: its redis spans are compared with ours but
+        # for their attributes, which the checks below hold to the mode.
+        expected = _sorted([_without_attributes(s) if _redis(s) else s for s in expected])
+        compared = _sorted([_without_attributes(s) if _redis(s) else s for s in got])
+    else:
+        compared = got
+    if not any(_statement(s) == _PREPARED for s in expected):
+        # Upstream asyncpg of the oldest family (0.61b0) does not trace a prepared
+        # statement's calls; ours does, both of them.
+        assert [_statement(s) for s in got].count(_PREPARED) == 2, names
+        compared = [s for s in compared if _statement(s) != _PREPARED]
+    assert compared == expected
     failed = [s for s in got if s["status"][0] == 2]
     assert sorted(s["name"] for s in failed) == ["NOSUCHCOMMAND", "SELECT"], failed
     if new_db:
