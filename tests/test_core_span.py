@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +29,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from cfk_otel import _settings
 from cfk_otel._asgi.middleware import TelemetryMiddleware
+from cfk_otel._core import sampling as _sampling
 from cfk_otel._core import seam as _core
 from cfk_otel._core.seam import CoreSpan, Spans
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
@@ -373,3 +376,74 @@ def test_the_settings_limit_cuts_with_a_marker(monkeypatch: pytest.MonkeyPatch) 
     assert span.attributes["url.path"] == "/long/xxxxxx…[truncated 44 chars]"
     assert span.attributes["app.blob"] == "yyyyyyyyyyyy…[truncated 88 chars]"
     assert span.attributes["http.route"] == "/long/{rest}"  # within the limit: whole
+
+
+_STOCK = [
+    (name, None) for name in ("always_on", "always_off", "parentbased_always_on", "parentbased_always_off")
+] + [
+    (name, arg)
+    for name in ("traceidratio", "parentbased_traceidratio")
+    for arg in (None, "0", "0.25", "0.5", "1")
+]
+
+
+@pytest.mark.parametrize(("name", "arg"), _STOCK)
+def test_the_setups_own_sampler_decides_as_the_sdk_would(
+    name: str, arg: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set-up's head sampler is decided without the generic call (``sampling.Head``) while
+    it is the provider's: the SDK's sampler is the oracle, over every kind of parent."""
+    env = {"OTEL_TRACES_SAMPLER": name, "CFK_TRACES_KEEP_SLOWER_THAN": "off"}
+    if arg is not None:
+        env["OTEL_TRACES_SAMPLER_ARG"] = arg
+    sampler = _sampling.sdk_arguments(_settings.load(env))["sampler"]
+    assert _sampling.HEAD is not None
+    assert _sampling.HEAD.sampler is sampler
+    calls: list[str] = []
+    oracle = type(sampler).should_sample
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append("generic")
+        return oracle(sampler, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "should_sample", counted)  # the same object: still set-up's
+    parents = {
+        **_PARENTS,
+        "invalid": SpanContext(0, 0, is_remote=True),
+        "remote sampled, no state": SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1)),
+        "local not sampled, no state": SpanContext(0x9ABC, 0x5678, is_remote=False),
+    }
+    # Trace ids either side of each ratio's bound (its low 64 bits), and high bits that do not count.
+    ids = [1, 0x1234, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, (0xFF << 64) | 5, (1 << 126) | (1 << 62)]
+    try:
+        with OtlpReceiver() as receiver:
+            provider = _provider(receiver, sampler=sampler)
+            spans = Spans(provider)
+            for label, parent in parents.items():
+                context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
+                for trace_id in ids:
+                    monkeypatch.setattr(provider.id_generator, "generate_trace_id", lambda t=trace_id: t)
+                    span = spans.start("GET", context, SpanKind.SERVER, {"k": "v"})
+                    got = span.get_span_context()
+                    expected = oracle(sampler, context, got.trace_id, "GET", attributes={"k": "v"})
+                    case = f"{label}, trace id {trace_id:#x}"
+                    assert (got.trace_flags.sampled, got.trace_state) == (
+                        expected.decision is Decision.RECORD_AND_SAMPLE,
+                        expected.trace_state or TraceState(),
+                    ), case
+                    recorded = expected.decision.is_recording()
+                    assert type(span) is (CoreSpan if recorded else trace.NonRecordingSpan), case
+                    if type(span) is CoreSpan:
+                        assert span.attributes == dict(expected.attributes), case
+            assert calls == []  # never the generic call
+            # Another sampler object, even of the same kind: asked through its interface.
+            other = copy.copy(sampler)
+            other_spans = Spans(_provider(receiver, sampler=other))
+            asked: list[str] = []
+            monkeypatch.setattr(
+                other, "should_sample", lambda *a, **k: asked.append("x") or oracle(other, *a, **k)
+            )
+            other_spans.start("GET", None)
+            assert asked == ["x"]
+    finally:
+        _sampling.sdk_arguments(_settings.load({}))

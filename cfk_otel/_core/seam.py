@@ -723,18 +723,27 @@ class Spans:
         else:
             trace_id = parent_context.trace_id
             random_trace_id = bool(parent_context.trace_flags & _RANDOM)
-        result = provider.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
-        decision = result.decision
+        sampler = provider.sampler
+        head = _sampling.HEAD
+        if head is not None and sampler is head.sampler:  # set-up's own: decided here, as it would
+            sample = record = head.sample(parent_context, trace_id)
+            trace_state = parent_context.trace_state if parent_context is not None else None
+            sampled = dict(attributes) if attributes and sample else {}
+        else:
+            result = sampler.should_sample(parent, trace_id, name, kind, attributes, ())
+            sample = result.decision is Decision.RECORD_AND_SAMPLE
+            record = result.decision is not Decision.DROP
+            trace_state = result.trace_state
+            sampled = dict(result.attributes) if result.attributes else {}
         span_context = SpanContext(
             trace_id,
             ids.generate_span_id(),
             is_remote=False,
-            trace_flags=_FLAGS[decision is Decision.RECORD_AND_SAMPLE, bool(random_trace_id)],
-            trace_state=result.trace_state,
+            trace_flags=_FLAGS[sample, bool(random_trace_id)],
+            trace_state=trace_state,
         )
-        if decision is Decision.DROP:
+        if not record:
             return trace.NonRecordingSpan(span_context)
-        sampled = dict(result.attributes) if result.attributes else {}
         return CoreSpan(self, name, kind, span_context, parent_context, sampled)
 
 
