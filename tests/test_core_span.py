@@ -447,3 +447,52 @@ def test_the_setups_own_sampler_decides_as_the_sdk_would(
             assert asked == ["x"]
     finally:
         _sampling.sdk_arguments(_settings.load({}))
+
+
+def test_the_span_context_is_made_when_asked_and_is_the_same_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[SpanContext] = []
+
+    def counted(*args: Any, **kwargs: Any) -> SpanContext:
+        made.append(SpanContext(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(_core, "SpanContext", counted)
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver)
+        quiet = Starlette(routes=[Route("/q", lambda request: PlainTextResponse("ok"))])
+        with TestClient(TelemetryMiddleware(quiet, tracer_provider=provider)) as client:
+            client.get("/q", headers={"traceparent": PARENT, "tracestate": "vendor=value"})
+        assert made == []  # nobody asked: the span went to the core without one
+        spans = Spans(provider)
+        parent = SpanContext(
+            0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1), trace_state=TraceState([("v", "1")])
+        )
+        span = spans.start("GET", trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+        assert type(span) is CoreSpan
+        first = span.get_span_context()
+        assert span.get_span_context() is first
+        assert made == [first]
+        assert (first.trace_id, first.is_remote, first.trace_flags.sampled) == (0x1234, False, True)
+        assert first.trace_state == TraceState([("v", "1")])
+        # A child the app starts under it is its child.
+        with provider.get_tracer("app").start_as_current_span(
+            "child", context=trace.set_span_in_context(span)
+        ) as c:
+            assert c.parent == first
+        span.end()
+        _flush(provider)
+        assert receiver.wait_for(lambda: len(receiver.spans) == 3)
+        ours = next(
+            s.span
+            for s in receiver.spans
+            if s.name == "GET" and s.span.span_id == first.span_id.to_bytes(8, "big")
+        )
+        assert (ours.trace_id.hex(), ours.trace_state) == (format(first.trace_id, "032x"), "v=1")
+        quick = next(s.span for s in receiver.spans if s.name == "GET /q")
+        assert (quick.trace_id.hex(), quick.parent_span_id.hex(), quick.trace_state) == (
+            PARENT[3:35],
+            PARENT[36:52],
+            "vendor=value",
+        )

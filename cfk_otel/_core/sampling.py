@@ -305,11 +305,16 @@ def exemplar_ids(context: SpanContext, ended: bool = True) -> tuple[int, int]:
     its trace is not exported. ``ended``: the span's local root has ended (a request's
     server span), so a trace kept for failing or being slow counts; a span inside a
     request (a client call) only has its head decision to go by."""
-    if context.trace_flags.sampled:
-        return (context.trace_id, context.span_id) if EXPORTED else NO_IDS
+    return ids_for_exemplar(context.trace_id, context.span_id, context.trace_flags.sampled, ended)
+
+
+def ids_for_exemplar(trace_id: int, span_id: int, sampled: bool, ended: bool = True) -> tuple[int, int]:
+    """:func:`exemplar_ids` of a span context's parts (a span whose context is not made yet)."""
+    if sampled:
+        return (trace_id, span_id) if EXPORTED else NO_IDS
     keeper = KEEPER
-    if ended and keeper is not None and keeper.was_kept(context.trace_id):
-        return context.trace_id, context.span_id
+    if ended and keeper is not None and keeper.was_kept(trace_id):
+        return trace_id, span_id
     return NO_IDS
 
 
