@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -496,3 +497,33 @@ def test_the_span_context_is_made_when_asked_and_is_the_same_each_time(
             PARENT[36:52],
             "vendor=value",
         )
+
+
+def test_spans_take_a_new_exporter_after_shutdown_and_in_a_forked_child() -> None:
+    with OtlpReceiver() as receiver:
+        spans = Spans(_provider(receiver))
+        spans.start("GET", None).end()
+        first = spans.exporter
+        assert first is not None
+        _core.shutdown(1.0)
+        spans.start("GET", None).end()
+        assert spans.exporter is not None
+        assert spans.exporter is not first  # the shut-down one is never used again
+        parent = spans.exporter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12 and later)
+            pid = os.fork()
+        if pid == 0:  # the child: its own exporter, not the parent's (whose thread did not follow)
+            try:
+                span = spans.start("GET", None)
+                span.end()
+                ok = spans.exporter is not parent and spans.exporter is _core._EXPORTERS.get(
+                    (os.getpid(), "traces")
+                )
+                os._exit(0 if ok and type(span) is CoreSpan else 1)
+            except BaseException:
+                os._exit(2)
+        _, code = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(code) == 0
+        spans.start("GET", None).end()
+        assert spans.exporter is parent  # the parent's stays

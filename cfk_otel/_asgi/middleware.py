@@ -319,14 +319,15 @@ class TelemetryMiddleware:
             if key == b"user-agent":
                 attributes[USER_AGENT_ORIGINAL] = value.decode("latin-1")
                 break
-        if type(span) is CoreSpan:
-            span.set_own(attributes)
+        core = type(span) is CoreSpan
+        if core:
+            span.set_own(attributes)  # type: ignore[attr-defined]  # a CoreSpan, as tested
         else:
             span.set_attributes(attributes)
         if error is not None or status >= 500:
             self._failed(span, status, error)
-        if kind == "http" and type(span) is CoreSpan:
-            return span.ending()
+        if core and kind == "http":
+            return span.ending()  # type: ignore[attr-defined, no-any-return]
         span.end()
         return None
 

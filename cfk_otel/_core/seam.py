@@ -68,6 +68,7 @@ _START_SPAN: Final = guard("starting a span", then="the call goes on, untraced")
 _RECORD_SPAN: Final = guard("recording a span", then="dropped")
 SCOPE: Final = "cfk_otel"
 _UNSET: Final = Status(StatusCode.UNSET)
+_OTLP_KINDS: Final = {kind: kind.value + 1 for kind in SpanKind}  # OTLP counts from UNSPECIFIED
 # OTLP's span flags as the SDK's encoder writes them: "is the parent remote" is known.
 _HAS_IS_REMOTE: Final = 0x100
 _IS_REMOTE: Final = 0x200
@@ -223,8 +224,16 @@ def _select(
 
 
 _CHOICE = Choice(False, "not set up")
-# Bumped whenever what Spans decided on may have changed (set-up, a processor added).
+# Bumped whenever what Spans decided on may have changed (set-up, a processor added, the
+# core's exporters shut down, a fork: the parent's export threads are not the child's).
 _GENERATION = [0]
+
+
+def _forked() -> None:
+    _GENERATION[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 _LOCK = threading.Lock()
 # Each queue of the core holds at most this many bytes (besides its count bound): with the
 # collector away, long unique paths and user agents must not grow memory past a few MiB.
@@ -330,6 +339,7 @@ def shutdown(timeout: float) -> bool:
     pid = os.getpid()
     with _LOCK:
         exporters = [_EXPORTERS.pop(k) for k in [k for k in _EXPORTERS if k[0] == pid]]
+        _GENERATION[0] += 1  # Spans take a new exporter at their next span
     deadline = time.monotonic() + timeout
     return all([bool(e.shutdown(max(0.0, deadline - time.monotonic()))) for e in exporters])
 
@@ -485,9 +495,13 @@ class CoreSpan(trace.Span):
 
     def set_own(self, attributes: dict[str, Any]) -> None:
         """cfk_otel's own attributes: fixed keys, values already of OTLP types (the core
-        cuts text at the attribute length limit)."""
+        cuts text at the attribute length limit). The span takes ``attributes`` over when
+        it has none of its own yet (the caller lets go of it)."""
         if self._end_time is None:
-            self._own.update(attributes)
+            if self._own:
+                self._own.update(attributes)
+            else:
+                self._own = attributes
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         for key, value in attributes.items():
@@ -611,12 +625,12 @@ class CoreSpan(trace.Span):
             _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
             trace_state.to_header() if trace_state else "",  # mostly empty: no join
             self.name,
-            self.kind.value + 1,  # OTLP counts from UNSPECIFIED
+            _OTLP_KINDS[self.kind],
             self.start_time,
             end,
             attributes,
             self.events,
-            status.status_code.value,
+            0 if status is _UNSET else status.status_code.value,
             status.description or "",
             dropped,
             self.dropped_events,
@@ -744,8 +758,7 @@ class Spans:
         kind: SpanKind,
         attributes: dict[str, Any] | None,
     ) -> trace.Span:
-        if (os.getpid(), "traces") not in _EXPORTERS:  # a forked worker, or after shutdown
-            self.exporter = _exporter("traces", provider.resource, [(SCOPE, __version__)])
+        # A forked worker, or after shutdown: the generation moved, and _choose took a new exporter.
         # Tracer.start_span, through the provider's public parts.
         parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
         ids = provider.id_generator
