@@ -305,7 +305,12 @@ def exemplar_ids(context: SpanContext, ended: bool = True) -> tuple[int, int]:
     its trace is not exported. ``ended``: the span's local root has ended (a request's
     server span), so a trace kept for failing or being slow counts; a span inside a
     request (a client call) only has its head decision to go by."""
-    return ids_for_exemplar(context.trace_id, context.span_id, context.trace_flags.sampled, ended)
+    if context.trace_flags.sampled:  # the parts read only when needed: each is a property
+        return (context.trace_id, context.span_id) if EXPORTED else NO_IDS
+    keeper = KEEPER
+    if ended and keeper is not None and keeper.was_kept(context.trace_id):
+        return context.trace_id, context.span_id
+    return NO_IDS
 
 
 def ids_for_exemplar(trace_id: int, span_id: int, sampled: bool, ended: bool = True) -> tuple[int, int]:
