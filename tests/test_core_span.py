@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +30,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from cfk_otel import _settings
 from cfk_otel._asgi.middleware import TelemetryMiddleware
+from cfk_otel._core import sampling as _sampling
 from cfk_otel._core import seam as _core
 from cfk_otel._core.seam import CoreSpan, Spans
 from cfk_otel.testing import OtlpReceiver, ReceivedSpan
@@ -373,3 +377,153 @@ def test_the_settings_limit_cuts_with_a_marker(monkeypatch: pytest.MonkeyPatch) 
     assert span.attributes["url.path"] == "/long/xxxxxx…[truncated 44 chars]"
     assert span.attributes["app.blob"] == "yyyyyyyyyyyy…[truncated 88 chars]"
     assert span.attributes["http.route"] == "/long/{rest}"  # within the limit: whole
+
+
+_STOCK = [
+    (name, None) for name in ("always_on", "always_off", "parentbased_always_on", "parentbased_always_off")
+] + [
+    (name, arg)
+    for name in ("traceidratio", "parentbased_traceidratio")
+    for arg in (None, "0", "0.25", "0.5", "1")
+]
+
+
+@pytest.mark.parametrize(("name", "arg"), _STOCK)
+def test_the_setups_own_sampler_decides_as_the_sdk_would(
+    name: str, arg: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set-up's head sampler is decided without the generic call (``sampling.Head``) while
+    it is the provider's: the SDK's sampler is the oracle, over every kind of parent."""
+    env = {"OTEL_TRACES_SAMPLER": name, "CFK_TRACES_KEEP_SLOWER_THAN": "off"}
+    if arg is not None:
+        env["OTEL_TRACES_SAMPLER_ARG"] = arg
+    sampler = _sampling.sdk_arguments(_settings.load(env))["sampler"]
+    assert _sampling.HEAD is not None
+    assert _sampling.HEAD.sampler is sampler
+    calls: list[str] = []
+    oracle = type(sampler).should_sample
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append("generic")
+        return oracle(sampler, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "should_sample", counted)  # the same object: still set-up's
+    parents = {
+        **_PARENTS,
+        "invalid": SpanContext(0, 0, is_remote=True),
+        "remote sampled, no state": SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1)),
+        "local not sampled, no state": SpanContext(0x9ABC, 0x5678, is_remote=False),
+    }
+    # Trace ids either side of each ratio's bound (its low 64 bits), and high bits that do not count.
+    ids = [1, 0x1234, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, (0xFF << 64) | 5, (1 << 126) | (1 << 62)]
+    try:
+        with OtlpReceiver() as receiver:
+            provider = _provider(receiver, sampler=sampler)
+            spans = Spans(provider)
+            for label, parent in parents.items():
+                context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
+                for trace_id in ids:
+                    monkeypatch.setattr(provider.id_generator, "generate_trace_id", lambda t=trace_id: t)
+                    span = spans.start("GET", context, SpanKind.SERVER, {"k": "v"})
+                    got = span.get_span_context()
+                    expected = oracle(sampler, context, got.trace_id, "GET", attributes={"k": "v"})
+                    case = f"{label}, trace id {trace_id:#x}"
+                    assert (got.trace_flags.sampled, got.trace_state) == (
+                        expected.decision is Decision.RECORD_AND_SAMPLE,
+                        expected.trace_state or TraceState(),
+                    ), case
+                    recorded = expected.decision.is_recording()
+                    assert type(span) is (CoreSpan if recorded else trace.NonRecordingSpan), case
+                    if type(span) is CoreSpan:
+                        assert span.attributes == dict(expected.attributes), case
+            assert calls == []  # never the generic call
+            # Another sampler object, even of the same kind: asked through its interface.
+            other = copy.copy(sampler)
+            other_spans = Spans(_provider(receiver, sampler=other))
+            asked: list[str] = []
+            monkeypatch.setattr(
+                other, "should_sample", lambda *a, **k: asked.append("x") or oracle(other, *a, **k)
+            )
+            other_spans.start("GET", None)
+            assert asked == ["x"]
+    finally:
+        _sampling.sdk_arguments(_settings.load({}))
+
+
+def test_the_span_context_is_made_when_asked_and_is_the_same_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[SpanContext] = []
+
+    def counted(*args: Any, **kwargs: Any) -> SpanContext:
+        made.append(SpanContext(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(_core, "SpanContext", counted)
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver)
+        quiet = Starlette(routes=[Route("/q", lambda request: PlainTextResponse("ok"))])
+        with TestClient(TelemetryMiddleware(quiet, tracer_provider=provider)) as client:
+            client.get("/q", headers={"traceparent": PARENT, "tracestate": "vendor=value"})
+        assert made == []  # nobody asked: the span went to the core without one
+        spans = Spans(provider)
+        parent = SpanContext(
+            0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1), trace_state=TraceState([("v", "1")])
+        )
+        span = spans.start("GET", trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+        assert type(span) is CoreSpan
+        first = span.get_span_context()
+        assert span.get_span_context() is first
+        assert made == [first]
+        assert (first.trace_id, first.is_remote, first.trace_flags.sampled) == (0x1234, False, True)
+        assert first.trace_state == TraceState([("v", "1")])
+        # A child the app starts under it is its child.
+        with provider.get_tracer("app").start_as_current_span(
+            "child", context=trace.set_span_in_context(span)
+        ) as c:
+            assert c.parent == first
+        span.end()
+        _flush(provider)
+        assert receiver.wait_for(lambda: len(receiver.spans) == 3)
+        ours = next(
+            s.span
+            for s in receiver.spans
+            if s.name == "GET" and s.span.span_id == first.span_id.to_bytes(8, "big")
+        )
+        assert (ours.trace_id.hex(), ours.trace_state) == (format(first.trace_id, "032x"), "v=1")
+        quick = next(s.span for s in receiver.spans if s.name == "GET /q")
+        assert (quick.trace_id.hex(), quick.parent_span_id.hex(), quick.trace_state) == (
+            PARENT[3:35],
+            PARENT[36:52],
+            "vendor=value",
+        )
+
+
+def test_spans_take_a_new_exporter_after_shutdown_and_in_a_forked_child() -> None:
+    with OtlpReceiver() as receiver:
+        spans = Spans(_provider(receiver))
+        spans.start("GET", None).end()
+        first = spans.exporter
+        assert first is not None
+        _core.shutdown(1.0)
+        spans.start("GET", None).end()
+        assert spans.exporter is not None
+        assert spans.exporter is not first  # the shut-down one is never used again
+        parent = spans.exporter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12 and later)
+            pid = os.fork()
+        if pid == 0:  # the child: its own exporter, not the parent's (whose thread did not follow)
+            try:
+                span = spans.start("GET", None)
+                span.end()
+                ok = spans.exporter is not parent and spans.exporter is _core._EXPORTERS.get(
+                    (os.getpid(), "traces")
+                )
+                os._exit(0 if ok and type(span) is CoreSpan else 1)
+            except BaseException:
+                os._exit(2)
+        _, code = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(code) == 0
+        spans.start("GET", None).end()
+        assert spans.exporter is parent  # the parent's stays

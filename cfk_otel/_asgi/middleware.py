@@ -258,10 +258,9 @@ class TelemetryMiddleware:
     ) -> None:
         ended = self._finish(span, scope, kind, method, route, status, error)
         request_log, observers = self._request_log, self._observers
-        span_context = span.get_span_context()
         info: RequestInfo | None = None
         if request_log is not None or observers:
-            info = RequestInfo(scope, kind, method, route, status, elapsed, error, span_context)
+            info = RequestInfo(scope, kind, method, route, status, elapsed, error, span.get_span_context())
         if kind == "http":
             # One call into the core on the native path: span, request metrics (with the
             # exemplar's ids: the span has ended, so a trace kept for failing or being slow is
@@ -270,7 +269,10 @@ class TelemetryMiddleware:
             if request_log is not None and info is not None:
                 with _WRITE_LINE:  # a failing line must not cost the span and the metrics
                     log = request_log.write(info)
-            trace_id, span_id = exemplar_ids(span_context)
+            # The core's span answers without making its context (nobody may have asked for it).
+            trace_id, span_id = (
+                span.exemplar_ids() if type(span) is CoreSpan else exemplar_ids(span.get_span_context())
+            )
             self.metrics.record_request(method, route, str(status), elapsed, trace_id, span_id, ended, log)
         if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
             self._errors.count(self.metrics, kind, route, status, error, close_code)
@@ -317,14 +319,15 @@ class TelemetryMiddleware:
             if key == b"user-agent":
                 attributes[USER_AGENT_ORIGINAL] = value.decode("latin-1")
                 break
-        if type(span) is CoreSpan:
-            span.set_own(attributes)
+        core = type(span) is CoreSpan
+        if core:
+            span.set_own(attributes)  # type: ignore[attr-defined]  # a CoreSpan, as tested
         else:
             span.set_attributes(attributes)
         if error is not None or status >= 500:
             self._failed(span, status, error)
-        if kind == "http" and type(span) is CoreSpan:
-            return span.ending()
+        if core and kind == "http":
+            return span.ending()  # type: ignore[attr-defined, no-any-return]
         span.end()
         return None
 

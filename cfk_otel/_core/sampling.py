@@ -305,7 +305,7 @@ def exemplar_ids(context: SpanContext, ended: bool = True) -> tuple[int, int]:
     its trace is not exported. ``ended``: the span's local root has ended (a request's
     server span), so a trace kept for failing or being slow counts; a span inside a
     request (a client call) only has its head decision to go by."""
-    if context.trace_flags.sampled:
+    if context.trace_flags.sampled:  # the parts read only when needed: each is a property
         return (context.trace_id, context.span_id) if EXPORTED else NO_IDS
     keeper = KEEPER
     if ended and keeper is not None and keeper.was_kept(context.trace_id):
@@ -313,26 +313,78 @@ def exemplar_ids(context: SpanContext, ended: bool = True) -> tuple[int, int]:
     return NO_IDS
 
 
+def ids_for_exemplar(trace_id: int, span_id: int, sampled: bool, ended: bool = True) -> tuple[int, int]:
+    """:func:`exemplar_ids` of a span context's parts (a span whose context is not made yet)."""
+    if sampled:
+        return (trace_id, span_id) if EXPORTED else NO_IDS
+    keeper = KEEPER
+    if ended and keeper is not None and keeper.was_kept(trace_id):
+        return trace_id, span_id
+    return NO_IDS
+
+
+class Head:
+    """The decision of a head sampler :func:`head_sampler` built, made without the SDK's
+    generic call (the request path's span start). The caller uses it only while the
+    provider's sampler *is* :attr:`sampler`; for anything else it asks the sampler.
+
+    It decides as the SDK's samplers do (``tests/test_sampling.py`` compares both over
+    every kind of parent): with a ``parentbased_`` sampler, a valid parent's sampled flag
+    decides (remote or local alike); otherwise the root: always, never, or the low 64 bits
+    of the trace id under the ratio's bound. A "yes" carries the span's attributes, and
+    either carries the valid parent's trace state.
+    """
+
+    __slots__ = ("_bound", "_parent_based", "sampler")
+
+    def __init__(self, sampler: Sampler, parent_based: bool, bound: int) -> None:
+        self.sampler = sampler
+        self._parent_based = parent_based
+        self._bound = bound
+
+    def sample(self, parent: SpanContext | None, trace_id: int) -> bool:
+        """Whether a span with ``parent`` (None: no valid parent) in ``trace_id`` is sampled."""
+        if parent is not None and self._parent_based:
+            return parent.trace_flags.sampled
+        return trace_id & _TRACE_ID_LIMIT < self._bound
+
+
+_TRACE_ID_LIMIT: Final = TraceIdRatioBased.TRACE_ID_LIMIT
+# The process's head sampler as set-up built it, when it is one Head decides (None otherwise).
+HEAD: Head | None = None
+
+
+def _head(settings: _settings.Settings) -> Head:
+    ratio = 1.0 if settings.sampler_arg is None else settings.sampler_arg
+    name = settings.sampler.removeprefix("parentbased_")
+    root: Sampler
+    if name == "always_on":
+        root, bound = ALWAYS_ON, _TRACE_ID_LIMIT + 1  # every masked id is under it
+    elif name == "always_off":
+        root, bound = ALWAYS_OFF, 0
+    else:
+        ratio_sampler = TraceIdRatioBased(ratio)
+        root, bound = ratio_sampler, ratio_sampler.bound
+    parent_based = settings.sampler.startswith("parentbased_")
+    return Head(ParentBased(root) if parent_based else root, parent_based, bound)
+
+
 def head_sampler(settings: _settings.Settings) -> Sampler:
     """The head sampler the settings name, built from the SDK's public samplers."""
-    ratio = 1.0 if settings.sampler_arg is None else settings.sampler_arg
-    root: Sampler = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-        "traceidratio": TraceIdRatioBased(ratio),
-    }[settings.sampler.removeprefix("parentbased_")]
-    return ParentBased(root) if settings.sampler.startswith("parentbased_") else root
+    return _head(settings).sampler
 
 
 def sdk_arguments(settings: _settings.Settings) -> dict[str, Any]:
     """The SDK configurator's keyword arguments: the head sampler the settings chose and,
     with a ratio sampler and the bias on, what keeps failed and slow traces whole (sets
     :data:`KEEPER`)."""
-    global KEEPER, EXPORTED  # noqa: PLW0603  (process state, written by set-up)
-    KEEPER = None
+    global KEEPER, EXPORTED, HEAD  # noqa: PLW0603  (process state, written by set-up)
+    KEEPER = HEAD = None
     EXPORTED = bool(settings.traces_exporters)
-    inner = head_sampler(settings)
+    head = _head(settings)
+    inner = head.sampler
     if settings.keep_slower_than is None or settings.sampler not in RATIO_SAMPLERS:
+        HEAD = head  # the provider's sampler is this very object (unless the app sets another)
         return {"sampler": inner}
     keeper = KEEPER = Keeper(settings.keep_slower_than)
 

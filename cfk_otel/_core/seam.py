@@ -45,7 +45,7 @@ from opentelemetry.semconv.attributes.exception_attributes import (
     EXCEPTION_STACKTRACE,
     EXCEPTION_TYPE,
 )
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from opentelemetry.util import types
 
 from cfk_otel import _settings
@@ -68,6 +68,7 @@ _START_SPAN: Final = guard("starting a span", then="the call goes on, untraced")
 _RECORD_SPAN: Final = guard("recording a span", then="dropped")
 SCOPE: Final = "cfk_otel"
 _UNSET: Final = Status(StatusCode.UNSET)
+_OTLP_KINDS: Final = {kind: kind.value + 1 for kind in SpanKind}  # OTLP counts from UNSPECIFIED
 # OTLP's span flags as the SDK's encoder writes them: "is the parent remote" is known.
 _HAS_IS_REMOTE: Final = 0x100
 _IS_REMOTE: Final = 0x200
@@ -223,8 +224,16 @@ def _select(
 
 
 _CHOICE = Choice(False, "not set up")
-# Bumped whenever what Spans decided on may have changed (set-up, a processor added).
+# Bumped whenever what Spans decided on may have changed (set-up, a processor added, the
+# core's exporters shut down, a fork: the parent's export threads are not the child's).
 _GENERATION = [0]
+
+
+def _forked() -> None:
+    _GENERATION[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 _LOCK = threading.Lock()
 # Each queue of the core holds at most this many bytes (besides its count bound): with the
 # collector away, long unique paths and user agents must not grow memory past a few MiB.
@@ -330,6 +339,7 @@ def shutdown(timeout: float) -> bool:
     pid = os.getpid()
     with _LOCK:
         exporters = [_EXPORTERS.pop(k) for k in [k for k in _EXPORTERS if k[0] == pid]]
+        _GENERATION[0] += 1  # Spans take a new exporter at their next span
     deadline = time.monotonic() + timeout
     return all([bool(e.shutdown(max(0.0, deadline - time.monotonic()))) for e in exporters])
 
@@ -386,18 +396,23 @@ class CoreSpan(trace.Span):
     the core when it ends. Behaves as the SDK's span does for everything the API allows."""
 
     __slots__ = (
+        "_context",
         "_end_time",
         "_extra",
+        "_flags",
         "_home",
         "_own",
-        "context",
+        "_trace_state",
         "dropped_events",
         "events",
         "kind",
         "name",
         "parent",
+        "sampled",
+        "span_id",
         "start_time",
         "status",
+        "trace_id",
     )
 
     def __init__(
@@ -405,14 +420,24 @@ class CoreSpan(trace.Span):
         home: Spans,
         name: str,
         kind: SpanKind,
-        context: SpanContext,
+        trace_id: int,
+        span_id: int,
+        flags: TraceFlags,
+        trace_state: TraceState | None,
         parent: SpanContext | None,
         attributes: dict[str, Any],
     ) -> None:
         self._home = home
         self.name = name
         self.kind = kind
-        self.context = context
+        # The span's context is made only when asked for (get_span_context): most requests'
+        # never are (no observer, no log line, no child span); it is the same whenever made.
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self._flags = flags
+        self.sampled = flags.sampled
+        self._trace_state = trace_state
+        self._context: SpanContext | None = None
         self.parent = parent
         # Ours (known keys, plain values; the span owns the dict) and the app's, kept
         # apart: only the app's need the SDK's cleaning and limits.
@@ -445,16 +470,38 @@ class CoreSpan(trace.Span):
         return merged, dropped
 
     def get_span_context(self) -> SpanContext:
-        return self.context
+        context = self._context
+        if context is None:
+            context = self._context = SpanContext(
+                self.trace_id,
+                self.span_id,
+                is_remote=False,
+                trace_flags=self._flags,
+                trace_state=self._trace_state,
+            )
+        return context
+
+    @property
+    def context(self) -> SpanContext:
+        """The span's context, as the SDK's span has it (:meth:`get_span_context`)."""
+        return self.get_span_context()
+
+    def exemplar_ids(self) -> tuple[int, int]:
+        """:func:`cfk_otel._core.sampling.exemplar_ids` of the ended span, without its context."""
+        return _sampling.ids_for_exemplar(self.trace_id, self.span_id, self.sampled, True)
 
     def is_recording(self) -> bool:
         return self._end_time is None
 
     def set_own(self, attributes: dict[str, Any]) -> None:
         """cfk_otel's own attributes: fixed keys, values already of OTLP types (the core
-        cuts text at the attribute length limit)."""
+        cuts text at the attribute length limit). The span takes ``attributes`` over when
+        it has none of its own yet (the caller lets go of it)."""
         if self._end_time is None:
-            self._own.update(attributes)
+            if self._own:
+                self._own.update(attributes)
+            else:
+                self._own = attributes
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         for key, value in attributes.items():
@@ -537,7 +584,7 @@ class CoreSpan(trace.Span):
             _log.warning("Calling end() on an ended span.")
             return None
         self._end_time = end = end_time if end_time is not None else time.time_ns()
-        if not self.context.trace_flags.sampled:
+        if not self.sampled:
             keeper = _sampling.KEEPER  # recorded only: its trace is kept if it fails or is slow
             if keeper is None:
                 return None
@@ -545,13 +592,13 @@ class CoreSpan(trace.Span):
             if parent is None or parent.is_remote:
                 failed = self.status.status_code is StatusCode.ERROR
                 duration = _sampling.latency(self._own, end - self.start_time)
-                keeper.finish(self.context.trace_id, CoreSpan._record, self, failed, duration)
+                keeper.finish(self.trace_id, CoreSpan._record, self, failed, duration)
             else:
                 extra = self._extra
                 size = _sampling.estimate(self._own, [event[2] for event in self.events])
                 if extra is not None:
                     size += _sampling.estimate(extra) - _sampling.SPAN_BYTES
-                keeper.hold(self.context.trace_id, CoreSpan._record, self, size)
+                keeper.hold(self.trace_id, CoreSpan._record, self, size)
             return None
         exporter = self._home.exporter
         assert exporter is not None  # a CoreSpan is only made with an exporter
@@ -568,22 +615,22 @@ class CoreSpan(trace.Span):
         """The ended span as ``OtlpExporter.record_span`` takes it."""
         end = self._end_time
         assert end is not None
-        context, parent, status = self.context, self.parent, self.status
+        parent, status, trace_state = self.parent, self.status, self._trace_state
         attributes, dropped = self._merged()
         return (
             0,
-            context.trace_id,
-            context.span_id,
+            self.trace_id,
+            self.span_id,
             parent.span_id if parent is not None else 0,
             _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
-            context.trace_state.to_header() if context.trace_state else "",  # mostly empty: no join
+            trace_state.to_header() if trace_state else "",  # mostly empty: no join
             self.name,
-            self.kind.value + 1,  # OTLP counts from UNSPECIFIED
+            _OTLP_KINDS[self.kind],
             self.start_time,
             end,
             attributes,
             self.events,
-            status.status_code.value,
+            0 if status is _UNSET else status.status_code.value,
             status.description or "",
             dropped,
             self.dropped_events,
@@ -711,8 +758,7 @@ class Spans:
         kind: SpanKind,
         attributes: dict[str, Any] | None,
     ) -> trace.Span:
-        if (os.getpid(), "traces") not in _EXPORTERS:  # a forked worker, or after shutdown
-            self.exporter = _exporter("traces", provider.resource, [(SCOPE, __version__)])
+        # A forked worker, or after shutdown: the generation moved, and _choose took a new exporter.
         # Tracer.start_span, through the provider's public parts.
         parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
         ids = provider.id_generator
@@ -723,19 +769,26 @@ class Spans:
         else:
             trace_id = parent_context.trace_id
             random_trace_id = bool(parent_context.trace_flags & _RANDOM)
-        result = provider.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
-        decision = result.decision
-        span_context = SpanContext(
-            trace_id,
-            ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=_FLAGS[decision is Decision.RECORD_AND_SAMPLE, bool(random_trace_id)],
-            trace_state=result.trace_state,
+        sampler = provider.sampler
+        head = _sampling.HEAD
+        if head is not None and sampler is head.sampler:  # set-up's own: decided here, as it would
+            sample = record = head.sample(parent_context, trace_id)
+            trace_state = parent_context.trace_state if parent_context is not None else None
+            sampled = dict(attributes) if attributes and sample else {}
+        else:
+            result = sampler.should_sample(parent, trace_id, name, kind, attributes, ())
+            sample = result.decision is Decision.RECORD_AND_SAMPLE
+            record = result.decision is not Decision.DROP
+            trace_state = result.trace_state
+            sampled = dict(result.attributes) if result.attributes else {}
+        flags = _FLAGS[sample, bool(random_trace_id)]
+        if not record:
+            return trace.NonRecordingSpan(
+                SpanContext(trace_id, ids.generate_span_id(), False, flags, trace_state)
+            )
+        return CoreSpan(
+            self, name, kind, trace_id, ids.generate_span_id(), flags, trace_state, parent_context, sampled
         )
-        if decision is Decision.DROP:
-            return trace.NonRecordingSpan(span_context)
-        sampled = dict(result.attributes) if result.attributes else {}
-        return CoreSpan(self, name, kind, span_context, parent_context, sampled)
 
 
 # Providers whose processors are known: only the set-up's, until the app adds one of its
