@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -22,7 +22,10 @@ from cfk_otel._core.seam import Ended, LogSink
 from cfk_otel._redact import Known
 from cfk_otel._settings import Settings
 
-from .record import _REQUESTS_LOGGER, _RequestLine, _RequestRecord
+if TYPE_CHECKING:
+    from cfk_otel._native import OtlpExporter
+
+from .record import _LINE_FIELDS, _REQUESTS_LOGGER, _RequestLine, _RequestRecord
 from .render import (
     _ACCESS_LOGGERS,
     _OWN_LOGGERS,
@@ -66,6 +69,15 @@ class OtlpHandler(logging.Handler):
     def direct(self) -> bool:
         """Whether records go straight to the core (:meth:`emit_request` among them)."""
         return self._sink is not None and self._sink.active
+
+    def line_target(self) -> tuple[OtlpExporter, int] | None:
+        """Where the core queues a request line's record itself (the exporter and the line's
+        scope): the same tuple while they hold; None when the record must take
+        :meth:`prepare_request`'s way."""
+        sink = self._sink
+        if sink is None or not sink.active or not sink.takes(len(_LINE_FIELDS)):
+            return None
+        return sink.target(_REQUESTS_LOGGER)
 
     def emit_request(self, request: _RequestLine) -> None:
         """A request line as an OTLP log record, straight into the core."""
