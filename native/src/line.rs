@@ -42,6 +42,8 @@ struct Fields<'a> {
     route: &'a str,
     status: &'a str,
     duration_ms: f64,
+    /// `duration_ms` as `repr` and as `%g` write it.
+    ms_text: (String, String),
     trace_id: u128,
     span_id: u64,
 }
@@ -84,10 +86,7 @@ impl Fields<'_> {
     fn message(&self) -> String {
         format!(
             "{} {} {} {}ms",
-            self.method,
-            self.path,
-            self.status,
-            format_g(self.duration_ms)
+            self.method, self.path, self.status, self.ms_text.1
         )
     }
 
@@ -111,7 +110,7 @@ impl Fields<'_> {
         out.push_str(",\"status\":");
         out.push_str(self.status);
         out.push_str(",\"duration_ms\":");
-        out.push_str(&py_repr(self.duration_ms));
+        out.push_str(&self.ms_text.0);
         if self.has_span() {
             let _ = write!(
                 out,
@@ -184,6 +183,7 @@ pub fn write_line(
     seconds: f64,
 ) -> PyResult<()> {
     let (config, created, levelno, path, trace_id, span_id, flags, outputs) = args;
+    let duration_ms = duration_ms(seconds)?;
     let fields = Fields {
         created: *created,
         level: level(*levelno)?,
@@ -191,7 +191,8 @@ pub fn write_line(
         path,
         route,
         status,
-        duration_ms: duration_ms(seconds)?,
+        duration_ms,
+        ms_text: ms_text(duration_ms),
         trace_id: *trace_id,
         span_id: *span_id,
     };
@@ -256,6 +257,7 @@ impl RequestLine {
         trace_id: u128,
         span_id: u64,
     ) -> PyResult<String> {
+        let duration_ms = duration_ms(seconds)?;
         let fields = Fields {
             created,
             level: self::level(level)?,
@@ -263,7 +265,8 @@ impl RequestLine {
             path,
             route,
             status,
-            duration_ms: duration_ms(seconds)?,
+            duration_ms,
+            ms_text: ms_text(duration_ms),
             trace_id,
             span_id,
         };
@@ -365,6 +368,29 @@ fn positional(digits: &str, exponent: i32) -> (String, String) {
 fn exponent_text(exponent: i32) -> String {
     let sign = if exponent < 0 { '-' } else { '+' };
     format!("e{sign}{:02}", exponent.unsigned_abs())
+}
+
+/// Durations under this many microseconds are written from their integer count (see
+/// `ms_text`): below 1000 ms both `repr` and `%g` give every digit of `micros / 1000`.
+const EXACT_MICROS: f64 = 1_000_000.0;
+
+/// `duration_ms` (`micros / 1000`) as `repr` and as `%g` write it: from the integer count of
+/// microseconds when it has at most six digits (the usual case, no float formatting), else
+/// from the float.
+fn ms_text(duration_ms: f64) -> (String, String) {
+    let micros = duration_ms * 1000.0;
+    if !(0.0..EXACT_MICROS).contains(&micros) {
+        return (py_repr(duration_ms), format_g(duration_ms));
+    }
+    let micros = micros.round() as u32; // exact: duration_ms is micros / 1000, micros < 10^6
+    let (whole, fraction) = (micros / 1000, micros % 1000);
+    if fraction == 0 {
+        return (format!("{whole}.0"), whole.to_string());
+    }
+    let fraction = format!("{fraction:03}");
+    let fraction = fraction.trim_end_matches('0');
+    let text = format!("{whole}.{fraction}");
+    (text.clone(), text)
 }
 
 /// Python's `repr` of a float (the shortest text that reads back the same).
