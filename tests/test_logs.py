@@ -1255,3 +1255,64 @@ def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pyth
             _core.activate(_core.Choice(False, "not set up"))
             _core.shutdown(1.0)
             provider.shutdown()
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_the_cores_line_follows_a_new_exporter_and_a_processor_the_app_adds(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The line's configuration in the core is built once, and again when its exporter is
+    replaced (a fork, a shutdown); once the app adds a log processor, records take the SDK's
+    way, and so does the line."""
+    from opentelemetry.sdk._logs import LogRecordProcessor
+
+    from cfk_otel._asgi.types import RequestInfo
+    from cfk_otel._core import seam as _core
+    from cfk_otel._logs.requests import request_observer
+    from cfk_otel.testing import OtlpReceiver
+
+    span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+    info = RequestInfo({"path": "/p"}, "http", "GET", "/p", 200, 0.0125, None, span)
+    with OtlpReceiver() as receiver:
+        provider, sink = _sink_provider(receiver, monkeypatch)
+        configure_logging(settings, provider, sink)
+        try:
+            observer = request_observer(settings)
+            assert observer is not None
+            first, again = observer.write(info), observer.write(info)
+            assert first is not None
+            assert again is not None
+            assert first[0] is again[0]  # built once
+            assert first[1:4] == (first[1], logging.INFO, "/p")
+            assert first[4:] == (0xABC, 0xDEF, 1, _core.LINE_STDOUT | _core.LINE_OTLP)
+            _core.shutdown(1.0)  # the exporter goes: the next line names the new one
+            renewed = observer.write(info)
+            assert renewed is not None
+            assert renewed[0] is not first[0]
+            for line in (first, again, renewed):
+                _core.end_request(None, None, None, "GET", "/p", "200", 0.0125, line)  # type: ignore[arg-type]
+
+            class Seen(LogRecordProcessor):
+                bodies: list[object] = []  # noqa: RUF012
+
+                def on_emit(self, log_record: Any) -> None:
+                    Seen.bodies.append(getattr(log_record, "log_record", log_record).body)
+
+                def shutdown(self) -> None: ...
+
+                def force_flush(self, timeout_millis: int = 30000) -> bool:
+                    return True
+
+            provider.add_log_record_processor(Seen())
+            assert observer.write(info) is None  # stdout written by Python, the record by the SDK
+            assert Seen.bodies == ["GET /p 200 12.5ms"]
+            lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            assert [line["message"] for line in lines] == ["GET /p 200 12.5ms"] * 4
+            _flush(provider)
+            # The renewed line's record (the core) and the last one (the SDK's processor); the
+            # first two were handed to the exporter that had shut down, which takes no more.
+            assert receiver.wait_for(lambda: len(receiver.logs) == 2)
+            assert [log.body for log in receiver.logs] == ["GET /p 200 12.5ms"] * 2
+        finally:
+            _core.shutdown(1.0)
+            provider.shutdown()

@@ -784,6 +784,11 @@ def _watch(provider: object, add_method: str) -> bool:
     return _WATCHED[provider]
 
 
+# The request line's logger and its number of fields (see ``cfk_otel._logs.record``).
+_REQUEST_LINES: Final = "cfk_otel.requests"
+_REQUEST_LINE_FIELDS: Final = 5
+
+
 class LogSink:
     """Records from ``logging`` (request lines included) straight into the core, on the
     native path: one call per record, no SDK ``LogRecord``. The records the app emits
@@ -802,6 +807,7 @@ class LogSink:
         self._targets: dict[str, tuple[OtlpExporter, int] | None] = {}
         self._active = _watch(provider, "add_log_record_processor")
         self._generation = _GENERATION[0]
+        self._takes_line = self.takes(_REQUEST_LINE_FIELDS)
 
     @property
     def active(self) -> bool:
@@ -835,6 +841,13 @@ class LogSink:
         """Whether a record of ``count`` attributes is within the SDK's count limit."""
         limit = self._max_attributes
         return limit is None or count <= limit
+
+    def line_target(self) -> tuple[OtlpExporter, int] | None:
+        """:meth:`target` for request lines (five attributes, the ``cfk_otel.requests``
+        scope), or None when their records must go through the SDK (see :meth:`prepared`)."""
+        if not self._takes_line or not self.active:
+            return None
+        return self.target(_REQUEST_LINES)
 
     def target(self, name: str) -> tuple[OtlpExporter, int] | None:
         """The exporter and scope index of logger ``name``'s records in the core: the same

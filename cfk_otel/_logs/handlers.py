@@ -25,7 +25,7 @@ from cfk_otel._settings import Settings
 if TYPE_CHECKING:
     from cfk_otel._native import OtlpExporter
 
-from .record import _LINE_FIELDS, _REQUESTS_LOGGER, _RequestLine, _RequestRecord
+from .record import _REQUESTS_LOGGER, _RequestLine, _RequestRecord
 from .render import (
     _ACCESS_LOGGERS,
     _OWN_LOGGERS,
@@ -75,9 +75,7 @@ class OtlpHandler(logging.Handler):
         scope): the same tuple while they hold; None when the record must take
         :meth:`prepare_request`'s way."""
         sink = self._sink
-        if sink is None or not sink.active or not sink.takes(len(_LINE_FIELDS)):
-            return None
-        return sink.target(_REQUESTS_LOGGER)
+        return sink.line_target() if sink is not None else None
 
     def emit_request(self, request: _RequestLine) -> None:
         """A request line as an OTLP log record, straight into the core."""
@@ -97,8 +95,14 @@ class OtlpHandler(logging.Handler):
         try:
             stamp = int(request.created * 1e9)
             fields = request.fields
-            ended = self._sink.prepared(  # type: ignore[union-attr]  # direct: the sink is there
-                _REQUESTS_LOGGER, stamp, stamp, number.value, text, request.message, fields, request.span
+            sink = self._sink
+            # A processor the app added since the route was chosen sees the record (the SDK's way).
+            ended = (
+                sink.prepared(
+                    _REQUESTS_LOGGER, stamp, stamp, number.value, text, request.message, fields, request.span
+                )
+                if sink is not None and sink.active
+                else None
             )
             if ended is None:
                 self._emit(

@@ -18,8 +18,6 @@ from opentelemetry import trace
 _FILENAME: Final = "requests.py"  # where a request line is made (request_observer)
 _START: Final[float] = getattr(logging, "_startTime", time.time())  # what relativeCreated counts from
 _REQUESTS_LOGGER: Final = "cfk_otel.requests"
-# A request line's fields (its context; its OTLP record's attributes), in order.
-_LINE_FIELDS: Final = ("method", "path", "route", "status", "duration_ms")
 
 
 class _RequestLine(NamedTuple):

@@ -37,14 +37,22 @@ class _Route(NamedTuple):
 def _listeners() -> tuple[object, ...]:
     """Everything ``logging`` would involve in a request line: handlers up the logger
     chain, the requests logger's filters and the handlers' filters."""
-    handlers: list[logging.Handler] = []
+    handlers: list[object] = []
     logger: logging.Logger | None = _requests
     while logger is not None:
-        handlers += logger.handlers
+        if logger.handlers:
+            handlers.extend(logger.handlers)
         if not logger.propagate:
             break
         logger = logger.parent
-    return (*handlers, None, *_requests.filters, None, *(f for h in handlers for f in h.filters))
+    count = len(handlers)
+    handlers.append(None)
+    handlers.extend(_requests.filters)
+    handlers.append(None)
+    for handler in handlers[:count]:
+        if handler.filters:  # type: ignore[attr-defined]  # the first `count` are handlers
+            handlers.extend(handler.filters)  # type: ignore[attr-defined]
+    return tuple(handlers)
 
 
 def _route(listeners: tuple[object, ...]) -> _Route | None:
