@@ -1,5 +1,5 @@
 # Types of the compiled core (native/, Rust with PyO3), for the type checker.
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, final
 
 def check_tls(
@@ -110,6 +110,28 @@ def record_request(
     span_id: int = 0,
 ) -> tuple[bool, bool]: ...
 def float_to_go_string(value: float) -> str: ...
+
+class RequestLine:
+    def __init__(
+        self,
+        service_fields: str,
+        write_line: Callable[[str], object] | None = None,
+        exporter: OtlpExporter | None = None,
+        scope: int = 0,
+    ) -> None: ...
+    def render(
+        self,
+        created: float,
+        level: int,
+        method: str,
+        path: str,
+        route: str,
+        status: str,
+        seconds: float,
+        trace_id: int = 0,
+        span_id: int = 0,
+    ) -> str: ...
+
 def end_request(
     span: tuple[OtlpExporter, tuple[Any, ...]] | None,
     requests: Family | None,
@@ -118,7 +140,9 @@ def end_request(
     route: str,
     status: str,
     seconds: float,
-    log: tuple[OtlpExporter, tuple[Any, ...]] | None = None,
+    log: tuple[OtlpExporter, tuple[Any, ...]]
+    | tuple[RequestLine, float, int, str, int, int, int, int]
+    | None = None,
     trace_id: int = 0,
     span_id: int = 0,
 ) -> tuple[bool, bool]: ...

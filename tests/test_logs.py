@@ -23,6 +23,7 @@ from cfk_otel._logs.handlers import (
     configure_logging,
 )
 from cfk_otel._logs.record import (
+    _RequestLine,
     _RequestRecord,
 )
 from cfk_otel._logs.render import (
@@ -30,6 +31,7 @@ from cfk_otel._logs.render import (
     JsonFormatter,
     PrettyFormatter,
     _dumps,
+    cut,
 )
 from cfk_otel._settings import Settings, load
 
@@ -989,7 +991,7 @@ async def _serve_once(app: Any, path: str) -> None:
         "type": "http",
         "method": "GET",
         "path": path,
-        "raw_path": path.encode(),
+        "raw_path": path.encode("utf-8", "surrogateescape"),
         "root_path": "",
         "query_string": b"",
         "headers": [(b"user-agent", b"tests")],
@@ -1073,5 +1075,242 @@ def test_a_request_ends_in_one_call_into_the_core(
             assert ids in {(t, s) for _, t, s, _, _ in exemplars}
         finally:
             _core.activate(_core.Choice(False, "not set up"))
+            _core.shutdown(1.0)
+            provider.shutdown()
+
+
+# Values a request line must survive byte for byte: quotes, backslashes, every C0 control
+# character, DEL, non-ASCII and astral characters, a path cut at the value limit.
+_HOSTILE_PATHS = (
+    "/plain",
+    '/q"u"o"t"e',
+    "/back\\slash\\",
+    "/c0" + "".join(map(chr, range(32))),
+    "/del\x7f\x80\x9f",
+    "/\u00e9\u4e2d\u2028\u2029\ufeff",
+    "/astral/\U0001f600\U00010000\U0010ffff",
+    cut("/long/" + "\u00e9" * 100, 40),
+)
+# Seconds: 0, half a microsecond either side of rounding, the 0.001 ms steps, 1 s, 1e6 s,
+# six-digit ties of %g (123456.5 ms, 1000.125 ms) and a duration whose repr needs an exponent.
+_DURATIONS = (
+    0.0,
+    0.0000005,
+    0.0000015,
+    0.0000025,
+    0.0005,
+    0.000001,
+    0.000999,
+    0.001,
+    0.0010005,
+    0.0125,
+    1.0,
+    1.000125,
+    123.4565,
+    1e6,
+    1e13,
+)
+# Created: the epoch, a leap day, the last millisecond of a year, now-ish.
+_CREATED = (0.0, 1709164800.5, 1767225599.9995, 1767225600.123456)
+
+
+def test_the_cores_request_line_equals_the_formatters_over_hostile_values(settings: Settings) -> None:
+    from cfk_otel import _native
+
+    formatter = JsonFormatter(settings)
+    core = _native.RequestLine(formatter._service_fields)
+    span = SpanContext(0xABC << 64 | 0xDEF, 0x1234, is_remote=False, trace_flags=TraceFlags(1))
+    compared = 0
+    for path in _HOSTILE_PATHS:
+        for seconds in _DURATIONS:
+            for status in (200, 404, 500):
+                for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL):
+                    for traced in (span, None):
+                        created = _CREATED[compared % len(_CREATED)]
+                        duration_ms = round(seconds * 1_000_000) / 1000
+                        request = _RequestLine(
+                            created,
+                            level,
+                            f"GET {path} {status} {duration_ms:g}ms",
+                            "GET",
+                            path,
+                            "/r/{x}" + path[-3:],
+                            status,
+                            duration_ms,
+                            traced,
+                        )
+                        ids = (traced.trace_id, traced.span_id) if traced is not None else (0, 0)
+                        mine = core.render(
+                            created, level, "GET", path, request.route, str(status), seconds, *ids
+                        )
+                        assert mine == formatter._line(request), (path, seconds, status, level)
+                        compared += 1
+    assert compared == len(_HOSTILE_PATHS) * len(_DURATIONS) * 3 * 5 * 2
+
+
+def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pythons_way(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same requests, the line written by the core and then by Python: the same stdout
+    lines and the same OTLP records but for time and duration; a path the core cannot take
+    (a lone surrogate) takes Python's way, on the core's route too (where, as before, a
+    strict stdout and the core's queue refuse it: lost, and said so)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from cfk_otel._asgi.middleware import TelemetryMiddleware
+    from cfk_otel._core import seam as _core
+    from cfk_otel._logs import requests as _logs
+    from cfk_otel._logs.requests import request_observer
+    from cfk_otel.testing import OtlpReceiver
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hello", status_code=int(request.query_params.get("s", "200")))
+
+    paths = ["/hello/1", '/hello/"q"\\\x01\x7f\u00e9\U0001f600', "/nowhere/\t"]
+    built: list[object] = []
+    original = _logs.request_line
+    with OtlpReceiver() as receiver:
+        provider, sink = _sink_provider(receiver, monkeypatch)
+        configure_logging(settings, provider, sink)
+        tracer_provider = TracerProvider()
+        _core.activate(_core.Choice(True, ""), tracer_provider)
+        try:
+            observer = request_observer(settings)
+            assert observer is not None
+            app = TelemetryMiddleware(
+                Starlette(routes=[Route("/hello/{n}", hello)]),
+                tracer_provider=tracer_provider,
+                meter_provider=MeterProvider(),
+                observers=[observer],
+            )
+            loop = asyncio.new_event_loop()
+            monkeypatch.setattr(_logs, "request_line", lambda *a: built.append(original(*a)) or built[-1])
+            for path in paths:
+                loop.run_until_complete(_serve_once(app, path))
+            assert built
+            assert built[-1] is not None  # the core wrote those
+            monkeypatch.setattr(_logs, "request_line", lambda *a: None)
+            configure_logging(settings, provider, sink)  # new handlers: the line's route again
+            for path in paths:
+                loop.run_until_complete(_serve_once(app, path))
+            surrogate = "/hello/\udc80"
+            monkeypatch.setattr(_logs, "request_line", original)
+            configure_logging(settings, provider, sink)
+            by_python: list[str] = []
+            python_line = JsonFormatter._line
+            monkeypatch.setattr(
+                JsonFormatter, "_line", lambda self, r: by_python.append(r.path) or python_line(self, r)
+            )
+            loop.run_until_complete(_serve_once(app, paths[0]))
+            assert by_python == []  # the core's route again
+            loop.run_until_complete(_serve_once(app, surrogate))
+            assert by_python == [surrogate]  # Python's: stdout cannot take it either (logging says so)
+            loop.close()
+            lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            # Nor can the core queue a lone surrogate's OTLP record (a warning says it is lost).
+            lines = [line for line in lines if "route" in line]
+            for line in lines:
+                line.pop("timestamp")
+                line.pop("duration_ms")
+                line.pop("trace_id")
+                line.pop("span_id")
+                line["message"] = line["message"].rsplit(" ", 1)[0]
+            assert [line["path"] for line in lines] == [*paths, *paths, paths[0]]
+            assert lines[:3] == lines[3:6]
+            _flush(provider)
+            assert receiver.wait_for(
+                lambda: sum(log.scope == "cfk_otel.requests" for log in receiver.logs) == 7
+            )
+
+            def comparable(log: Any) -> tuple[Any, ...]:
+                # Each value with its type: 200 and 200.0 are equal in Python, not in OTLP.
+                attributes = {k: (type(v).__name__, v) for k, v in log.attributes.items()}
+                _, duration = attributes.pop("duration_ms")
+                assert type(duration) is float
+                assert str(log.body).endswith(f" {duration:g}ms")
+                return (
+                    log.scope,
+                    log.resource,
+                    str(log.body).rsplit(" ", 1)[0],
+                    attributes,
+                    log.record.time_unix_nano == log.record.observed_time_unix_nano > 0,
+                    log.record.severity_number,
+                    log.record.severity_text,
+                    len(log.record.trace_id),
+                    len(log.record.span_id),
+                    log.record.flags,
+                    log.record.dropped_attributes_count,
+                )
+
+            records = [comparable(log) for log in receiver.logs if log.scope == "cfk_otel.requests"]
+            assert records[:3] == records[3:6]
+            hello = {"method": "GET", "path": "/hello/1", "route": "/hello/{n}", "status": 200}
+            assert records[0][3] == {k: (type(v).__name__, v) for k, v in hello.items()}
+        finally:
+            _core.activate(_core.Choice(False, "not set up"))
+            _core.shutdown(1.0)
+            provider.shutdown()
+
+
+@pytest.mark.usefixtures("restore_root")
+def test_the_cores_line_follows_a_new_exporter_and_a_processor_the_app_adds(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The line's configuration in the core is built once, and again when its exporter is
+    replaced (a fork, a shutdown); once the app adds a log processor, records take the SDK's
+    way, and so does the line."""
+    from opentelemetry.sdk._logs import LogRecordProcessor
+
+    from cfk_otel._asgi.types import RequestInfo
+    from cfk_otel._core import seam as _core
+    from cfk_otel._logs.requests import request_observer
+    from cfk_otel.testing import OtlpReceiver
+
+    span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+    info = RequestInfo({"path": "/p"}, "http", "GET", "/p", 200, 0.0125, None, span)
+    with OtlpReceiver() as receiver:
+        provider, sink = _sink_provider(receiver, monkeypatch)
+        configure_logging(settings, provider, sink)
+        try:
+            observer = request_observer(settings)
+            assert observer is not None
+            first, again = observer.write(info), observer.write(info)
+            assert first is not None
+            assert again is not None
+            assert first[0] is again[0]  # built once
+            assert first[1:4] == (first[1], logging.INFO, "/p")
+            assert first[4:] == (0xABC, 0xDEF, 1, _core.LINE_STDOUT | _core.LINE_OTLP)
+            _core.shutdown(1.0)  # the exporter goes: the next line names the new one
+            renewed = observer.write(info)
+            assert renewed is not None
+            assert renewed[0] is not first[0]
+            for line in (first, again, renewed):
+                _core.end_request(None, None, None, "GET", "/p", "200", 0.0125, line)  # type: ignore[arg-type]
+
+            class Seen(LogRecordProcessor):
+                bodies: list[object] = []  # noqa: RUF012
+
+                def on_emit(self, log_record: Any) -> None:
+                    Seen.bodies.append(getattr(log_record, "log_record", log_record).body)
+
+                def shutdown(self) -> None: ...
+
+                def force_flush(self, timeout_millis: int = 30000) -> bool:
+                    return True
+
+            provider.add_log_record_processor(Seen())
+            assert observer.write(info) is None  # stdout written by Python, the record by the SDK
+            assert Seen.bodies == ["GET /p 200 12.5ms"]
+            lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            assert [line["message"] for line in lines] == ["GET /p 200 12.5ms"] * 4
+            _flush(provider)
+            # The renewed line's record (the core) and the last one (the SDK's processor); the
+            # first two were handed to the exporter that had shut down, which takes no more.
+            assert receiver.wait_for(lambda: len(receiver.logs) == 2)
+            assert [log.body for log in receiver.logs] == ["GET /p 200 12.5ms"] * 2
+        finally:
             _core.shutdown(1.0)
             provider.shutdown()

@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
@@ -55,7 +55,7 @@ from cfk_otel._version import __version__
 from . import sampling as _sampling
 
 if TYPE_CHECKING:
-    from cfk_otel._native import Family, OtlpExporter
+    from cfk_otel._native import Family, OtlpExporter, RequestLine
 
 _native: ModuleType | None
 try:
@@ -643,6 +643,29 @@ class CoreSpan(trace.Span):
 # An ended span or a log record on its way into the core: the exporter that queues it, and
 # the arguments of its record_span / record_log (see CoreSpan.ending, LogSink.prepared).
 Ended = tuple["OtlpExporter", tuple[Any, ...]]
+# A request line the core writes and queues itself (see ``cfk_otel._logs.requests``): its
+# configuration, then created (epoch seconds), level, path, trace id, span id, trace flags
+# and outputs (LINE_STDOUT | LINE_OTLP).
+Line = tuple["RequestLine", float, int, str, int, int, int, int]
+LINE_STDOUT: Final = 1
+LINE_OTLP: Final = 2
+
+
+def request_line(
+    service_fields: str,
+    write_line: Callable[[str], object] | None,
+    target: tuple[OtlpExporter, int] | None,
+) -> RequestLine | None:
+    """A request line's configuration in the core, built once per route: the JSON line's
+    service fields, what writes it on stdout (None: not written), and the logs exporter and
+    scope its OTLP record goes to (None: not sent). None without the core."""
+    if _native is None:
+        return None
+    exporter, scope = target if target is not None else (None, 0)
+    line: RequestLine = _native.RequestLine(service_fields, write_line, exporter, scope)
+    return line
+
+
 _END_REQUEST: Final = guard("recording the end of a request", then="its span, metrics or line lost")
 _END_CALL: Final = guard("recording the end of a client call", then="its span or metric lost")
 
@@ -655,7 +678,7 @@ def end_request(
     route: str,
     status: str,
     seconds: float,
-    log: Ended | None = None,
+    log: Ended | Line | None = None,
     trace_id: int = 0,
     span_id: int = 0,
 ) -> tuple[bool, bool]:
@@ -663,8 +686,10 @@ def end_request(
     line's log record queued (each when given), ``http_requests_total`` and
     ``http_request_duration_seconds`` recorded in ``requests`` and ``duration`` (when
     given), with ``trace_id`` and ``span_id`` as the duration's exemplar when non-zero
-    (:func:`cfk_otel._core.sampling.exemplar_ids` decides). Whether either metric folded a
-    new label set into its overflow series."""
+    (:func:`cfk_otel._core.sampling.exemplar_ids` decides). ``log`` is the line's OTLP
+    record, or a :data:`Line` the core writes (its stdout line through Python's writer) and
+    queues from these same values. Whether either metric folded a new label set into its
+    overflow series."""
     if _native is None:  # nothing here is the core's: neither span, record nor family exists
         return False, False
     with _END_REQUEST:
@@ -812,6 +837,11 @@ def _watch(provider: object, add_method: str) -> bool:
     return _WATCHED[provider]
 
 
+# The request line's logger and its number of fields (see ``cfk_otel._logs.record``).
+_REQUEST_LINES: Final = "cfk_otel.requests"
+_REQUEST_LINE_FIELDS: Final = 5
+
+
 class LogSink:
     """Records from ``logging`` (request lines included) straight into the core, on the
     native path: one call per record, no SDK ``LogRecord``. The records the app emits
@@ -826,9 +856,11 @@ class LogSink:
         self.provider = provider
         self._max_attributes = log_record_limits()[0]
         self._exporter: OtlpExporter | None = None
-        self._scopes: dict[str, int | None] = {}  # logger name -> the exporter's scope index
+        # logger name -> the exporter and its scope index (None: the SDK takes its records)
+        self._targets: dict[str, tuple[OtlpExporter, int] | None] = {}
         self._active = _watch(provider, "add_log_record_processor")
         self._generation = _GENERATION[0]
+        self._takes_line = self.takes(_REQUEST_LINE_FIELDS)
 
     @property
     def active(self) -> bool:
@@ -858,6 +890,32 @@ class LogSink:
         prepared[0].record_log(*prepared[1])
         return True
 
+    def takes(self, count: int) -> bool:
+        """Whether a record of ``count`` attributes is within the SDK's count limit."""
+        limit = self._max_attributes
+        return limit is None or count <= limit
+
+    def line_target(self) -> tuple[OtlpExporter, int] | None:
+        """:meth:`target` for request lines (five attributes, the ``cfk_otel.requests``
+        scope), or None when their records must go through the SDK (see :meth:`prepared`)."""
+        if not self._takes_line or not self.active:
+            return None
+        return self.target(_REQUEST_LINES)
+
+    def target(self, name: str) -> tuple[OtlpExporter, int] | None:
+        """The exporter and scope index of logger ``name``'s records in the core: the same
+        tuple while both hold. None when the SDK must take them (the core names no more
+        scopes)."""
+        exporter = _EXPORTERS.get((os.getpid(), "logs"))
+        if exporter is None or exporter is not self._exporter:  # first use, a fork, a shutdown
+            exporter = self._exporter = _exporter("logs", self.provider.resource, [])
+            self._targets = {}
+        targets = self._targets
+        if name not in targets:
+            index = exporter.scope(name, "")
+            targets[name] = None if index is None else (exporter, index)
+        return targets[name]
+
     def prepared(
         self,
         name: str,
@@ -872,18 +930,12 @@ class LogSink:
         """What queues one record in the core (the exporter and ``record_log``'s arguments),
         for :meth:`record` or a caller that hands it over with other work; None when the SDK
         must take it instead (see :meth:`record`)."""
-        limit = self._max_attributes
-        if limit is not None and len(attributes) > limit:
+        if not self.takes(len(attributes)):
             return None
-        exporter = _EXPORTERS.get((os.getpid(), "logs"))
-        if exporter is None or exporter is not self._exporter:  # first use, a fork, a shutdown
-            exporter = self._exporter = _exporter("logs", self.provider.resource, [])
-            self._scopes = {}
-        index = self._scopes.get(name, -1)
-        if index == -1:
-            index = self._scopes[name] = exporter.scope(name, "")
-        if index is None:
+        target = self.target(name)
+        if target is None:
             return None
+        exporter, index = target
         if span is not None and span.is_valid:
             trace_id, span_id, flags = span.trace_id, span.span_id, int(span.trace_flags)
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -21,6 +21,9 @@ from opentelemetry._logs import LoggerProvider, SeverityNumber
 from cfk_otel._core.seam import Ended, LogSink
 from cfk_otel._redact import Known
 from cfk_otel._settings import Settings
+
+if TYPE_CHECKING:
+    from cfk_otel._native import OtlpExporter
 
 from .record import _REQUESTS_LOGGER, _RequestLine, _RequestRecord
 from .render import (
@@ -67,6 +70,13 @@ class OtlpHandler(logging.Handler):
         """Whether records go straight to the core (:meth:`emit_request` among them)."""
         return self._sink is not None and self._sink.active
 
+    def line_target(self) -> tuple[OtlpExporter, int] | None:
+        """Where the core queues a request line's record itself (the exporter and the line's
+        scope): the same tuple while they hold; None when the record must take
+        :meth:`prepare_request`'s way."""
+        sink = self._sink
+        return sink.line_target() if sink is not None else None
+
     def emit_request(self, request: _RequestLine) -> None:
         """A request line as an OTLP log record, straight into the core."""
         ended = self.prepare_request(request)
@@ -85,8 +95,14 @@ class OtlpHandler(logging.Handler):
         try:
             stamp = int(request.created * 1e9)
             fields = request.fields
-            ended = self._sink.prepared(  # type: ignore[union-attr]  # direct: the sink is there
-                _REQUESTS_LOGGER, stamp, stamp, number.value, text, request.message, fields, request.span
+            sink = self._sink
+            # A processor the app added since the route was chosen sees the record (the SDK's way).
+            ended = (
+                sink.prepared(
+                    _REQUESTS_LOGGER, stamp, stamp, number.value, text, request.message, fields, request.span
+                )
+                if sink is not None and sink.active
+                else None
             )
             if ended is None:
                 self._emit(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from opentelemetry import trace
 
 from cfk_otel._asgi.types import RequestInfo
-from cfk_otel._core.seam import Ended
+from cfk_otel._core.seam import LINE_OTLP, LINE_STDOUT, Ended, Line, end_request, request_line
 from cfk_otel._guard import guard
 from cfk_otel._redact import scrub_url
 from cfk_otel._settings import Settings
@@ -18,6 +18,9 @@ from cfk_otel._settings import Settings
 from .handlers import _OURS, OtlpHandler, _StdoutHandler
 from .record import _REQUESTS_LOGGER, _RequestLine, _RequestRecord
 from .render import JsonFormatter, cut
+
+if TYPE_CHECKING:
+    from cfk_otel._native import OtlpExporter, RequestLine
 
 _requests: Final = logging.getLogger(_REQUESTS_LOGGER)
 _QUEUE_LINE: Final = guard("queueing a request line in the core", then="the line is lost")
@@ -34,14 +37,22 @@ class _Route(NamedTuple):
 def _listeners() -> tuple[object, ...]:
     """Everything ``logging`` would involve in a request line: handlers up the logger
     chain, the requests logger's filters and the handlers' filters."""
-    handlers: list[logging.Handler] = []
+    handlers: list[object] = []
     logger: logging.Logger | None = _requests
     while logger is not None:
-        handlers += logger.handlers
+        if logger.handlers:
+            handlers.extend(logger.handlers)
         if not logger.propagate:
             break
         logger = logger.parent
-    return (*handlers, None, *_requests.filters, None, *(f for h in handlers for f in h.filters))
+    count = len(handlers)
+    handlers.append(None)
+    handlers.extend(_requests.filters)
+    handlers.append(None)
+    for handler in handlers[:count]:
+        if handler.filters:  # type: ignore[attr-defined]  # the first `count` are handlers
+            handlers.extend(handler.filters)  # type: ignore[attr-defined]
+    return tuple(handlers)
 
 
 def _route(listeners: tuple[object, ...]) -> _Route | None:
@@ -84,23 +95,61 @@ class RequestLog:
     one call (``_core.end_request``).
     """
 
-    __slots__ = ("_limit", "_rate", "_route", "_seen")
+    __slots__ = ("_core_line", "_limit", "_line_route", "_line_target", "_rate", "_route", "_seen")
 
     def __init__(self, settings: Settings) -> None:
         self._rate = settings.log_requests_sample_rate
         self._limit = settings.log_value_limit
         self._seen: tuple[object, ...] = ()
         self._route: _Route | None = None
+        self._line_route: _Route | None = None
+        self._line_target: tuple[OtlpExporter, int] | None = None
+        self._core_line: RequestLine | None = None
 
     def __call__(self, info: RequestInfo) -> None:
         ended = self.write(info)
         if ended is not None:
             with _QUEUE_LINE:  # a log line must never raise into the app
-                ended[0].record_log(*ended[1])
+                end_request(None, None, None, info.method, info.route, str(info.status), info.duration, ended)
 
-    def write(self, info: RequestInfo) -> Ended | None:
-        """Write the request line of ``info``; what queues its OTLP record in the core when
-        that is left to the caller (None: nothing left to do)."""
+    def write(self, info: RequestInfo) -> Ended | Line | None:
+        """Write the request line of ``info``, or leave it to the core: what queues its OTLP
+        record, or writes the whole line (a :data:`~cfk_otel._core.seam.Line`), when that is
+        left to the caller's ``end_request`` (None: nothing left to do).
+
+        The line's values are the same either way; the core writes them when the route is
+        direct (see :func:`_route`) and the core is there, Python otherwise."""
+        level = self._level(info)
+        if level is None:
+            return None
+        span: trace.SpanContext | None = info.span_context
+        if not span.is_valid:  # type: ignore[union-attr]  # a RequestInfo always has one
+            span = None
+        # An absolute-form target (GET http://user:pw@host/...) loses its userinfo.
+        method, path = info.method, scrub_url(info.scope.get("path", ""))
+        if len(path) > self._limit:
+            path = cut(path, self._limit)
+        listeners = _listeners()
+        if listeners != self._seen:
+            self._seen, self._route = listeners, _route(listeners)
+        route = self._route
+        if route is not None:
+            stream, otlp = route.stream, route.otlp
+            outputs = (LINE_STDOUT if stream is not None and level >= stream.level else 0) | (
+                LINE_OTLP if otlp is not None and level >= otlp.level else 0
+            )
+            line = self._line(route, outputs) if outputs else None
+            if line is not None and _plain(path) and _plain(info.route):
+                if span is None:
+                    return line, time.time(), level, path, 0, 0, 0, outputs
+                return line, time.time(), level, path, span.trace_id, span.span_id, span.trace_flags, outputs
+            if not outputs:
+                return None
+        return self._write(route, level, method, path, info, span)
+
+    def _level(self, info: RequestInfo) -> int | None:
+        """The line's level, or None when no line is written (sampled out, or below the
+        requests logger's level)."""
         if info.kind != "http":
             return None
         status = info.status
@@ -110,15 +159,37 @@ class RequestLog:
             level = logging.INFO
         else:
             level = logging.ERROR if status >= 500 else logging.WARNING
-        if not _requests.isEnabledFor(level):
-            return None
-        span: trace.SpanContext | None = info.span_context
-        if not span.is_valid:  # type: ignore[union-attr]  # a RequestInfo always has one
-            span = None
-        # An absolute-form target (GET http://user:pw@host/...) loses its userinfo.
-        method, path = info.method, scrub_url(info.scope.get("path", ""))
-        if len(path) > self._limit:
-            path = cut(path, self._limit)
+        return level if _requests.isEnabledFor(level) else None
+
+    def _line(self, route: _Route, outputs: int) -> RequestLine | None:
+        """The core's configuration of the line for ``route`` (None: Python writes the line).
+        Built again when the route or the record's exporter changes (a fork, a shutdown)."""
+        otlp = route.otlp
+        target = otlp.line_target() if otlp is not None else None
+        if outputs & LINE_OTLP and target is None:
+            return None  # the record takes the SDK's way: so does the line, whole
+        if route is not self._line_route or target is not self._line_target:
+            stream = route.stream
+            self._line_route, self._line_target = route, target
+            self._core_line = request_line(
+                route.formatter._service_fields if route.formatter is not None else "",
+                stream.write_line if stream is not None else None,
+                target,
+            )
+        return self._core_line
+
+    def _write(
+        self,
+        route: _Route | None,
+        level: int,
+        method: str,
+        path: str,
+        info: RequestInfo,
+        span: trace.SpanContext | None,
+    ) -> Ended | None:
+        """The request line written by Python: through ``logging`` when no direct route, for
+        a value the core cannot take (a lone surrogate), or without the core."""
+        status = info.status
         duration_ms = round(info.duration * 1_000_000) / 1000  # µs precision; round(x, 3) costs 3x
         request = _RequestLine(
             time.time(),
@@ -131,10 +202,6 @@ class RequestLog:
             duration_ms,
             span,
         )
-        listeners = _listeners()
-        if listeners != self._seen:
-            self._seen, self._route = listeners, _route(listeners)
-        route = self._route
         if route is None:
             _requests.handle(_RequestRecord(level, request.message, request.fields, span))
             return None
@@ -144,6 +211,17 @@ class RequestLog:
         if otlp is not None and level >= otlp.level:
             return otlp.prepare_request(request)
         return None
+
+
+def _plain(text: str) -> bool:
+    """Whether ``text`` is valid Unicode for the core (no lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def request_observer(settings: Settings) -> RequestLog | None:

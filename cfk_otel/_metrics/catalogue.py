@@ -680,7 +680,7 @@ class Metrics:
         trace_id: int = 0,
         span_id: int = 0,
         span: _seam.Ended | None = None,
-        log: _seam.Ended | None = None,
+        log: _seam.Ended | _seam.Line | None = None,
     ) -> None:
         """The end of one HTTP request: ``http_requests_total`` and ``http_request_duration_seconds``,
         with the request's ended span and its request line's log record when the core is to

@@ -3,6 +3,7 @@
 //! OpenTelemetry SDK instead when this module is missing or `CFK_OTEL_NATIVE=false`.
 
 mod export;
+mod line;
 mod metrics;
 mod otlp;
 mod proto;
@@ -16,6 +17,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<otlp::OtlpExporter>()?;
     m.add_function(wrap_pyfunction!(otlp::check_tls, m)?)?;
+    m.add_class::<line::RequestLine>()?;
     m.add_class::<metrics::Family>()?;
     m.add_function(wrap_pyfunction!(metrics::render, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::record_request, m)?)?;

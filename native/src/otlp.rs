@@ -113,7 +113,7 @@ fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], 
 }
 
 /// An id's bytes, or none for 0: OTLP writes an absent parent or span as an empty field.
-fn id_bytes(bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn id_bytes(bytes: &[u8]) -> Vec<u8> {
     if bytes.iter().all(|b| *b == 0) {
         Vec::new()
     } else {
@@ -224,6 +224,27 @@ impl OtlpExporter {
             at(args, 9)?,
             String::new(),
         )
+    }
+
+    /// The longest text value an attribute keeps.
+    pub(crate) fn limit(&self) -> Option<Limit> {
+        self.limit
+    }
+
+    /// Queues one log record built in the core (its scope checked, its weight counted).
+    pub(crate) fn push_log(&self, scope: usize, record: LogRecord) -> PyResult<()> {
+        self.check(Signal::Logs, scope)?;
+        let weight = 96
+            + record.severity_text.len()
+            + record.event_name.len()
+            + weight(&record.attributes)
+            + record.body.as_ref().map_or(0, crate::value::any_weight);
+        self.exporter.push(Item {
+            scope,
+            payload: Payload::Log(record),
+            weight,
+        });
+        Ok(())
     }
 
     fn check(&self, signal: Signal, scope: usize) -> PyResult<()> {
@@ -447,11 +468,6 @@ impl OtlpExporter {
         } else {
             any_value(body, None, 0)? // the body is the message: cut by the caller, as the SDK leaves it
         };
-        let weight = 96
-            + severity_text.len()
-            + event_name.len()
-            + weight(&attributes)
-            + body.as_ref().map_or(0, crate::value::any_weight);
         let record = LogRecord {
             time_unix_nano: time,
             observed_time_unix_nano: observed_time,
@@ -465,12 +481,7 @@ impl OtlpExporter {
             span_id: id_bytes(&span_id.to_be_bytes()),
             event_name,
         };
-        self.exporter.push(Item {
-            scope,
-            payload: Payload::Log(record),
-            weight,
-        });
-        Ok(())
+        self.push_log(scope, record)
     }
 
     /// Queues one collection of `families` (cumulative since `start`, at `now`, in unix

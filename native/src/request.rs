@@ -10,6 +10,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use crate::line::{write_line, LineArgs};
 use crate::metrics::{record_request_in, Family};
 use crate::otlp::OtlpExporter;
 
@@ -26,6 +27,14 @@ fn keep<T>(result: PyResult<T>, failure: &mut Option<PyErr>) -> Option<T> {
 
 /// An ended span or a log record: the exporter that queues it and its `record_*` arguments.
 type Ended<'py> = (PyRef<'py, OtlpExporter>, Bound<'py, PyTuple>);
+
+/// A request line: its OTLP record as `record_log`'s arguments (the `logging` route), or the
+/// line's own values for the core to write and queue (see `line.rs`).
+#[derive(FromPyObject)]
+pub enum Log<'py> {
+    Line(LineArgs<'py>),
+    Ended(Ended<'py>),
+}
 
 /// Queues `span`, when there is one.
 fn queue_span(span: Option<&Ended<'_>>, failure: &mut Option<PyErr>) {
@@ -48,6 +57,7 @@ fn queue_span(span: Option<&Ended<'_>>, failure: &mut Option<PyErr>) {
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn end_request(
+    py: Python<'_>,
     span: Option<Ended<'_>>,
     requests: Option<PyRef<'_, Family>>,
     duration: Option<PyRef<'_, Family>>,
@@ -55,21 +65,30 @@ pub fn end_request(
     route: String,
     status: String,
     seconds: f64,
-    log: Option<Ended<'_>>,
+    log: Option<Log<'_>>,
     trace_id: u128,
     span_id: u64,
 ) -> PyResult<(bool, bool)> {
     let mut failure = None;
     queue_span(span.as_ref(), &mut failure);
+    match &log {
+        Some(Log::Line(line)) => {
+            keep(
+                write_line(py, line, &method, &route, &status, seconds),
+                &mut failure,
+            );
+        }
+        Some(Log::Ended((exporter, arguments))) => {
+            keep(exporter.record_log_args(arguments), &mut failure);
+        }
+        None => {}
+    }
     let mut overflowed = (false, false);
     if let (Some(requests), Some(duration)) = (&requests, &duration) {
         let recorded = record_request_in(
             requests, duration, method, route, status, seconds, trace_id, span_id,
         );
         overflowed = keep(recorded, &mut failure).unwrap_or_default();
-    }
-    if let Some((exporter, arguments)) = &log {
-        keep(exporter.record_log_args(arguments), &mut failure);
     }
     failure.map_or(Ok(overflowed), Err)
 }
