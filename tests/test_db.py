@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from cfk_otel._instrumentation import db as _db
 from cfk_otel._instrumentation.db import (
+    _asyncpg_call,
     _asyncpg_target,
     _Client,
     _Conventions,
@@ -99,6 +101,44 @@ def test_asyncpg_unix_socket_and_missing_parts() -> None:
     }
     client.db = _Conventions("database", "")
     assert _asyncpg_target(object(), client) == {"db.system": "postgresql"}
+
+
+def test_asyncpg_calls_are_prepared_once_per_connection_and_statement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The span name, labels and attributes of a statement on a connection are built on
+    its first call only; what is remembered stays bounded; odd queries are not kept."""
+    seen: list[object] = []
+
+    def counting(query: object) -> str:
+        seen.append(query)
+        return sql_operation(query)
+
+    monkeypatch.setattr(_db, "sql_operation", counting)
+    client = _Client(None)
+    client.db = _Conventions("database", "database/dup")
+    connection, other = _Asyncpg(("db", 5432)), _Asyncpg(("db", 5432))
+    sql = "SELECT 1"
+    first = _asyncpg_call(client, connection, sql, "")
+    assert _asyncpg_call(client, connection, "SELECT 1", "") is first
+    assert seen == [sql]
+    name, key, attributes = first
+    assert (name, key) == ("SELECT", ("SELECT",))
+    assert attributes == {**_asyncpg_target(connection, client), "db.statement": sql, "db.query.text": sql}
+    assert _asyncpg_call(client, connection, sql, "CURSOR: ")[0] == "CURSOR: SELECT"
+    assert _asyncpg_call(client, other, sql, "") == first
+    assert len(seen) == 3  # another prefix, another connection: prepared again
+    assert _asyncpg_call(client, connection, None, "") == (
+        "postgresql",
+        ("OTHER",),
+        _asyncpg_target(connection, client),
+    )
+    for i in range(_db._MAX_CALLS * 2 + 5):
+        _asyncpg_call(client, connection, f"SELECT {i}", "")
+    assert 0 < len(client.target(connection, _asyncpg_target).calls) <= _db._MAX_CALLS
+    # An object no fixed attributes can be kept for (not weakly referable): the span goes
+    # without them, its name and labels as always.
+    assert _asyncpg_call(client, 3, "DELETE FROM t", "") == ("DELETE", ("DELETE",), {})
 
 
 def test_redis_unix_socket_and_cluster() -> None:
