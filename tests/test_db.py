@@ -13,6 +13,7 @@ from cfk_otel._instrumentation.db import (
     _asyncpg_target,
     _Client,
     _Conventions,
+    _redis_call,
     _redis_name,
     _redis_pipeline,
     _redis_statement,
@@ -154,6 +155,49 @@ def test_redis_unix_socket_and_cluster() -> None:
         "network.transport": "unix",
     }
     assert _redis_target(SimpleNamespace(), client) == {"db.system": "redis"}
+
+
+class _Pool:  # weakly referable, as redis's pools are
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.connection_kwargs = kwargs
+
+
+def test_redis_calls_are_prepared_once_per_pool_and_command_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command's span name, label and attributes depend on its name and argument count
+    only: made once per pool for each; a name that is not a plain str, and pipelines, each
+    time; what is kept stays bounded."""
+    made: list[tuple[object, ...]] = []
+
+    def counting(args: tuple[object, ...]) -> str:
+        made.append(args)
+        return _redis_statement(args)
+
+    monkeypatch.setattr(_db, "_redis_statement", counting)
+    client = _Client(None)
+    pool = _Pool({"host": "cache", "port": 6379, "db": 2})
+    instance = SimpleNamespace(connection_pool=pool)
+    first = _redis_call(client, instance, ("SET", "k1", "secret-1"), False)
+    assert _redis_call(client, instance, ("SET", "k2", "secret-2"), False) is first
+    assert made == [("SET", "k1", "secret-1")]
+    assert first == (
+        "SET",
+        ("SET",),
+        {**_redis_target(pool, client), "db.statement": "SET ? ?", "db.redis.args_length": 3},
+    )
+    assert (
+        _redis_call(client, instance, ("SET", "k", "v", "EX", 60), False)[2]["db.statement"] == "SET ? ? ? ?"
+    )
+    other = SimpleNamespace(connection_pool=_Pool({"host": "other"}))
+    assert _redis_call(client, other, ("SET", "k", "v"), False)[2]["net.peer.name"] == "other"
+    assert _redis_call(client, instance, (b"get", "k"), False)[:2] == ("b'get'", ("GET",))
+    assert _redis_call(client, instance, (b"get", "k"), False)[:2] == ("b'get'", ("GET",))
+    assert len(made) == 5  # another shape, another pool, a bytes name each time
+    pipeline = SimpleNamespace(connection_pool=pool, command_stack=[(("SET", "k", "v"), {})])
+    name, labels, attributes = _redis_call(client, pipeline, (), True)
+    assert (name, labels, attributes["db.redis.pipeline_length"]) == ("SET", ("PIPELINE",), 1)
+    for i in range(_db._MAX_CALLS * 2 + 5):
+        _redis_call(client, instance, ("GET", *range(i)), False)
+    assert 0 < len(client.target(pool, _redis_target).calls) <= _db._MAX_CALLS
 
 
 def test_redis_names_and_statements() -> None:

@@ -265,10 +265,6 @@ class _Client:
             target = self._targets[owner] = _Target(build(owner, self))
         return target
 
-    def fixed(self, owner: Any, build: Callable[[Any, _Client], dict[str, Any]]) -> dict[str, Any]:
-        """A copy of ``owner``'s fixed attributes (its server), built once per owner."""
-        return dict(self.target(owner, build).fixed)
-
     def failed(self, span: trace.Span, error: BaseException) -> None:
         # As both instrumentations do (the SDK's default for a span that an error left).
         # An error whose str() fails: the app still gets its own error.
@@ -501,27 +497,52 @@ def _redis_pipeline(instance: Any) -> tuple[int, str, str]:
     return len(commands), statement, name or "redis"
 
 
-def _redis_span(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> trace.Span:
-    name, attributes = "redis", {}
+_PIPELINE: Final = ("PIPELINE",)
+
+
+def _redis_call(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> _Call:
+    """The span name, labels and attributes of one command (or pipeline) on ``instance``.
+    A command's depend on its name and count of arguments alone (its values are never
+    written): made once per pool for each."""
+    target: _Target | None = None
+    head = args[0] if args and not pipeline else None
+    shape = (head, len(args)) if type(head) is str else None  # a plain name: kept
     with _REDIS_ATTRIBUTES:  # e.g. an argument whose str() fails: the span goes without them
         pool = getattr(instance, "connection_pool", None)
-        found = client.fixed(instance if pool is None else pool, _redis_target)
+        target = client.target(instance if pool is None else pool, _redis_target)
+        if shape is not None:
+            found = target.calls.get(shape)
+            if found is not None:
+                return found
+    command = _PIPELINE
+    if not pipeline:
+        label = "OTHER"
+        with _RECORD_REDIS:
+            label = redis_command(args)
+        command = (label,)
+    call: _Call = ("redis", command, {})
+    with _REDIS_ATTRIBUTES:
+        if target is None:
+            return call
+        attributes = dict(target.fixed)
         if pipeline:
-            length, statement, found_name = _redis_pipeline(instance)
-            client.db.statement(found, statement)
-            found["db.redis.pipeline_length"] = length
+            length, statement, name = _redis_pipeline(instance)
+            client.db.statement(attributes, statement)
+            attributes["db.redis.pipeline_length"] = length
         else:
-            found_name = _redis_name(instance, args)
-            client.db.statement(found, _redis_statement(args))
-            found["db.redis.args_length"] = len(args)
-        name, attributes = found_name, found
-    return client.spans.start(name, None, SpanKind.CLIENT, attributes)
+            name = _redis_name(instance, args)
+            client.db.statement(attributes, _redis_statement(args))
+            attributes["db.redis.args_length"] = len(args)
+        call = (name, command, attributes)
+        if shape is not None:
+            target.remember(shape, call)
+    return call
 
 
 def _redis_done(
     client: _Client,
     span: trace.Span,
-    args: tuple[Any, ...],
+    labels: tuple[str],
     pipeline: bool,
     start: float,
     error: Exception | None,
@@ -529,11 +550,7 @@ def _redis_done(
     elapsed = time.perf_counter() - start
     if error is not None and not (pipeline and _is_watch_error(error)):
         client.failed(span, error)
-    command = "PIPELINE" if pipeline else "OTHER"
-    if not pipeline:
-        with _RECORD_REDIS:
-            command = redis_command(args)
-    client.finish(span, _metrics.default().redis_operation_duration, (command,), elapsed)
+    client.finish(span, _metrics.default().redis_operation_duration, labels, elapsed)
 
 
 def _is_watch_error(error: Exception) -> bool:
@@ -549,7 +566,8 @@ def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
     ) -> Any:
         if not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        span = _redis_span(client, instance, args, pipeline)
+        name, labels, attributes = _redis_call(client, instance, args, pipeline)
+        span = client.spans.start(name, None, SpanKind.CLIENT, attributes)
         start = time.perf_counter()
         error = None
         try:
@@ -558,7 +576,7 @@ def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
             error = exc
             raise
         finally:
-            _redis_done(client, span, args, pipeline, start, error)
+            _redis_done(client, span, labels, pipeline, start, error)
 
     return traced
 
@@ -569,7 +587,8 @@ def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Await
     ) -> Any:
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
-        span = _redis_span(client, instance, args, pipeline)
+        name, labels, attributes = _redis_call(client, instance, args, pipeline)
+        span = client.spans.start(name, None, SpanKind.CLIENT, attributes)
         start = time.perf_counter()
         error = None
         try:
@@ -578,7 +597,7 @@ def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Await
             error = exc
             raise
         finally:
-            _redis_done(client, span, args, pipeline, start, error)
+            _redis_done(client, span, labels, pipeline, start, error)
 
     return traced
 
