@@ -258,3 +258,44 @@ def test_a_client_call_ends_in_one_call_into_the_core(
         finally:
             _core.activate(_core.Choice(False, "not set up"))
             _core.shutdown(1.0)
+
+
+def test_a_failing_end_of_a_client_call_never_reaches_the_app(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One guard around the span's end and the duration (the core's histogram, or the SDK's
+    beside a core span): what fails there is logged, the app's call goes on."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+
+    from cfk_otel import _guard
+    from cfk_otel._core import seam as _core
+    from cfk_otel._metrics import catalogue as _metrics
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(_guard, "warn_once", lambda kind, *args, **kwargs: _guard._log.warning(kind))
+    _core.shutdown(1.0)
+    provider = TracerProvider()
+    _core.activate(_core.Choice(True, ""), provider)
+    try:
+        client = _Client(provider)
+        native = _metrics.Metrics(MeterProvider(), native=True).database_query_duration
+        sdk = _metrics.Metrics(MeterProvider(), native=False).redis_operation_duration
+        span = client.spans.start("SELECT", None, SpanKind.CLIENT, {})
+        assert type(span) is _core.CoreSpan
+        with monkeypatch.context() as patch:
+            patch.setattr(_core.CoreSpan, "ending", broken)
+            client.finish(span, native, ("SELECT",), 0.001)  # no error
+        assert native.rows() == []  # the whole end was lost, and said so
+        span = client.spans.start("SET", None, SpanKind.CLIENT, {})
+        monkeypatch.setattr(sdk, "record_by_key", broken)
+        with caplog.at_level("WARNING", "cfk_otel"):
+            client.finish(span, sdk, ("SET",), 0.001)  # no error; the span still ends
+        assert not span.is_recording()
+        assert "recording a client call's duration" in caplog.text
+    finally:
+        _core.activate(_core.Choice(False, "not set up"))
+        _core.shutdown(1.0)

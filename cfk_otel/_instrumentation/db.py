@@ -288,9 +288,8 @@ class _Client:
         is the core's, else the two apart, each under its own guard."""
         # Inside a request: a trace kept later is not known yet, the head decision is.
         if type(span) is CoreSpan:  # its ids read as they are: no SpanContext made for them
-            with _END_SPAN:
-                trace_id, span_id = ids_for_exemplar(span.trace_id, span.span_id, span.sampled, False)
-                histogram.record_ending(key, seconds, span, trace_id, span_id)
+            trace_id, span_id = ids_for_exemplar(span.trace_id, span.span_id, span.sampled, False)
+            histogram.record_ending(key, seconds, span, trace_id, span_id)  # guarded inside
             return
         trace_id, span_id = exemplar_ids(span.get_span_context(), ended=False)
         with _RECORD_METRIC:
