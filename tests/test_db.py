@@ -7,10 +7,13 @@ from typing import Any
 
 import pytest
 
+from cfk_otel._instrumentation import db as _db
 from cfk_otel._instrumentation.db import (
+    _asyncpg_call,
     _asyncpg_target,
     _Client,
     _Conventions,
+    _redis_call,
     _redis_name,
     _redis_pipeline,
     _redis_statement,
@@ -101,6 +104,44 @@ def test_asyncpg_unix_socket_and_missing_parts() -> None:
     assert _asyncpg_target(object(), client) == {"db.system": "postgresql"}
 
 
+def test_asyncpg_calls_are_prepared_once_per_connection_and_statement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The span name, labels and attributes of a statement on a connection are built on
+    its first call only; what is remembered stays bounded; odd queries are not kept."""
+    seen: list[object] = []
+
+    def counting(query: object) -> str:
+        seen.append(query)
+        return sql_operation(query)
+
+    monkeypatch.setattr(_db, "sql_operation", counting)
+    client = _Client(None)
+    client.db = _Conventions("database", "database/dup")
+    connection, other = _Asyncpg(("db", 5432)), _Asyncpg(("db", 5432))
+    sql = "SELECT 1"
+    first = _asyncpg_call(client, connection, sql, "")
+    assert _asyncpg_call(client, connection, "SELECT 1", "") is first
+    assert seen == [sql]
+    name, key, attributes = first
+    assert (name, key) == ("SELECT", ("SELECT",))
+    assert attributes == {**_asyncpg_target(connection, client), "db.statement": sql, "db.query.text": sql}
+    assert _asyncpg_call(client, connection, sql, "CURSOR: ")[0] == "CURSOR: SELECT"
+    assert _asyncpg_call(client, other, sql, "") == first
+    assert len(seen) == 3  # another prefix, another connection: prepared again
+    assert _asyncpg_call(client, connection, None, "") == (
+        "postgresql",
+        ("OTHER",),
+        _asyncpg_target(connection, client),
+    )
+    for i in range(_db._MAX_CALLS * 2 + 5):
+        _asyncpg_call(client, connection, f"SELECT {i}", "")
+    assert 0 < len(client.target(connection, _asyncpg_target).calls) <= _db._MAX_CALLS
+    # An object no fixed attributes can be kept for (not weakly referable): the span goes
+    # without them, its name and labels as always.
+    assert _asyncpg_call(client, 3, "DELETE FROM t", "") == ("DELETE", ("DELETE",), {})
+
+
 def test_redis_unix_socket_and_cluster() -> None:
     client = _Client(None)
     client.http = _Conventions("http", "http/dup")
@@ -114,6 +155,49 @@ def test_redis_unix_socket_and_cluster() -> None:
         "network.transport": "unix",
     }
     assert _redis_target(SimpleNamespace(), client) == {"db.system": "redis"}
+
+
+class _Pool:  # weakly referable, as redis's pools are
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.connection_kwargs = kwargs
+
+
+def test_redis_calls_are_prepared_once_per_pool_and_command_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command's span name, label and attributes depend on its name and argument count
+    only: made once per pool for each; a name that is not a plain str, and pipelines, each
+    time; what is kept stays bounded."""
+    made: list[tuple[object, ...]] = []
+
+    def counting(args: tuple[object, ...]) -> str:
+        made.append(args)
+        return _redis_statement(args)
+
+    monkeypatch.setattr(_db, "_redis_statement", counting)
+    client = _Client(None)
+    pool = _Pool({"host": "cache", "port": 6379, "db": 2})
+    instance = SimpleNamespace(connection_pool=pool)
+    first = _redis_call(client, instance, ("SET", "k1", "secret-1"), False)
+    assert _redis_call(client, instance, ("SET", "k2", "secret-2"), False) is first
+    assert made == [("SET", "k1", "secret-1")]
+    assert first == (
+        "SET",
+        ("SET",),
+        {**_redis_target(pool, client), "db.statement": "SET ? ?", "db.redis.args_length": 3},
+    )
+    assert (
+        _redis_call(client, instance, ("SET", "k", "v", "EX", 60), False)[2]["db.statement"] == "SET ? ? ? ?"
+    )
+    other = SimpleNamespace(connection_pool=_Pool({"host": "other"}))
+    assert _redis_call(client, other, ("SET", "k", "v"), False)[2]["net.peer.name"] == "other"
+    assert _redis_call(client, instance, (b"get", "k"), False)[:2] == ("b'get'", ("GET",))
+    assert _redis_call(client, instance, (b"get", "k"), False)[:2] == ("b'get'", ("GET",))
+    assert len(made) == 5  # another shape, another pool, a bytes name each time
+    pipeline = SimpleNamespace(connection_pool=pool, command_stack=[(("SET", "k", "v"), {})])
+    name, labels, attributes = _redis_call(client, pipeline, (), True)
+    assert (name, labels, attributes["db.redis.pipeline_length"]) == ("SET", ("PIPELINE",), 1)
+    for i in range(_db._MAX_CALLS * 2 + 5):
+        _redis_call(client, instance, ("GET", *range(i)), False)
+    assert 0 < len(client.target(pool, _redis_target).calls) <= _db._MAX_CALLS
 
 
 def test_redis_names_and_statements() -> None:
@@ -174,3 +258,44 @@ def test_a_client_call_ends_in_one_call_into_the_core(
         finally:
             _core.activate(_core.Choice(False, "not set up"))
             _core.shutdown(1.0)
+
+
+def test_a_failing_end_of_a_client_call_never_reaches_the_app(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One guard around the span's end and the duration (the core's histogram, or the SDK's
+    beside a core span): what fails there is logged, the app's call goes on."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+
+    from cfk_otel import _guard
+    from cfk_otel._core import seam as _core
+    from cfk_otel._metrics import catalogue as _metrics
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(_guard, "warn_once", lambda kind, *args, **kwargs: _guard._log.warning(kind))
+    _core.shutdown(1.0)
+    provider = TracerProvider()
+    _core.activate(_core.Choice(True, ""), provider)
+    try:
+        client = _Client(provider)
+        native = _metrics.Metrics(MeterProvider(), native=True).database_query_duration
+        sdk = _metrics.Metrics(MeterProvider(), native=False).redis_operation_duration
+        span = client.spans.start("SELECT", None, SpanKind.CLIENT, {})
+        assert type(span) is _core.CoreSpan
+        with monkeypatch.context() as patch:
+            patch.setattr(_core.CoreSpan, "ending", broken)
+            client.finish(span, native, ("SELECT",), 0.001)  # no error
+        assert native.rows() == []  # the whole end was lost, and said so
+        span = client.spans.start("SET", None, SpanKind.CLIENT, {})
+        monkeypatch.setattr(sdk, "record_by_key", broken)
+        with caplog.at_level("WARNING", "cfk_otel"):
+            client.finish(span, sdk, ("SET",), 0.001)  # no error; the span still ends
+        assert not span.is_recording()
+        assert "recording a client call's duration" in caplog.text
+    finally:
+        _core.activate(_core.Choice(False, "not set up"))
+        _core.shutdown(1.0)

@@ -701,21 +701,23 @@ def end_request(
 
 
 def end_call(
-    span: Ended | None,
+    span: CoreSpan | None,
     family: Family | None,
     labels: tuple[str, ...],
     seconds: float,
     trace_id: int = 0,
     span_id: int = 0,
 ) -> bool:
-    """The end of one client call in one call into the core: its span queued (when given)
-    and ``seconds`` observed in ``family`` (when given), with ``trace_id`` and ``span_id``
-    as its exemplar when non-zero. Whether the observation folded a new label set into the
-    overflow series."""
+    """The end of one client call in one call into the core: its span ended (when given) and
+    queued (when sampled, :meth:`CoreSpan.ending`), and ``seconds`` observed in ``family``
+    (when given), with ``trace_id`` and ``span_id`` as its exemplar when non-zero. Whether the
+    observation folded a new label set into the overflow series. One guard for it all: a
+    failure is logged once, never raised."""
     if _native is None:
         return False
     with _END_CALL:
-        overflowed: bool = _native.end_call(span, family, labels, seconds, trace_id, span_id)
+        ended = span.ending() if span is not None else None
+        overflowed: bool = _native.end_call(ended, family, labels, seconds, trace_id, span_id)
         return overflowed
     return False
 

@@ -41,7 +41,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cfk_otel._bootstrap import setup as _sdk
-from cfk_otel._core.sampling import exemplar_ids
+from cfk_otel._core.sampling import exemplar_ids, ids_for_exemplar
 from cfk_otel._core.seam import CoreSpan, Spans
 from cfk_otel._errors import total as _errors_total
 from cfk_otel._guard import guard
@@ -122,6 +122,10 @@ _OLD_NET_TRANSPORT: Final = "net.transport"
 _OPT_IN: Final = "OTEL_SEMCONV_STABILITY_OPT_IN"
 _ASYNCPG_METHODS: Final = ("execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany")
 _MAX_SQL: Final = 2048
+# A connection's (or redis pool's) calls remembered: each distinct statement or command
+# shape's span name, metric labels and attributes, built once. Emptied when full (SQL
+# built per call, values in its text, would otherwise grow it without end).
+_MAX_CALLS: Final = 256
 
 
 def sql_operation(query: object) -> str:
@@ -214,9 +218,31 @@ class _Conventions:
             attributes[DB_QUERY_TEXT] = text
 
 
+# One kind of call on one connection or pool, prepared once: its span name, its duration
+# metric's labels and its span's attributes (shared: Spans.start copies them, nobody writes).
+_Call = tuple[str, tuple[str], dict[str, Any]]
+
+
+class _Target:
+    """A connection's (or redis pool's) fixed attributes, built once, and its calls
+    prepared so far (at most ``_MAX_CALLS``)."""
+
+    __slots__ = ("calls", "fixed")
+
+    def __init__(self, fixed: dict[str, Any]) -> None:
+        self.fixed = fixed
+        self.calls: dict[object, _Call] = {}
+
+    def remember(self, key: object, call: _Call) -> None:
+        calls = self.calls
+        if len(calls) >= _MAX_CALLS:
+            calls.clear()
+        calls[key] = call
+
+
 class _Client:
     """What one instrumentor's wrappers share: where spans start, the semantic
-    conventions in force, and each connection's fixed attributes (built once)."""
+    conventions in force, and each connection's fixed attributes and calls (built once)."""
 
     def __init__(
         self,
@@ -230,14 +256,14 @@ class _Client:
         self.db = _Conventions("database")
         self.http = _Conventions("http")  # the redis instrumentation names its server by these
         self.new = self.db.new
-        self._fixed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+        self._targets: weakref.WeakKeyDictionary[Any, _Target] = weakref.WeakKeyDictionary()
 
-    def fixed(self, owner: Any, build: Callable[[Any, _Client], dict[str, Any]]) -> dict[str, Any]:
-        """A copy of ``owner``'s fixed attributes (its server), built once per owner."""
-        attributes = self._fixed.get(owner)
-        if attributes is None:
-            attributes = self._fixed[owner] = build(owner, self)
-        return dict(attributes)
+    def target(self, owner: Any, build: Callable[[Any, _Client], dict[str, Any]]) -> _Target:
+        """``owner``'s fixed attributes (its server) and prepared calls, built once per owner."""
+        target = self._targets.get(owner)
+        if target is None:
+            target = self._targets[owner] = _Target(build(owner, self))
+        return target
 
     def failed(self, span: trace.Span, error: BaseException) -> None:
         # As both instrumentations do (the SDK's default for a span that an error left).
@@ -261,11 +287,11 @@ class _Client:
         when its trace is exported) and its span ended: one call into the core when the span
         is the core's, else the two apart, each under its own guard."""
         # Inside a request: a trace kept later is not known yet, the head decision is.
-        trace_id, span_id = exemplar_ids(span.get_span_context(), ended=False)
-        if type(span) is CoreSpan:
-            with _END_SPAN:
-                histogram.record_ending(key, seconds, span, trace_id, span_id)
+        if type(span) is CoreSpan:  # its ids read as they are: no SpanContext made for them
+            trace_id, span_id = ids_for_exemplar(span.trace_id, span.span_id, span.sampled, False)
+            histogram.record_ending(key, seconds, span, trace_id, span_id)  # guarded inside
             return
+        trace_id, span_id = exemplar_ids(span.get_span_context(), ended=False)
         with _RECORD_METRIC:
             histogram.record_by_key(key, seconds, trace_id, span_id)
         self.end(span)
@@ -303,19 +329,36 @@ def _asyncpg_target(connection: Any, client: _Client) -> dict[str, Any]:
     return attributes
 
 
+def _asyncpg_call(client: _Client, connection: Any, query: object, prefix: str) -> _Call:
+    """The span name, labels and attributes of running ``query`` on ``connection``, made
+    once per connection and statement."""
+    target: _Target | None = None
+    with _ASYNCPG_ATTRIBUTES:  # an unusual connection object: the span goes without them
+        target = client.target(connection, _asyncpg_target)
+        if type(query) is str:
+            found = target.calls.get((prefix, query))
+            if found is not None:
+                return found
+    operation = sql_operation(query)
+    call: _Call = (prefix + (operation if operation != "OTHER" else "postgresql"), (operation,), {})
+    with _ASYNCPG_ATTRIBUTES:
+        if target is None:
+            return call
+        attributes = dict(target.fixed)
+        call = (call[0], call[1], attributes)
+        if isinstance(query, str):
+            client.db.statement(attributes, query)
+        if type(query) is str:
+            target.remember((prefix, query), call)
+    return call
+
+
 async def _traced_query(
     client: _Client, connection: Any, query: object, prefix: str, call: Awaitable[Any]
 ) -> Any:
     """Await one asyncpg call on ``connection`` running ``query``, in a client span."""
-    operation = sql_operation(query)
-    attributes: dict[str, Any] = {}
-    with _ASYNCPG_ATTRIBUTES:  # an unusual connection object: the span goes without them
-        attributes = client.fixed(connection, _asyncpg_target)
-        if isinstance(query, str):
-            client.db.statement(attributes, query)
-    span = client.spans.start(
-        prefix + (operation if operation != "OTHER" else "postgresql"), None, SpanKind.CLIENT, attributes
-    )
+    name, key, attributes = _asyncpg_call(client, connection, query, prefix)
+    span = client.spans.start(name, None, SpanKind.CLIENT, attributes)
     start = time.perf_counter()
     try:
         return await call
@@ -329,7 +372,7 @@ async def _traced_query(
         if elapsed >= client.slow_query_threshold:
             with _RECORD_QUERY:
                 _report_slow(span, query, elapsed)
-        client.finish(span, _metrics.default().database_query_duration, (operation,), elapsed)
+        client.finish(span, _metrics.default().database_query_duration, key, elapsed)
 
 
 def _asyncpg_wrapper(client: _Client, source: str) -> Callable[..., Awaitable[Any]]:
@@ -453,27 +496,52 @@ def _redis_pipeline(instance: Any) -> tuple[int, str, str]:
     return len(commands), statement, name or "redis"
 
 
-def _redis_span(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> trace.Span:
-    name, attributes = "redis", {}
+_PIPELINE: Final = ("PIPELINE",)
+
+
+def _redis_call(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> _Call:
+    """The span name, labels and attributes of one command (or pipeline) on ``instance``.
+    A command's depend on its name and count of arguments alone (its values are never
+    written): made once per pool for each."""
+    target: _Target | None = None
+    head = args[0] if args and not pipeline else None
+    shape = (head, len(args)) if type(head) is str else None  # a plain name: kept
     with _REDIS_ATTRIBUTES:  # e.g. an argument whose str() fails: the span goes without them
         pool = getattr(instance, "connection_pool", None)
-        found = client.fixed(instance if pool is None else pool, _redis_target)
+        target = client.target(instance if pool is None else pool, _redis_target)
+        if shape is not None:
+            found = target.calls.get(shape)
+            if found is not None:
+                return found
+    command = _PIPELINE
+    if not pipeline:
+        label = "OTHER"
+        with _RECORD_REDIS:
+            label = redis_command(args)
+        command = (label,)
+    call: _Call = ("redis", command, {})
+    with _REDIS_ATTRIBUTES:
+        if target is None:
+            return call
+        attributes = dict(target.fixed)
         if pipeline:
-            length, statement, found_name = _redis_pipeline(instance)
-            client.db.statement(found, statement)
-            found["db.redis.pipeline_length"] = length
+            length, statement, name = _redis_pipeline(instance)
+            client.db.statement(attributes, statement)
+            attributes["db.redis.pipeline_length"] = length
         else:
-            found_name = _redis_name(instance, args)
-            client.db.statement(found, _redis_statement(args))
-            found["db.redis.args_length"] = len(args)
-        name, attributes = found_name, found
-    return client.spans.start(name, None, SpanKind.CLIENT, attributes)
+            name = _redis_name(instance, args)
+            client.db.statement(attributes, _redis_statement(args))
+            attributes["db.redis.args_length"] = len(args)
+        call = (name, command, attributes)
+        if shape is not None:
+            target.remember(shape, call)
+    return call
 
 
 def _redis_done(
     client: _Client,
     span: trace.Span,
-    args: tuple[Any, ...],
+    labels: tuple[str],
     pipeline: bool,
     start: float,
     error: Exception | None,
@@ -481,11 +549,7 @@ def _redis_done(
     elapsed = time.perf_counter() - start
     if error is not None and not (pipeline and _is_watch_error(error)):
         client.failed(span, error)
-    command = "PIPELINE" if pipeline else "OTHER"
-    if not pipeline:
-        with _RECORD_REDIS:
-            command = redis_command(args)
-    client.finish(span, _metrics.default().redis_operation_duration, (command,), elapsed)
+    client.finish(span, _metrics.default().redis_operation_duration, labels, elapsed)
 
 
 def _is_watch_error(error: Exception) -> bool:
@@ -501,7 +565,8 @@ def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
     ) -> Any:
         if not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        span = _redis_span(client, instance, args, pipeline)
+        name, labels, attributes = _redis_call(client, instance, args, pipeline)
+        span = client.spans.start(name, None, SpanKind.CLIENT, attributes)
         start = time.perf_counter()
         error = None
         try:
@@ -510,7 +575,7 @@ def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
             error = exc
             raise
         finally:
-            _redis_done(client, span, args, pipeline, start, error)
+            _redis_done(client, span, labels, pipeline, start, error)
 
     return traced
 
@@ -521,7 +586,8 @@ def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Await
     ) -> Any:
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
-        span = _redis_span(client, instance, args, pipeline)
+        name, labels, attributes = _redis_call(client, instance, args, pipeline)
+        span = client.spans.start(name, None, SpanKind.CLIENT, attributes)
         start = time.perf_counter()
         error = None
         try:
@@ -530,7 +596,7 @@ def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Await
             error = exc
             raise
         finally:
-            _redis_done(client, span, args, pipeline, start, error)
+            _redis_done(client, span, labels, pipeline, start, error)
 
     return traced
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from cfk_otel._native import Family
 
 _log = logging.getLogger("cfk_otel")
+_RECORD_ENDING: Final = guard("recording a client call's duration")  # the SDK's histogram, beside a core span
 # What both Prometheus and OpenTelemetry accept (an SDK instrument's name starts with a letter,
 # at most 255 characters, no ':'), so that a metric registers alike on either path.
 _NAME: Final = re.compile(r"[a-zA-Z][a-zA-Z0-9_]{0,254}\Z")
@@ -376,12 +377,14 @@ class Histogram(_Metric):
         self, key: tuple[str, ...], value: float, span: _seam.CoreSpan, trace_id: int = 0, span_id: int = 0
     ) -> None:
         """:meth:`record_by_key`, and end the core's ``span``, in one call into the core (a
-        client call's span and its duration, see ``seam.end_call``)."""
+        client call's span and its duration, see ``seam.end_call``). Never raises: a failure
+        is logged once."""
         family = self.family
         if family is None or not value >= 0.0:  # the SDK's histogram, or a value it drops
-            self.record_by_key(key, value, trace_id, span_id)
+            with _RECORD_ENDING:
+                self.record_by_key(key, value, trace_id, span_id)
             family = None
-        if _seam.end_call(span.ending(), family, key, value, trace_id, span_id):
+        if _seam.end_call(span, family, key, value, trace_id, span_id):
             self._overflowed()
 
     def start_timer(self, labels: Labels = None) -> Timer:
