@@ -1,0 +1,93 @@
+"""In-process cost of one hello request through cfk_otel's default set-up (no uvicorn, no sockets).
+
+Usage:  taskset -c 0 .venv/bin/python scripts/profile/hello.py [--runs 7 --n 3000]
+Prints the bare app's and the instrumented app's thread CPU per request (min of runs), and the difference.
+Env: as the app would have it (defaults: traces+metrics+logs over OTLP/HTTP to a closed port, request line on
+stdout, which this script sends to /dev/null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import time
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    closed = s.getsockname()[1]
+os.environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{closed}")
+os.environ.setdefault("OTEL_SERVICE_NAME", "inproc")
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import cfk_otel
+from cfk_otel import instrument_app
+
+
+async def hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("hello")
+
+
+def app() -> Starlette:
+    return Starlette(routes=[Route("/hello", hello)])
+
+
+SCOPE = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/hello",
+    "raw_path": b"/hello",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 8000),
+}
+
+
+async def run(target, n: int) -> float:
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        return None
+
+    start = time.thread_time()
+    for _ in range(n):
+        await target(dict(SCOPE), receive, send)
+    return (time.thread_time() - start) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--n", type=int, default=3000)
+    args = parser.parse_args()
+    devnull = open(os.devnull, "w")  # noqa: SIM115
+    real_stdout = sys.stdout
+    sys.stdout = devnull
+    cfk_otel.configure()
+    bare = app()
+    wrapped = instrument_app(app())  # what opentelemetry-instrument serves
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(run(wrapped, 500))
+    loop.run_until_complete(run(bare, 500))
+    b, w = [], []
+    for _ in range(args.runs):
+        b.append(loop.run_until_complete(run(bare, args.n)))
+        w.append(loop.run_until_complete(run(wrapped, args.n)))
+    sys.stdout = real_stdout
+    print(f"bare {min(b):.1f} us/req  cfk_otel {min(w):.1f} us/req  added {min(w) - min(b):.1f} us/req")
+
+
+if __name__ == "__main__":
+    main()
