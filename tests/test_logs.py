@@ -23,6 +23,7 @@ from cfk_otel._logs.handlers import (
     configure_logging,
 )
 from cfk_otel._logs.record import (
+    LINE_ATTRIBUTES,
     _RequestLine,
     _RequestRecord,
 )
@@ -1256,6 +1257,12 @@ def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pyth
 
 
 @pytest.mark.usefixtures("restore_root")
+def test_the_line_attribute_count_is_the_records_field_count() -> None:
+    # The count decides whether the SDK's attribute limit lets the core queue the record.
+    line = _RequestLine(0.0, logging.INFO, "GET / 200 1ms", "GET", "/", "/", 200, 1.0, None)
+    assert len(line.fields) == LINE_ATTRIBUTES
+
+
 def test_the_cores_line_follows_a_new_exporter_and_a_processor_the_app_adds(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -486,9 +486,9 @@ class CoreSpan(trace.Span):
         """The span's context, as the SDK's span has it (:meth:`get_span_context`)."""
         return self.get_span_context()
 
-    def exemplar_ids(self) -> tuple[int, int]:
-        """:func:`cfk_otel._core.sampling.exemplar_ids` of the ended span, without its context."""
-        return _sampling.ids_for_exemplar(self.trace_id, self.span_id, self.sampled, True)
+    def exemplar_ids(self, ended: bool = True) -> tuple[int, int]:
+        """:func:`cfk_otel._core.sampling.exemplar_ids` of the span, without its context."""
+        return _sampling.ids_for_exemplar(self.trace_id, self.span_id, self.sampled, ended)
 
     def is_recording(self) -> bool:
         return self._end_time is None
@@ -839,11 +839,6 @@ def _watch(provider: object, add_method: str) -> bool:
     return _WATCHED[provider]
 
 
-# The request line's logger and its number of fields (see ``cfk_otel._logs.record``).
-_REQUEST_LINES: Final = "cfk_otel.requests"
-_REQUEST_LINE_FIELDS: Final = 5
-
-
 class LogSink:
     """Records from ``logging`` (request lines included) straight into the core, on the
     native path: one call per record, no SDK ``LogRecord``. The records the app emits
@@ -862,7 +857,6 @@ class LogSink:
         self._targets: dict[str, tuple[OtlpExporter, int] | None] = {}
         self._active = _watch(provider, "add_log_record_processor")
         self._generation = _GENERATION[0]
-        self._takes_line = self.takes(_REQUEST_LINE_FIELDS)
 
     @property
     def active(self) -> bool:
@@ -896,13 +890,6 @@ class LogSink:
         """Whether a record of ``count`` attributes is within the SDK's count limit."""
         limit = self._max_attributes
         return limit is None or count <= limit
-
-    def line_target(self) -> tuple[OtlpExporter, int] | None:
-        """:meth:`target` for request lines (five attributes, the ``cfk_otel.requests``
-        scope), or None when their records must go through the SDK (see :meth:`prepared`)."""
-        if not self._takes_line or not self.active:
-            return None
-        return self.target(_REQUEST_LINES)
 
     def target(self, name: str) -> tuple[OtlpExporter, int] | None:
         """The exporter and scope index of logger ``name``'s records in the core: the same

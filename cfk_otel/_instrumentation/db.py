@@ -41,7 +41,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cfk_otel._bootstrap import setup as _sdk
-from cfk_otel._core.sampling import exemplar_ids, ids_for_exemplar
+from cfk_otel._core.sampling import exemplar_ids
 from cfk_otel._core.seam import CoreSpan, Spans
 from cfk_otel._errors import total as _errors_total
 from cfk_otel._guard import guard
@@ -288,7 +288,7 @@ class _Client:
         is the core's, else the two apart, each under its own guard."""
         # Inside a request: a trace kept later is not known yet, the head decision is.
         if type(span) is CoreSpan:  # its ids read as they are: no SpanContext made for them
-            trace_id, span_id = ids_for_exemplar(span.trace_id, span.span_id, span.sampled, False)
+            trace_id, span_id = span.exemplar_ids(ended=False)
             histogram.record_ending(key, seconds, span, trace_id, span_id)  # guarded inside
             return
         trace_id, span_id = exemplar_ids(span.get_span_context(), ended=False)

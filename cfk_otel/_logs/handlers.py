@@ -25,7 +25,7 @@ from cfk_otel._settings import Settings
 if TYPE_CHECKING:
     from cfk_otel._native import OtlpExporter
 
-from .record import _REQUESTS_LOGGER, _RequestLine, _RequestRecord
+from .record import _REQUESTS_LOGGER, LINE_ATTRIBUTES, _RequestLine, _RequestRecord
 from .render import (
     _ACCESS_LOGGERS,
     _OWN_LOGGERS,
@@ -75,7 +75,9 @@ class OtlpHandler(logging.Handler):
         scope): the same tuple while they hold; None when the record must take
         :meth:`prepare_request`'s way."""
         sink = self._sink
-        return sink.line_target() if sink is not None else None
+        if sink is None or not sink.active or not sink.takes(LINE_ATTRIBUTES):
+            return None
+        return sink.target(_REQUESTS_LOGGER)
 
     def emit_request(self, request: _RequestLine) -> None:
         """A request line as an OTLP log record, straight into the core."""

@@ -18,6 +18,8 @@ from opentelemetry import trace
 _FILENAME: Final = "requests.py"  # where a request line is made (request_observer)
 _START: Final[float] = getattr(logging, "_startTime", time.time())  # what relativeCreated counts from
 _REQUESTS_LOGGER: Final = "cfk_otel.requests"
+# How many attributes a request line's OTLP record has: the keys of `_RequestLine.fields`.
+LINE_ATTRIBUTES: Final = 5
 
 
 class _RequestLine(NamedTuple):

@@ -77,7 +77,35 @@ fn duration_ms(seconds: f64) -> PyResult<f64> {
     Ok(micros.round_ties_even() / 1000.0)
 }
 
-impl Fields<'_> {
+impl<'a> Fields<'a> {
+    /// A line's fields from the request's values (`levelno`: a `logging` level).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        created: f64,
+        levelno: i32,
+        method: &'a str,
+        path: &'a str,
+        route: &'a str,
+        status: &'a str,
+        seconds: f64,
+        trace_id: u128,
+        span_id: u64,
+    ) -> PyResult<Self> {
+        let duration_ms = duration_ms(seconds)?;
+        Ok(Self {
+            created,
+            level: level(levelno)?,
+            method,
+            path,
+            route,
+            status,
+            duration_ms,
+            ms_text: ms_text(duration_ms),
+            trace_id,
+            span_id,
+        })
+    }
+
     fn has_span(&self) -> bool {
         self.trace_id != 0 && self.span_id != 0
     }
@@ -183,19 +211,9 @@ pub fn write_line(
     seconds: f64,
 ) -> PyResult<()> {
     let (config, created, levelno, path, trace_id, span_id, flags, outputs) = args;
-    let duration_ms = duration_ms(seconds)?;
-    let fields = Fields {
-        created: *created,
-        level: level(*levelno)?,
-        method,
-        path,
-        route,
-        status,
-        duration_ms,
-        ms_text: ms_text(duration_ms),
-        trace_id: *trace_id,
-        span_id: *span_id,
-    };
+    let fields = Fields::new(
+        *created, *levelno, method, path, route, status, seconds, *trace_id, *span_id,
+    )?;
     let message = fields.message();
     let mut failure: Option<PyErr> = None;
     if outputs & STDOUT != 0 {
@@ -257,19 +275,9 @@ impl RequestLine {
         trace_id: u128,
         span_id: u64,
     ) -> PyResult<String> {
-        let duration_ms = duration_ms(seconds)?;
-        let fields = Fields {
-            created,
-            level: self::level(level)?,
-            method,
-            path,
-            route,
-            status,
-            duration_ms,
-            ms_text: ms_text(duration_ms),
-            trace_id,
-            span_id,
-        };
+        let fields = Fields::new(
+            created, level, method, path, route, status, seconds, trace_id, span_id,
+        )?;
         fields.json(&self.service_fields, &fields.message())
     }
 }

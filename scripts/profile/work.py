@@ -16,7 +16,7 @@ import asyncio
 import os
 import socket
 import sys
-import time
+from typing import Any
 
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -26,6 +26,7 @@ os.environ.setdefault("OTEL_SERVICE_NAME", "inproc-work")
 
 import asyncpg
 import redis.asyncio as aioredis
+from harness import http_scope, per_request
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -51,33 +52,11 @@ def app() -> Starlette:
     return Starlette(routes=[Route("/boards/{board_id:int}", work)])
 
 
-SCOPE = {
-    "type": "http",
-    "asgi": {"version": "3.0"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/boards/7",
-    "raw_path": b"/boards/7",
-    "query_string": b"",
-    "root_path": "",
-    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-}
+SCOPE = http_scope("/boards/7")
 
 
-async def run(target, n: int) -> float:
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        return None
-
-    start = time.thread_time()
-    for _ in range(n):
-        await target(dict(SCOPE), receive, send)
-    return (time.thread_time() - start) / n * 1e6
+async def run(target: Any, n: int) -> float:
+    return await per_request(target, SCOPE, n)
 
 
 def instrumented(on: bool) -> None:
