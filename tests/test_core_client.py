@@ -303,3 +303,33 @@ def test_targets_are_forgotten_with_their_connection() -> None:
     assert client.targets == {}
     again = _db._asyncpg_call(client, _Connection(), "SELECT 1", "")
     assert again is not first
+
+
+def test_a_prepared_calls_long_values_are_cut_as_the_sdk_cuts_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixed attributes are converted once, at the exporter's value limit: as the SDK
+    cuts them for every span."""
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "8")
+    statement = "SELECT * FROM a_table_with_a_long_name"
+
+    def run(receiver: OtlpReceiver, *extra: SpanProcessor) -> list[dict[str, Any]]:
+        provider = _provider(receiver, *extra)
+        spans = Spans(provider)
+        histogram = _metrics.Metrics(MeterProvider(), native=True).database_query_duration
+        call = ClientCall("SELECT", ("SELECT",), {"db.statement": statement, "db.system": "postgresql"})
+        request = spans.start("GET /", None, SpanKind.SERVER, {})
+        for _ in range(3):
+            span = spans.start_client(call, request)
+            if type(span) is CoreSpan:
+                histogram.record_client(call, 0.001, span)
+            else:
+                span.end()
+        request.end()
+        provider.force_flush()
+        assert _core.flush(5.0)
+        assert receiver.wait_for(lambda: len(receiver.spans) == 4)
+        return [s.attributes for s in receiver.spans if s.span.kind == 3]
+
+    with OtlpReceiver() as lean_receiver, OtlpReceiver() as sdk_receiver:
+        lean = run(lean_receiver)
+        expected = run(sdk_receiver, _Other())
+    assert lean == expected == [{"db.statement": statement[:8], "db.system": "postgres"}] * 3

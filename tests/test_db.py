@@ -306,3 +306,19 @@ def test_a_failing_end_of_a_client_call_never_reaches_the_app(
     finally:
         _core.activate(_core.Choice(False, "not set up"))
         _core.shutdown(1.0)
+
+
+def test_an_odd_redis_client_never_fails_the_call() -> None:
+    """A client whose pool cannot be read: the span goes without the pool's attributes,
+    its name and label as always, and nothing reaches the app (the lookup's fast step
+    hands over to the guarded one)."""
+
+    class Odd:
+        @property
+        def connection_pool(self) -> object:
+            raise RuntimeError("odd")
+
+    client = _Client(None)
+    call = _db._redis_prepared(client, Odd(), ("GET", "k"), False)
+    assert _fields(call) == ("redis", ("GET",), {})
+    assert client.targets == {}
