@@ -65,6 +65,17 @@ class Guard:
         warn_once(self.kind, "cfk_otel: %s failed%s", self.kind, self.then, exc_info=(exc_type, exc, tb))  # type: ignore[arg-type]
         return True
 
+    def failed(self, error: Exception) -> None:
+        """Log ``error`` as this guard's block would have (once per kind), for a hot path that
+        catches with ``try``/``except`` (free until it raises) rather than entering a ``with``."""
+        warn_once(
+            self.kind,
+            "cfk_otel: %s failed%s",
+            self.kind,
+            self.then,
+            exc_info=(type(error), error, error.__traceback__),
+        )
+
 
 def guard(kind: str, then: str = "") -> Guard:
     """The guard for ``kind``: run the block; an exception it raises is logged once and

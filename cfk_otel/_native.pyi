@@ -154,3 +154,31 @@ def end_call(
     trace_id: int = 0,
     span_id: int = 0,
 ) -> bool: ...
+
+class PreparedSpan:
+    """A client call's span prepared once: scope, name, kind and fixed attributes in OTLP form."""
+
+    def __init__(
+        self, exporter: OtlpExporter, scope: int, name: str, kind: int, attributes: dict[str, Any]
+    ) -> None: ...
+    @property
+    def exporter(self) -> OtlpExporter: ...
+
+def end_prepared(
+    call: PreparedSpan,
+    trace_id: int,
+    span_id: int,
+    parent_span_id: int,
+    flags: int,
+    trace_state: str,
+    start: int,
+    end: int,
+    status_code: int,
+    status_message: str,
+    events: list[tuple[str, int, dict[str, Any]]] | None,
+    dropped_events: int,
+    family: Family | None,
+    labels: Sequence[str],
+    seconds: float,
+    exemplar: bool,
+) -> bool: ...

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from cfk_otel._core.seam import ClientCall
 from cfk_otel._instrumentation import db as _db
 from cfk_otel._instrumentation.db import (
     _asyncpg_call,
@@ -104,6 +105,11 @@ def test_asyncpg_unix_socket_and_missing_parts() -> None:
     assert _asyncpg_target(object(), client) == {"db.system": "postgresql"}
 
 
+def _fields(call: ClientCall) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """What a prepared call holds for its spans: name, labels, attributes."""
+    return call.name, call.labels, call.attributes
+
+
 def test_asyncpg_calls_are_prepared_once_per_connection_and_statement(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -123,13 +129,13 @@ def test_asyncpg_calls_are_prepared_once_per_connection_and_statement(
     first = _asyncpg_call(client, connection, sql, "")
     assert _asyncpg_call(client, connection, "SELECT 1", "") is first
     assert seen == [sql]
-    name, key, attributes = first
+    name, key, attributes = _fields(first)
     assert (name, key) == ("SELECT", ("SELECT",))
     assert attributes == {**_asyncpg_target(connection, client), "db.statement": sql, "db.query.text": sql}
-    assert _asyncpg_call(client, connection, sql, "CURSOR: ")[0] == "CURSOR: SELECT"
-    assert _asyncpg_call(client, other, sql, "") == first
+    assert _asyncpg_call(client, connection, sql, "CURSOR: ").name == "CURSOR: SELECT"
+    assert _fields(_asyncpg_call(client, other, sql, "")) == _fields(first)
     assert len(seen) == 3  # another prefix, another connection: prepared again
-    assert _asyncpg_call(client, connection, None, "") == (
+    assert _fields(_asyncpg_call(client, connection, None, "")) == (
         "postgresql",
         ("OTHER",),
         _asyncpg_target(connection, client),
@@ -139,7 +145,7 @@ def test_asyncpg_calls_are_prepared_once_per_connection_and_statement(
     assert 0 < len(client.target(connection, _asyncpg_target).calls) <= _db._MAX_CALLS
     # An object no fixed attributes can be kept for (not weakly referable): the span goes
     # without them, its name and labels as always.
-    assert _asyncpg_call(client, 3, "DELETE FROM t", "") == ("DELETE", ("DELETE",), {})
+    assert _fields(_asyncpg_call(client, 3, "DELETE FROM t", "")) == ("DELETE", ("DELETE",), {})
 
 
 def test_redis_unix_socket_and_cluster() -> None:
@@ -179,21 +185,22 @@ def test_redis_calls_are_prepared_once_per_pool_and_command_shape(monkeypatch: p
     first = _redis_call(client, instance, ("SET", "k1", "secret-1"), False)
     assert _redis_call(client, instance, ("SET", "k2", "secret-2"), False) is first
     assert made == [("SET", "k1", "secret-1")]
-    assert first == (
+    assert _fields(first) == (
         "SET",
         ("SET",),
         {**_redis_target(pool, client), "db.statement": "SET ? ?", "db.redis.args_length": 3},
     )
     assert (
-        _redis_call(client, instance, ("SET", "k", "v", "EX", 60), False)[2]["db.statement"] == "SET ? ? ? ?"
+        _redis_call(client, instance, ("SET", "k", "v", "EX", 60), False).attributes["db.statement"]
+        == "SET ? ? ? ?"
     )
     other = SimpleNamespace(connection_pool=_Pool({"host": "other"}))
-    assert _redis_call(client, other, ("SET", "k", "v"), False)[2]["net.peer.name"] == "other"
-    assert _redis_call(client, instance, (b"get", "k"), False)[:2] == ("b'get'", ("GET",))
-    assert _redis_call(client, instance, (b"get", "k"), False)[:2] == ("b'get'", ("GET",))
+    assert _redis_call(client, other, ("SET", "k", "v"), False).attributes["net.peer.name"] == "other"
+    assert _fields(_redis_call(client, instance, (b"get", "k"), False))[:2] == ("b'get'", ("GET",))
+    assert _fields(_redis_call(client, instance, (b"get", "k"), False))[:2] == ("b'get'", ("GET",))
     assert len(made) == 5  # another shape, another pool, a bytes name each time
     pipeline = SimpleNamespace(connection_pool=pool, command_stack=[(("SET", "k", "v"), {})])
-    name, labels, attributes = _redis_call(client, pipeline, (), True)
+    name, labels, attributes = _fields(_redis_call(client, pipeline, (), True))
     assert (name, labels, attributes["db.redis.pipeline_length"]) == ("SET", ("PIPELINE",), 1)
     for i in range(_db._MAX_CALLS * 2 + 5):
         _redis_call(client, instance, ("GET", *range(i)), False)
@@ -299,3 +306,19 @@ def test_a_failing_end_of_a_client_call_never_reaches_the_app(
     finally:
         _core.activate(_core.Choice(False, "not set up"))
         _core.shutdown(1.0)
+
+
+def test_an_odd_redis_client_never_fails_the_call() -> None:
+    """A client whose pool cannot be read: the span goes without the pool's attributes,
+    its name and label as always, and nothing reaches the app (the lookup's fast step
+    hands over to the guarded one)."""
+
+    class Odd:
+        @property
+        def connection_pool(self) -> object:
+            raise RuntimeError("odd")
+
+    client = _Client(None)
+    call = _db._redis_prepared(client, Odd(), ("GET", "k"), False)
+    assert _fields(call) == ("redis", ("GET",), {})
+    assert client.targets == {}

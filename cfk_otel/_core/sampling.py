@@ -335,16 +335,16 @@ class Head:
     either carries the valid parent's trace state.
     """
 
-    __slots__ = ("_bound", "_parent_based", "sampler")
+    __slots__ = ("_bound", "parent_based", "sampler")
 
     def __init__(self, sampler: Sampler, parent_based: bool, bound: int) -> None:
         self.sampler = sampler
-        self._parent_based = parent_based
+        self.parent_based = parent_based  # a valid parent's flag decides
         self._bound = bound
 
     def sample(self, parent: SpanContext | None, trace_id: int) -> bool:
         """Whether a span with ``parent`` (None: no valid parent) in ``trace_id`` is sampled."""
-        if parent is not None and self._parent_based:
+        if parent is not None and self.parent_based:
             return parent.trace_flags.sampled
         return trace_id & _TRACE_ID_LIMIT < self._bound
 

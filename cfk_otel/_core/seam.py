@@ -29,6 +29,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from random import getrandbits
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
@@ -39,6 +40,7 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk._logs import LoggerProvider, LogRecordLimits
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.semconv.attributes.exception_attributes import (
     EXCEPTION_MESSAGE,
@@ -55,7 +57,7 @@ from cfk_otel._version import __version__
 from . import sampling as _sampling
 
 if TYPE_CHECKING:
-    from cfk_otel._native import Family, OtlpExporter, RequestLine
+    from cfk_otel._native import Family, OtlpExporter, PreparedSpan, RequestLine
 
 _native: ModuleType | None
 try:
@@ -498,10 +500,8 @@ class CoreSpan(trace.Span):
         cuts text at the attribute length limit). The span takes ``attributes`` over when
         it has none of its own yet (the caller lets go of it)."""
         if self._end_time is None:
-            if self._own:
-                self._own.update(attributes)
-            else:
-                self._own = attributes
+            # A new dict rather than an update: a client span shares its call's (ClientCall).
+            self._own = {**self._own, **attributes} if self._own else attributes
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         for key, value in attributes.items():
@@ -722,6 +722,75 @@ def end_call(
     return False
 
 
+class ClientCall:
+    """One kind of client call (a statement on a connection, a command shape on a Redis pool),
+    prepared once by the instrumentation: its span's name and fixed attributes, and its
+    duration's labels. Its spans share ``attributes`` (nobody writes them). ``core`` is the
+    core's form of its span (``PreparedSpan``: scope, name, kind and attributes converted once),
+    made at the first end that can use it, for the exporter of the time."""
+
+    __slots__ = ("attributes", "core", "labels", "name")
+
+    def __init__(self, name: str, labels: tuple[str, ...], attributes: dict[str, Any]) -> None:
+        self.name = name
+        self.labels = labels
+        self.attributes = attributes
+        self.core: PreparedSpan | None = None
+
+    def __repr__(self) -> str:
+        return f"ClientCall(name={self.name!r}, labels={self.labels!r}, attributes={self.attributes!r})"
+
+
+def end_client(client_span: CoreSpan, call: ClientCall, family: Family, seconds: float) -> bool:
+    """The end of one call of ``call``'s kind (its span from :meth:`Spans.start_client`), as
+    :func:`end_call` with ``call.labels`` and the span's ids as the exemplar when its trace is
+    exported (the head decision: the call is inside its request). A sampled span that kept its
+    call's name and attributes (its status and events may differ: an error, a slow query)
+    crosses as ``call.core`` and its per-call values, ``_native.end_prepared``; any other goes
+    :func:`end_call`'s way. Never raises."""
+    try:
+        if (
+            client_span.sampled
+            and client_span._extra is None
+            and client_span._own is call.attributes
+            and client_span.name is call.name
+            and client_span._end_time is None
+            and _native is not None
+        ):
+            exporter = client_span._home.exporter
+            core = call.core
+            if core is None or core.exporter is not exporter:
+                core = call.core = _native.PreparedSpan(
+                    exporter, 0, call.name, _OTLP_KINDS[client_span.kind], call.attributes
+                )
+            client_span._end_time = end = time.time_ns()
+            parent, status, trace_state = client_span.parent, client_span.status, client_span._trace_state
+            overflowed: bool = _native.end_prepared(
+                core,
+                client_span.trace_id,
+                client_span.span_id,
+                parent.span_id if parent is not None else 0,
+                _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE,
+                trace_state.to_header() if trace_state else "",
+                client_span.start_time,
+                end,
+                0 if status is _UNSET else status.status_code.value,
+                status.description or "",
+                client_span.events or None,
+                client_span.dropped_events,
+                family,
+                call.labels,
+                seconds,
+                _sampling.EXPORTED,
+            )
+            return overflowed
+    except Exception as error:  # free until it raises, unlike a with block
+        _END_CALL.failed(error)
+        return False
+    trace_id, span_id = client_span.exemplar_ids(ended=False)
+    return end_call(client_span, family, call.labels, seconds, trace_id, span_id)
+
+
 class Spans:
     """Starts cfk_otel's spans: in the core on the native path, with the SDK's tracer otherwise.
 
@@ -759,6 +828,45 @@ class Spans:
                 return self._tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
             return self._start_native(native, name, parent, kind, attributes)
         return trace.INVALID_SPAN
+
+    def start_client(self, call: ClientCall, parent: trace.Span) -> trace.Span:
+        """A client span of ``call``'s kind, whose parent is ``parent``, the current span (as
+        the caller read it): :meth:`start`'s span, made without its generic steps when the
+        parent is one of ours and set-up's own parent-based head sampler decides (the
+        parent's flag does). Such a span shares ``call.attributes`` (see :func:`end_client`)."""
+        native = self._native
+        if type(parent) is CoreSpan and native is not None and _GENERATION[0] == self._generation:
+            try:
+                head = _sampling.HEAD
+                if (
+                    head is not None
+                    and head.parent_based
+                    and (self._fixed_provider or trace.get_tracer_provider()) is self._provider
+                    and native.sampler is head.sampler
+                ):
+                    ids = native.id_generator
+                    if type(ids) is RandomIdGenerator:  # its generate_span_id, without the call
+                        span_id = getrandbits(64)
+                        while not span_id:
+                            span_id = getrandbits(64)
+                    else:
+                        span_id = ids.generate_span_id()
+                    ours = parent  # a CoreSpan: its fields read as they are
+                    sampled = ours.sampled
+                    return CoreSpan(
+                        self,
+                        call.name,
+                        SpanKind.CLIENT,
+                        ours.trace_id,
+                        span_id,
+                        _FLAGS[sampled, bool(ours._flags & _RANDOM)],
+                        ours._trace_state,
+                        ours.get_span_context(),
+                        call.attributes if sampled else {},
+                    )
+            except Exception as error:  # free until it raises; then start() decides
+                _START_SPAN.failed(error)
+        return self.start(call.name, None, SpanKind.CLIENT, call.attributes)
 
     def _choose(self, provider: trace.TracerProvider) -> None:
         self._provider = provider

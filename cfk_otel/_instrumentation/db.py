@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Final
 
 import wrapt
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
@@ -38,11 +39,11 @@ from opentelemetry.semconv.attributes.db_attributes import (
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.network_attributes import NETWORK_TRANSPORT, NetworkTransportValues
 from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from cfk_otel._bootstrap import setup as _sdk
 from cfk_otel._core.sampling import exemplar_ids
-from cfk_otel._core.seam import CoreSpan, Spans
+from cfk_otel._core.seam import ClientCall, CoreSpan, Spans
 from cfk_otel._errors import total as _errors_total
 from cfk_otel._guard import guard
 from cfk_otel._metrics import catalogue as _metrics
@@ -218,11 +219,6 @@ class _Conventions:
             attributes[DB_QUERY_TEXT] = text
 
 
-# One kind of call on one connection or pool, prepared once: its span name, its duration
-# metric's labels and its span's attributes (shared: Spans.start copies them, nobody writes).
-_Call = tuple[str, tuple[str], dict[str, Any]]
-
-
 class _Target:
     """A connection's (or redis pool's) fixed attributes, built once, and its calls
     prepared so far (at most ``_MAX_CALLS``)."""
@@ -231,13 +227,17 @@ class _Target:
 
     def __init__(self, fixed: dict[str, Any]) -> None:
         self.fixed = fixed
-        self.calls: dict[object, _Call] = {}
+        self.calls: dict[object, ClientCall] = {}
 
-    def remember(self, key: object, call: _Call) -> None:
+    def remember(self, key: object, call: ClientCall) -> None:
         calls = self.calls
         if len(calls) >= _MAX_CALLS:
             calls.clear()
         calls[key] = call
+
+
+# No context seen yet (see _Client.seen).
+_UNSEEN: Final = (None, False, trace.INVALID_SPAN)
 
 
 class _Client:
@@ -256,13 +256,34 @@ class _Client:
         self.db = _Conventions("database")
         self.http = _Conventions("http")  # the redis instrumentation names its server by these
         self.new = self.db.new
-        self._targets: weakref.WeakKeyDictionary[Any, _Target] = weakref.WeakKeyDictionary()
+        # id(owner) -> (a weak reference to owner, its target): read without a Python call
+        # on every client call (a WeakKeyDictionary's get is one); forgotten with the owner.
+        self.targets: dict[int, tuple[weakref.ref[Any], _Target]] = {}
+        # The last context a call ran in: whether instrumentation is enabled there, and its
+        # span. A context never changes, so a request's calls share the answer (and keep that
+        # one context alive until the next call).
+        self.seen: tuple[object, bool, trace.Span] = _UNSEEN
+
+    def look(self, context: context_api.Context) -> tuple[object, bool, trace.Span]:
+        """:attr:`seen` for ``context``, the current one."""
+        seen = self.seen = (context, is_instrumentation_enabled(), trace.get_current_span(context))
+        return seen
 
     def target(self, owner: Any, build: Callable[[Any, _Client], dict[str, Any]]) -> _Target:
-        """``owner``'s fixed attributes (its server) and prepared calls, built once per owner."""
-        target = self._targets.get(owner)
-        if target is None:
-            target = self._targets[owner] = _Target(build(owner, self))
+        """``owner``'s fixed attributes (its server) and prepared calls, built once per owner
+        (which must be weakly referable)."""
+        key = id(owner)
+        targets = self.targets
+        entry = targets.get(key)
+        if entry is not None and entry[0]() is owner:
+            return entry[1]
+
+        def forget(reference: weakref.ref[Any]) -> None:
+            if targets.get(key, _NO_ENTRY)[0] is reference:  # not a newer owner's, at the same id
+                targets.pop(key, None)
+
+        target = _Target(build(owner, self))
+        targets[key] = (weakref.ref(owner, forget), target)
         return target
 
     def failed(self, span: trace.Span, error: BaseException) -> None:
@@ -297,6 +318,9 @@ class _Client:
         self.end(span)
 
 
+_NO_ENTRY: Final = (None, None)
+
+
 def _client(kwargs: dict[str, Any]) -> _Client:
     """An instrumentor's client, from the process's settings (read once, at instrument())."""
     settings = _sdk.settings()
@@ -329,7 +353,7 @@ def _asyncpg_target(connection: Any, client: _Client) -> dict[str, Any]:
     return attributes
 
 
-def _asyncpg_call(client: _Client, connection: Any, query: object, prefix: str) -> _Call:
+def _asyncpg_call(client: _Client, connection: Any, query: object, prefix: str) -> ClientCall:
     """The span name, labels and attributes of running ``query`` on ``connection``, made
     once per connection and statement."""
     target: _Target | None = None
@@ -340,12 +364,13 @@ def _asyncpg_call(client: _Client, connection: Any, query: object, prefix: str) 
             if found is not None:
                 return found
     operation = sql_operation(query)
-    call: _Call = (prefix + (operation if operation != "OTHER" else "postgresql"), (operation,), {})
+    name = prefix + (operation if operation != "OTHER" else "postgresql")
+    call = ClientCall(name, (operation,), {})
     with _ASYNCPG_ATTRIBUTES:
         if target is None:
             return call
         attributes = dict(target.fixed)
-        call = (call[0], call[1], attributes)
+        call = ClientCall(name, call.labels, attributes)
         if isinstance(query, str):
             client.db.statement(attributes, query)
         if type(query) is str:
@@ -354,14 +379,21 @@ def _asyncpg_call(client: _Client, connection: Any, query: object, prefix: str) 
 
 
 async def _traced_query(
-    client: _Client, connection: Any, query: object, prefix: str, call: Awaitable[Any]
+    client: _Client, connection: Any, query: object, prefix: str, parent: trace.Span, awaited: Awaitable[Any]
 ) -> Any:
-    """Await one asyncpg call on ``connection`` running ``query``, in a client span."""
-    name, key, attributes = _asyncpg_call(client, connection, query, prefix)
-    span = client.spans.start(name, None, SpanKind.CLIENT, attributes)
+    """Await one asyncpg call on ``connection`` running ``query``, in a client span whose
+    parent is ``parent`` (the current span)."""
+    call = None
+    if type(query) is str:  # a prepared call, found without a Python call (_asyncpg_call's first step)
+        entry = client.targets.get(id(connection))
+        if entry is not None and entry[0]() is connection:
+            call = entry[1].calls.get((prefix, query))
+    if call is None:
+        call = _asyncpg_call(client, connection, query, prefix)
+    span = client.spans.start_client(call, parent)
     start = time.perf_counter()
     try:
-        return await call
+        return await awaited
     except StopAsyncIteration:  # a cursor's end: not an error
         raise
     except Exception as error:
@@ -372,7 +404,11 @@ async def _traced_query(
         if elapsed >= client.slow_query_threshold:
             with _RECORD_QUERY:
                 _report_slow(span, query, elapsed)
-        client.finish(span, _metrics.default().database_query_duration, key, elapsed)
+        histogram = _metrics.default().database_query_duration
+        if type(span) is CoreSpan:
+            histogram.record_client(call, elapsed, span)  # guarded inside
+        else:
+            client.finish(span, histogram, call.labels, elapsed)
 
 
 def _asyncpg_wrapper(client: _Client, source: str) -> Callable[..., Awaitable[Any]]:
@@ -383,7 +419,11 @@ def _asyncpg_wrapper(client: _Client, source: str) -> Callable[..., Awaitable[An
     def wrapper(
         wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Awaitable[Any]:
-        if not is_instrumentation_enabled():  # e.g. the health checks' own probes
+        context = context_api.get_current()
+        seen = client.seen
+        if seen[0] is not context:
+            seen = client.look(context)
+        if not seen[1]:  # instrumentation suppressed, e.g. the health checks' own probes
             return wrapped(*args, **kwargs)
         if source == "connection":
             query = args[0] if args else kwargs.get("query")
@@ -391,8 +431,10 @@ def _asyncpg_wrapper(client: _Client, source: str) -> Callable[..., Awaitable[An
                 # A pool resets every connection it takes back with a query of its own
                 # (RESET ALL, UNLISTEN *...): plumbing, not the app's work. No span, no timing.
                 return wrapped(*args, **kwargs)
-            return _traced_query(client, instance, query, prefix, wrapped(*args, **kwargs))
-        return _traced_query(client, instance._connection, instance._query, prefix, wrapped(*args, **kwargs))
+            return _traced_query(client, instance, query, prefix, seen[2], wrapped(*args, **kwargs))
+        return _traced_query(
+            client, instance._connection, instance._query, prefix, seen[2], wrapped(*args, **kwargs)
+        )
 
     return wrapper
 
@@ -499,7 +541,7 @@ def _redis_pipeline(instance: Any) -> tuple[int, str, str]:
 _PIPELINE: Final = ("PIPELINE",)
 
 
-def _redis_call(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> _Call:
+def _redis_call(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> ClientCall:
     """The span name, labels and attributes of one command (or pipeline) on ``instance``.
     A command's depend on its name and count of arguments alone (its values are never
     written): made once per pool for each."""
@@ -519,7 +561,7 @@ def _redis_call(client: _Client, instance: Any, args: tuple[Any, ...], pipeline:
         with _RECORD_REDIS:
             label = redis_command(args)
         command = (label,)
-    call: _Call = ("redis", command, {})
+    call = ClientCall("redis", command, {})
     with _REDIS_ATTRIBUTES:
         if target is None:
             return call
@@ -532,16 +574,35 @@ def _redis_call(client: _Client, instance: Any, args: tuple[Any, ...], pipeline:
             name = _redis_name(instance, args)
             client.db.statement(attributes, _redis_statement(args))
             attributes["db.redis.args_length"] = len(args)
-        call = (name, command, attributes)
+        call = ClientCall(name, command, attributes)
         if shape is not None:
             target.remember(shape, call)
     return call
 
 
+def _redis_prepared(client: _Client, instance: Any, args: tuple[Any, ...], pipeline: bool) -> ClientCall:
+    """:func:`_redis_call`, its first step (a command prepared before on this pool) done
+    here, without its guards and its target lookup's call."""
+    if args and not pipeline:
+        head = args[0]
+        try:  # free until it raises
+            if type(head) is str:
+                pool = getattr(instance, "connection_pool", None)
+                owner = instance if pool is None else pool
+                entry = client.targets.get(id(owner))
+                if entry is not None and entry[0]() is owner:
+                    found = entry[1].calls.get((head, len(args)))
+                    if found is not None:
+                        return found
+        except Exception:  # an odd client's connection_pool: _redis_call's guards take it
+            return _redis_call(client, instance, args, pipeline)
+    return _redis_call(client, instance, args, pipeline)
+
+
 def _redis_done(
     client: _Client,
     span: trace.Span,
-    labels: tuple[str],
+    call: ClientCall,
     pipeline: bool,
     start: float,
     error: Exception | None,
@@ -549,7 +610,11 @@ def _redis_done(
     elapsed = time.perf_counter() - start
     if error is not None and not (pipeline and _is_watch_error(error)):
         client.failed(span, error)
-    client.finish(span, _metrics.default().redis_operation_duration, labels, elapsed)
+    histogram = _metrics.default().redis_operation_duration
+    if type(span) is CoreSpan:
+        histogram.record_client(call, elapsed, span)  # guarded inside
+    else:
+        client.finish(span, histogram, call.labels, elapsed)
 
 
 def _is_watch_error(error: Exception) -> bool:
@@ -563,10 +628,14 @@ def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
     def traced(
         wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        if not is_instrumentation_enabled():
+        context = context_api.get_current()
+        seen = client.seen
+        if seen[0] is not context:
+            seen = client.look(context)
+        if not seen[1]:
             return wrapped(*args, **kwargs)
-        name, labels, attributes = _redis_call(client, instance, args, pipeline)
-        span = client.spans.start(name, None, SpanKind.CLIENT, attributes)
+        call = _redis_prepared(client, instance, args, pipeline)
+        span = client.spans.start_client(call, seen[2])
         start = time.perf_counter()
         error = None
         try:
@@ -575,7 +644,7 @@ def _redis_wrapper(client: _Client, pipeline: bool) -> Callable[..., Any]:
             error = exc
             raise
         finally:
-            _redis_done(client, span, labels, pipeline, start, error)
+            _redis_done(client, span, call, pipeline, start, error)
 
     return traced
 
@@ -584,10 +653,14 @@ def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Await
     async def traced(
         wrapped: Callable[..., Awaitable[Any]], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        if not is_instrumentation_enabled():
+        context = context_api.get_current()
+        seen = client.seen
+        if seen[0] is not context:
+            seen = client.look(context)
+        if not seen[1]:
             return await wrapped(*args, **kwargs)
-        name, labels, attributes = _redis_call(client, instance, args, pipeline)
-        span = client.spans.start(name, None, SpanKind.CLIENT, attributes)
+        call = _redis_prepared(client, instance, args, pipeline)
+        span = client.spans.start_client(call, seen[2])
         start = time.perf_counter()
         error = None
         try:
@@ -596,7 +669,7 @@ def _redis_wrapper_async(client: _Client, pipeline: bool) -> Callable[..., Await
             error = exc
             raise
         finally:
-            _redis_done(client, span, labels, pipeline, start, error)
+            _redis_done(client, span, call, pipeline, start, error)
 
     return traced
 

@@ -387,6 +387,18 @@ class Histogram(_Metric):
         if _seam.end_call(span, family, key, value, trace_id, span_id):
             self._overflowed()
 
+    def record_client(self, call: _seam.ClientCall, value: float, span: _seam.CoreSpan) -> None:
+        """:meth:`record_ending` of a prepared client call's span (``seam.end_client``): the
+        labels are ``call.labels``, the exemplar the span's ids when its trace is exported.
+        Never raises: a failure is logged once."""
+        family = self.family
+        if family is not None and value >= 0.0:
+            if _seam.end_client(span, call, family, value):
+                self._overflowed()
+            return
+        trace_id, span_id = span.exemplar_ids(ended=False)
+        self.record_ending(call.labels, value, span, trace_id, span_id)
+
     def start_timer(self, labels: Labels = None) -> Timer:
         """Start timing now; call the result (or leave its ``with`` block) to record seconds."""
         return Timer(self, labels)

@@ -24,5 +24,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(metrics::float_to_go_string, m)?)?;
     m.add_function(wrap_pyfunction!(request::end_request, m)?)?;
     m.add_function(wrap_pyfunction!(request::end_call, m)?)?;
+    m.add_class::<request::PreparedSpan>()?;
+    m.add_function(wrap_pyfunction!(request::end_prepared, m)?)?;
     Ok(())
 }

@@ -231,6 +231,33 @@ impl OtlpExporter {
         self.limit
     }
 
+    /// A span's events, each `(name, time_unix_nano, attributes)`, in their OTLP form.
+    pub(crate) fn events(&self, events: Option<&Bound<'_, PyList>>) -> PyResult<Vec<Event>> {
+        let mut converted = Vec::new();
+        for event in events.into_iter().flat_map(|events| events.iter()) {
+            let (name, time, attrs): (String, u64, Bound<'_, PyDict>) = event.extract()?;
+            converted.push(Event {
+                time_unix_nano: time,
+                name,
+                attributes: key_values(&attrs, self.limit, 0)?,
+                dropped_attributes_count: 0,
+            });
+        }
+        Ok(converted)
+    }
+
+    /// Queues one span built in the core (a prepared client call's, see `request.rs`), its
+    /// scope checked; `weight` is what it keeps alive, as `record_span` counts it.
+    pub(crate) fn push_span(&self, scope: usize, span: Span, weight: usize) -> PyResult<()> {
+        self.check(Signal::Traces, scope)?;
+        self.exporter.push(Item {
+            scope,
+            payload: Payload::Span(span),
+            weight,
+        });
+        Ok(())
+    }
+
     /// Queues one log record built in the core (its scope checked, its weight counted).
     pub(crate) fn push_log(&self, scope: usize, record: LogRecord) -> PyResult<()> {
         self.check(Signal::Logs, scope)?;
@@ -393,16 +420,7 @@ impl OtlpExporter {
     ) -> PyResult<()> {
         self.check(Signal::Traces, scope)?;
         let attributes = key_values(attributes, self.limit, 0)?;
-        let mut converted = Vec::new();
-        for event in events.into_iter().flat_map(|events| events.iter()) {
-            let (name, time, attrs): (String, u64, Bound<'_, PyDict>) = event.extract()?;
-            converted.push(Event {
-                time_unix_nano: time,
-                name,
-                attributes: key_values(&attrs, self.limit, 0)?,
-                dropped_attributes_count: 0,
-            });
-        }
+        let converted = self.events(events)?;
         let weight = 160
             + name.len()
             + trace_state.len()

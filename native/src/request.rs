@@ -8,11 +8,13 @@
 //! OTLP).
 
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::line::{write_line, LineArgs};
 use crate::metrics::{record_request_in, Family};
-use crate::otlp::OtlpExporter;
+use crate::otlp::{id_bytes, OtlpExporter};
+use crate::proto::{KeyValue, Span, Status};
+use crate::value::{key_values, weight};
 
 /// Keeps the first of several failures: every part is attempted even when one fails.
 fn keep<T>(result: PyResult<T>, failure: &mut Option<PyErr>) -> Option<T> {
@@ -111,6 +113,121 @@ pub fn end_call(
     queue_span(span.as_ref(), &mut failure);
     let overflowed = match &family {
         Some(family) => {
+            keep(family.observe(labels, seconds, trace_id, span_id), &mut failure).unwrap_or(false)
+        }
+        None => false,
+    };
+    failure.map_or(Ok(overflowed), Err)
+}
+
+/// A client call's span prepared once per kind of call (a statement on a connection, a command
+/// shape on a Redis pool): its scope, name, kind and fixed attributes already in their OTLP form,
+/// cut at the limit of the exporter they were converted for. `end_prepared` ends a call of this
+/// kind with the values that differ per call only, instead of the span's sixteen arguments and its
+/// attribute dict converted again for every call.
+#[pyclass(module = "cfk_otel._native", frozen)]
+pub struct PreparedSpan {
+    exporter: Py<OtlpExporter>,
+    scope: usize,
+    name: String,
+    kind: i32,
+    attributes: Vec<KeyValue>,
+    /// What a span of this kind keeps alive before its per-call parts (as `record_span` counts).
+    weight: usize,
+}
+
+#[pymethods]
+impl PreparedSpan {
+    #[new]
+    fn new(
+        exporter: Bound<'_, OtlpExporter>,
+        scope: usize,
+        name: String,
+        kind: i32,
+        attributes: &Bound<'_, PyDict>,
+    ) -> PyResult<Self> {
+        let attributes = key_values(attributes, exporter.get().limit(), 0)?;
+        let weight = 160 + name.len() + weight(&attributes);
+        Ok(Self {
+            exporter: exporter.unbind(),
+            scope,
+            name,
+            kind,
+            attributes,
+            weight,
+        })
+    }
+
+    /// The exporter its attributes were converted for (and its spans are queued on).
+    #[getter]
+    fn exporter(&self, py: Python<'_>) -> Py<OtlpExporter> {
+        self.exporter.clone_ref(py)
+    }
+}
+
+/// The end of one prepared client call: its span, of `call`'s kind with these per-call values,
+/// queued on `call`'s exporter, and `seconds` observed in `family` under `labels` (when given),
+/// with the span's ids as its bucket's exemplar when `exemplar`. The span's flags, trace state
+/// and status are as `record_span` takes them. Returns and fails as `end_call`.
+#[pyfunction]
+#[pyo3(signature = (
+    call, trace_id, span_id, parent_span_id, flags, trace_state, start, end, status_code,
+    status_message, events, dropped_events, family, labels, seconds, exemplar,
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn end_prepared(
+    call: &Bound<'_, PreparedSpan>,
+    trace_id: u128,
+    span_id: u64,
+    parent_span_id: u64,
+    flags: u32,
+    trace_state: String,
+    start: u64,
+    end: u64,
+    status_code: i32,
+    status_message: String,
+    events: Option<Bound<'_, PyList>>,
+    dropped_events: u32,
+    family: Option<PyRef<'_, Family>>,
+    labels: Vec<String>,
+    seconds: f64,
+    exemplar: bool,
+) -> PyResult<bool> {
+    let mut failure = None;
+    let call = call.get();
+    let exporter = call.exporter.get();
+    if let Some(events) = keep(exporter.events(events.as_ref()), &mut failure) {
+        let weight = call.weight
+            + trace_state.len()
+            + status_message.len()
+            + events
+                .iter()
+                .map(|e| e.name.len() + 32 + weight(&e.attributes))
+                .sum::<usize>();
+        let span = Span {
+            trace_id: trace_id.to_be_bytes().to_vec(),
+            span_id: span_id.to_be_bytes().to_vec(),
+            trace_state,
+            parent_span_id: id_bytes(&parent_span_id.to_be_bytes()),
+            flags,
+            name: call.name.clone(),
+            kind: call.kind,
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            attributes: call.attributes.clone(),
+            dropped_attributes_count: 0,
+            events,
+            dropped_events_count: dropped_events,
+            status: Some(Status {
+                message: status_message,
+                code: status_code,
+            }),
+        };
+        keep(exporter.push_span(call.scope, span, weight), &mut failure);
+    }
+    let overflowed = match &family {
+        Some(family) => {
+            let (trace_id, span_id) = if exemplar { (trace_id, span_id) } else { (0, 0) };
             keep(family.observe(labels, seconds, trace_id, span_id), &mut failure).unwrap_or(false)
         }
         None => false,
