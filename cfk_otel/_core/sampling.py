@@ -342,6 +342,16 @@ class Head:
         self._parent_based = parent_based
         self._bound = bound
 
+    @property
+    def bound(self) -> int:
+        """A root is sampled when its trace id's low 64 bits are under this."""
+        return self._bound
+
+    @property
+    def parent_based(self) -> bool:
+        """Whether a valid parent's sampled flag decides."""
+        return self._parent_based
+
     def sample(self, parent: SpanContext | None, trace_id: int) -> bool:
         """Whether a span with ``parent`` (None: no valid parent) in ``trace_id`` is sampled."""
         if parent is not None and self._parent_based:

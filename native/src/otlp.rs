@@ -226,6 +226,31 @@ impl OtlpExporter {
         )
     }
 
+    /// Queues one span of `scope`, built in the core or from `record_span`'s arguments, its
+    /// weight counted. The caller checked the scope (`check_traces` for cfk_otel's own, 0).
+    pub(crate) fn push_span(&self, scope: usize, span: Span) {
+        let weight = 160
+            + span.name.len()
+            + span.trace_state.len()
+            + span.status.as_ref().map_or(0, |status| status.message.len())
+            + weight(&span.attributes)
+            + span
+                .events
+                .iter()
+                .map(|e| e.name.len() + 32 + weight(&e.attributes))
+                .sum::<usize>();
+        self.exporter.push(Item {
+            scope,
+            payload: Payload::Span(span),
+            weight,
+        });
+    }
+
+    /// Whether this exporter sends traces (its scope 0 is cfk_otel's own).
+    pub(crate) fn check_traces(&self) -> PyResult<()> {
+        self.check(Signal::Traces, 0)
+    }
+
     /// The longest text value an attribute keeps.
     pub(crate) fn limit(&self) -> Option<Limit> {
         self.limit
@@ -403,40 +428,29 @@ impl OtlpExporter {
                 dropped_attributes_count: 0,
             });
         }
-        let weight = 160
-            + name.len()
-            + trace_state.len()
-            + status_message.len()
-            + weight(&attributes)
-            + converted
-                .iter()
-                .map(|e| e.name.len() + 32 + weight(&e.attributes))
-                .sum::<usize>();
-        let span = Span {
-            trace_id: trace_id.to_be_bytes().to_vec(),
-            span_id: span_id.to_be_bytes().to_vec(),
-            trace_state,
-            parent_span_id: id_bytes(&parent_span_id.to_be_bytes()),
-            flags,
-            name,
-            kind,
-            start_time_unix_nano: start,
-            end_time_unix_nano: end,
-            attributes,
-            dropped_attributes_count: dropped_attributes,
-            events: converted,
-            dropped_events_count: dropped_events,
-            // Always present, as the SDK writes it (an empty message for an unset status).
-            status: Some(Status {
-                message: status_message,
-                code: status_code,
-            }),
-        };
-        self.exporter.push(Item {
+        self.push_span(
             scope,
-            payload: Payload::Span(span),
-            weight,
-        });
+            Span {
+                trace_id: trace_id.to_be_bytes().to_vec(),
+                span_id: span_id.to_be_bytes().to_vec(),
+                trace_state,
+                parent_span_id: id_bytes(&parent_span_id.to_be_bytes()),
+                flags,
+                name,
+                kind,
+                start_time_unix_nano: start,
+                end_time_unix_nano: end,
+                attributes,
+                dropped_attributes_count: dropped_attributes,
+                events: converted,
+                dropped_events_count: dropped_events,
+                // Always present, as the SDK writes it (an empty message for an unset status).
+                status: Some(Status {
+                    message: status_message,
+                    code: status_code,
+                }),
+            },
+        );
         Ok(())
     }
 
