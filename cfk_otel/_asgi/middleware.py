@@ -247,13 +247,15 @@ class TelemetryMiddleware:
                 self._websocket_ended(
                     scope, fixed_route or self._routes.template(scope, root_path, 101), start
                 )
-            with _RECORD_REQUEST:  # telemetry must never fail a request
+            try:  # telemetry must never fail a request: _RECORD_REQUEST's rule, without its calls
                 route = fixed_route or self._routes.template(scope, root_path, status)
                 elapsed = time.perf_counter() - start
                 if type(span) is ServerSpan:
                     self._record_server(span, scope, method, route, status, elapsed, error)
                 else:
                     self._record(span, scope, kind, method, route, status, elapsed, error, close_code)
+            except Exception as failure:  # logged once by the guard, as inside it
+                _RECORD_REQUEST.__exit__(type(failure), failure, failure.__traceback__)
 
     def _websocket_ended(self, scope: Scope, route: str, start: float) -> None:
         self.metrics.websocket_connections.finish()
