@@ -185,7 +185,11 @@ class TelemetryMiddleware:
         if method not in _METHODS:
             method = "_OTHER"
         root_path = scope.get("root_path", "")
+        # The incoming trace context, else the current one: given to both the span's start
+        # and set_span_in_context, which would each look the current one up.
         parent = self._incoming.extract(scope.get("headers") or [])
+        if parent is None:
+            parent = context.get_current()
         # An HTTP request's span starts in one call into the core when the set-up allows
         # (Spans.server; its start answers None once the set-up changed), else Spans.start.
         server = self._spans.server if http else None

@@ -222,7 +222,8 @@ impl ServerSpans {
     }
 
     /// The server span of a request named `name` whose parent is in `parent` (None: the
-    /// current context), or None when the set-up this was made for no longer holds. Decides
+    /// current context; the caller's own current context, when empty, is not looked into), or
+    /// None when the set-up this was made for no longer holds. Decides
     /// as `Spans._start_native` does with set-up's own sampler (`sampling.Head.sample`).
     /// A failure (a custom id generator's, say) answers None too: `Spans.start` then meets it
     /// under its guard, which says so once.
@@ -247,8 +248,16 @@ impl ServerSpans {
         if !this.holds(py)? {
             return Ok(None);
         }
-        let current = this.get_current_span.call1(py, (parent,))?;
-        let context = current.bind(py).call_method0(intern!(py, "get_span_context"))?;
+        // An empty context (most requests': no incoming trace, nothing current) has no span.
+        let empty = parent
+            .as_ref()
+            .is_some_and(|parent| parent.cast::<PyDict>().is_ok_and(|context| context.is_empty()));
+        let context = if empty {
+            py.None().into_bound(py)
+        } else {
+            let current = this.get_current_span.call1(py, (parent,))?;
+            current.bind(py).call_method0(intern!(py, "get_span_context"))?
+        };
         let valid = !context.is_none() && context.getattr(intern!(py, "is_valid"))?.is_truthy()?;
         let generator = this.id_generator.bind(py);
         let span_id = if this.python_ids {
