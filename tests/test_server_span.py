@@ -430,3 +430,35 @@ def test_the_span_limits_bound_the_apps_attributes_as_on_core_spans(
         assert _comparable(ours) == _comparable(theirs)
         assert len(ours.attributes) == 12
         assert ours.span.dropped_attributes_count == theirs.span.dropped_attributes_count > 0
+
+
+def test_a_current_span_outside_the_request_is_its_parent(head: Sampler) -> None:
+    """No incoming headers: the current context decides, as Spans.start (an outer layer's span)."""
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver, sampler=head)
+        app = TelemetryMiddleware(_bare, tracer_provider=provider, meter_provider=MeterProvider())
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict[str, Any]) -> None:
+            return None
+
+        loop = asyncio.new_event_loop()
+        try:
+            with provider.get_tracer("outer").start_as_current_span("outer") as outer:
+                for _ in range(2):
+                    loop.run_until_complete(app({"type": "http", "path": "/"}, receive, send))
+            loop.run_until_complete(app({"type": "http", "path": "/"}, receive, send))
+        finally:
+            loop.close()
+        assert app._spans.server is not None
+        _flush(provider)
+        assert receiver.wait_for(lambda: sum(s.span.kind == 2 for s in receiver.spans) == 3)
+        inside, again, alone = (s.span for s in receiver.spans if s.span.kind == 2)
+        ids = outer.get_span_context()
+        for span in (inside, again):
+            assert span.parent_span_id == ids.span_id.to_bytes(8, "big")
+            assert span.trace_id == ids.trace_id.to_bytes(16, "big")
+        assert alone.parent_span_id == b""
+        assert alone.trace_id != inside.trace_id
