@@ -17,6 +17,8 @@ import pytest
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.applications import Starlette
@@ -462,3 +464,30 @@ def test_a_current_span_outside_the_request_is_its_parent(head: Sampler) -> None
             assert span.trace_id == ids.trace_id.to_bytes(16, "big")
         assert alone.parent_span_id == b""
         assert alone.trace_id != inside.trace_id
+
+
+def test_the_core_span_gives_way_when_the_set_up_changes(
+    head: Sampler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+
+    async def look(request: Request) -> PlainTextResponse:
+        seen.append(type(trace.get_current_span()).__name__)
+        return PlainTextResponse("ok")
+
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver, sampler=head)
+        app = TelemetryMiddleware(Starlette(routes=[Route("/l", look)]), tracer_provider=provider)
+        memory = InMemorySpanExporter()
+        with TestClient(app) as client:
+            client.get("/l")
+            _core.shutdown(1.0)  # a new exporter in the core: a new ServerSpans
+            client.get("/l")
+            with monkeypatch.context() as keeping:  # a keeper of failed and slow traces: CoreSpan
+                keeping.setattr(_sampling, "KEEPER", _sampling.Keeper(1.0))
+                client.get("/l")
+            client.get("/l")
+            provider.add_span_processor(SimpleSpanProcessor(memory))  # the app's: the SDK's span
+            client.get("/l")
+        assert seen == ["ServerSpan", "ServerSpan", "CoreSpan", "ServerSpan", "_Span"]
+        assert [s.name for s in memory.get_finished_spans()] == ["GET /l"]

@@ -158,6 +158,7 @@ class TelemetryMiddleware:
         self._endpoint_telemetry = endpoint_telemetry
         self._routes = RouteResolver(app)
         self._spans = Spans(tracer_provider)
+        self._first = True  # no request yet: Spans has not chosen a path
         self._incoming = _Incoming()
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
 
@@ -194,7 +195,9 @@ class TelemetryMiddleware:
         # (Spans.server; its start answers None once the set-up changed), else Spans.start.
         server = self._spans.server if http else None
         span: Any = server.start(method, parent) if server is not None else None
-        if span is None and http:  # the first request, or the set-up changed since
+        if span is None and http and (server is not None or self._first):
+            # The set-up changed since (Spans decides again), or the first request.
+            self._first = False
             server = self._spans.refresh()
             span = server.start(method, parent) if server is not None else None
         if span is None:
