@@ -491,3 +491,52 @@ def test_the_core_span_gives_way_when_the_set_up_changes(
             client.get("/l")
         assert seen == ["ServerSpan", "ServerSpan", "CoreSpan", "ServerSpan", "_Span"]
         assert [s.name for s in memory.get_finished_spans()] == ["GET /l"]
+
+
+class _Asking(logging.Handler):
+    """A log handler that asks the current span for its context, as cfk_otel's own do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[int] = []
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.ids.append(trace.get_current_span().get_span_context().span_id)
+        except Exception as error:  # what the test looks for
+            self.errors.append(error)
+
+
+def test_what_the_span_logs_can_ask_the_span_for_its_context(head: Sampler) -> None:
+    """The SDK logs while the app uses the span (a value it cleans, a status description, a
+    second end): a handler asking the current span, this one, gets its context."""
+    asking = _Asking()
+    seen: list[int] = []
+
+    async def chatty(request: Request) -> PlainTextResponse:
+        span = trace.get_current_span()
+        seen.append(span.get_span_context().span_id)
+        span.set_attribute("odd", object())  # type: ignore[arg-type]  # cleaned, and said
+        span.add_event("e", {"odd": object()})  # type: ignore[dict-item]
+        span.set_status(Status(StatusCode.OK, "a description without ERROR"))
+        span.end()
+        span.end()
+        span.set_attribute("late", 1)
+        return PlainTextResponse("ok")
+
+    root = logging.getLogger()
+    root.addHandler(asking)
+    try:
+        with OtlpReceiver() as receiver:
+            provider = _provider(receiver, sampler=head)
+            app = TelemetryMiddleware(Starlette(routes=[Route("/c", chatty)]), tracer_provider=provider)
+            with TestClient(app) as client:
+                assert client.get("/c").status_code == 200
+            _flush(provider)
+            assert receiver.wait_for(lambda: len(receiver.spans) == 1)
+    finally:
+        root.removeHandler(asking)
+    assert asking.errors == []
+    assert len(asking.ids) >= 5
+    assert set(asking.ids[:5]) == set(seen)

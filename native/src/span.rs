@@ -363,6 +363,13 @@ pub struct ServerSpan {
     status: Option<Py<PyAny>>,
 }
 
+/// Says `message` in cfk_otel's log, as the SDK's span does (never while the span is borrowed:
+/// a log handler may ask the current span for its context).
+fn warn(py: Python<'_>, home: &Py<ServerSpans>, message: &str) -> PyResult<()> {
+    home.get().warning.call1(py, (message,))?;
+    Ok(())
+}
+
 /// `scope[key]` when there, else None (a scope is a dict).
 fn get<'py>(scope: &Bound<'py, PyDict>, key: &Bound<'py, PyString>) -> PyResult<Option<Bound<'py, PyAny>>> {
     scope.get_item(key)
@@ -572,21 +579,6 @@ impl ServerSpan {
         Ok(())
     }
 
-    fn warn(&self, py: Python<'_>, message: &str) -> PyResult<()> {
-        self.home.get().warning.call1(py, (message,))?;
-        Ok(())
-    }
-
-    /// Ends the span: false (and said, as the SDK does) when it had ended already.
-    fn close(&mut self, py: Python<'_>, end_time: Option<u64>) -> PyResult<bool> {
-        if self.end_time.is_some() {
-            self.warn(py, "Calling end() on an ended span.")?;
-            return Ok(false);
-        }
-        self.end_time = Some(end_time.filter(|&t| t != 0).unwrap_or_else(now_ns));
-        Ok(true)
-    }
-
     /// The exemplar's ids: the span's when its trace is exported (`sampling.ids_for_exemplar`).
     fn exemplar(&self, py: Python<'_>) -> PyResult<(u128, u64)> {
         let sampling = self.home.get().sampling.bind(py);
@@ -687,22 +679,24 @@ impl ServerSpan {
         self.recording()
     }
 
-    fn set_attribute(
-        &mut self,
-        py: Python<'_>,
-        key: Bound<'_, PyAny>,
-        value: Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        if !self.sampled {
-            return Ok(());
-        }
-        if self.end_time.is_some() {
-            return self.warn(py, "Setting attribute on ended span.");
-        }
-        let extra = match &self.extra {
-            Some(extra) => extra.bind(py).clone(),
+    fn set_attribute(slf: &Bound<'_, Self>, key: Bound<'_, PyAny>, value: Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let (home, extra) = {
+            let this = slf.borrow();
+            if !this.sampled {
+                return Ok(());
+            }
+            let home = this.home.clone_ref(py);
+            if this.end_time.is_some() {
+                drop(this);
+                return warn(py, &home, "Setting attribute on ended span.");
+            }
+            (home, this.extra.as_ref().map(|extra| extra.clone_ref(py)))
+        };
+        let extra = match extra {
+            Some(extra) => extra.into_bound(py),
             None => {
-                let home = self.home.get();
+                let home = home.get();
                 let limits = home.limits.bind(py);
                 let kwargs = PyDict::new(py);
                 kwargs.set_item("max_value_len", limits.getattr("max_attribute_length")?)?;
@@ -711,39 +705,45 @@ impl ServerSpan {
                     .bounded
                     .bind(py)
                     .call((limits.getattr("max_span_attributes")?,), Some(&kwargs))?;
-                self.extra = Some(extra.clone().unbind());
+                slf.borrow_mut().extra = Some(extra.clone().unbind());
                 extra
             }
         };
+        // Outside the span's borrow: cleaning a value may log, and a log handler may ask the
+        // current span (this one) for its context.
         extra.set_item(key, value)
     }
 
-    fn set_attributes(&mut self, py: Python<'_>, attributes: Bound<'_, PyAny>) -> PyResult<()> {
+    fn set_attributes(slf: &Bound<'_, Self>, attributes: Bound<'_, PyAny>) -> PyResult<()> {
         for item in attributes.call_method0("items")?.try_iter()? {
             let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
-            self.set_attribute(py, key, value)?;
+            Self::set_attribute(slf, key, value)?;
         }
         Ok(())
     }
 
     #[pyo3(signature = (name, attributes=None, timestamp=None))]
     fn add_event(
-        &mut self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         name: String,
         attributes: Option<Bound<'_, PyAny>>,
         timestamp: Option<u64>,
     ) -> PyResult<()> {
-        if !self.recording() {
-            return Ok(());
-        }
-        let max_events: Option<usize> = self.limit(py, "max_events")?.extract()?;
-        let count = self.events.as_ref().map_or(0, |events| events.bind(py).len());
-        if max_events.is_some_and(|max| count >= max) {
-            self.dropped_events += 1;
-            return Ok(());
-        }
-        let home = self.home.get();
+        let py = slf.py();
+        let home = {
+            let mut this = slf.borrow_mut();
+            if !this.recording() {
+                return Ok(());
+            }
+            let max_events: Option<usize> = this.limit(py, "max_events")?.extract()?;
+            let count = this.events.as_ref().map_or(0, |events| events.bind(py).len());
+            if max_events.is_some_and(|max| count >= max) {
+                this.dropped_events += 1;
+                return Ok(());
+            }
+            this.home.clone_ref(py)
+        };
+        let home = home.get();
         let limits = home.limits.bind(py);
         let kwargs = PyDict::new(py);
         kwargs.set_item("max_value_len", limits.getattr("max_attribute_length")?)?;
@@ -755,9 +755,13 @@ impl ServerSpan {
         let attributes = py.get_type::<PyDict>().call1((bounded,))?;
         let time = timestamp.filter(|&t| t != 0).unwrap_or_else(now_ns);
         let event = (name, time, attributes);
-        match &self.events {
+        let mut this = slf.borrow_mut();
+        if !this.recording() {
+            return Ok(()); // ended while its attributes were cleaned
+        }
+        match &this.events {
             Some(events) => events.bind(py).append(event)?,
-            None => self.events = Some(PyList::new(py, [event])?.unbind()),
+            None => this.events = Some(PyList::new(py, [event])?.unbind()),
         }
         Ok(())
     }
@@ -773,7 +777,8 @@ impl ServerSpan {
         if !self.sampled {
             return Ok(());
         }
-        self.home.get().seam.bind(py).getattr("_link_added")?.call0()?;
+        let seam = self.home.get().seam.clone_ref(py);
+        seam.bind(py).getattr("_link_added")?.call0()?;
         Ok(())
     }
 
@@ -785,62 +790,77 @@ impl ServerSpan {
 
     #[pyo3(signature = (status, description=None))]
     fn set_status(
-        &mut self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         status: Bound<'_, PyAny>,
         description: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        if !self.recording() {
-            return Ok(());
+        let py = slf.py();
+        let (home, current) = {
+            let this = slf.borrow();
+            if !this.recording() {
+                return Ok(());
+            }
+            (this.home.clone_ref(py), this.status(py))
+        };
+        // A status made here may log (a description without ERROR): outside the borrow.
+        let next = home
+            .get()
+            .seam
+            .bind(py)
+            .getattr("_next_status")?
+            .call1((current, status, description))?;
+        let mut this = slf.borrow_mut();
+        if this.recording() {
+            this.status = Some(next.unbind());
         }
-        let current = self.status(py);
-        let next =
-            self.home
-                .get()
-                .seam
-                .bind(py)
-                .getattr("_next_status")?
-                .call1((current, status, description))?;
-        self.status = Some(next.unbind());
         Ok(())
     }
 
     #[pyo3(signature = (exception, attributes=None, timestamp=None, escaped=false))]
     fn record_exception(
-        &mut self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         exception: Bound<'_, PyAny>,
         attributes: Option<Bound<'_, PyAny>>,
         timestamp: Option<u64>,
         escaped: bool,
     ) -> PyResult<()> {
-        if !self.recording() {
-            return Ok(());
-        }
-        let event = self
-            .home
+        let py = slf.py();
+        let home = {
+            let this = slf.borrow();
+            if !this.recording() {
+                return Ok(());
+            }
+            this.home.clone_ref(py)
+        };
+        let event = home
             .get()
             .seam
             .bind(py)
             .getattr("_exception_event")?
             .call1((exception, attributes, escaped))?;
-        self.add_event(py, "exception".to_owned(), Some(event), timestamp)
+        Self::add_event(slf, "exception".to_owned(), Some(event), timestamp)
     }
 
     /// Ends the span and queues it (sampled), without the request's attributes, metrics or
     /// line: the app ending the span it was given. A failure is logged, never raised.
     #[pyo3(signature = (end_time=None))]
-    fn end(&mut self, py: Python<'_>, end_time: Option<u64>) -> PyResult<()> {
-        if !self.sampled || !self.close(py, end_time)? {
+    fn end(slf: &Bound<'_, Self>, end_time: Option<u64>) -> PyResult<()> {
+        let py = slf.py();
+        let mut this = slf.borrow_mut();
+        if !this.sampled {
             return Ok(());
         }
-        if let Err(error) = self.queue(py) {
-            self.home
-                .get()
-                .seam
-                .bind(py)
-                .getattr("_span_failed")?
-                .call1((error.into_value(py),))?;
+        let home = this.home.clone_ref(py);
+        if this.end_time.is_some() {
+            drop(this);
+            return warn(py, &home, "Calling end() on an ended span.");
+        }
+        this.end_time = Some(end_time.filter(|&t| t != 0).unwrap_or_else(now_ns));
+        let queued = this.queue(py);
+        drop(this);
+        if let Err(error) = queued {
+            let seam = home.get().seam.bind(py);
+            seam.getattr("_span_failed")?.call1((error.into_value(py),))?;
         }
         Ok(())
     }
@@ -850,8 +870,8 @@ impl ServerSpan {
     }
 
     #[pyo3(signature = (*_args))]
-    fn __exit__(&mut self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        self.end(py, None)?;
+    fn __exit__(slf: &Bound<'_, Self>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        Self::end(slf, None)?;
         Ok(false)
     }
 
@@ -866,8 +886,7 @@ impl ServerSpan {
     #[pyo3(signature = (scope, method, route, status, seconds, requests=None, duration=None, log=None))]
     #[allow(clippy::too_many_arguments)]
     fn end_request(
-        &mut self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         scope: &Bound<'_, PyAny>,
         method: &Bound<'_, PyString>,
         route: &Bound<'_, PyString>,
@@ -877,27 +896,32 @@ impl ServerSpan {
         duration: Option<PyRef<'_, Family>>,
         log: Option<Log<'_>>,
     ) -> PyResult<(bool, bool)> {
+        let py = slf.py();
         let mut failure = None;
         let method_text = method.to_string_lossy().into_owned();
         let route_text = route.to_string_lossy().into_owned();
-        if self.sampled {
-            if self.end_time.is_some() {
-                keep(self.warn(py, "Calling end() on an ended span."), &mut failure);
-            } else {
+        let (home, ended_before, (trace_id, span_id)) = {
+            let mut this = slf.borrow_mut();
+            let ended_before = this.sampled && this.end_time.is_some();
+            if this.sampled && !ended_before {
                 let matched = route_text != UNMATCHED;
                 let read = scope
                     .cast::<PyDict>()
                     .map_err(PyErr::from)
-                    .and_then(|scope| self.read_scope(scope, method, route, matched, status));
+                    .and_then(|scope| this.read_scope(scope, method, route, matched, status));
                 keep(read, &mut failure);
                 if matched {
-                    self.name = format!("{method_text} {route_text}");
+                    this.name = format!("{method_text} {route_text}");
                 }
-                self.end_time = Some(now_ns());
-                keep(self.queue(py), &mut failure);
+                this.end_time = Some(now_ns());
+                keep(this.queue(py), &mut failure);
             }
+            let ids = keep(this.exemplar(py), &mut failure).unwrap_or((0, 0));
+            (this.home.clone_ref(py), ended_before, ids)
+        };
+        if ended_before {
+            keep(warn(py, &home, "Calling end() on an ended span."), &mut failure);
         }
-        let (trace_id, span_id) = keep(self.exemplar(py), &mut failure).unwrap_or((0, 0));
         let status_text = match status.str() {
             Ok(text) => text.to_string(),
             Err(error) => {
@@ -919,7 +943,7 @@ impl ServerSpan {
             &mut failure,
         );
         if let Some(error) = failure {
-            let seam = self.home.get().seam.bind(py);
+            let seam = home.get().seam.bind(py);
             seam.getattr("_end_failed")?.call1((error.into_value(py),))?;
         }
         Ok(overflowed)
