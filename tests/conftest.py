@@ -89,7 +89,8 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 class CoreCalls:
     """Every call into the compiled core made while :meth:`watch` is open, by name: a
-    function of ``cfk_otel._native`` or a method of its exporter or metric family."""
+    function of ``cfk_otel._native`` or a method of its exporter, metric family or server
+    span (and what starts those)."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
@@ -98,7 +99,7 @@ class CoreCalls:
     def watch(self) -> Iterator[list[str]]:
         from cfk_otel import _native
 
-        owners = (_native.OtlpExporter, _native.Family)
+        owners = (_native.OtlpExporter, _native.Family, _native.ServerSpans, _native.ServerSpan)
 
         def profile(frame: object, event: str, arg: object) -> None:
             if event == "c_call":

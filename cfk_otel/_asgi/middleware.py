@@ -27,7 +27,7 @@ from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_OR
 from opentelemetry.trace import Status, StatusCode
 
 from cfk_otel._core.sampling import exemplar_ids
-from cfk_otel._core.seam import CoreSpan, Ended, Spans
+from cfk_otel._core.seam import CoreSpan, Ended, Sender, ServerSpan, Spans
 from cfk_otel._errors import total as _errors_total
 from cfk_otel._guard import guard
 from cfk_otel._logs.requests import RequestLog
@@ -158,63 +158,81 @@ class TelemetryMiddleware:
         self._endpoint_telemetry = endpoint_telemetry
         self._routes = RouteResolver(app)
         self._spans = Spans(tracer_provider)
+        self._first = True  # no request yet: Spans has not chosen a path
         self._incoming = _Incoming()
         self.metrics = _metrics.Metrics(meter_provider) if meter_provider is not None else _metrics.default()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(  # noqa: PLR0912, PLR0915  (one body per request, on purpose: see below)
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":  # noqa: PLR1714  (cheaper than a set here)
             await self.app(scope, receive, send)
             return
+        app, fixed_route = self.app, None
         if self._endpoints and kind == "http":
             endpoint = self._endpoints.get(scope["path"])
             if endpoint is not None:
-                if self._endpoint_telemetry:
-                    await self._traced(endpoint, scope, receive, send, fixed_route=scope["path"])
-                else:
+                if not self._endpoint_telemetry:
                     await endpoint(scope, receive, send)
-                return
-        await self._traced(self.app, scope, receive, send)
-
-    async def _traced(
-        self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, fixed_route: str | None = None
-    ) -> None:
-        kind = scope["type"]
+                    return
+                app, fixed_route = endpoint, scope["path"]
+        # One body for every traced request (no coroutine of ours in between): the app's
+        # frames are the same whichever path records the span, and so are the exception
+        # events' stack traces.
         start = time.perf_counter()
-        method = scope.get("method", "GET") if kind == "http" else "GET"
-        method = method if method in _METHODS else "_OTHER"
+        http = kind == "http"
+        method = scope.get("method", "GET") if http else "GET"
+        if method not in _METHODS:
+            method = "_OTHER"
         root_path = scope.get("root_path", "")
+        # The incoming trace context, else the current one: given to both the span's start
+        # and set_span_in_context, which would each look the current one up.
         parent = self._incoming.extract(scope.get("headers") or [])
-        span = self._spans.start(method, parent)
+        if parent is None:
+            parent = context.get_current()
+        # An HTTP request's span starts in one call into the core when the set-up allows
+        # (Spans.server; its start answers None once the set-up changed), else Spans.start.
+        server = self._spans.server if http else None
+        span: Any = server.start(method, parent) if server is not None else None
+        if span is None and http and (server is not None or self._first):
+            # The set-up changed since (Spans decides again), or the first request.
+            self._first = False
+            server = self._spans.refresh()
+            span = server.start(method, parent) if server is not None else None
+        if span is None:
+            span = self._spans.start(method, parent)
         token = context.attach(trace.set_span_in_context(span, parent))
         status = 0
         close_code: int | None = None
+        ws: _WebSocketMessages | None = None
+        # An HTTP request's send notes the response's status and returns the server's own
+        # send(message) (the core's Sender: no coroutine of ours per message).
+        sender = Sender(send) if http and Sender is not None else None
+        if sender is None:
+            if not http:
+                ws = _WebSocketMessages(
+                    self.metrics, lambda: fixed_route or self._routes.template(scope, root_path, 101)
+                )
+                receive = ws.wrap(receive)
 
-        ws = (
-            _WebSocketMessages(
-                self.metrics, lambda: fixed_route or self._routes.template(scope, root_path, 101)
-            )
-            if kind == "websocket"
-            else None
-        )
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, close_code
-            mtype = message["type"]
-            if mtype == "http.response.start":
-                status = message["status"]
-            elif mtype == "websocket.send" and ws is not None:
-                ws.count("sent")
-            elif mtype == "websocket.accept":
+            async def send_wrapper(message: Message) -> None:
+                nonlocal status, close_code
+                mtype = message["type"]
+                if mtype == "http.response.start":
+                    status = message["status"]
+                elif mtype == "websocket.send" and ws is not None:
+                    ws.count("sent")
+                elif mtype == "websocket.accept":
+                    await send(message)
+                    status = 101
+                    self.metrics.websocket_connections.inc()
+                    return
+                elif mtype == "websocket.close":
+                    close_code = message.get("code") or 1000
+                    if not status:
+                        status = 403
                 await send(message)
-                status = 101
-                self.metrics.websocket_connections.inc()
-                return
-            elif mtype == "websocket.close":
-                close_code = message.get("code") or 1000
-                if not status:
-                    status = 403
-            await send(message)
 
         # FastAPI (0.165 and later) has telemetry of its own: a second server span, rooted
         # at the request's headers rather than ours, and its own HTTP metrics. A request
@@ -222,22 +240,29 @@ class TelemetryMiddleware:
         scope.setdefault(_FASTAPI_TELEMETRY, None)
         error: BaseException | None = None
         try:
-            await app(scope, ws.wrap(receive) if ws is not None else receive, send_wrapper)
+            await app(scope, receive, sender or send_wrapper)
         except BaseException as exc:
             error = exc
-            if not status:
-                status = 500
             raise
         finally:
             context.detach(token)
+            if sender is not None:
+                status = sender.status
+            if error is not None and not status:
+                status = 500
             if status == 101:  # every way a websocket ends comes through here, exactly once
                 self._websocket_ended(
                     scope, fixed_route or self._routes.template(scope, root_path, 101), start
                 )
-            with _RECORD_REQUEST:  # telemetry must never fail a request
+            try:  # telemetry must never fail a request: _RECORD_REQUEST's rule, without its calls
                 route = fixed_route or self._routes.template(scope, root_path, status)
                 elapsed = time.perf_counter() - start
-                self._record(span, scope, kind, method, route, status, elapsed, error, close_code)
+                if type(span) is ServerSpan:
+                    self._record_server(span, scope, method, route, status, elapsed, error)
+                else:
+                    self._record(span, scope, kind, method, route, status, elapsed, error, close_code)
+            except Exception as failure:  # logged once by the guard, as inside it
+                _RECORD_REQUEST.__exit__(type(failure), failure, failure.__traceback__)
 
     def _websocket_ended(self, scope: Scope, route: str, start: float) -> None:
         self.metrics.websocket_connections.finish()
@@ -276,6 +301,52 @@ class TelemetryMiddleware:
             self.metrics.record_request(method, route, str(status), elapsed, trace_id, span_id, ended, log)
         if error is not None or status >= 400 or close_code is not None:  # one test on a 2xx
             self._errors.count(self.metrics, kind, route, status, error, close_code)
+        if info is not None:
+            for observer in observers:
+                observer(info)
+
+    def _record_server(
+        self,
+        span: Any,
+        scope: Scope,
+        method: str,
+        route: str,
+        status: int,
+        elapsed: float,
+        error: BaseException | None,
+    ) -> None:
+        """:meth:`_record` for a server span of the core (``seam.ServerSpan``): a failure
+        goes through the span's API, then one call ends it all (the span's own attributes
+        read from the scope there, as :meth:`_finish` sets them)."""
+        if (error is not None or status >= 500) and span.is_recording():
+            self._failed(span, status, error)
+        request_log, observers = self._request_log, self._observers
+        info: RequestInfo | None = None
+        log = None
+        if request_log is not None or observers:
+            info = RequestInfo(scope, "http", method, route, status, elapsed, error, span.get_span_context())
+            if request_log is not None:
+                with _WRITE_LINE:  # a failing line must not cost the span and the metrics
+                    log = request_log.write(info)
+        metrics = self.metrics
+        requests, duration = metrics.http_requests, metrics.http_request_duration
+        # end_request never raises: a failing part is logged once ("recording the end of a
+        # request"), and the others are still done.
+        if requests.family is not None and duration.family is not None and elapsed >= 0.0:
+            counted, observed = span.end_request(
+                scope, method, route, status, elapsed, requests.family, duration.family, log
+            )
+            if counted:
+                requests._overflowed()  # the catalogue's own, as in record_request
+            if observed:
+                duration._overflowed()
+        else:  # the SDK's meter provider records the metrics (see Metrics.record_request)
+            span.end_request(scope, method, route, status, elapsed, None, None, log)
+            trace_id, span_id = span.exemplar_ids()
+            requests.add_by_key((method, route, str(status)), 1.0)
+            duration.record_by_key((method, route), elapsed, trace_id, span_id)
+        if error is not None or status >= 400:
+            self._errors.count(metrics, "http", route, status, error, None)
         if info is not None:
             for observer in observers:
                 observer(info)

@@ -342,6 +342,11 @@ class Head:
         self.parent_based = parent_based  # a valid parent's flag decides
         self._bound = bound
 
+    @property
+    def bound(self) -> int:
+        """A root is sampled when its trace id's low 64 bits are under this."""
+        return self._bound
+
     def sample(self, parent: SpanContext | None, trace_id: int) -> bool:
         """Whether a span with ``parent`` (None: no valid parent) in ``trace_id`` is sampled."""
         if parent is not None and self.parent_based:

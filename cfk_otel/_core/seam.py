@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -52,12 +53,13 @@ from opentelemetry.util import types
 
 from cfk_otel import _settings
 from cfk_otel._guard import guard, warn_once
+from cfk_otel._redact import scrub_url  # noqa: F401  (the core's server span calls it)
 from cfk_otel._version import __version__
 
 from . import sampling as _sampling
 
 if TYPE_CHECKING:
-    from cfk_otel._native import Family, OtlpExporter, PreparedSpan, RequestLine
+    from cfk_otel._native import Family, OtlpExporter, PreparedSpan, RequestLine, ServerSpans
 
 _native: ModuleType | None
 try:
@@ -808,6 +810,9 @@ class Spans:
         self._native: sdk_trace.TracerProvider | None = None
         self.limits = sdk_trace.SpanLimits()
         self.exporter: OtlpExporter | None = None
+        # Starts an HTTP request's server span in the core, in one call, while set-up's own
+        # head sampler decides and nothing else needs our spans (see server_spans).
+        self.server: ServerSpans | None = None
 
     def start(
         self,
@@ -835,7 +840,12 @@ class Spans:
         parent is one of ours and set-up's own parent-based head sampler decides (the
         parent's flag does). Such a span shares ``call.attributes`` (see :func:`end_client`)."""
         native = self._native
-        if type(parent) is CoreSpan and native is not None and _GENERATION[0] == self._generation:
+        kind = type(parent)
+        if (
+            (kind is CoreSpan or kind is ServerSpan)
+            and native is not None
+            and _GENERATION[0] == self._generation
+        ):
             try:
                 head = _sampling.HEAD
                 if (
@@ -851,28 +861,44 @@ class Spans:
                             span_id = getrandbits(64)
                     else:
                         span_id = ids.generate_span_id()
-                    ours = parent  # a CoreSpan: its fields read as they are
-                    sampled = ours.sampled
+                    context = parent.get_span_context()
+                    if kind is CoreSpan:  # its fields read as they are
+                        ours: CoreSpan = parent  # type: ignore[assignment]  # as tested
+                        sampled, random, trace_state = ours.sampled, ours._flags & _RANDOM, ours._trace_state
+                    else:  # the core's server span: its context's
+                        sampled, random = context.trace_flags.sampled, context.trace_flags & _RANDOM
+                        trace_state = context.trace_state
                     return CoreSpan(
                         self,
                         call.name,
                         SpanKind.CLIENT,
-                        ours.trace_id,
+                        context.trace_id,
                         span_id,
-                        _FLAGS[sampled, bool(ours._flags & _RANDOM)],
-                        ours._trace_state,
-                        ours.get_span_context(),
+                        _FLAGS[sampled, bool(random)],
+                        trace_state,
+                        context,
                         call.attributes if sampled else {},
                     )
             except Exception as error:  # free until it raises; then start() decides
                 _START_SPAN.failed(error)
         return self.start(call.name, None, SpanKind.CLIENT, call.attributes)
 
+    def refresh(self) -> ServerSpans | None:
+        """:attr:`server` after deciding again when the provider or the set-up changed (as
+        :meth:`start` does): what starts an HTTP request's server span in the core."""
+        with _START_SPAN:
+            provider = self._fixed_provider or trace.get_tracer_provider()
+            if provider is not self._provider or _GENERATION[0] != self._generation:
+                self._choose(provider)
+            return self.server
+        return None
+
     def _choose(self, provider: trace.TracerProvider) -> None:
         self._provider = provider
         self._generation = _GENERATION[0]
         self._tracer = provider.get_tracer(SCOPE, __version__)
         self._native = None
+        self.server = None
         if not (
             _CHOICE.native
             and isinstance(provider, sdk_trace.TracerProvider)
@@ -884,6 +910,7 @@ class Spans:
         self.limits = sdk_trace.SpanLimits()
         self.exporter = _exporter("traces", provider.resource, [(SCOPE, __version__)])
         self._native = provider
+        self.server = server_spans(self, provider)
 
     def _start_native(
         self,
@@ -1049,3 +1076,98 @@ class LogSink:
             span_id,
             flags,
         )
+
+
+# An HTTP request's server span as an object of the core (native/src/span.rs): started in one
+# call, ended with the request's metrics and line in one call. It is an API span (registered
+# below) and behaves as CoreSpan does; its rarer parts call the helpers below.
+ServerSpan: Final[Any] = getattr(_native, "ServerSpan", None)
+if ServerSpan is not None:
+    trace.Span.register(ServerSpan)
+# The send an HTTP request's app is given on the core: notes the status, returns send(message).
+Sender: Final[Any] = getattr(_native, "Sender", None)
+
+
+def server_spans(spans: Spans, provider: sdk_trace.TracerProvider) -> ServerSpans | None:
+    """What starts the server spans of ``spans``'s HTTP requests in the core, when the
+    provider's sampler is set-up's own (:data:`cfk_otel._core.sampling.HEAD`) and no keeper
+    holds sampled-out traces (None otherwise: :meth:`Spans.start` starts them). The ids are
+    made in the core when the provider's id generator is the SDK's ``RandomIdGenerator``,
+    asked from it otherwise. It stops (its ``start`` answers None) once any of that changes."""
+    head = _sampling.HEAD
+    exporter = spans.exporter
+    if (
+        _native is None
+        or head is None
+        or exporter is None
+        or provider.sampler is not head.sampler
+        or _sampling.KEEPER is not None
+    ):
+        return None
+    ids = provider.id_generator
+    exact = type(ids) is RandomIdGenerator
+    # As _start_native: the random-trace-id flag only where the installed API has it.
+    root_random = exact and bool(_RANDOM) and bool(ids.is_trace_id_random())
+    server: ServerSpans = _native.ServerSpans(
+        sys.modules[__name__],
+        exporter,
+        provider,
+        spans._fixed_provider is not None,  # the Spans it serves
+        head,
+        head.bound,
+        head.parent_based,
+        not exact,
+        root_random,
+        _RANDOM,
+        spans.limits,
+    )
+    return server
+
+
+def _server_flags() -> tuple[TraceFlags, TraceFlags, TraceFlags, TraceFlags]:
+    """The trace flags of a server span's context, by value (sampled 1, random 2)."""
+    return _FLAGS[False, False], _FLAGS[True, False], _FLAGS[False, True], _FLAGS[True, True]
+
+
+def _exception_event(
+    exception: BaseException, attributes: types.Attributes, escaped: bool
+) -> dict[str, types.AnyValue]:
+    """An exception's event attributes, as the SDK's ``record_exception`` (and CoreSpan's)
+    writes them."""
+    module = type(exception).__module__
+    qualname = type(exception).__qualname__
+    event: dict[str, types.AnyValue] = {
+        EXCEPTION_TYPE: f"{module}.{qualname}" if module and module != "builtins" else qualname,
+        EXCEPTION_MESSAGE: str(exception),
+        EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
+        "exception.escaped": str(escaped),
+    }
+    if attributes:
+        event.update(attributes)
+    return event
+
+
+def _next_status(current: Status, status: Status | StatusCode, description: str | None) -> Status:
+    """A span's status after ``set_status``, as the SDK's: OK is final, UNSET is ignored, a
+    description only goes with ERROR."""
+    if current.status_code is StatusCode.OK:
+        return current
+    if isinstance(status, Status):
+        return current if status.status_code is StatusCode.UNSET else status
+    return current if status is StatusCode.UNSET else Status(status, description)
+
+
+def _link_added() -> None:
+    warn_once("links", "cfk_otel: links added to cfk_otel's request or client spans are not exported")
+
+
+def _span_failed(error: BaseException) -> None:
+    """A server span the app ended could not be queued: logged once, never raised."""
+    with _RECORD_SPAN:
+        raise error
+
+
+def _end_failed(error: BaseException) -> None:
+    """A part of a request's end in the core failed (the others were done): logged once."""
+    with _END_REQUEST:
+        raise error

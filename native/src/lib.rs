@@ -8,6 +8,7 @@ mod metrics;
 mod otlp;
 mod proto;
 mod request;
+mod span;
 mod value;
 
 use pyo3::prelude::*;
@@ -26,5 +27,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(request::end_call, m)?)?;
     m.add_class::<request::PreparedSpan>()?;
     m.add_function(wrap_pyfunction!(request::end_prepared, m)?)?;
+    m.add_class::<span::ServerSpans>()?;
+    m.add_class::<span::ServerSpan>()?;
+    m.add_class::<span::Sender>()?;
     Ok(())
 }

@@ -45,6 +45,19 @@ impl Weighed for Item {
     }
 }
 
+/// What a queued span keeps alive, roughly: its fixed size and its text and attributes.
+pub(crate) fn span_weight(span: &Span) -> usize {
+    160 + span.name.len()
+        + span.trace_state.len()
+        + span.status.as_ref().map_or(0, |status| status.message.len())
+        + weight(&span.attributes)
+        + span
+            .events
+            .iter()
+            .map(|e| e.name.len() + 32 + weight(&e.attributes))
+            .sum::<usize>()
+}
+
 fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], batch: Vec<Item>) -> Vec<u8> {
     let mut spans: Vec<Vec<Span>> = vec![Vec::new(); scopes.len()];
     let mut logs: Vec<Vec<LogRecord>> = vec![Vec::new(); scopes.len()];
@@ -246,8 +259,9 @@ impl OtlpExporter {
         Ok(converted)
     }
 
-    /// Queues one span built in the core (a prepared client call's, see `request.rs`), its
-    /// scope checked; `weight` is what it keeps alive, as `record_span` counts it.
+    /// Queues one span of `scope` built in the core or from `record_span`'s arguments, its
+    /// scope checked; `weight` is what it keeps alive (`span_weight`, or a prepared client
+    /// call's share of it counted once, see `request.rs`).
     pub(crate) fn push_span(&self, scope: usize, span: Span, weight: usize) -> PyResult<()> {
         self.check(Signal::Traces, scope)?;
         self.exporter.push(Item {
@@ -421,15 +435,6 @@ impl OtlpExporter {
         self.check(Signal::Traces, scope)?;
         let attributes = key_values(attributes, self.limit, 0)?;
         let converted = self.events(events)?;
-        let weight = 160
-            + name.len()
-            + trace_state.len()
-            + status_message.len()
-            + weight(&attributes)
-            + converted
-                .iter()
-                .map(|e| e.name.len() + 32 + weight(&e.attributes))
-                .sum::<usize>();
         let span = Span {
             trace_id: trace_id.to_be_bytes().to_vec(),
             span_id: span_id.to_be_bytes().to_vec(),
@@ -450,12 +455,8 @@ impl OtlpExporter {
                 code: status_code,
             }),
         };
-        self.exporter.push(Item {
-            scope,
-            payload: Payload::Span(span),
-            weight,
-        });
-        Ok(())
+        let weight = span_weight(&span);
+        self.push_span(scope, span, weight)
     }
 
     /// Queues one log record. `trace_id` and `span_id` are 0 outside a span.

@@ -17,7 +17,7 @@ use crate::proto::{KeyValue, Span, Status};
 use crate::value::{key_values, weight};
 
 /// Keeps the first of several failures: every part is attempted even when one fails.
-fn keep<T>(result: PyResult<T>, failure: &mut Option<PyErr>) -> Option<T> {
+pub(crate) fn keep<T>(result: PyResult<T>, failure: &mut Option<PyErr>) -> Option<T> {
     match result {
         Ok(value) => Some(value),
         Err(error) => {
@@ -73,26 +73,56 @@ pub fn end_request(
 ) -> PyResult<(bool, bool)> {
     let mut failure = None;
     queue_span(span.as_ref(), &mut failure);
-    match &log {
+    let overflowed = end_rest(
+        py,
+        log.as_ref(),
+        requests.as_deref(),
+        duration.as_deref(),
+        method,
+        route,
+        status,
+        seconds,
+        trace_id,
+        span_id,
+        &mut failure,
+    );
+    failure.map_or(Ok(overflowed), Err)
+}
+
+/// What `end_request` does after the span: the request line written and queued (when given), and
+/// the two request metrics recorded (when their families are given), failures kept in `failure`.
+/// Also the end of a request whose span is the core's own (`span.rs`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn end_rest(
+    py: Python<'_>,
+    log: Option<&Log<'_>>,
+    requests: Option<&Family>,
+    duration: Option<&Family>,
+    method: String,
+    route: String,
+    status: String,
+    seconds: f64,
+    trace_id: u128,
+    span_id: u64,
+    failure: &mut Option<PyErr>,
+) -> (bool, bool) {
+    match log {
         Some(Log::Line(line)) => {
-            keep(
-                write_line(py, line, &method, &route, &status, seconds),
-                &mut failure,
-            );
+            keep(write_line(py, line, &method, &route, &status, seconds), failure);
         }
         Some(Log::Ended((exporter, arguments))) => {
-            keep(exporter.record_log_args(arguments), &mut failure);
+            keep(exporter.record_log_args(arguments), failure);
         }
         None => {}
     }
     let mut overflowed = (false, false);
-    if let (Some(requests), Some(duration)) = (&requests, &duration) {
+    if let (Some(requests), Some(duration)) = (requests, duration) {
         let recorded = record_request_in(
             requests, duration, method, route, status, seconds, trace_id, span_id,
         );
-        overflowed = keep(recorded, &mut failure).unwrap_or_default();
+        overflowed = keep(recorded, failure).unwrap_or_default();
     }
-    failure.map_or(Ok(overflowed), Err)
+    overflowed
 }
 
 /// The end of one client call (a query, a Redis command): its span queued (when given) and its
