@@ -8,6 +8,7 @@ mod metrics;
 mod otlp;
 mod proto;
 mod request;
+mod stdout;
 mod value;
 
 use pyo3::prelude::*;
@@ -18,6 +19,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<otlp::OtlpExporter>()?;
     m.add_function(wrap_pyfunction!(otlp::check_tls, m)?)?;
     m.add_class::<line::RequestLine>()?;
+    m.add_class::<stdout::LineBuffer>()?;
     m.add_class::<metrics::Family>()?;
     m.add_function(wrap_pyfunction!(metrics::render, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::record_request, m)?)?;
