@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ._asgi.app import instrument_app
 from ._asgi.middleware import TelemetryMiddleware
-from ._bootstrap.api import configure, shutdown
+from ._bootstrap.api import configure, flush, shutdown
 from ._errors.api import capture_error, capture_message, set_user
 from ._health.registry import (
     HealthCheckResult,
@@ -53,6 +53,7 @@ __all__ = [
     "capture_error",
     "capture_message",
     "configure",
+    "flush",
     "get_logger",
     "health_app",
     "health_registry",

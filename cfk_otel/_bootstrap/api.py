@@ -1,4 +1,4 @@
-"""``configure()`` and ``shutdown()`` for apps launched without ``opentelemetry-instrument``."""
+"""``configure()``, ``flush()`` and ``shutdown()`` for apps launched without ``opentelemetry-instrument``."""
 
 from __future__ import annotations
 
@@ -78,3 +78,18 @@ def shutdown(timeout: float | None = None) -> bool:
     Returns True when everything was flushed in time. Also runs at interpreter exit.
     """
     return _sdk.shutdown(timeout)
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Write the request lines held for stdout and export what is queued, within ``timeout``
+    seconds (default ``CFK_OTEL_SHUTDOWN_TIMEOUT``); telemetry goes on afterwards.
+
+    Request lines reach stdout in batches, at most 50 ms after their request ends: call this
+    where a line must be out now (before reading captured output, before a fork of your own).
+    Returns True when everything was flushed in time.
+
+    >>> import cfk_otel
+    >>> cfk_otel.flush()
+    True
+    """
+    return _sdk.flush(timeout)

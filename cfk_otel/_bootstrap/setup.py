@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from opentelemetry import _logs, metrics, trace
@@ -244,6 +244,44 @@ def apply_logging() -> None:
     _uncaught.install()  # exceptions nobody caught: records too, not raw tracebacks
 
 
+def flush(timeout: float | None = None) -> bool:
+    """Write the request lines held for stdout, then export what every provider and the core
+    have queued, all within ``timeout`` seconds (default from settings). True when everything
+    finished in time."""
+    _core.flush_lines()
+    if STATE.shut_down or not STATE.started:
+        return True
+    budget = settings().shutdown_timeout if timeout is None else timeout
+    deadline = time.monotonic() + budget
+    millis = int(budget * 1000)
+
+    def call(provider: object) -> Callable[[], None]:
+        method = getattr(provider, "force_flush", None)
+        return (lambda: method(millis)) if callable(method) else (lambda: None)
+
+    return _within(
+        deadline,
+        [
+            call(trace.get_tracer_provider()),
+            call(metrics.get_meter_provider()),
+            call(_logs.get_logger_provider()),
+            lambda: _core.flush(max(0.0, deadline - time.monotonic())),
+        ],
+    )
+
+
+def _within(deadline: float, jobs: Sequence[Callable[[], object]]) -> bool:
+    """Runs ``jobs`` in parallel daemon threads, waiting for them until ``deadline`` at most:
+    a collector that is down costs the budget once, not once per signal, and an exporter stuck
+    in a retry cannot hold the caller past the deadline. Whether all finished in time."""
+    threads = [threading.Thread(target=_guarded(job), name="cfk-otel-shutdown", daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
+
+
 def shutdown(timeout: float | None = None) -> bool:
     """Flush and stop every provider, all within ``timeout`` seconds (default from settings).
 
@@ -270,15 +308,7 @@ def shutdown(timeout: float | None = None) -> bool:
         lambda: _errors.close(budget),  # Sentry's queue, within the same bound
         lambda: _core.shutdown(max(0.0, deadline - time.monotonic())),  # the core's spans and logs
     ]
-    # Providers shut down in parallel daemon threads: a collector that is down costs the
-    # budget once, not once per signal, and an exporter stuck in a retry cannot hold the
-    # process past the deadline.
-    threads = [threading.Thread(target=_guarded(job), name="cfk-otel-shutdown", daemon=True) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    finished = not any(t.is_alive() for t in threads)
+    finished = _within(deadline, jobs)  # providers in parallel, within the one budget
     _uncaught.uninstall()
     if not finished:
         _log.warning("cfk_otel: telemetry shutdown exceeded %.1fs; unsent data was dropped", budget)

@@ -21,6 +21,7 @@ adds. The app's own spans stay SDK spans, exported by the SDK's own processor.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -59,7 +60,7 @@ from cfk_otel._version import __version__
 from . import sampling as _sampling
 
 if TYPE_CHECKING:
-    from cfk_otel._native import Family, OtlpExporter, PreparedSpan, RequestLine, ServerSpans
+    from cfk_otel._native import Family, LineBuffer, OtlpExporter, PreparedSpan, RequestLine, ServerSpans
 
 _native: ModuleType | None
 try:
@@ -235,9 +236,51 @@ _GENERATION = [0]
 
 def _forked() -> None:
     _GENERATION[0] += 1
+    _LINES[0] = None  # the parent's held lines are the parent's to write; its thread is not here
 
 
-os.register_at_fork(after_in_child=_forked)
+# The request lines of this process on their way to stdout (see ``native/src/stdout.rs``):
+# made at first use, replaced in a forked child.
+_LINES: list[LineBuffer | None] = [None]
+_FLUSH_LINES: Final = guard("writing the request lines held for stdout", then="they may be lost")
+
+
+def line_buffer() -> LineBuffer | None:
+    """This process's buffer of request lines for stdout, made on first use (None without
+    the core). Its thread writes what it holds within 50 ms."""
+    buffer = _LINES[0]
+    if buffer is None and _native is not None:
+        with _LOCK:
+            buffer = _LINES[0]
+            if buffer is None:
+                buffer = _LINES[0] = _native.LineBuffer()
+    return buffer
+
+
+def flush_lines() -> None:
+    """Write the request lines held for stdout now, in this thread (before another line of
+    ours reaches the stream, at flush and shutdown). Never raises."""
+    buffer = _LINES[0]
+    if buffer is not None:
+        with _FLUSH_LINES:
+            buffer.flush()
+
+
+def _close_lines() -> None:
+    """At exit: what is held written, and the writing thread stopped (waited for 1 s at most:
+    it may be stuck on a blocked stdout). Later lines are written as they come."""
+    buffer = _LINES[0]
+    if buffer is not None:
+        with _FLUSH_LINES:
+            buffer.close(1.0)
+
+
+# Before a fork the held lines are written by the parent, so that none is written twice or
+# cut in half; the child starts with an empty buffer of its own.
+os.register_at_fork(before=flush_lines, after_in_child=_forked)
+# Registered at import, so it runs after set-up's shutdown (atexit runs the last first) and
+# before logging's, which flushes our stdout handler (and with it anything held since).
+atexit.register(_close_lines)
 _LOCK = threading.Lock()
 # Each queue of the core holds at most this many bytes (besides its count bound): with the
 # collector away, long unique paths and user agents must not grow memory past a few MiB.
@@ -332,14 +375,18 @@ def _exporter(signal: str, resource: Resource, scopes: list[tuple[str, str]]) ->
 
 
 def flush(timeout: float) -> bool:
-    """Export what the core has queued in this process, within ``timeout`` seconds."""
+    """Write the request lines held for stdout, and export what the core has queued in this
+    process within ``timeout`` seconds."""
+    flush_lines()
     pid = os.getpid()
     exporters = [e for (p, _), e in list(_EXPORTERS.items()) if p == pid]
     return all([bool(e.force_flush(timeout)) for e in exporters])
 
 
 def shutdown(timeout: float) -> bool:
-    """Export what is queued within ``timeout`` seconds and stop (a later record starts anew)."""
+    """Export what is queued within ``timeout`` seconds and stop (a later record starts anew).
+    The request lines held for stdout are written (their buffer stays: the app may go on)."""
+    flush_lines()
     pid = os.getpid()
     with _LOCK:
         exporters = [_EXPORTERS.pop(k) for k in [k for k in _EXPORTERS if k[0] == pid]]
@@ -349,12 +396,19 @@ def shutdown(timeout: float) -> bool:
 
 
 def stats() -> dict[str, dict[str, Any]]:
-    """The core's export counters in this process, per signal (accepted, exported, dropped...)."""
+    """The core's export counters in this process, per signal (accepted, exported, dropped...);
+    ``stdout``: the request lines written there, held, and dropped (the buffer full while the
+    stream was blocked, or the stream failing)."""
     pid = os.getpid()
-    return {signal: dict(e.stats()) for (p, signal), e in list(_EXPORTERS.items()) if p == pid}
+    counters = {signal: dict(e.stats()) for (p, signal), e in list(_EXPORTERS.items()) if p == pid}
+    lines = _LINES[0]
+    if lines is not None:
+        counters["stdout"] = dict(lines.stats())
+    return counters
 
 
 DROP_REASONS: Final = ("queue_full", "export_failed")
+_WHAT: Final = {"traces": "spans", "stdout": "request lines on stdout"}
 _DROPS_SAID = [False]
 
 
@@ -373,7 +427,7 @@ def observe_drops(options: metrics.CallbackOptions) -> list[metrics.Observation]
                     "cfk_otel: telemetry was dropped (%d %s, %s; last export error: %s); "
                     "counted in cfk_otel_telemetry_dropped_total and shown in /api/health",
                     dropped,
-                    "spans" if signal == "traces" else "log records",
+                    _WHAT.get(signal, "log records"),
                     reason.replace("_", " "),
                     counters.get("last_error") or "none",
                 )
@@ -381,7 +435,8 @@ def observe_drops(options: metrics.CallbackOptions) -> list[metrics.Observation]
 
 
 def health() -> dict[str, dict[str, Any]]:
-    """What ``/api/health`` shows of the core's export, per signal."""
+    """What ``/api/health`` shows of the core's export, per signal; the request lines on
+    stdout once some were dropped (until then the body keeps its usual shape)."""
     return {
         signal: {
             "exported": counters["exported"],
@@ -392,6 +447,7 @@ def health() -> dict[str, dict[str, Any]]:
             "lastError": counters["last_error"],
         }
         for signal, counters in sorted(stats().items())
+        if signal != "stdout" or any(counters[f"dropped_{reason}"] for reason in DROP_REASONS)
     }
 
 
@@ -655,16 +711,19 @@ LINE_OTLP: Final = 2
 
 def request_line(
     service_fields: str,
-    write_line: Callable[[str], object] | None,
+    write_held: Callable[[], object] | None,
     target: tuple[OtlpExporter, int] | None,
 ) -> RequestLine | None:
-    """A request line's configuration in the core, built once per route: the JSON line's
-    service fields, what writes it on stdout (None: not written), and the logs exporter and
-    scope its OTLP record goes to (None: not sent). None without the core."""
+    """A request line's configuration in the core, built once per route (and again in a forked
+    child: see :data:`_LINES`): the JSON line's service fields, what writes the lines
+    :func:`line_buffer` holds on stdout (None: not written), and the logs exporter and scope
+    its OTLP record goes to (None: not sent). None without the core."""
     if _native is None:
         return None
     exporter, scope = target if target is not None else (None, 0)
-    line: RequestLine = _native.RequestLine(service_fields, write_line, exporter, scope)
+    buffer = line_buffer() if write_held is not None else None
+    stdout = (buffer, write_held) if buffer is not None and write_held is not None else None
+    line: RequestLine = _native.RequestLine(service_fields, stdout, exporter, scope)
     return line
 
 

@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry._logs import Logger as OtelLogger
 from opentelemetry._logs import LoggerProvider, SeverityNumber
 
-from cfk_otel._core.seam import Ended, LogSink
+from cfk_otel._core.seam import Ended, LogSink, flush_lines, line_buffer
 from cfk_otel._redact import Known
 from cfk_otel._settings import Settings
 
@@ -188,25 +188,60 @@ class OtlpHandler(logging.Handler):
 
 
 class _StdoutHandler(logging.StreamHandler[IO[str]]):
-    """stdout, looked up per record so that test runners' capture and redirections work."""
+    """stdout, looked up per write so that test runners' capture and redirections work.
+
+    The core holds request lines briefly and calls :meth:`write_held` to write them in one
+    batch (see ``_core.line_buffer``); whatever else this handler writes first writes what
+    is held, so our lines keep their order on the stream.
+    """
 
     def __init__(self, level: int) -> None:
         super().__init__(sys.stdout)
         self.setLevel(level)
+        self._failed = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        flush_lines()  # the request lines before it, as they came
         self.stream = sys.stdout
         super().emit(record)
 
+    def flush(self) -> None:
+        """Write the request lines held, then flush the stream (``logging`` calls this at exit)."""
+        flush_lines()
+        super().flush()
+
     def write_line(self, line: str) -> None:
-        """Write one formatted line as :meth:`emit` would (the request line's direct route)."""
+        """Write one formatted line as :meth:`emit` would (a request line written by Python)."""
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            flush_lines()
             try:
                 stream = self.stream = sys.stdout
                 stream.write(line + "\n")
                 stream.flush()
             except Exception:  # as logging does: reported on stderr, never raised
                 self.handleError(_RequestRecord(logging.INFO, line, {}, None))
+
+    def write_held(self) -> None:
+        """Write the request lines the core holds in one ``write`` and ``flush`` (called by the
+        core's thread, and by :func:`~cfk_otel._core.seam.flush_lines`). A failing stream loses
+        them: counted with the core's drops, reported on stderr once, never raised."""
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            buffer = line_buffer()
+            if buffer is None:
+                return
+            text, count = buffer.take()
+            if not text:
+                return
+            try:
+                stream = self.stream = sys.stdout
+                stream.write(text)
+                stream.flush()
+            except Exception:  # as logging does: reported on stderr (here once), never raised
+                buffer.lost(count)
+                if not self._failed:
+                    self._failed = True
+                    message = f"{count} request line(s) lost; later failures are counted, not reported"
+                    self.handleError(_RequestRecord(logging.ERROR, message, {}, None))
 
 
 _OURS: Final = "_cfk_otel_handler"

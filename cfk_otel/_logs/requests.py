@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 from opentelemetry import trace
 
 from cfk_otel._asgi.types import RequestInfo
-from cfk_otel._core.seam import LINE_OTLP, LINE_STDOUT, Ended, Line, end_request, request_line
+from cfk_otel._core.seam import _LINES, LINE_OTLP, LINE_STDOUT, Ended, Line, end_request, request_line
 from cfk_otel._guard import guard
 from cfk_otel._redact import scrub_url
 from cfk_otel._settings import Settings
@@ -95,7 +95,16 @@ class RequestLog:
     one call (``_core.end_request``).
     """
 
-    __slots__ = ("_core_line", "_limit", "_line_route", "_line_target", "_rate", "_route", "_seen")
+    __slots__ = (
+        "_core_line",
+        "_limit",
+        "_line_buffer",
+        "_line_route",
+        "_line_target",
+        "_rate",
+        "_route",
+        "_seen",
+    )
 
     def __init__(self, settings: Settings) -> None:
         self._rate = settings.log_requests_sample_rate
@@ -104,6 +113,7 @@ class RequestLog:
         self._route: _Route | None = None
         self._line_route: _Route | None = None
         self._line_target: tuple[OtlpExporter, int] | None = None
+        self._line_buffer: object = None
         self._core_line: RequestLine | None = None
 
     def __call__(self, info: RequestInfo) -> None:
@@ -163,19 +173,25 @@ class RequestLog:
 
     def _line(self, route: _Route, outputs: int) -> RequestLine | None:
         """The core's configuration of the line for ``route`` (None: Python writes the line).
-        Built again when the route or the record's exporter changes (a fork, a shutdown)."""
+        Built again when the route, the record's exporter (a fork, a shutdown) or the process's
+        line buffer (a fork) changes."""
         otlp = route.otlp
         target = otlp.line_target() if otlp is not None else None
         if outputs & LINE_OTLP and target is None:
             return None  # the record takes the SDK's way: so does the line, whole
-        if route is not self._line_route or target is not self._line_target:
+        if (
+            route is not self._line_route
+            or target is not self._line_target
+            or _LINES[0] is not self._line_buffer
+        ):
             stream = route.stream
             self._line_route, self._line_target = route, target
             self._core_line = request_line(
                 route.formatter._service_fields if route.formatter is not None else "",
-                stream.write_line if stream is not None else None,
+                stream.write_held if stream is not None else None,
                 target,
             )
+            self._line_buffer = _LINES[0]
         return self._core_line
 
     def _write(

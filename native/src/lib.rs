@@ -9,6 +9,7 @@ mod otlp;
 mod proto;
 mod request;
 mod span;
+mod stdout;
 mod value;
 
 use pyo3::prelude::*;
@@ -19,6 +20,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<otlp::OtlpExporter>()?;
     m.add_function(wrap_pyfunction!(otlp::check_tls, m)?)?;
     m.add_class::<line::RequestLine>()?;
+    m.add_class::<stdout::LineBuffer>()?;
     m.add_class::<metrics::Family>()?;
     m.add_function(wrap_pyfunction!(metrics::render, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::record_request, m)?)?;

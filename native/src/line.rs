@@ -4,8 +4,9 @@
 //!
 //! The line's configuration (the service fields, where stdout lines go, the logs exporter and
 //! the line's scope) is a `RequestLine`, built once by Python; per request only numbers and the
-//! path cross. The stdout line is handed back to Python's writer (stdout stays looked up per
-//! line there); the OTLP record is queued here, without a Python dict or tuple.
+//! path cross. The stdout line is appended to the process's `LineBuffer` (see `stdout.rs`),
+//! which Python's writer empties in batches (stdout stays looked up per write there); the OTLP
+//! record is queued here, without a Python dict or tuple.
 
 use std::fmt::Write;
 
@@ -14,6 +15,7 @@ use pyo3::prelude::*;
 
 use crate::otlp::OtlpExporter;
 use crate::proto::{AnyValue, KeyValue, LogRecord, Value};
+use crate::stdout::LineBuffer;
 use crate::value::cut;
 
 /// `outputs` bits: the line goes to stdout, its record over OTLP.
@@ -24,7 +26,8 @@ const OTLP: u32 = 2;
 #[pyclass(module = "cfk_otel._native", frozen)]
 pub struct RequestLine {
     service_fields: String,
-    write_line: Option<Py<PyAny>>,
+    /// Where stdout lines wait, and the Python callable that writes what waits there.
+    stdout: Option<(Py<LineBuffer>, Py<PyAny>)>,
     exporter: Option<Py<OtlpExporter>>,
     scope: usize,
 }
@@ -200,8 +203,9 @@ fn log_record(
     })
 }
 
-/// Writes one request's line where `args` says: the JSON line through Python's writer, the
-/// record into the exporter's queue. Both are attempted; the first failure is returned.
+/// Writes one request's line where `args` says: the JSON line into the process's line buffer
+/// (written in a batch soon after), the record into the exporter's queue. Both are attempted;
+/// the first failure is returned.
 pub fn write_line(
     py: Python<'_>,
     args: &LineArgs<'_>,
@@ -217,10 +221,10 @@ pub fn write_line(
     let message = fields.message();
     let mut failure: Option<PyErr> = None;
     if outputs & STDOUT != 0 {
-        if let Some(writer) = &config.write_line {
+        if let Some((lines, writer)) = &config.stdout {
             let written = fields
                 .json(&config.service_fields, &message)
-                .and_then(|line| writer.call1(py, (line,)).map(|_| ()));
+                .and_then(|line| lines.get().push(py, &line, writer));
             if let Err(error) = written {
                 failure.get_or_insert(error);
             }
@@ -242,25 +246,26 @@ pub fn write_line(
 #[pymethods]
 impl RequestLine {
     /// `service_fields`: the line's `"service":...,"environment":...,"version":...` (JSON,
-    /// without braces); `write_line`: what writes a stdout line (None: no stdout); `exporter`
-    /// and `scope`: where the OTLP record goes (None: not over OTLP).
+    /// without braces); `stdout`: the line buffer stdout lines wait in and the callable that
+    /// writes what waits there (None: no stdout); `exporter` and `scope`: where the OTLP record
+    /// goes (None: not over OTLP).
     #[new]
-    #[pyo3(signature = (service_fields, write_line=None, exporter=None, scope=0))]
+    #[pyo3(signature = (service_fields, stdout=None, exporter=None, scope=0))]
     fn new(
         service_fields: String,
-        write_line: Option<Py<PyAny>>,
+        stdout: Option<(Py<LineBuffer>, Py<PyAny>)>,
         exporter: Option<Py<OtlpExporter>>,
         scope: usize,
     ) -> Self {
         Self {
             service_fields,
-            write_line,
+            stdout,
             exporter,
             scope,
         }
     }
 
-    /// The JSON line of one request, as `write_line` is given it (what the tests compare).
+    /// The JSON line of one request, as the line buffer is given it (what the tests compare).
     #[pyo3(signature = (created, level, method, path, route, status, seconds, trace_id=0, span_id=0))]
     #[allow(clippy::too_many_arguments)]
     fn render(
