@@ -213,6 +213,7 @@ class ServerSpans:
 class ServerSpan:
     trace_id: int
     span_id: int
+    flags: int
     sampled: bool
     name: str
     start_time: int

@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanContext, TraceFlags
 
 import cfk_otel
+from cfk_otel._core import sampling as _sampling
 from cfk_otel._logs.api import (
     Logger,
     get_logger,
@@ -1152,13 +1154,16 @@ def test_the_cores_request_line_equals_the_formatters_over_hostile_values(settin
     assert compared == len(_HOSTILE_PATHS) * len(_DURATIONS) * 3 * 5 * 2
 
 
+@pytest.mark.parametrize("server_span", ["core", "python"])
 def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pythons_way(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], server_span: str
 ) -> None:
     """The same requests, the line written by the core and then by Python: the same stdout
     lines and the same OTLP records but for time and duration; a path the core cannot take
     (a lone surrogate) takes Python's way, on the core's route too (where, as before, a
-    strict stdout and the core's queue refuse it: lost, and said so)."""
+    strict stdout and the core's queue refuse it: lost, and said so). The request's span is
+    the core's server span (set-up's own head sampler: the line takes its ids from the span,
+    ``RequestLog.write_span``) or ``CoreSpan`` (any other sampler: from a ``RequestInfo``)."""
     from opentelemetry.sdk.metrics import MeterProvider
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
@@ -1179,8 +1184,10 @@ def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pyth
     with OtlpReceiver() as receiver:
         provider, sink = _sink_provider(receiver, monkeypatch)
         configure_logging(settings, provider, sink)
-        tracer_provider = TracerProvider()
+        head = _sampling.sdk_arguments(load({"CFK_TRACES_KEEP_SLOWER_THAN": "off"}))["sampler"]
+        tracer_provider = TracerProvider(sampler=head if server_span == "core" else ALWAYS_ON)
         _core.activate(_core.Choice(True, ""), tracer_provider)
+        spans: list[bool] = []
         try:
             observer = request_observer(settings)
             assert observer is not None
@@ -1194,6 +1201,8 @@ def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pyth
             monkeypatch.setattr(_logs, "request_line", lambda *a: built.append(original(*a)) or built[-1])
             for path in paths:
                 loop.run_until_complete(_serve_once(app, path))
+                spans.append(app._spans.server is not None)  # the core's server spans start them
+            assert spans == [server_span == "core"] * 3
             assert built
             assert built[-1] is not None  # the core wrote those
             monkeypatch.setattr(_logs, "request_line", lambda *a: None)
@@ -1257,6 +1266,7 @@ def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pyth
             _core.activate(_core.Choice(False, "not set up"))
             _core.shutdown(1.0)
             provider.shutdown()
+            _sampling.sdk_arguments(load({}))
 
 
 @pytest.mark.usefixtures("restore_root")

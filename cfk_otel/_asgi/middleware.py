@@ -323,11 +323,14 @@ class TelemetryMiddleware:
         request_log, observers = self._request_log, self._observers
         info: RequestInfo | None = None
         log = None
-        if request_log is not None or observers:
+        if observers:
             info = RequestInfo(scope, "http", method, route, status, elapsed, error, span.get_span_context())
             if request_log is not None:
                 with _WRITE_LINE:  # a failing line must not cost the span and the metrics
                     log = request_log.write(info)
+        elif request_log is not None:
+            with _WRITE_LINE:  # the line alone: the span's ids, no RequestInfo nor span context
+                log = request_log.write_span(scope, method, route, status, elapsed, span)
         metrics = self.metrics
         requests, duration = metrics.http_requests, metrics.http_request_duration
         # end_request never raises: a failing part is logged once ("recording the end of a

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 
 from opentelemetry import trace
 
-from cfk_otel._asgi.types import RequestInfo
+from cfk_otel._asgi.types import RequestInfo, Scope
 from cfk_otel._core.seam import _LINES, LINE_OTLP, LINE_STDOUT, Ended, Line, end_request, request_line
 from cfk_otel._guard import guard
 from cfk_otel._redact import scrub_url
@@ -20,7 +20,7 @@ from .record import _REQUESTS_LOGGER, _RequestLine, _RequestRecord
 from .render import JsonFormatter, cut
 
 if TYPE_CHECKING:
-    from cfk_otel._native import OtlpExporter, RequestLine
+    from cfk_otel._native import OtlpExporter, RequestLine, ServerSpan
 
 _requests: Final = logging.getLogger(_REQUESTS_LOGGER)
 _QUEUE_LINE: Final = guard("queueing a request line in the core", then="the line is lost")
@@ -129,40 +129,68 @@ class RequestLog:
 
         The line's values are the same either way; the core writes them when the route is
         direct (see :func:`_route`) and the core is there, Python otherwise."""
-        level = self._level(info)
+        if info.kind != "http":
+            return None
+        level = self._level(info.status)
         if level is None:
             return None
-        span: trace.SpanContext | None = info.span_context
-        if not span.is_valid:  # type: ignore[union-attr]  # a RequestInfo always has one
-            span = None
+        span: trace.SpanContext = info.span_context
+        if not span.is_valid:
+            return self._emit(level, info.scope, info.method, info.route, info.status, info.duration, None)
+        return self._emit(level, info.scope, info.method, info.route, info.status, info.duration, span)
+
+    def write_span(
+        self, scope: Scope, method: str, route: str, status: int, duration: float, span: ServerSpan
+    ) -> Ended | Line | None:
+        """:meth:`write` for an HTTP request whose span is the core's server span: the same
+        line, from the request's values and the span's ids, without a :class:`RequestInfo`
+        (the span's context is made only when Python writes the line)."""
+        level = self._level(status)
+        if level is None:
+            return None
+        return self._emit(level, scope, method, route, status, duration, span)
+
+    def _emit(
+        self,
+        level: int,
+        scope: Scope,
+        method: str,
+        route: str,
+        status: int,
+        duration: float,
+        span: trace.SpanContext | ServerSpan | None,
+    ) -> Ended | Line | None:
         # An absolute-form target (GET http://user:pw@host/...) loses its userinfo.
-        method, path = info.method, scrub_url(info.scope.get("path", ""))
+        path = scrub_url(scope.get("path", ""))
         if len(path) > self._limit:
             path = cut(path, self._limit)
         listeners = _listeners()
         if listeners != self._seen:
             self._seen, self._route = listeners, _route(listeners)
-        route = self._route
-        if route is not None:
-            stream, otlp = route.stream, route.otlp
+        lines = self._route
+        if lines is not None:
+            stream, otlp = lines.stream, lines.otlp
             outputs = (LINE_STDOUT if stream is not None and level >= stream.level else 0) | (
                 LINE_OTLP if otlp is not None and level >= otlp.level else 0
             )
-            line = self._line(route, outputs) if outputs else None
-            if line is not None and _plain(path) and _plain(info.route):
+            line = self._line(lines, outputs) if outputs else None
+            if line is not None and _plain(path) and _plain(route):
                 if span is None:
                     return line, time.time(), level, path, 0, 0, 0, outputs
-                return line, time.time(), level, path, span.trace_id, span.span_id, span.trace_flags, outputs
+                ids = span.trace_id, span.span_id
+                if isinstance(span, trace.SpanContext):
+                    return line, time.time(), level, path, *ids, span.trace_flags, outputs
+                return line, time.time(), level, path, *ids, span.flags, outputs  # the core's span
             if not outputs:
                 return None
-        return self._write(route, level, method, path, info, span)
+        context = (
+            span.get_span_context() if span is not None and not isinstance(span, trace.SpanContext) else span
+        )
+        return self._write(lines, level, method, path, route, status, duration, context)
 
-    def _level(self, info: RequestInfo) -> int | None:
-        """The line's level, or None when no line is written (sampled out, or below the
-        requests logger's level)."""
-        if info.kind != "http":
-            return None
-        status = info.status
+    def _level(self, status: int) -> int | None:
+        """An HTTP request's line's level, or None when no line is written (sampled out, or
+        below the requests logger's level)."""
         if status < 400:
             if self._rate < 1.0 and random.random() >= self._rate:  # noqa: S311  (sampling, not crypto)
                 return None
@@ -196,34 +224,35 @@ class RequestLog:
 
     def _write(
         self,
-        route: _Route | None,
+        lines: _Route | None,
         level: int,
         method: str,
         path: str,
-        info: RequestInfo,
+        route: str,
+        status: int,
+        duration: float,
         span: trace.SpanContext | None,
     ) -> Ended | None:
         """The request line written by Python: through ``logging`` when no direct route, for
         a value the core cannot take (a lone surrogate), or without the core."""
-        status = info.status
-        duration_ms = round(info.duration * 1_000_000) / 1000  # µs precision; round(x, 3) costs 3x
+        duration_ms = round(duration * 1_000_000) / 1000  # µs precision; round(x, 3) costs 3x
         request = _RequestLine(
             time.time(),
             level,
             f"{method} {path} {status} {duration_ms:g}ms",
             method,
             path,
-            info.route,
+            route,
             status,
             duration_ms,
             span,
         )
-        if route is None:
+        if lines is None:
             _requests.handle(_RequestRecord(level, request.message, request.fields, span))
             return None
-        stream, otlp = route.stream, route.otlp
+        stream, otlp = lines.stream, lines.otlp
         if stream is not None and level >= stream.level:
-            stream.write_line(route.formatter._line(request))  # type: ignore[union-attr]
+            stream.write_line(lines.formatter._line(request))  # type: ignore[union-attr]
         if otlp is not None and level >= otlp.level:
             return otlp.prepare_request(request)
         return None

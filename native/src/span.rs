@@ -339,6 +339,8 @@ pub struct ServerSpan {
     trace_id: u128,
     #[pyo3(get)]
     span_id: u64,
+    /// W3C trace flags: sampled, and the random-trace-id bit where the API has it.
+    #[pyo3(get)]
     flags: u8,
     /// Set-up's head sampler's decision; with it, whether the span records at all.
     #[pyo3(get)]

@@ -85,6 +85,7 @@ def test_one_format_one_line_and_otlp(run_app, receiver: OtlpReceiver) -> None:
     request_records = [r for r in receiver.logs if r.attributes.get("route") == "/api/tickets/{ticket_id}"]
     assert len(request_records) == 1
     assert request_records[0].record.span_id.hex() == span.span_id
+    assert request_records[0].record.flags & 1 == 1  # the trace flags: sampled
     assert request_records[0].resource["service.name"] == "cf-kanban"
 
 
