@@ -591,21 +591,15 @@ class CoreSpan(trace.Span):
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         # Links are set when a span starts; cfk_otel's spans start with none, and the core
         # does not carry links added later (the SDK ignores most of them too).
-        warn_once("links", "cfk_otel: links added to cfk_otel's request or client spans are not exported")
+        _link_added()
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
             self.name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        # As the SDK: OK is final, UNSET is ignored, a description only goes with ERROR.
-        if self._end_time is not None or self.status.status_code is StatusCode.OK:
-            return
-        if isinstance(status, Status):
-            if status.status_code is not StatusCode.UNSET:
-                self.status = status
-        elif status is not StatusCode.UNSET:
-            self.status = Status(status, description)
+        if self._end_time is None:
+            self.status = _next_status(self.status, status, description)
 
     def record_exception(
         self,
@@ -614,18 +608,7 @@ class CoreSpan(trace.Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        module = type(exception).__module__
-        qualname = type(exception).__qualname__
-        event: dict[str, types.AnyValue] = {
-            EXCEPTION_TYPE: f"{module}.{qualname}" if module and module != "builtins" else qualname,
-            EXCEPTION_MESSAGE: str(exception),
-            EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
-            # Deprecated by the conventions (no stable constant), still written by the SDK.
-            "exception.escaped": str(escaped),
-        }
-        if attributes:
-            event.update(attributes)
-        self.add_event("exception", event, timestamp)
+        self.add_event("exception", _exception_event(exception, attributes, escaped), timestamp)
 
     def end(self, end_time: int | None = None) -> None:
         ended = self.ending(end_time)
@@ -1199,6 +1182,7 @@ def _exception_event(
         EXCEPTION_TYPE: f"{module}.{qualname}" if module and module != "builtins" else qualname,
         EXCEPTION_MESSAGE: str(exception),
         EXCEPTION_STACKTRACE: "".join(traceback.format_exception(exception)),
+        # Deprecated by the conventions (no stable constant), still written by the SDK.
         "exception.escaped": str(escaped),
     }
     if attributes:
