@@ -262,7 +262,7 @@ class TelemetryMiddleware:
                 else:
                     self._record(span, scope, kind, method, route, status, elapsed, error, close_code)
             except Exception as failure:  # logged once by the guard, as inside it
-                _RECORD_REQUEST.__exit__(type(failure), failure, failure.__traceback__)
+                _RECORD_REQUEST.failed(failure)
 
     def _websocket_ended(self, scope: Scope, route: str, start: float) -> None:
         self.metrics.websocket_connections.finish()

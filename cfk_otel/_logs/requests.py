@@ -177,10 +177,9 @@ class RequestLog:
             if line is not None and _plain(path) and _plain(route):
                 if span is None:
                     return line, time.time(), level, path, 0, 0, 0, outputs
-                ids = span.trace_id, span.span_id
-                if isinstance(span, trace.SpanContext):
-                    return line, time.time(), level, path, *ids, span.trace_flags, outputs
-                return line, time.time(), level, path, *ids, span.flags, outputs  # the core's span
+                # A SpanContext's flags, or the core's server span's.
+                flags = span.trace_flags if isinstance(span, trace.SpanContext) else span.flags
+                return line, time.time(), level, path, span.trace_id, span.span_id, flags, outputs
             if not outputs:
                 return None
         context = (

@@ -51,11 +51,15 @@ pub(crate) fn span_weight(span: &Span) -> usize {
         + span.trace_state.len()
         + span.status.as_ref().map_or(0, |status| status.message.len())
         + weight(&span.attributes)
-        + span
-            .events
-            .iter()
-            .map(|e| e.name.len() + 32 + weight(&e.attributes))
-            .sum::<usize>()
+        + events_weight(&span.events)
+}
+
+/// What a span's events keep alive (their share of `span_weight`).
+pub(crate) fn events_weight(events: &[Event]) -> usize {
+    events
+        .iter()
+        .map(|e| e.name.len() + 32 + weight(&e.attributes))
+        .sum()
 }
 
 fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], batch: Vec<Item>) -> Vec<u8> {

@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::line::{write_line, LineArgs};
 use crate::metrics::{record_request_in, Family};
-use crate::otlp::{id_bytes, OtlpExporter};
+use crate::otlp::{events_weight, id_bytes, OtlpExporter};
 use crate::proto::{KeyValue, Span, Status};
 use crate::value::{key_values, weight};
 
@@ -227,13 +227,7 @@ pub fn end_prepared(
     let call = call.get();
     let exporter = call.exporter.get();
     if let Some(events) = keep(exporter.events(events.as_ref()), &mut failure) {
-        let weight = call.weight
-            + trace_state.len()
-            + status_message.len()
-            + events
-                .iter()
-                .map(|e| e.name.len() + 32 + weight(&e.attributes))
-                .sum::<usize>();
+        let weight = call.weight + trace_state.len() + status_message.len() + events_weight(&events);
         let span = Span {
             trace_id: trace_id.to_be_bytes().to_vec(),
             span_id: span_id.to_be_bytes().to_vec(),
