@@ -26,8 +26,12 @@ from cfk_otel._core import seam as _core
 from cfk_otel._logs.handlers import configure_logging
 from cfk_otel._logs.requests import RequestLog, request_observer
 from cfk_otel._settings import Settings, load
+from tests.conftest import IN_CI
 
-pytestmark = pytest.mark.skipif(_core._native is None, reason="the compiled core holds the lines")
+# Off CI only: with CI=true a missing compiled core fails these tests rather than skipping them.
+pytestmark = pytest.mark.skipif(
+    _core._native is None and not IN_CI, reason="the compiled core holds the lines"
+)
 
 HOLD = 0.05  # the longest a line waits in the core's buffer (LineBuffer's default)
 SPAN = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))

@@ -33,6 +33,7 @@ from cfk_otel._core import sampling as _sampling
 from cfk_otel._core import seam as _core
 from cfk_otel._core.seam import CoreSpan, ServerSpan, Spans
 from cfk_otel.testing import OtlpReceiver
+from tests.conftest import IN_CI
 from tests.test_core_span import (  # the same set-up and comparison as the CoreSpan oracle
     PARENT,
     REQUESTS,
@@ -44,7 +45,8 @@ from tests.test_core_span import (  # the same set-up and comparison as the Core
     _provider,
 )
 
-pytestmark = pytest.mark.skipif(ServerSpan is None, reason="the compiled core is not installed")
+# Off CI only: with CI=true a missing compiled core fails these tests rather than skipping them.
+pytestmark = pytest.mark.skipif(ServerSpan is None and not IN_CI, reason="the compiled core is not installed")
 
 
 def _head(env: dict[str, str] | None = None) -> Sampler:
