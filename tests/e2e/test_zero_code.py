@@ -170,15 +170,25 @@ def test_asyncpg_and_redis_are_children_of_the_request(
 
 
 def _instances_seen(app, receiver: OtlpReceiver, path: str) -> set[str]:
-    ids: set[str] = set()
-    for _ in range(300):
-        assert app.get(path)[0] == 200
-        ids = {
+    """The instance ids of the workers that served ``path``, once two have or after 30 s of requests.
+
+    The app answers as soon as its first worker listens; the second may still be importing, and
+    spans arrive a batch delay after their request, so this keeps asking for a while rather than
+    for a fixed count of requests.
+    """
+
+    def seen() -> set[str]:
+        return {
             s.resource["service.instance.id"] for s in receiver.spans if s.attributes.get("url.path") == path
         }
-        if len(ids) >= 2:
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for _ in range(20):
+            assert app.get(path)[0] == 200
+        if receiver.wait_for(lambda: len(seen()) >= 2, timeout=0.3):
             break
-    return ids
+    return seen()
 
 
 def test_uvicorn_workers_each_initialise(run_app, receiver: OtlpReceiver) -> None:
