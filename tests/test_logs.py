@@ -1276,12 +1276,25 @@ def test_the_line_attribute_count_is_the_records_field_count() -> None:
     assert len(line.fields) == LINE_ATTRIBUTES
 
 
+class _ServerSpanIds:
+    """What ``RequestLog.write_span`` reads of the core's server span."""
+
+    def __init__(self, context: SpanContext) -> None:
+        self.trace_id, self.span_id, self.flags = context.trace_id, context.span_id, context.trace_flags
+        self._context = context
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+
+@pytest.mark.parametrize("method", ["write", "write_span"])
 def test_the_cores_line_follows_a_new_exporter_and_a_processor_the_app_adds(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], method: str
 ) -> None:
     """The line's configuration in the core is built once, and again when its exporter is
     replaced (a fork, a shutdown); once the app adds a log processor, records take the SDK's
-    way, and so does the line."""
+    way, and so does the line. Both ways in: a ``RequestInfo`` (``write``) and the core's
+    server span (``write_span``, which checks the route in its own frame)."""
     from opentelemetry.sdk._logs import LogRecordProcessor
 
     from cfk_otel._asgi.types import RequestInfo
@@ -1297,14 +1310,21 @@ def test_the_cores_line_follows_a_new_exporter_and_a_processor_the_app_adds(
         try:
             observer = request_observer(settings)
             assert observer is not None
-            first, again = observer.write(info), observer.write(info)
+
+            def write() -> Any:
+                if method == "write":
+                    return observer.write(info)
+                ids = _ServerSpanIds(span)
+                return observer.write_span(info.scope, "GET", "/p", 200, 0.0125, ids)  # type: ignore[arg-type]
+
+            first, again = write(), write()
             assert first is not None
             assert again is not None
             assert first[0] is again[0]  # built once
             assert first[1:4] == (first[1], logging.INFO, "/p")
             assert first[4:] == (0xABC, 0xDEF, 1, _core.LINE_STDOUT | _core.LINE_OTLP)
             _core.shutdown(1.0)  # the exporter goes: the next line names the new one
-            renewed = observer.write(info)
+            renewed = write()
             assert renewed is not None
             assert renewed[0] is not first[0]
             for line in (first, again, renewed):
@@ -1322,7 +1342,7 @@ def test_the_cores_line_follows_a_new_exporter_and_a_processor_the_app_adds(
                     return True
 
             provider.add_log_record_processor(Seen())
-            assert observer.write(info) is None  # stdout written by Python, the record by the SDK
+            assert write() is None  # stdout written by Python, the record by the SDK
             assert Seen.bodies == ["GET /p 200 12.5ms"]
             lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
             assert [line["message"] for line in lines] == ["GET /p 200 12.5ms"] * 4

@@ -329,8 +329,10 @@ class TelemetryMiddleware:
                 with _WRITE_LINE:  # a failing line must not cost the span and the metrics
                     log = request_log.write(info)
         elif request_log is not None:
-            with _WRITE_LINE:  # the line alone: the span's ids, no RequestInfo nor span context
+            try:  # the line alone: the span's ids, no RequestInfo nor span context
                 log = request_log.write_span(scope, method, route, status, elapsed, span)
+            except Exception as failure:  # _WRITE_LINE's rule, without its calls
+                _WRITE_LINE.failed(failure)
         metrics = self.metrics
         requests, duration = metrics.http_requests, metrics.http_request_duration
         # end_request never raises: a failing part is logged once ("recording the end of a

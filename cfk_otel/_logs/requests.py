@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 from opentelemetry import trace
 
 from cfk_otel._asgi.types import RequestInfo, Scope
-from cfk_otel._core.seam import _LINES, LINE_OTLP, LINE_STDOUT, Ended, Line, end_request, request_line
+from cfk_otel._core.seam import (
+    _GENERATION,
+    _LINES,
+    LINE_OTLP,
+    LINE_STDOUT,
+    Ended,
+    Line,
+    end_request,
+    request_line,
+)
 from cfk_otel._guard import guard
 from cfk_otel._redact import scrub_url
 from cfk_otel._settings import Settings
@@ -99,6 +108,7 @@ class RequestLog:
         "_core_line",
         "_limit",
         "_line_buffer",
+        "_line_generation",
         "_line_route",
         "_line_target",
         "_rate",
@@ -115,6 +125,7 @@ class RequestLog:
         self._line_target: tuple[OtlpExporter, int] | None = None
         self._line_buffer: object = None
         self._core_line: RequestLine | None = None
+        self._line_generation = -1
 
     def __call__(self, info: RequestInfo) -> None:
         ended = self.write(info)
@@ -144,10 +155,40 @@ class RequestLog:
     ) -> Ended | Line | None:
         """:meth:`write` for an HTTP request whose span is the core's server span: the same
         line, from the request's values and the span's ids, without a :class:`RequestInfo`
-        (the span's context is made only when Python writes the line)."""
-        level = self._level(status)
-        if level is None:
+        (the span's context is made only when Python writes the line).
+
+        Every request of a server goes through here: :meth:`_level`, :meth:`_emit`'s route
+        and :meth:`_line`'s check are written out in one frame (the same rules, tested
+        against :meth:`write`)."""
+        if status < 400:
+            if self._rate < 1.0 and random.random() >= self._rate:  # noqa: S311  (sampling, not crypto)
+                return None
+            level = logging.INFO
+        else:
+            level = logging.ERROR if status >= 500 else logging.WARNING
+        if not _requests.isEnabledFor(level):
             return None
+        path = scope.get("path", "")
+        if "@" in path:  # an absolute-form target (GET http://user:pw@host/...) loses its userinfo
+            path = scrub_url(path)
+        if len(path) > self._limit:
+            path = cut(path, self._limit)
+        listeners = _listeners()
+        if listeners != self._seen:
+            self._seen, self._route = listeners, _route(listeners)
+        lines = self._route
+        if lines is not None and (path.isascii() or _plain(path)) and (route.isascii() or _plain(route)):
+            stream, otlp = lines.stream, lines.otlp
+            outputs = (LINE_STDOUT if stream is not None and level >= stream.level else 0) | (
+                LINE_OTLP if otlp is not None and level >= otlp.level else 0
+            )
+            if not outputs:
+                return None
+            if lines is not self._line_route or _GENERATION[0] != self._line_generation:
+                self._line(lines)
+            line = self._core_line
+            if line is not None and (self._line_target is not None or not outputs & LINE_OTLP):
+                return line, time.time(), level, path, span.trace_id, span.span_id, span.flags, outputs
         return self._emit(level, scope, method, route, status, duration, span)
 
     def _emit(
@@ -173,7 +214,7 @@ class RequestLog:
             outputs = (LINE_STDOUT if stream is not None and level >= stream.level else 0) | (
                 LINE_OTLP if otlp is not None and level >= otlp.level else 0
             )
-            line = self._line(lines, outputs) if outputs else None
+            line = self._core(lines, outputs) if outputs else None
             if line is not None and _plain(path) and _plain(route):
                 if span is None:
                     return line, time.time(), level, path, 0, 0, 0, outputs
@@ -198,27 +239,35 @@ class RequestLog:
             level = logging.ERROR if status >= 500 else logging.WARNING
         return level if _requests.isEnabledFor(level) else None
 
-    def _line(self, route: _Route, outputs: int) -> RequestLine | None:
-        """The core's configuration of the line for ``route`` (None: Python writes the line).
-        Built again when the route, the record's exporter (a fork, a shutdown) or the process's
-        line buffer (a fork) changes."""
+    def _line(self, route: _Route) -> None:
+        """Make the core's configuration of the line for ``route`` (``_core_line``; None:
+        Python writes the line), and note the records' target (``_line_target``; None: the
+        OTLP record takes the SDK's way, and so does the line, whole). Made again when the
+        route changes, and when the set-up, the records' exporter (a fork, a shutdown) or the
+        process's line buffer (a fork) may have: each bumps the seam's ``_GENERATION``."""
+        self._line_generation = _GENERATION[0]
         otlp = route.otlp
         target = otlp.line_target() if otlp is not None else None
-        if outputs & LINE_OTLP and target is None:
-            return None  # the record takes the SDK's way: so does the line, whole
         if (
             route is not self._line_route
             or target is not self._line_target
             or _LINES[0] is not self._line_buffer
         ):
             stream = route.stream
-            self._line_route, self._line_target = route, target
             self._core_line = request_line(
                 route.formatter._service_fields if route.formatter is not None else "",
                 stream.write_held if stream is not None else None,
                 target,
             )
             self._line_buffer = _LINES[0]
+        self._line_route, self._line_target = route, target
+
+    def _core(self, route: _Route, outputs: int) -> RequestLine | None:
+        """The core's line for ``route`` and ``outputs``, or None when Python writes it."""
+        if route is not self._line_route or _GENERATION[0] != self._line_generation:
+            self._line(route)
+        if outputs & LINE_OTLP and self._line_target is None:
+            return None
         return self._core_line
 
     def _write(
