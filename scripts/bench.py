@@ -9,6 +9,8 @@ Scenarios, interleaved round by round so drift hits them all alike:
   cfk_otel_sdk          the same on the SDK reference path (CFK_OTEL_NATIVE=false): our
                         spans recorded by the SDK's tracer rather than the compiled core
   cfk_otel_down         cfk_otel with the collector down (connection refused)
+  NAME@base             NAME run from another checkout's venv (--base DIR): an A/B of a change,
+                        e.g. --base ../base/.venv/bin --scenarios bare,cfk_otel,cfk_otel@base
 
 Then, on the hello route, a ladder that shows where cfk_otel's cost goes, side by side:
   empty_middleware      an empty pure-ASGI middleware (examples/bench/app_floor.py)
@@ -49,6 +51,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = ROOT / "examples" / "bench"
 BIN = Path(sys.executable).parent
+# --base: another checkout's venv bin directory; a scenario named "<name>@base" runs from it
+# (its cfk_otel, its core), beside the same scenario from this one, for an A/B of a change.
+BASE_BIN: list[Path] = []
 TICKS = os.sysconf("SC_CLK_TCK")
 ROUTES = {"hello": "/hello", "work": "/boards/7"}
 RATES = {"hello": 400, "work": 200}  # fixed offered load for the latency runs, requests/s
@@ -146,8 +151,13 @@ class Receiver:
 
 
 def scenario(name: str, port: int, receiver: Receiver, closed: str) -> tuple[list[str], dict[str, str]]:
-    uvicorn = [str(BIN / "uvicorn"), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    instrument = [str(BIN / "opentelemetry-instrument")]
+    bin_dir = BIN
+    if name.endswith("@base"):
+        if not BASE_BIN:
+            raise SystemExit(f"bench: {name} needs --base (another checkout's venv bin directory)")
+        bin_dir, name = BASE_BIN[0], name.removesuffix("@base")
+    uvicorn = [str(bin_dir / "uvicorn"), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    instrument = [str(bin_dir / "opentelemetry-instrument")]
     common = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http, "OTEL_SERVICE_NAME": "bench"}
     if name == "bare":
         return [*uvicorn, "app:app", "--no-access-log"], {}
@@ -576,7 +586,14 @@ def main() -> int:
     parser.add_argument(
         "--no-scrapes", dest="scrapes", action="store_false", help="skip the 10,000-series scrape step"
     )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="another checkout's venv bin directory: scenarios named NAME@base run from it (an A/B)",
+    )
     args = parser.parse_args()
+    if args.base is not None:
+        BASE_BIN.append(args.base)
     os.environ.update(services_env())
     if not pin_services():
         raise SystemExit("bench: no PostgreSQL or Redis process found to pin to CPU 1")
