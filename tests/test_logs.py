@@ -7,11 +7,13 @@ import io
 import json
 import logging
 import re
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -1175,8 +1177,18 @@ def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pyth
     from cfk_otel._logs.requests import request_observer
     from cfk_otel.testing import OtlpReceiver
 
+    served: list[tuple[str, str]] = []  # each request's span's ids, as its line must say
+
     async def hello(request: Any) -> PlainTextResponse:
         return PlainTextResponse("hello", status_code=int(request.query_params.get("s", "200")))
+
+    routes = Starlette(routes=[Route("/hello/{n}", hello)])
+
+    async def noting(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            context = trace.get_current_span().get_span_context()
+            served.append((f"{context.trace_id:032x}", f"{context.span_id:016x}"))
+        await routes(scope, receive, send)
 
     paths = ["/hello/1", '/hello/"q"\\\x01\x7f\u00e9\U0001f600', "/nowhere/\t"]
     built: list[object] = []
@@ -1192,7 +1204,7 @@ def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pyth
             observer = request_observer(settings)
             assert observer is not None
             app = TelemetryMiddleware(
-                Starlette(routes=[Route("/hello/{n}", hello)]),
+                noting,
                 tracer_provider=tracer_provider,
                 meter_provider=MeterProvider(),
                 observers=[observer],
@@ -1225,6 +1237,11 @@ def test_the_cores_line_and_record_equal_pythons_and_a_lone_surrogate_takes_pyth
             lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
             # Nor can the core queue a lone surrogate's OTLP record (a warning says it is lost).
             lines = [line for line in lines if "route" in line]
+            # Each line has its request's time and ids (the core's from the ending span itself).
+            assert [(line["trace_id"], line["span_id"]) for line in lines] == [
+                served[i] for i, path in enumerate([*paths, *paths, paths[0], surrogate]) if path != surrogate
+            ]
+            assert all(line["timestamp"] >= "2026" for line in lines)
             for line in lines:
                 line.pop("timestamp")
                 line.pop("duration_ms")
@@ -1321,11 +1338,25 @@ def test_the_cores_line_follows_a_new_exporter_and_a_processor_the_app_adds(
             assert first is not None
             assert again is not None
             assert first[0] is again[0]  # built once
-            assert first[1:4] == (first[1], logging.INFO, "/p")
-            assert first[4:] == (0xABC, 0xDEF, 1, _core.LINE_STDOUT | _core.LINE_OTLP)
+            assert first[2:4] == (logging.INFO, "/p")
+            outputs = _core.LINE_STDOUT | _core.LINE_OTLP
+            if method == "write":
+                assert first[4:] == (0xABC, 0xDEF, 1, outputs)
+            else:  # the time, ids and flags: the server span's, filled in as it ends
+                assert first[1] == 0.0
+                assert first[4:] == (0, 0, 0, outputs | _core.LINE_OWN_SPAN)
+                with pytest.raises(ValueError, match="ends with that span"):  # nowhere else
+                    _core._native.end_request(None, None, None, "GET", "/p", "200", 0.0125, first)  # type: ignore[union-attr]
+
+                def ended(line: Any) -> Any:  # as ServerSpan.end_request fills them in
+                    return (line[0], time.time(), *line[2:4], 0xABC, 0xDEF, 1, line[7] & ~_core.LINE_OWN_SPAN)
+
+                first, again = ended(first), ended(again)
             _core.shutdown(1.0)  # the exporter goes: the next line names the new one
             renewed = write()
             assert renewed is not None
+            if method == "write_span":
+                renewed = ended(renewed)
             assert renewed[0] is not first[0]
             for line in (first, again, renewed):
                 _core.end_request(None, None, None, "GET", "/p", "200", 0.0125, line)  # type: ignore[arg-type]

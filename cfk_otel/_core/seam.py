@@ -686,10 +686,13 @@ class CoreSpan(trace.Span):
 Ended = tuple["OtlpExporter", tuple[Any, ...]]
 # A request line the core writes and queues itself (see ``cfk_otel._logs.requests``): its
 # configuration, then created (epoch seconds), level, path, trace id, span id, trace flags
-# and outputs (LINE_STDOUT | LINE_OTLP).
+# and outputs (LINE_STDOUT | LINE_OTLP). With LINE_OWN_SPAN, the time, ids and flags are
+# left to the core's server span the line ends with (``ServerSpan.end_request`` only): the
+# time then, its own ids and flags.
 Line = tuple["RequestLine", float, int, str, int, int, int, int]
 LINE_STDOUT: Final = 1
 LINE_OTLP: Final = 2
+LINE_OWN_SPAN: Final = 4
 
 
 def request_line(

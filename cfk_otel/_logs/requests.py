@@ -14,6 +14,7 @@ from cfk_otel._core.seam import (
     _GENERATION,
     _LINES,
     LINE_OTLP,
+    LINE_OWN_SPAN,
     LINE_STDOUT,
     Ended,
     Line,
@@ -188,7 +189,8 @@ class RequestLog:
                 self._line(lines)
             line = self._core_line
             if line is not None and (self._line_target is not None or not outputs & LINE_OTLP):
-                return line, time.time(), level, path, span.trace_id, span.span_id, span.flags, outputs
+                # The time, ids and flags: the span's own, filled in as it ends.
+                return line, 0.0, level, path, 0, 0, 0, outputs | LINE_OWN_SPAN
         return self._emit(level, scope, method, route, status, duration, span)
 
     def _emit(

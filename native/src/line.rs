@@ -21,6 +21,22 @@ use crate::value::cut;
 /// `outputs` bits: the line goes to stdout, its record over OTLP.
 const STDOUT: u32 = 1;
 const OTLP: u32 = 2;
+/// `outputs` bit: the line's time, ids and flags are the server span's that ends with it
+/// (`ServerSpan.end_request` fills them in: see `own_span`), not the tuple's.
+pub const OWN_SPAN: u32 = 4;
+
+/// `args` with the ending server span's ids and flags and the time now, when its outputs ask
+/// for them (`OWN_SPAN`): no Python `int` made for a 128-bit id, nor a `time.time()` call.
+pub fn own_span(mut args: LineArgs<'_>, trace_id: u128, span_id: u64, flags: u8) -> LineArgs<'_> {
+    if args.7 & OWN_SPAN != 0 {
+        args.1 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |elapsed| elapsed.as_secs_f64());
+        (args.4, args.5, args.6) = (trace_id, span_id, u32::from(flags));
+        args.7 &= !OWN_SPAN;
+    }
+    args
+}
 
 /// A request line's configuration, made once per route (see `cfk_otel._logs.requests`).
 #[pyclass(module = "cfk_otel._native", frozen)]
@@ -215,6 +231,11 @@ pub fn write_line(
     seconds: f64,
 ) -> PyResult<()> {
     let (config, created, levelno, path, trace_id, span_id, flags, outputs) = args;
+    if outputs & OWN_SPAN != 0 {
+        return Err(PyValueError::new_err(
+            "a request line that takes its server span's ids ends with that span (ServerSpan.end_request)",
+        ));
+    }
     let fields = Fields::new(
         *created, *levelno, method, path, route, status, seconds, *trace_id, *span_id,
     )?;

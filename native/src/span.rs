@@ -22,8 +22,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
+use crate::line::own_span;
 use crate::metrics::Family;
 use crate::otlp::{id_bytes, span_weight, OtlpExporter};
 use crate::proto::{Event, KeyValue, Span, Status};
@@ -901,8 +902,14 @@ impl ServerSpan {
         let mut failure = None;
         let method_text = method.to_string_lossy().into_owned();
         let route_text = route.to_string_lossy().into_owned();
-        let (home, ended_before, (trace_id, span_id)) = {
+        let (home, ended_before, (trace_id, span_id), log) = {
             let mut this = slf.borrow_mut();
+            let log = match log {
+                Some(Log::Line(line)) => {
+                    Some(Log::Line(own_span(line, this.trace_id, this.span_id, this.flags)))
+                }
+                other => other,
+            };
             let ended_before = this.sampled && this.end_time.is_some();
             if this.sampled && !ended_before {
                 let matched = route_text != UNMATCHED;
@@ -918,17 +925,25 @@ impl ServerSpan {
                 keep(this.queue(py), &mut failure);
             }
             let ids = keep(this.exemplar(py), &mut failure).unwrap_or((0, 0));
-            (this.home.clone_ref(py), ended_before, ids)
+            (this.home.clone_ref(py), ended_before, ids, log)
         };
         if ended_before {
             keep(warn(py, &home, "Calling end() on an ended span."), &mut failure);
         }
-        let status_text = match status.str() {
-            Ok(text) => text.to_string(),
-            Err(error) => {
-                failure.get_or_insert(error);
-                String::new()
-            }
+        // str(status), without a Python str for the usual exact int.
+        let exact = status
+            .is_exact_instance_of::<PyInt>()
+            .then(|| status.extract::<i64>().ok())
+            .flatten();
+        let status_text = match exact {
+            Some(code) => code.to_string(),
+            None => match status.str() {
+                Ok(text) => text.to_string(),
+                Err(error) => {
+                    failure.get_or_insert(error);
+                    String::new()
+                }
+            },
         };
         let overflowed = end_rest(
             py,
