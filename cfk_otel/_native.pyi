@@ -198,7 +198,6 @@ class ServerSpans:
         seam: object,
         exporter: OtlpExporter,
         provider: object,
-        fixed: bool,
         head: object,
         bound: int,
         parent_based: bool,

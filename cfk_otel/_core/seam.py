@@ -822,7 +822,7 @@ def end_client(client_span: CoreSpan, call: ClientCall, family: Family, seconds:
                 client_span.start_time,
                 end,
                 0 if status is _UNSET else status.status_code.value,
-                status.description or "",
+                "" if status is _UNSET else status.description or "",
                 client_span.events or None,
                 client_span.dropped_events,
                 family,
@@ -893,12 +893,9 @@ class Spans:
         ):
             try:
                 head = _sampling.HEAD
-                if (
-                    head is not None
-                    and head.parent_based
-                    and (self._fixed_provider or trace.get_tracer_provider()) is self._provider
-                    and native.sampler is head.sampler
-                ):
+                # The global provider is not asked again: ``native`` is the SDK's provider
+                # it answered (or the one given), and the API sets it once.
+                if head is not None and head.parent_based and native.sampler is head.sampler:
                     ids = native.id_generator
                     if type(ids) is RandomIdGenerator:  # its generate_span_id, without the call
                         span_id = getrandbits(64)
@@ -910,14 +907,16 @@ class Spans:
                     if kind is CoreSpan:  # its fields read as they are
                         ours: CoreSpan = parent  # type: ignore[assignment]  # as tested
                         sampled, random, trace_state = ours.sampled, ours._flags & _RANDOM, ours._trace_state
-                    else:  # the core's server span: its context's
-                        sampled, random = context.trace_flags.sampled, context.trace_flags & _RANDOM
-                        trace_state = context.trace_state
+                        trace_id = ours.trace_id
+                    else:  # the core's server span: its own fields (its context's trace state)
+                        server: Any = parent  # the core's ServerSpan, as tested
+                        flags, trace_id = server.flags, server.trace_id
+                        sampled, random, trace_state = bool(flags & 1), flags & _RANDOM, context.trace_state
                     return CoreSpan(
                         self,
                         call.name,
                         SpanKind.CLIENT,
-                        context.trace_id,
+                        trace_id,
                         span_id,
                         _FLAGS[sampled, bool(random)],
                         trace_state,
@@ -1157,7 +1156,6 @@ def server_spans(spans: Spans, provider: sdk_trace.TracerProvider) -> ServerSpan
         sys.modules[__name__],
         exporter,
         provider,
-        spans._fixed_provider is not None,  # the Spans it serves
         head,
         head.bound,
         head.parent_based,

@@ -108,9 +108,6 @@ pub struct ServerSpans {
     seam: Py<PyModule>,
     sampling: Py<PyModule>,
     exporter: Py<OtlpExporter>,
-    provider: Py<PyAny>,
-    /// The global provider's getter, when the middleware was not given one.
-    get_provider: Option<Py<PyAny>>,
     get_current_span: Py<PyAny>,
     generation: Py<PyList>,
     made_at: i64,
@@ -145,12 +142,9 @@ impl ServerSpans {
         if generation != self.made_at {
             return Ok(false);
         }
-        let provider = self.provider.bind(py);
-        if let Some(get) = &self.get_provider {
-            if get.call0(py)?.as_ptr() != provider.as_ptr() {
-                return Ok(false);
-            }
-        }
+        // The global provider is not asked again: this was made for the SDK's provider that
+        // `get_tracer_provider()` answered (or one given to the middleware), and the API sets
+        // the global provider once (`set_tracer_provider` refuses a second).
         // The provider's sampler and id generator are fixed when it is made (the SDK's public
         // API changes neither): checked once, by `seam.server_spans`. Set-up's own sampler and
         // keeper are the process's, and may change.
@@ -166,7 +160,7 @@ impl ServerSpans {
 impl ServerSpans {
     #[new]
     #[pyo3(signature = (
-        seam, exporter, provider, fixed, head, bound, parent_based, python_ids, root_random,
+        seam, exporter, provider, head, bound, parent_based, python_ids, root_random,
         random_bit, limits,
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -175,7 +169,6 @@ impl ServerSpans {
         seam: Bound<'_, PyModule>,
         exporter: Py<OtlpExporter>,
         provider: Bound<'_, PyAny>,
-        fixed: bool,
         head: Bound<'_, PyAny>,
         bound: u128,
         parent_based: bool,
@@ -194,11 +187,6 @@ impl ServerSpans {
         Ok(ServerSpans {
             sampling: seam.getattr("_sampling")?.cast_into::<PyModule>()?.unbind(),
             exporter,
-            get_provider: if fixed {
-                None
-            } else {
-                Some(trace.getattr("get_tracer_provider")?.unbind())
-            },
             get_current_span: trace.getattr("get_current_span")?.unbind(),
             generation: generation.unbind(),
             made_at,
@@ -206,7 +194,6 @@ impl ServerSpans {
             bound,
             parent_based,
             id_generator: provider.getattr("id_generator")?.unbind(),
-            provider: provider.unbind(),
             python_ids,
             ids: Ids::new(),
             random_bit,
