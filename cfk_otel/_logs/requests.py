@@ -143,24 +143,26 @@ class RequestLog:
         direct (see :func:`_route`) and the core is there, Python otherwise."""
         if info.kind != "http":
             return None
-        level = self._level(info.status)
-        if level is None:
-            return None
         span: trace.SpanContext = info.span_context
-        if not span.is_valid:
-            return self._emit(level, info.scope, info.method, info.route, info.status, info.duration, None)
-        return self._emit(level, info.scope, info.method, info.route, info.status, info.duration, span)
+        return self.write_span(
+            info.scope, info.method, info.route, info.status, info.duration, span if span.is_valid else None
+        )
 
-    def write_span(
-        self, scope: Scope, method: str, route: str, status: int, duration: float, span: ServerSpan
+    def write_span(  # noqa: PLR0912  (one frame per request, on purpose: see below)
+        self,
+        scope: Scope,
+        method: str,
+        route: str,
+        status: int,
+        duration: float,
+        span: ServerSpan | trace.SpanContext | None,
     ) -> Ended | Line | None:
-        """:meth:`write` for an HTTP request whose span is the core's server span: the same
-        line, from the request's values and the span's ids, without a :class:`RequestInfo`
-        (the span's context is made only when Python writes the line).
+        """:meth:`write` from the request's values and its span: the core's server span (the
+        middleware's way, with no :class:`RequestInfo`: the line's time, ids and flags are
+        then the span's, filled in as it ends), a valid ``SpanContext``, or None.
 
-        Every request of a server goes through here: :meth:`_level`, :meth:`_emit`'s route
-        and :meth:`_line`'s check are written out in one frame (the same rules, tested
-        against :meth:`write`)."""
+        Every request of a server comes through here, so the level, the route to the core and
+        the check of the core's line are written out in this one frame."""
         if status < 400:
             if self._rate < 1.0 and random.random() >= self._rate:  # noqa: S311  (sampling, not crypto)
                 return None
@@ -178,68 +180,26 @@ class RequestLog:
         if listeners != self._seen:
             self._seen, self._route = listeners, _route(listeners)
         lines = self._route
-        if lines is not None and (path.isascii() or _plain(path)) and (route.isascii() or _plain(route)):
-            stream, otlp = lines.stream, lines.otlp
-            outputs = (LINE_STDOUT if stream is not None and level >= stream.level else 0) | (
-                LINE_OTLP if otlp is not None and level >= otlp.level else 0
-            )
-            if not outputs:
-                return None
-            if lines is not self._line_route or _GENERATION[0] != self._line_generation:
-                self._line(lines)
-            line = self._core_line
-            if line is not None and (self._line_target is not None or not outputs & LINE_OTLP):
-                # The time, ids and flags: the span's own, filled in as it ends.
-                return line, 0.0, level, path, 0, 0, 0, outputs | LINE_OWN_SPAN
-        return self._emit(level, scope, method, route, status, duration, span)
-
-    def _emit(
-        self,
-        level: int,
-        scope: Scope,
-        method: str,
-        route: str,
-        status: int,
-        duration: float,
-        span: trace.SpanContext | ServerSpan | None,
-    ) -> Ended | Line | None:
-        # An absolute-form target (GET http://user:pw@host/...) loses its userinfo.
-        path = scrub_url(scope.get("path", ""))
-        if len(path) > self._limit:
-            path = cut(path, self._limit)
-        listeners = _listeners()
-        if listeners != self._seen:
-            self._seen, self._route = listeners, _route(listeners)
-        lines = self._route
         if lines is not None:
             stream, otlp = lines.stream, lines.otlp
             outputs = (LINE_STDOUT if stream is not None and level >= stream.level else 0) | (
                 LINE_OTLP if otlp is not None and level >= otlp.level else 0
             )
-            line = self._core(lines, outputs) if outputs else None
-            if line is not None and _plain(path) and _plain(route):
-                if span is None:
-                    return line, time.time(), level, path, 0, 0, 0, outputs
-                # A SpanContext's flags, or the core's server span's.
-                flags = span.trace_flags if isinstance(span, trace.SpanContext) else span.flags
-                return line, time.time(), level, path, span.trace_id, span.span_id, flags, outputs
             if not outputs:
                 return None
+            if (path.isascii() or _plain(path)) and (route.isascii() or _plain(route)):
+                if lines is not self._line_route or _GENERATION[0] != self._line_generation:
+                    self._line(lines)
+                line = self._core_line
+                if line is not None and (self._line_target is not None or not outputs & LINE_OTLP):
+                    if span is None or isinstance(span, trace.SpanContext):
+                        return _with_ids(line, level, path, outputs, span)
+                    # The core's server span: its time, ids and flags filled in as it ends.
+                    return line, 0.0, level, path, 0, 0, 0, outputs | LINE_OWN_SPAN
         context = (
             span.get_span_context() if span is not None and not isinstance(span, trace.SpanContext) else span
         )
         return self._write(lines, level, method, path, route, status, duration, context)
-
-    def _level(self, status: int) -> int | None:
-        """An HTTP request's line's level, or None when no line is written (sampled out, or
-        below the requests logger's level)."""
-        if status < 400:
-            if self._rate < 1.0 and random.random() >= self._rate:  # noqa: S311  (sampling, not crypto)
-                return None
-            level = logging.INFO
-        else:
-            level = logging.ERROR if status >= 500 else logging.WARNING
-        return level if _requests.isEnabledFor(level) else None
 
     def _line(self, route: _Route) -> None:
         """Make the core's configuration of the line for ``route`` (``_core_line``; None:
@@ -263,14 +223,6 @@ class RequestLog:
             )
             self._line_buffer = _LINES[0]
         self._line_route, self._line_target = route, target
-
-    def _core(self, route: _Route, outputs: int) -> RequestLine | None:
-        """The core's line for ``route`` and ``outputs``, or None when Python writes it."""
-        if route is not self._line_route or _GENERATION[0] != self._line_generation:
-            self._line(route)
-        if outputs & LINE_OTLP and self._line_target is None:
-            return None
-        return self._core_line
 
     def _write(
         self,
@@ -306,6 +258,13 @@ class RequestLog:
         if otlp is not None and level >= otlp.level:
             return otlp.prepare_request(request)
         return None
+
+
+def _with_ids(line: RequestLine, level: int, path: str, outputs: int, span: trace.SpanContext | None) -> Line:
+    """A line the core writes now, its ids and flags those of ``span`` (None: no span)."""
+    if span is None:
+        return line, time.time(), level, path, 0, 0, 0, outputs
+    return line, time.time(), level, path, span.trace_id, span.span_id, span.trace_flags, outputs
 
 
 def _plain(text: str) -> bool:
