@@ -320,19 +320,13 @@ class TelemetryMiddleware:
         read from the scope there, as :meth:`_finish` sets them)."""
         if (error is not None or status >= 500) and span.is_recording():
             self._failed(span, status, error)
-        request_log, observers = self._request_log, self._observers
-        info: RequestInfo | None = None
+        request_log = self._request_log
         log = None
-        if observers:
-            info = RequestInfo(scope, "http", method, route, status, elapsed, error, span.get_span_context())
-            if request_log is not None:
-                with _WRITE_LINE:  # a failing line must not cost the span and the metrics
-                    log = request_log.write(info)
-        elif request_log is not None:
-            try:  # the line alone: the span's ids, no RequestInfo nor span context
+        if request_log is not None:
+            try:  # the line from the span's own ids: no RequestInfo nor span context
                 log = request_log.write_span(scope, method, route, status, elapsed, span)
-            except Exception as failure:  # _WRITE_LINE's rule, without its calls
-                _WRITE_LINE.failed(failure)
+            except Exception as failure:  # _WRITE_LINE's rule (a failing line must not cost
+                _WRITE_LINE.failed(failure)  # the span and the metrics), without its calls
         metrics = self.metrics
         requests, duration = metrics.http_requests, metrics.http_request_duration
         # end_request never raises: a failing part is logged once ("recording the end of a
@@ -352,8 +346,9 @@ class TelemetryMiddleware:
             duration.record_by_key((method, route), elapsed, trace_id, span_id)
         if error is not None or status >= 400:
             self._errors.count(metrics, "http", route, status, error, None)
-        if info is not None:
-            for observer in observers:
+        if self._observers:
+            info = RequestInfo(scope, "http", method, route, status, elapsed, error, span.get_span_context())
+            for observer in self._observers:
                 observer(info)
 
     def _finish(
