@@ -103,16 +103,16 @@ def _calls(provider: TracerProvider, metrics: _metrics.Metrics, monkeypatch: pyt
     then a span the app adds an attribute and an event to."""
     monkeypatch.setattr(_metrics, "_default", metrics)
     client = _db._Client(provider)
-    pg = _db._asyncpg_wrapper(client, "connection")
-    rd = _db._redis_wrapper_async(client, False)
+    pg = _db._asyncpg_patch(client, "connection")
+    rd = _db._redis_patch(client, False, True)
 
     async def run() -> None:
         connection, cache = _Connection(), _Redis()
         for _ in range(2):
-            await pg(_ok, connection, ("SELECT 1",), {})
-            await rd(_ok, cache, ("SET", "board:7", "secret", "EX", 60), {})
+            await pg(_ok)(connection, "SELECT 1")
+            await rd(_ok)(cache, "SET", "board:7", "secret", "EX", 60)
             with pytest.raises(ValueError, match="relation"):
-                await pg(_boom, connection, ("SELECT * FROM gone",), {})
+                await pg(_boom)(connection, "SELECT * FROM gone")
         call = _db._asyncpg_call(client, connection, "SELECT 3", "")
         span = client.spans.start_client(call, trace.get_current_span())
         span.set_attribute("app.rows", 3)

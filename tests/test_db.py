@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import types
 from types import SimpleNamespace
 from typing import Any
 
@@ -322,3 +325,43 @@ def test_an_odd_redis_client_never_fails_the_call() -> None:
     call = _db._redis_prepared(client, Odd(), ("GET", "k"), False)
     assert _fields(call) == ("redis", ("GET",), {})
     assert client.targets == {}
+
+
+@pytest.mark.parametrize(
+    ("instrumentor", "module", "name"),
+    [
+        (_db.AsyncpgInstrumentor, "asyncpg.connection", "Connection.fetchval"),
+        (_db.AsyncpgInstrumentor, "asyncpg.pool", "Pool.__init__"),
+        (_db.RedisInstrumentor, "redis.asyncio.client", "Redis.execute_command"),
+        (_db.RedisInstrumentor, "redis.client", "Pipeline.execute"),
+    ],
+)
+def test_a_patched_method_is_a_plain_function_that_keeps_the_original(
+    instrumentor: type[Any], module: str, name: str
+) -> None:
+    """The instrumentors replace a method by a plain function (not a proxy object, which
+    costs a bound proxy per call), with the original in ``__wrapped__``, its name and
+    signature, and (where Python can mark it) its being a coroutine function; uninstrument
+    puts the original itself back."""
+    cls_name, method = name.split(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    inst = instrumentor()
+    already = inst.is_instrumented_by_opentelemetry
+    if already:
+        inst.uninstrument()
+    original = cls.__dict__[method]
+    try:
+        inst.instrument()
+        patched = cls.__dict__[method]
+        assert type(patched) is types.FunctionType
+        assert patched is not original
+        assert patched.__wrapped__ is original
+        assert (patched.__name__, patched.__qualname__) == (original.__name__, original.__qualname__)
+        assert inspect.signature(patched) == inspect.signature(original)
+        if hasattr(inspect, "markcoroutinefunction") or inspect.iscoroutinefunction(patched):
+            assert inspect.iscoroutinefunction(patched) == inspect.iscoroutinefunction(original)
+    finally:
+        inst.uninstrument()
+        assert cls.__dict__[method] is original
+        if already:
+            inst.instrument()
