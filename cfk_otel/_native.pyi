@@ -1,5 +1,5 @@
 # Types of the compiled core (native/, Rust with PyO3), for the type checker.
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, final
 
 def check_tls(
@@ -268,3 +268,36 @@ class Sender:
     status: Any
     def __init__(self, send: Callable[[Any], Any]) -> None: ...
     def __call__(self, message: Any) -> Any: ...
+
+@final
+class CallTimer:
+    """Times one instrumentation's client calls in the core (native/src/call.rs)."""
+
+    def __init__(
+        self,
+        fallback: Callable[[Any, int, int, float, BaseException | None], object],
+        overflow: Callable[[Any], object],
+        guard: object,
+    ) -> None: ...
+    def time(
+        self,
+        call: PreparedSpan,
+        parent: ServerSpan,
+        family: Family,
+        labels: Sequence[str],
+        awaited: Awaitable[Any],
+        exported: bool,
+        slow: float,
+        context: object,
+    ) -> TimedCall: ...
+
+@final
+class TimedCall:
+    """A client call's awaitable, timed: its span and duration recorded when it returns."""
+
+    def __await__(self) -> Generator[Any, None, Any]: ...
+    def __iter__(self) -> TimedCall: ...
+    def __next__(self) -> Any: ...
+    def send(self, value: Any) -> Any: ...
+    def throw(self, kind: Any, value: Any = None, traceback: Any = None) -> Any: ...
+    def close(self) -> None: ...

@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from random import getrandbits
 from types import ModuleType
@@ -60,7 +60,15 @@ from cfk_otel._version import __version__
 from . import sampling as _sampling
 
 if TYPE_CHECKING:
-    from cfk_otel._native import Family, LineBuffer, OtlpExporter, PreparedSpan, RequestLine, ServerSpans
+    from cfk_otel._native import (
+        CallTimer,
+        Family,
+        LineBuffer,
+        OtlpExporter,
+        PreparedSpan,
+        RequestLine,
+        ServerSpans,
+    )
 
 _native: ModuleType | None
 try:
@@ -903,29 +911,80 @@ class Spans:
                             span_id = getrandbits(64)
                     else:
                         span_id = ids.generate_span_id()
-                    context = parent.get_span_context()
-                    if kind is CoreSpan:  # its fields read as they are
-                        ours: CoreSpan = parent  # type: ignore[assignment]  # as tested
-                        sampled, random, trace_state = ours.sampled, ours._flags & _RANDOM, ours._trace_state
-                        trace_id = ours.trace_id
-                    else:  # the core's server span: its own fields (its context's trace state)
-                        server: Any = parent  # the core's ServerSpan, as tested
-                        flags, trace_id = server.flags, server.trace_id
-                        sampled, random, trace_state = bool(flags & 1), flags & _RANDOM, context.trace_state
-                    return CoreSpan(
-                        self,
-                        call.name,
-                        SpanKind.CLIENT,
-                        trace_id,
-                        span_id,
-                        _FLAGS[sampled, bool(random)],
-                        trace_state,
-                        context,
-                        call.attributes if sampled else {},
-                    )
+                    return self._child(call, parent, span_id)
             except Exception as error:  # free until it raises; then start() decides
                 _START_SPAN.failed(error)
         return self.start(call.name, None, SpanKind.CLIENT, call.attributes)
+
+    def _child(self, call: ClientCall, parent: trace.Span, span_id: int) -> CoreSpan:
+        """A client span of ``call``'s kind with id ``span_id`` under ``parent``, a
+        :class:`CoreSpan` or the core's server span, and sampled as it is."""
+        context = parent.get_span_context()
+        if type(parent) is CoreSpan:  # its fields read as they are
+            ours: CoreSpan = parent
+            sampled, random, trace_state = ours.sampled, ours._flags & _RANDOM, ours._trace_state
+            trace_id = ours.trace_id
+        else:  # the core's server span: its own fields (its context's trace state)
+            server: Any = parent  # the core's ServerSpan, as the callers tested
+            flags, trace_id = server.flags, server.trace_id
+            sampled, random, trace_state = bool(flags & 1), flags & _RANDOM, context.trace_state
+        return CoreSpan(
+            self,
+            call.name,
+            SpanKind.CLIENT,
+            trace_id,
+            span_id,
+            _FLAGS[sampled, bool(random)],
+            trace_state,
+            context,
+            call.attributes if sampled else {},
+        )
+
+    def timed(
+        self,
+        timer: CallTimer | None,
+        call: ClientCall,
+        parent: Any,
+        family: Family | None,
+        awaited: Awaitable[Any],
+        slow: float,
+        context: object,
+    ) -> Awaitable[Any] | None:
+        """``awaited``, a call of ``call``'s kind under ``parent`` (the core's server span),
+        timed in the core (``_native.TimedCall``): when it returns, its span is queued and its
+        duration observed in ``family`` (with the span's ids as the exemplar when its trace
+        is exported), without Python. A call that fails, or lasts ``slow`` seconds or more,
+        ends in ``timer``'s fallback instead, on :meth:`client_span`. None where the core
+        does not take the call (the SDK path, another sampler, a keeper of sampled-out
+        traces): the caller times it in Python. Never raises."""
+        if _GENERATION[0] != self._generation:  # the first call, or the set-up changed
+            self.refresh()
+        native = self._native
+        if timer is None or family is None or native is None or _sampling.KEEPER is not None:
+            return None
+        head = _sampling.HEAD
+        if head is None or not head.parent_based or native.sampler is not head.sampler:
+            return None
+        try:
+            exporter = self.exporter
+            assert exporter is not None  # set with the native provider
+            core = call.core
+            if core is None or core.exporter is not exporter:
+                core = call.core = PreparedSpanType(
+                    exporter, 0, call.name, _OTLP_KINDS[SpanKind.CLIENT], call.attributes
+                )
+            return timer.time(core, parent, family, call.labels, awaited, _sampling.EXPORTED, slow, context)
+        except Exception as error:  # free until it raises; the caller times the call
+            _START_SPAN.failed(error)
+            return None
+
+    def client_span(self, call: ClientCall, parent: Any, span_id: int, start: int) -> CoreSpan:
+        """The span of a call :meth:`timed` ended in Python (it failed, or was slow): the one
+        :meth:`start_client` makes under ``parent``, the core's server span, with the id and
+        the start the core gave it."""
+        span = self._child(call, parent, span_id)
+        span.start_time = start
+        return span
 
     def refresh(self) -> ServerSpans | None:
         """:attr:`server` after deciding again when the provider or the set-up changed (as
@@ -1128,6 +1187,24 @@ class LogSink:
 ServerSpan: Final[Any] = getattr(_native, "ServerSpan", None)
 if ServerSpan is not None:
     trace.Span.register(ServerSpan)
+# What a timed client call's span is prepared as (see Spans.timed).
+PreparedSpanType: Final[Any] = getattr(_native, "PreparedSpan", None)
+
+
+def call_timer(
+    fallback: Callable[[Any, int, int, float, BaseException | None], object],
+    overflow: Callable[[Any], object],
+) -> CallTimer | None:
+    """What times an instrumentation's client calls in the core (:meth:`Spans.timed`): a failed
+    or slow call ends in ``fallback(context, span_id, start, seconds, error)``, and a
+    histogram's overflow is told to ``overflow(context)``; a failure of the core's own goes to
+    this module's guard. None without the core."""
+    if _native is None:
+        return None
+    timer: CallTimer = _native.CallTimer(fallback, overflow, _END_CALL)
+    return timer
+
+
 # The send an HTTP request's app is given on the core: notes the status, returns send(message).
 Sender: Final[Any] = getattr(_native, "Sender", None)
 

@@ -21,6 +21,7 @@ import functools
 import importlib
 import inspect
 import logging
+import math
 import os
 import time
 import weakref
@@ -44,7 +45,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from cfk_otel._bootstrap import setup as _sdk
 from cfk_otel._core.sampling import exemplar_ids
-from cfk_otel._core.seam import ClientCall, CoreSpan, Spans
+from cfk_otel._core.seam import ClientCall, CoreSpan, ServerSpan, Spans, call_timer
 from cfk_otel._errors import total as _errors_total
 from cfk_otel._guard import guard
 from cfk_otel._metrics import catalogue as _metrics
@@ -256,6 +257,8 @@ class _Client:
         secrets: Known | None = None,
     ) -> None:
         self.spans = Spans(tracer_provider)
+        # Times a call under the core's server span in the core (Spans.timed).
+        self.timer = call_timer(_timed_end, _timed_overflow)
         self.slow_query_threshold = slow_query_threshold  # SLOW_QUERY_THRESHOLD, read once
         self.known = secrets or Known()  # the configured secret values, withheld from errors
         self.db = _Conventions("database")
@@ -383,11 +386,12 @@ def _asyncpg_call(client: _Client, connection: Any, query: object, prefix: str) 
     return call
 
 
-async def _traced_query(
+def _query(
     client: _Client, connection: Any, query: object, prefix: str, parent: trace.Span, awaited: Awaitable[Any]
-) -> Any:
-    """Await one asyncpg call on ``connection`` running ``query``, in a client span whose
-    parent is ``parent`` (the current span)."""
+) -> Awaitable[Any]:
+    """One asyncpg call on ``connection`` running ``query`` (``awaited``), in a client span
+    whose parent is ``parent`` (the current span), timed: in the core under its server span
+    (:meth:`Spans.timed`), else here (:func:`_traced_query`)."""
     call = None
     if type(query) is str:  # a prepared call, found without a Python call (_asyncpg_call's first step)
         entry = client.targets.get(id(connection))
@@ -395,6 +399,24 @@ async def _traced_query(
             call = entry[1].calls.get((prefix, query))
     if call is None:
         call = _asyncpg_call(client, connection, query, prefix)
+    histogram = _metrics.default().database_query_duration
+    if type(parent) is ServerSpan:
+        slow = client.slow_query_threshold
+        ending = (client, call, query, histogram, parent, slow)  # for the fallback
+        timed = client.spans.timed(client.timer, call, parent, histogram.family, awaited, slow, ending)
+        if timed is not None:
+            return timed
+    return _traced_query(client, call, query, parent, histogram, awaited)
+
+
+async def _traced_query(
+    client: _Client,
+    call: ClientCall,
+    query: object,
+    parent: trace.Span,
+    histogram: _metrics.Histogram,
+    awaited: Awaitable[Any],
+) -> Any:
     span = client.spans.start_client(call, parent)
     start = time.perf_counter()
     try:
@@ -409,11 +431,36 @@ async def _traced_query(
         if elapsed >= client.slow_query_threshold:
             with _RECORD_QUERY:
                 _report_slow(span, query, elapsed)
-        histogram = _metrics.default().database_query_duration
         if type(span) is CoreSpan:
             histogram.record_client(call, elapsed, span)  # guarded inside
         else:
             client.finish(span, histogram, call.labels, elapsed)
+
+
+def _timed_end(
+    context: tuple[_Client, ClientCall, object, _metrics.Histogram, trace.Span, float],
+    span_id: int,
+    start: int,
+    seconds: float,
+    error: BaseException | None,
+) -> None:
+    """The end of a call the core timed (:meth:`Spans.timed`) that failed or lasted its slow
+    threshold or more: its span made here with the core's id and start, and ended as
+    :func:`_traced_query` ends one (the core's guard takes what fails here)."""
+    client, call, query, histogram, parent, slow = context
+    span = client.spans.client_span(call, parent, span_id, start)
+    if error is not None:
+        client.failed(span, error)
+    if seconds >= slow:
+        with _RECORD_QUERY:
+            _report_slow(span, query, seconds)
+    histogram.record_client(call, seconds, span)  # guarded inside
+
+
+def _timed_overflow(context: tuple[Any, ...]) -> None:
+    """A call the core timed folded a new label set into its histogram's overflow series."""
+    histogram: _metrics.Histogram = context[3]
+    histogram._overflowed()
 
 
 def _asyncpg_patch(client: _Client, source: str) -> _Patch:
@@ -435,10 +482,8 @@ def _asyncpg_patch(client: _Client, source: str) -> _Patch:
                     # A pool resets every connection it takes back with a query of its own
                     # (RESET ALL, UNLISTEN *...): plumbing, not the app's work. No span, no timing.
                     return original(instance, *args, **kwargs)
-                return _traced_query(
-                    client, instance, query, prefix, seen[2], original(instance, *args, **kwargs)
-                )
-            return _traced_query(
+                return _query(client, instance, query, prefix, seen[2], original(instance, *args, **kwargs))
+            return _query(
                 client,
                 instance._connection,
                 instance._query,
@@ -620,11 +665,11 @@ def _redis_done(
     pipeline: bool,
     start: float,
     error: Exception | None,
+    histogram: _metrics.Histogram,
 ) -> None:
     elapsed = time.perf_counter() - start
     if error is not None and not (pipeline and _is_watch_error(error)):
         client.failed(span, error)
-    histogram = _metrics.default().redis_operation_duration
     if type(span) is CoreSpan:
         histogram.record_client(call, elapsed, span)  # guarded inside
     else:
@@ -660,7 +705,8 @@ def _redis_patch(client: _Client, pipeline: bool, is_async: bool) -> _Patch:
                 error = exc
                 raise
             finally:
-                _redis_done(client, span, call, pipeline, start, error)
+                histogram = _metrics.default().redis_operation_duration
+                _redis_done(client, span, call, pipeline, start, error, histogram)
 
         return method
 
@@ -670,26 +716,46 @@ def _redis_patch(client: _Client, pipeline: bool, is_async: bool) -> _Patch:
 def _redis_method_async(
     client: _Client, pipeline: bool, original: Callable[..., Awaitable[Any]]
 ) -> Callable[..., Awaitable[Any]]:
-    async def method(instance: Any, *args: Any, **kwargs: Any) -> Any:
+    def method(instance: Any, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         context = context_api.get_current()
         seen = client.seen
         if seen[0] is not context:
             seen = client.look(context)
         if not seen[1]:
-            return await original(instance, *args, **kwargs)
+            return original(instance, *args, **kwargs)
         call = _redis_prepared(client, instance, args, pipeline)
-        span = client.spans.start_client(call, seen[2])
-        start = time.perf_counter()
-        error = None
-        try:
-            return await original(instance, *args, **kwargs)
-        except Exception as exc:
-            error = exc
-            raise
-        finally:
-            _redis_done(client, span, call, pipeline, start, error)
+        parent = seen[2]
+        awaited = original(instance, *args, **kwargs)
+        histogram = _metrics.default().redis_operation_duration
+        if not pipeline and type(parent) is ServerSpan:  # a pipeline's watch error is no failure
+            never = math.inf  # no slow-query report for a command
+            ending = (client, call, None, histogram, parent, never)  # for the fallback
+            timed = client.spans.timed(client.timer, call, parent, histogram.family, awaited, never, ending)
+            if timed is not None:
+                return timed
+        return _traced_redis(client, call, parent, pipeline, histogram, awaited)
 
     return method
+
+
+async def _traced_redis(
+    client: _Client,
+    call: ClientCall,
+    parent: trace.Span,
+    pipeline: bool,
+    histogram: _metrics.Histogram,
+    awaited: Awaitable[Any],
+) -> Any:
+    span = client.spans.start_client(call, parent)
+    start = time.perf_counter()
+    error = None
+    try:
+        return await awaited
+    except Exception as exc:
+        error = exc
+        raise
+    finally:
+        _redis_done(client, span, call, pipeline, start, error, histogram)
 
 
 _REDIS_TARGETS: Final = (

@@ -2,6 +2,7 @@
 //! it can. Python reaches it only through `cfk_otel._core` (the seam), which runs the stock
 //! OpenTelemetry SDK instead when this module is missing or `CFK_OTEL_NATIVE=false`.
 
+mod call;
 mod export;
 mod line;
 mod metrics;
@@ -32,5 +33,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<span::ServerSpans>()?;
     m.add_class::<span::ServerSpan>()?;
     m.add_class::<span::Sender>()?;
+    m.add_class::<call::CallTimer>()?;
+    m.add_class::<call::TimedCall>()?;
     Ok(())
 }

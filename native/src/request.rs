@@ -13,7 +13,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use crate::line::{write_line, LineArgs};
 use crate::metrics::{record_request_in, Family};
 use crate::otlp::{events_weight, id_bytes, OtlpExporter};
-use crate::proto::{KeyValue, Span, Status};
+use crate::proto::{Event, KeyValue, Span, Status};
 use crate::value::{key_values, weight};
 
 /// Keeps the first of several failures: every part is attempted even when one fails.
@@ -227,27 +227,19 @@ pub fn end_prepared(
     let call = call.get();
     let exporter = call.exporter.get();
     if let Some(events) = keep(exporter.events(events.as_ref()), &mut failure) {
-        let weight = call.weight + trace_state.len() + status_message.len() + events_weight(&events);
-        let span = Span {
-            trace_id: trace_id.to_be_bytes().to_vec(),
-            span_id: span_id.to_be_bytes().to_vec(),
-            trace_state,
-            parent_span_id: id_bytes(&parent_span_id.to_be_bytes()),
-            flags,
-            name: call.name.clone(),
-            kind: call.kind,
-            start_time_unix_nano: start,
-            end_time_unix_nano: end,
-            attributes: call.attributes.clone(),
-            dropped_attributes_count: 0,
-            events,
-            dropped_events_count: dropped_events,
-            status: Some(Status {
-                message: status_message,
-                code: status_code,
-            }),
+        let weight = events_weight(&events);
+        let ids = Ids {
+            trace_id,
+            span_id,
+            parent_span_id,
         };
-        keep(exporter.push_span(call.scope, span, weight), &mut failure);
+        let status = Status {
+            message: status_message,
+            code: status_code,
+        };
+        let mut span = call.span(ids, flags, trace_state, start, end, status, events);
+        span.dropped_events_count = dropped_events;
+        keep(call.push(span, weight), &mut failure);
     }
     let overflowed = match &family {
         Some(family) => {
@@ -257,4 +249,51 @@ pub fn end_prepared(
         None => false,
     };
     failure.map_or(Ok(overflowed), Err)
+}
+
+/// A span's ids, and its parent's (0: none).
+pub(crate) struct Ids {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub parent_span_id: u64,
+}
+
+impl PreparedSpan {
+    /// A span of this kind with the values of one call.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn span(
+        &self,
+        ids: Ids,
+        flags: u32,
+        trace_state: String,
+        start: u64,
+        end: u64,
+        status: Status,
+        events: Vec<Event>,
+    ) -> Span {
+        Span {
+            trace_id: ids.trace_id.to_be_bytes().to_vec(),
+            span_id: ids.span_id.to_be_bytes().to_vec(),
+            trace_state,
+            parent_span_id: id_bytes(&ids.parent_span_id.to_be_bytes()),
+            flags,
+            name: self.name.clone(),
+            kind: self.kind,
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            attributes: self.attributes.clone(),
+            dropped_attributes_count: 0,
+            events,
+            dropped_events_count: 0,
+            status: Some(status),
+        }
+    }
+
+    /// Queues `span` (made by `span`) on this kind's exporter; `extra` is what its per-call
+    /// parts keep alive beyond the kind's own weight (its events, say).
+    pub(crate) fn push(&self, span: Span, extra: usize) -> PyResult<()> {
+        let weight = self.weight + span.trace_state.len() + extra;
+        let weight = weight + span.status.as_ref().map_or(0, |status| status.message.len());
+        self.exporter.get().push_span(self.scope, span, weight)
+    }
 }

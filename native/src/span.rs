@@ -32,7 +32,7 @@ use crate::request::{end_rest, keep, Log};
 use crate::value::{any_value, key_values, Limit};
 
 /// OTLP's span flags as the SDK's encoder writes them: "is the parent remote" is known.
-const HAS_IS_REMOTE: u32 = 0x100;
+pub(crate) const HAS_IS_REMOTE: u32 = 0x100;
 const IS_REMOTE: u32 = 0x200;
 /// OTLP's `SPAN_KIND_SERVER`.
 const SERVER: i32 = 2;
@@ -42,7 +42,7 @@ const TRACE_ID_LIMIT: u128 = (1 << 64) - 1;
 /// What the route resolver names a request that matched no route (`cfk_otel._asgi.routes`).
 const UNMATCHED: &str = "unmatched";
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos() as u64)
@@ -310,6 +310,16 @@ impl ServerSpans {
     }
 }
 
+/// A client span's ids and head decision, from the server span it starts under
+/// (`ServerSpan::child`).
+pub(crate) struct Child {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub sampled: bool,
+    pub parent_span_id: u64,
+    pub trace_state: String,
+}
+
 /// A valid parent: its context (what `parent` answers) and the parts the export needs.
 struct Parent {
     context: Py<PyAny>,
@@ -557,6 +567,35 @@ impl ServerSpan {
             events,
             dropped_events_count: self.dropped_events,
             status: Some(Status { message, code }),
+        })
+    }
+
+    /// What a client span started under this one takes from it (`call.rs`): the trace id, a new
+    /// span id (as this span's were made), the head decision (the parent-based sampler's: this
+    /// span's), this span's id as the parent's, and the trace state's header.
+    pub(crate) fn child(&self, py: Python<'_>) -> PyResult<Child> {
+        let home = self.home.get();
+        let span_id = if home.python_ids {
+            home.id_generator
+                .bind(py)
+                .call_method0(intern!(py, "generate_span_id"))?
+                .extract::<u64>()?
+        } else {
+            home.ids.span_id()
+        };
+        let trace_state = match self.parent.as_ref().and_then(|p| p.trace_state.as_ref()) {
+            Some(state) if state.bind(py).is_truthy()? => state
+                .bind(py)
+                .call_method0(intern!(py, "to_header"))?
+                .extract::<String>()?,
+            _ => String::new(),
+        };
+        Ok(Child {
+            trace_id: self.trace_id,
+            span_id,
+            sampled: self.sampled,
+            parent_span_id: self.span_id,
+            trace_state,
         })
     }
 
