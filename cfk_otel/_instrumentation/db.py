@@ -242,8 +242,17 @@ class _Target:
         calls[key] = call
 
 
-# No context seen yet (see _Client.seen).
-_UNSEEN: Final = (None, False, trace.INVALID_SPAN)
+# The last context a client call ran in (any instrumentation's): whether instrumentation is
+# enabled there, and its span. A context never changes, so a request's calls (its queries and
+# its Redis commands alike) share the answer, and keep that one context alive until the next
+# call. Starts with no context seen.
+_SEEN: Final[list[tuple[object, bool, trace.Span]]] = [(None, False, trace.INVALID_SPAN)]
+
+
+def _look(context: context_api.Context) -> tuple[object, bool, trace.Span]:
+    """:data:`_SEEN` for ``context``, the current one."""
+    seen = _SEEN[0] = (context, is_instrumentation_enabled(), trace.get_current_span(context))
+    return seen
 
 
 class _Client:
@@ -267,15 +276,6 @@ class _Client:
         # id(owner) -> (a weak reference to owner, its target): read without a Python call
         # on every client call (a WeakKeyDictionary's get is one); forgotten with the owner.
         self.targets: dict[int, tuple[weakref.ref[Any], _Target]] = {}
-        # The last context a call ran in: whether instrumentation is enabled there, and its
-        # span. A context never changes, so a request's calls share the answer (and keep that
-        # one context alive until the next call).
-        self.seen: tuple[object, bool, trace.Span] = _UNSEEN
-
-    def look(self, context: context_api.Context) -> tuple[object, bool, trace.Span]:
-        """:attr:`seen` for ``context``, the current one."""
-        seen = self.seen = (context, is_instrumentation_enabled(), trace.get_current_span(context))
-        return seen
 
     def target(self, owner: Any, build: Callable[[Any, _Client], dict[str, Any]]) -> _Target:
         """``owner``'s fixed attributes (its server) and prepared calls, built once per owner
@@ -471,9 +471,9 @@ def _asyncpg_patch(client: _Client, source: str) -> _Patch:
     def patch(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         def method(instance: Any, *args: Any, **kwargs: Any) -> Awaitable[Any]:
             context = context_api.get_current()
-            seen = client.seen
+            seen = _SEEN[0]
             if seen[0] is not context:
-                seen = client.look(context)
+                seen = _look(context)
             if not seen[1]:  # instrumentation suppressed, e.g. the health checks' own probes
                 return original(instance, *args, **kwargs)
             if source == "connection":
@@ -690,9 +690,9 @@ def _redis_patch(client: _Client, pipeline: bool, is_async: bool) -> _Patch:
 
         def method(instance: Any, *args: Any, **kwargs: Any) -> Any:
             context = context_api.get_current()
-            seen = client.seen
+            seen = _SEEN[0]
             if seen[0] is not context:
-                seen = client.look(context)
+                seen = _look(context)
             if not seen[1]:
                 return original(instance, *args, **kwargs)
             call = _redis_prepared(client, instance, args, pipeline)
@@ -718,9 +718,9 @@ def _redis_method_async(
 ) -> Callable[..., Awaitable[Any]]:
     def method(instance: Any, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         context = context_api.get_current()
-        seen = client.seen
+        seen = _SEEN[0]
         if seen[0] is not context:
-            seen = client.look(context)
+            seen = _look(context)
         if not seen[1]:
             return original(instance, *args, **kwargs)
         call = _redis_prepared(client, instance, args, pipeline)
