@@ -717,6 +717,8 @@ def _redis_method_async(
     client: _Client, pipeline: bool, original: Callable[..., Awaitable[Any]]
 ) -> Callable[..., Awaitable[Any]]:
     def method(instance: Any, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        # The context's look-up is written out in each patched method (not a helper's frame):
+        # it runs on every call.
         context = context_api.get_current()
         seen = _SEEN[0]
         if seen[0] is not context:
