@@ -320,3 +320,30 @@ def test_a_failure_of_ours_at_the_end_never_reaches_the_app(
         assert raised.value is error
         assert "recording the end of a client call" in caplog.text
         assert "fallback broke" in caplog.text
+
+
+def test_a_timed_call_runs_wherever_the_calls_coroutine_ran(head: Sampler) -> None:
+    """asyncio takes it as a coroutine (``collections.abc.Coroutine``: it has ``send``,
+    ``throw`` and ``close``): a task, a task group, ``gather``, ``wait_for`` and ``asyncio.run``
+    run it as they ran the call's own coroutine."""
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver, sampler=head)
+        metrics = _metrics.Metrics(MeterProvider(), native=True)
+        client = _db._Client(provider)
+
+        def timed() -> Any:
+            return _timed(provider, metrics, _one, client)[0]
+
+        async def main() -> list[object]:
+            created = await asyncio.create_task(timed())
+            gathered = await asyncio.gather(timed(), timed())
+            async with asyncio.TaskGroup() as group:
+                task = group.create_task(timed())
+            waited = await asyncio.wait_for(timed(), 5)
+            return [created, *gathered, task.result(), waited]
+
+        assert asyncio.run(main()) == [1] * 5
+        alone = timed()
+        assert asyncio.iscoroutine(alone)
+        assert asyncio.run(alone) == 1
+        assert [(k, sum(c)) for k, c, _ in metrics.database_query_duration.rows()] == [(("SELECT",), 6)]
