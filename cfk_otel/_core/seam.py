@@ -792,6 +792,17 @@ class ClientCall:
         self.attributes = attributes
         self.core: PreparedSpan | None = None
 
+    def prepared(self, exporter: OtlpExporter | None) -> PreparedSpan:
+        """:attr:`core` for ``exporter`` (the client spans' exporter of the time), made anew
+        when it was made for another (after a shutdown, or in a forked child)."""
+        core = self.core
+        if core is None or core.exporter is not exporter:
+            assert _native is not None  # only asked for on the native path
+            core = self.core = _native.PreparedSpan(
+                exporter, 0, self.name, _OTLP_KINDS[SpanKind.CLIENT], self.attributes
+            )
+        return core
+
     def __repr__(self) -> str:
         return f"ClientCall(name={self.name!r}, labels={self.labels!r}, attributes={self.attributes!r})"
 
@@ -812,12 +823,7 @@ def end_client(client_span: CoreSpan, call: ClientCall, family: Family, seconds:
             and client_span._end_time is None
             and _native is not None
         ):
-            exporter = client_span._home.exporter
-            core = call.core
-            if core is None or core.exporter is not exporter:
-                core = call.core = _native.PreparedSpan(
-                    exporter, 0, call.name, _OTLP_KINDS[client_span.kind], call.attributes
-                )
+            core = call.prepared(client_span._home.exporter)
             client_span._end_time = end = time.time_ns()
             parent, status, trace_state = client_span.parent, client_span.status, client_span._trace_state
             overflowed: bool = _native.end_prepared(
@@ -966,13 +972,7 @@ class Spans:
         if head is None or not head.parent_based or native.sampler is not head.sampler:
             return None
         try:
-            exporter = self.exporter
-            assert exporter is not None  # set with the native provider
-            core = call.core
-            if core is None or core.exporter is not exporter:
-                core = call.core = PreparedSpanType(
-                    exporter, 0, call.name, _OTLP_KINDS[SpanKind.CLIENT], call.attributes
-                )
+            core = call.prepared(self.exporter)
             return timer.time(core, parent, family, call.labels, awaited, _sampling.EXPORTED, slow, context)
         except Exception as error:  # free until it raises; the caller times the call
             _START_SPAN.failed(error)
@@ -1187,8 +1187,6 @@ class LogSink:
 ServerSpan: Final[Any] = getattr(_native, "ServerSpan", None)
 if ServerSpan is not None:
     trace.Span.register(ServerSpan)
-# What a timed client call's span is prepared as (see Spans.timed).
-PreparedSpanType: Final[Any] = getattr(_native, "PreparedSpan", None)
 
 
 def call_timer(
