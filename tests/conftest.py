@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cfk_otel._settings import DECLARED
 from cfk_otel.testing import OtlpReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,6 +186,9 @@ class RunningApp:
 # `make test` runs the suite on the native path, then its app-launching parts again with
 # CFK_TEST_NATIVE=false: every app then records our spans with the SDK's tracer, the
 # reference (a test that sets CFK_OTEL_NATIVE itself keeps its own value).
+# An app under test reads only the settings its test gives it: a shell that exported
+# DATABASE_URL or LOG_LEVEL (scripts/services env, say) changes nothing a test sees.
+_SETTINGS: frozenset[str] = frozenset(variable.name for variable in DECLARED)
 PATH_UNDER_TEST: dict[str, str] = (
     {"CFK_OTEL_NATIVE": os.environ["CFK_TEST_NATIVE"]} if "CFK_TEST_NATIVE" in os.environ else {}
 )
@@ -203,7 +207,11 @@ def launch(
 
     stdout and stderr share one log unless ``separate_stderr`` (then see ``RunningApp.errors``).
     """
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SENTRY_", "CFK_OTEL"))}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTEL_", "SENTRY_", "CFK_OTEL")) and k not in _SETTINGS
+    }
     full_env.update(
         {
             "PYTHONPATH": str(APPS),

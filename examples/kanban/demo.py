@@ -60,6 +60,12 @@ class DemoError(Exception):
     """Something the demo needs is missing; the message says what to do."""
 
 
+# The app's service.instance.id. The collector relays it as exported_instance, which tells
+# this run's series apart from those of any other cf-kanban exporting to the same port
+# (another run's app still retrying its last batches, say).
+APP_INSTANCE = f"cf-kanban-demo-{uuid.uuid4()}"
+
+
 def clean_env(**values: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(LEAKY)}
     env.update(values)
@@ -357,6 +363,7 @@ def start_app(stack: Stack, ports: Ports, services: dict[str, str]) -> Process:
         SERVICE_NAME="cf-kanban",
         SERVICE_VERSION="1.0.0",
         SERVICE_ENVIRONMENT="demo",
+        OTEL_RESOURCE_ATTRIBUTES=f"service.instance.id={APP_INSTANCE}",
         OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{ports.otlp_http}",  # http/protobuf, the default
         # Export every second instead of every 5 s (spans, logs) and 60 s (metrics).
         OTEL_BSP_SCHEDULE_DELAY="500",
@@ -541,7 +548,7 @@ def app_series(ports: Ports) -> str:
 def print_prometheus(ports: Ports, served: int) -> bool:
     """The document's metrics in Prometheus; True when both paths counted every request."""
     direct = f"sum(http_requests_total{{{app_series(ports)}}})"
-    pushed = 'sum(http_requests_total{service_name="cf-kanban"})'  # the collector's series
+    pushed = f'sum(http_requests_total{{job="otel-collector", exported_instance="{APP_INSTANCE}"}})'
 
     def totals() -> tuple[float, float]:
         return promql_total(ports.prometheus, direct), promql_total(ports.prometheus, pushed)
