@@ -1,6 +1,7 @@
 //! Finished spans, log records and metric collections handed over by Python, and their OTLP/HTTP
 //! export.
 
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
 use pyo3::conversion::FromPyObjectOwned;
 use pyo3::exceptions::{PyIndexError, PyValueError};
@@ -13,9 +14,8 @@ use std::time::Duration;
 use crate::export::{tls_config, Config, Exporter, Weighed};
 use crate::metrics::Family;
 use crate::proto::{
-    AnyValue, Event, ExportLogsServiceRequest, ExportMetricsServiceRequest, ExportTraceServiceRequest,
-    InstrumentationScope, LogRecord, Metric, Resource, ResourceLogs, ResourceMetrics, ResourceSpans,
-    ScopeLogs, ScopeMetrics, ScopeSpans, Span, Status,
+    AnyValue, Event, ExportLogsServiceRequest, ExportMetricsServiceRequest, InstrumentationScope, LogRecord,
+    Metric, Resource, ResourceLogs, ResourceMetrics, ScopeLogs, ScopeMetrics, Span, Status,
 };
 use crate::value::{any_value, key_values, weight, Limit};
 
@@ -27,7 +27,9 @@ enum Signal {
 }
 
 enum Payload {
-    Span(Span),
+    /// A span, and the fields of its kind encoded once (a prepared client call's name, kind
+    /// and attributes: see `PreparedSpan`), written after its own.
+    Span(Span, Option<Arc<[u8]>>),
     Log(LogRecord),
     Metrics(Vec<Metric>),
 }
@@ -62,39 +64,80 @@ pub(crate) fn events_weight(events: &[Event]) -> usize {
         .sum()
 }
 
+/// A length-delimited field's size: its key, its length and its `len` bytes.
+fn field_len(tag: u32, len: usize) -> usize {
+    key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+/// A length-delimited field's key and length, its `len` bytes to follow.
+fn field_head(tag: u32, len: usize, buf: &mut Vec<u8>) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+}
+
+type Fixed = Option<Arc<[u8]>>;
+/// One scope's spans, and the length of their `ScopeSpans` message.
+type ScopeSpans<'a> = (&'a InstrumentationScope, &'a [(Span, Fixed)], usize);
+
+/// `ExportTraceServiceRequest { resource_spans: [{ resource, scope_spans }] }`, as prost would
+/// encode it, except that a span's fixed fields are copied in as they were encoded once. A
+/// message's fields may come in any order; a span's own and its kind's fields are disjoint.
+fn encode_traces(
+    resource: &Resource,
+    scopes: &[InstrumentationScope],
+    spans: &[Vec<(Span, Fixed)>],
+) -> Vec<u8> {
+    let span_len = |(span, fixed): &(Span, Fixed)| span.encoded_len() + fixed.as_ref().map_or(0, |f| f.len());
+    let scope_spans: Vec<ScopeSpans<'_>> = scopes
+        .iter()
+        .zip(spans)
+        .filter(|(_, spans)| !spans.is_empty())
+        .map(|(scope, spans)| {
+            let len = field_len(1, scope.encoded_len())
+                + spans.iter().map(|s| field_len(2, span_len(s))).sum::<usize>();
+            (scope, spans.as_slice(), len)
+        })
+        .collect();
+    let resource_spans = field_len(1, resource.encoded_len())
+        + scope_spans
+            .iter()
+            .map(|(_, _, len)| field_len(2, *len))
+            .sum::<usize>();
+    let mut buf = Vec::with_capacity(field_len(1, resource_spans));
+    field_head(1, resource_spans, &mut buf);
+    field_head(1, resource.encoded_len(), &mut buf);
+    resource.encode_raw(&mut buf);
+    for (scope, spans, len) in scope_spans {
+        field_head(2, len, &mut buf);
+        field_head(1, scope.encoded_len(), &mut buf);
+        scope.encode_raw(&mut buf);
+        for item in spans {
+            field_head(2, span_len(item), &mut buf);
+            item.0.encode_raw(&mut buf);
+            if let Some(fixed) = &item.1 {
+                buf.extend_from_slice(fixed);
+            }
+        }
+    }
+    buf
+}
+
 fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], batch: Vec<Item>) -> Vec<u8> {
-    let mut spans: Vec<Vec<Span>> = vec![Vec::new(); scopes.len()];
+    let mut spans: Vec<Vec<(Span, Fixed)>> = vec![Vec::new(); scopes.len()];
     let mut logs: Vec<Vec<LogRecord>> = vec![Vec::new(); scopes.len()];
     let mut metrics: Vec<Vec<Metric>> = vec![Vec::new(); scopes.len()];
     for item in batch {
         match item.payload {
-            Payload::Span(span) => spans[item.scope].push(span),
+            Payload::Span(span, fixed) => spans[item.scope].push((span, fixed)),
             Payload::Log(log) => logs[item.scope].push(log),
             Payload::Metrics(collected) => metrics[item.scope].extend(collected),
         }
     }
-    let resource = Some(resource.clone());
     match signal {
-        Signal::Traces => ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource,
-                scope_spans: scopes
-                    .iter()
-                    .zip(spans)
-                    .filter(|(_, spans)| !spans.is_empty())
-                    .map(|(scope, spans)| ScopeSpans {
-                        scope: Some(scope.clone()),
-                        spans,
-                        schema_url: String::new(),
-                    })
-                    .collect(),
-                schema_url: String::new(),
-            }],
-        }
-        .encode_to_vec(),
+        Signal::Traces => encode_traces(resource, scopes, &spans),
         Signal::Logs => ExportLogsServiceRequest {
             resource_logs: vec![ResourceLogs {
-                resource,
+                resource: Some(resource.clone()),
                 scope_logs: scopes
                     .iter()
                     .zip(logs)
@@ -111,7 +154,7 @@ fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], 
         .encode_to_vec(),
         Signal::Metrics => ExportMetricsServiceRequest {
             resource_metrics: vec![ResourceMetrics {
-                resource,
+                resource: Some(resource.clone()),
                 scope_metrics: scopes
                     .iter()
                     .zip(metrics)
@@ -267,10 +310,21 @@ impl OtlpExporter {
     /// scope checked; `weight` is what it keeps alive (`span_weight`, or a prepared client
     /// call's share of it counted once, see `request.rs`).
     pub(crate) fn push_span(&self, scope: usize, span: Span, weight: usize) -> PyResult<()> {
+        self.push_span_with(scope, span, None, weight)
+    }
+
+    /// `push_span` for a span whose kind's fields (`fixed`, encoded once) it does not hold.
+    pub(crate) fn push_span_with(
+        &self,
+        scope: usize,
+        span: Span,
+        fixed: Fixed,
+        weight: usize,
+    ) -> PyResult<()> {
         self.check(Signal::Traces, scope)?;
         self.exporter.push(Item {
             scope,
-            payload: Payload::Span(span),
+            payload: Payload::Span(span, fixed),
             weight,
         });
         Ok(())

@@ -1,5 +1,7 @@
 //! The part of the OTLP protobuf schema the core writes (opentelemetry-proto v1: common, resource,
-//! trace). Field numbers are the schema's; prost derives the encoders, no protoc needed.
+//! trace). Field numbers are the schema's; prost derives the encoders, no protoc needed. A traces
+//! request's envelope (`ExportTraceServiceRequest`, `ResourceSpans`, `ScopeSpans`) is written by
+//! hand around the derived `Span` (`otlp::encode_traces`).
 
 #![allow(clippy::derive_partial_eq_without_eq)]
 
@@ -67,32 +69,6 @@ pub struct Resource {
     pub attributes: Vec<KeyValue>,
     #[prost(uint32, tag = "2")]
     pub dropped_attributes_count: u32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ExportTraceServiceRequest {
-    #[prost(message, repeated, tag = "1")]
-    pub resource_spans: Vec<ResourceSpans>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ResourceSpans {
-    #[prost(message, optional, tag = "1")]
-    pub resource: Option<Resource>,
-    #[prost(message, repeated, tag = "2")]
-    pub scope_spans: Vec<ScopeSpans>,
-    #[prost(string, tag = "3")]
-    pub schema_url: String,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ScopeSpans {
-    #[prost(message, optional, tag = "1")]
-    pub scope: Option<InstrumentationScope>,
-    #[prost(message, repeated, tag = "2")]
-    pub spans: Vec<Span>,
-    #[prost(string, tag = "3")]
-    pub schema_url: String,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -7,13 +7,15 @@
 //! arguments)`, or None when there is none to queue (the span sampled out, the line not sent over
 //! OTLP).
 
+use std::sync::Arc;
+
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::line::{write_line, LineArgs};
 use crate::metrics::{record_request_in, Family};
 use crate::otlp::{events_weight, id_bytes, OtlpExporter};
-use crate::proto::{Event, KeyValue, Span, Status};
+use crate::proto::{Event, Span, Status};
 use crate::value::{key_values, weight};
 
 /// Keeps the first of several failures: every part is attempted even when one fails.
@@ -159,9 +161,9 @@ pub fn end_call(
 pub struct PreparedSpan {
     exporter: Py<OtlpExporter>,
     scope: usize,
-    name: String,
-    kind: i32,
-    attributes: Vec<KeyValue>,
+    /// The kind's name, span kind and attributes in their protobuf encoding, made once: each
+    /// call's span is queued with them shared, and the export copies them in (see `otlp.rs`).
+    fixed: Arc<[u8]>,
     /// What a span of this kind keeps alive before its per-call parts (as `record_span` counts).
     weight: usize,
 }
@@ -178,12 +180,20 @@ impl PreparedSpan {
     ) -> PyResult<Self> {
         let attributes = key_values(attributes, exporter.get().limit(), 0)?;
         let weight = 160 + name.len() + weight(&attributes);
+        // The fields a span's derived encoding would write for these values (an empty name and
+        // the unspecified kind are defaults, so not written).
+        let mut fixed = Vec::new();
+        if !name.is_empty() {
+            prost::encoding::string::encode(5, &name, &mut fixed);
+        }
+        if kind != 0 {
+            prost::encoding::int32::encode(6, &kind, &mut fixed);
+        }
+        prost::encoding::message::encode_repeated(9, &attributes, &mut fixed);
         Ok(Self {
             exporter: exporter.unbind(),
             scope,
-            name,
-            kind,
-            attributes,
+            fixed: fixed.into(),
             weight,
         })
     }
@@ -259,7 +269,8 @@ pub(crate) struct Ids {
 }
 
 impl PreparedSpan {
-    /// A span of this kind with the values of one call.
+    /// A span of this kind with the values of one call (its kind's own fields are added when it
+    /// is queued: `push`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn span(
         &self,
@@ -277,11 +288,11 @@ impl PreparedSpan {
             trace_state,
             parent_span_id: id_bytes(&ids.parent_span_id.to_be_bytes()),
             flags,
-            name: self.name.clone(),
-            kind: self.kind,
+            name: String::new(),
+            kind: 0,
             start_time_unix_nano: start,
             end_time_unix_nano: end,
-            attributes: self.attributes.clone(),
+            attributes: Vec::new(),
             dropped_attributes_count: 0,
             events,
             dropped_events_count: 0,
@@ -294,6 +305,9 @@ impl PreparedSpan {
     pub(crate) fn push(&self, span: Span, extra: usize) -> PyResult<()> {
         let weight = self.weight + span.trace_state.len() + extra;
         let weight = weight + span.status.as_ref().map_or(0, |status| status.message.len());
-        self.exporter.get().push_span(self.scope, span, weight)
+        let fixed = Some(Arc::clone(&self.fixed));
+        self.exporter
+            .get()
+            .push_span_with(self.scope, span, fixed, weight)
     }
 }
