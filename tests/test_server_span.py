@@ -542,3 +542,30 @@ def test_what_the_span_logs_can_ask_the_span_for_its_context(head: Sampler) -> N
     assert asking.errors == []
     assert len(asking.ids) >= 5
     assert set(asking.ids[:5]) == set(seen)
+
+
+def test_own_attributes_written_straight_from_the_scope_are_cut_as_any_other(head: Sampler) -> None:
+    """A server span with only its own attributes has them encoded straight from the scope's
+    values (``value.rs``, ``encode_attribute``): a text over set-up's limit is still cut with
+    the marker, and a text of multi-byte characters within it (more bytes than the limit's
+    characters) stays whole."""
+
+    async def plain(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    _core.set_value_limits(12, 12)
+    with OtlpReceiver() as receiver:
+        provider = _provider(receiver, sampler=head)
+        routes = [Route("/p/{rest:path}", plain)]
+        app = TelemetryMiddleware(Starlette(routes=routes), tracer_provider=provider)
+        with TestClient(app) as client:
+            client.get("/p/" + "é" * 9, headers={"user-agent": "u" * 13})
+            client.get("/p/" + "é" * 20)
+        _flush(provider)
+        assert receiver.wait_for(lambda: len(receiver.spans) == 2)
+    whole, cut = (span.attributes for span in receiver.spans)
+    assert whole["url.path"] == "/p/" + "é" * 9  # 12 characters, 21 bytes
+    assert whole["user_agent.original"] == "u" * 12 + "…[truncated 1 chars]"
+    assert cut["url.path"] == "/p/" + "é" * 9 + "…[truncated 11 chars]"
+    assert (whole["http.response.status_code"], whole["server.port"]) == (200, 80)
+    assert whole["http.route"] == "/p/{rest}"

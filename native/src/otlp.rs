@@ -1,7 +1,6 @@
 //! Finished spans, log records and metric collections handed over by Python, and their OTLP/HTTP
 //! export.
 
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
 use pyo3::conversion::FromPyObjectOwned;
 use pyo3::exceptions::{PyIndexError, PyValueError};
@@ -14,8 +13,9 @@ use std::time::Duration;
 use crate::export::{tls_config, Config, Exporter, Weighed};
 use crate::metrics::Family;
 use crate::proto::{
-    AnyValue, Event, ExportLogsServiceRequest, ExportMetricsServiceRequest, InstrumentationScope, LogRecord,
-    Metric, Resource, ResourceLogs, ResourceMetrics, ScopeLogs, ScopeMetrics, Span, Status,
+    field_head, field_len, AnyValue, Event, ExportLogsServiceRequest, ExportMetricsServiceRequest,
+    InstrumentationScope, LogRecord, Metric, Resource, ResourceLogs, ResourceMetrics, ScopeLogs,
+    ScopeMetrics, Span, Status,
 };
 use crate::value::{any_value, key_values, weight, Limit};
 
@@ -27,9 +27,8 @@ enum Signal {
 }
 
 enum Payload {
-    /// A span, and the fields of its kind encoded once (a prepared client call's name, kind
-    /// and attributes: see `PreparedSpan`), written after its own.
-    Span(Span, Option<Arc<[u8]>>),
+    /// A span, and its fields encoded apart from it.
+    Span(Span, Tail),
     Log(LogRecord),
     Metrics(Vec<Metric>),
 }
@@ -64,30 +63,37 @@ pub(crate) fn events_weight(events: &[Event]) -> usize {
         .sum()
 }
 
-/// A length-delimited field's size: its key, its length and its `len` bytes.
-fn field_len(tag: u32, len: usize) -> usize {
-    key_len(tag) + encoded_len_varint(len as u64) + len
+/// Fields of a span encoded apart from it, written after its own (a message's fields may come
+/// in any order, and these are not in the `Span`): its kind's, shared by every call of a
+/// prepared client call (`PreparedSpan`), or its own attributes, encoded straight from the
+/// request's values (`ServerSpan`).
+pub(crate) enum Tail {
+    None,
+    Shared(Arc<[u8]>),
+    Own(Vec<u8>),
 }
 
-/// A length-delimited field's key and length, its `len` bytes to follow.
-fn field_head(tag: u32, len: usize, buf: &mut Vec<u8>) {
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(len as u64, buf);
+impl Tail {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Tail::None => &[],
+            Tail::Shared(bytes) => bytes,
+            Tail::Own(bytes) => bytes,
+        }
+    }
 }
 
-type Fixed = Option<Arc<[u8]>>;
 /// One scope's spans, and the length of their `ScopeSpans` message.
-type ScopeSpans<'a> = (&'a InstrumentationScope, &'a [(Span, Fixed)], usize);
+type ScopeSpans<'a> = (&'a InstrumentationScope, &'a [(Span, Tail)], usize);
 
 /// `ExportTraceServiceRequest { resource_spans: [{ resource, scope_spans }] }`, as prost would
-/// encode it, except that a span's fixed fields are copied in as they were encoded once. A
-/// message's fields may come in any order; a span's own and its kind's fields are disjoint.
+/// encode it, each span followed by its `Tail`.
 fn encode_traces(
     resource: &Resource,
     scopes: &[InstrumentationScope],
-    spans: &[Vec<(Span, Fixed)>],
+    spans: &[Vec<(Span, Tail)>],
 ) -> Vec<u8> {
-    let span_len = |(span, fixed): &(Span, Fixed)| span.encoded_len() + fixed.as_ref().map_or(0, |f| f.len());
+    let span_len = |(span, tail): &(Span, Tail)| span.encoded_len() + tail.bytes().len();
     let scope_spans: Vec<ScopeSpans<'_>> = scopes
         .iter()
         .zip(spans)
@@ -114,21 +120,19 @@ fn encode_traces(
         for item in spans {
             field_head(2, span_len(item), &mut buf);
             item.0.encode_raw(&mut buf);
-            if let Some(fixed) = &item.1 {
-                buf.extend_from_slice(fixed);
-            }
+            buf.extend_from_slice(item.1.bytes());
         }
     }
     buf
 }
 
 fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], batch: Vec<Item>) -> Vec<u8> {
-    let mut spans: Vec<Vec<(Span, Fixed)>> = vec![Vec::new(); scopes.len()];
+    let mut spans: Vec<Vec<(Span, Tail)>> = (0..scopes.len()).map(|_| Vec::new()).collect();
     let mut logs: Vec<Vec<LogRecord>> = vec![Vec::new(); scopes.len()];
     let mut metrics: Vec<Vec<Metric>> = vec![Vec::new(); scopes.len()];
     for item in batch {
         match item.payload {
-            Payload::Span(span, fixed) => spans[item.scope].push((span, fixed)),
+            Payload::Span(span, tail) => spans[item.scope].push((span, tail)),
             Payload::Log(log) => logs[item.scope].push(log),
             Payload::Metrics(collected) => metrics[item.scope].extend(collected),
         }
@@ -310,21 +314,15 @@ impl OtlpExporter {
     /// scope checked; `weight` is what it keeps alive (`span_weight`, or a prepared client
     /// call's share of it counted once, see `request.rs`).
     pub(crate) fn push_span(&self, scope: usize, span: Span, weight: usize) -> PyResult<()> {
-        self.push_span_with(scope, span, None, weight)
+        self.push_span_with(scope, span, Tail::None, weight)
     }
 
-    /// `push_span` for a span whose kind's fields (`fixed`, encoded once) it does not hold.
-    pub(crate) fn push_span_with(
-        &self,
-        scope: usize,
-        span: Span,
-        fixed: Fixed,
-        weight: usize,
-    ) -> PyResult<()> {
+    /// `push_span` for a span whose fields in `tail` it does not hold.
+    pub(crate) fn push_span_with(&self, scope: usize, span: Span, tail: Tail, weight: usize) -> PyResult<()> {
         self.check(Signal::Traces, scope)?;
         self.exporter.push(Item {
             scope,
-            payload: Payload::Span(span, fixed),
+            payload: Payload::Span(span, tail),
             weight,
         });
         Ok(())

@@ -5,7 +5,65 @@
 
 #![allow(clippy::derive_partial_eq_without_eq)]
 
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::{Message, Oneof};
+
+/// A length-delimited field's size: its key, its length and its `len` bytes.
+pub fn field_len(tag: u32, len: usize) -> usize {
+    key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+/// A length-delimited field's key and length, its `len` bytes to follow.
+pub fn field_head(tag: u32, len: usize, buf: &mut Vec<u8>) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+}
+
+/// One `KeyValue` as field `tag` of its message, its value the `AnyValue` of which `value`
+/// writes the single field in `value_len` bytes (as prost encodes the same `KeyValue`).
+pub fn encode_key_value(
+    tag: u32,
+    key: &str,
+    value_len: usize,
+    value: impl FnOnce(&mut Vec<u8>),
+    buf: &mut Vec<u8>,
+) {
+    field_head(tag, field_len(1, key.len()) + field_len(2, value_len), buf);
+    field_head(1, key.len(), buf);
+    buf.extend_from_slice(key.as_bytes());
+    field_head(2, value_len, buf);
+    value(buf);
+}
+
+/// `encode_key_value` for a text value.
+pub fn encode_text_attribute(tag: u32, key: &str, text: &str, buf: &mut Vec<u8>) {
+    encode_key_value(
+        tag,
+        key,
+        field_len(1, text.len()),
+        |buf| {
+            field_head(1, text.len(), buf);
+            buf.extend_from_slice(text.as_bytes());
+        },
+        buf,
+    );
+}
+
+/// `encode_key_value` for an integer value.
+pub fn encode_int_attribute(tag: u32, key: &str, int: i64, buf: &mut Vec<u8>) {
+    #[allow(clippy::cast_sign_loss)] // int64's wire form: two's complement, as prost writes it
+    let wire = int as u64;
+    encode_key_value(
+        tag,
+        key,
+        key_len(3) + encoded_len_varint(wire),
+        |buf| {
+            encode_key(3, WireType::Varint, buf);
+            encode_varint(wire, buf);
+        },
+        buf,
+    );
+}
 
 #[derive(Clone, PartialEq, Message)]
 pub struct AnyValue {

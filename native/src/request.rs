@@ -14,7 +14,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::line::{write_line, LineArgs};
 use crate::metrics::{record_request_in, Family};
-use crate::otlp::{events_weight, id_bytes, OtlpExporter};
+use crate::otlp::{events_weight, id_bytes, OtlpExporter, Tail};
 use crate::proto::{Event, Span, Status};
 use crate::value::{key_values, weight};
 
@@ -305,7 +305,7 @@ impl PreparedSpan {
     pub(crate) fn push(&self, span: Span, extra: usize) -> PyResult<()> {
         let weight = self.weight + span.trace_state.len() + extra;
         let weight = weight + span.status.as_ref().map_or(0, |status| status.message.len());
-        let fixed = Some(Arc::clone(&self.fixed));
+        let fixed = Tail::Shared(Arc::clone(&self.fixed));
         self.exporter
             .get()
             .push_span_with(self.scope, span, fixed, weight)

@@ -26,10 +26,10 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
 use crate::line::own_span;
 use crate::metrics::Family;
-use crate::otlp::{id_bytes, span_weight, OtlpExporter};
-use crate::proto::{Event, KeyValue, Span, Status};
+use crate::otlp::{id_bytes, span_weight, OtlpExporter, Tail};
+use crate::proto::{Event, Span, Status};
 use crate::request::{end_rest, keep, Log};
-use crate::value::{any_value, key_values, Limit};
+use crate::value::{encode_attribute, key_values, Limit};
 
 /// OTLP's span flags as the SDK's encoder writes them: "is the parent remote" is known.
 pub(crate) const HAS_IS_REMOTE: u32 = 0x100;
@@ -491,21 +491,18 @@ impl ServerSpan {
     }
 
     /// The ended span in OTLP form, for the exporter's queue.
-    fn otlp(&self, py: Python<'_>, limit: Option<Limit>) -> PyResult<Span> {
-        let (attributes, dropped) = if self.extra.is_none() {
-            let mut converted = Vec::with_capacity(self.own.len());
+    fn otlp(&self, py: Python<'_>, limit: Option<Limit>) -> PyResult<(Span, Tail)> {
+        // The span's own attributes only (the usual case) are encoded straight from their
+        // values, the `Span` left without them.
+        let (attributes, dropped, tail) = if self.extra.is_none() {
+            let mut own = Vec::with_capacity(48 * self.own.len());
             for (key, value) in &self.own {
-                if let Some(value) = any_value(value.bind(py), limit, 0)? {
-                    converted.push(KeyValue {
-                        key: (*key).to_owned(),
-                        value: Some(value),
-                    });
-                }
+                encode_attribute(9, key, value.bind(py), limit, &mut own)?;
             }
-            (converted, 0)
+            (Vec::new(), 0, Tail::Own(own))
         } else {
             let (merged, dropped) = self.merged(py)?;
-            (key_values(&merged, limit, 0)?, dropped)
+            (key_values(&merged, limit, 0)?, dropped, Tail::None)
         };
         let mut events = Vec::new();
         if let Some(list) = &self.events {
@@ -548,7 +545,7 @@ impl ServerSpan {
             }
             None => (0, false, String::new()),
         };
-        Ok(Span {
+        let span = Span {
             trace_id: self.trace_id.to_be_bytes().to_vec(),
             span_id: self.span_id.to_be_bytes().to_vec(),
             trace_state,
@@ -567,7 +564,8 @@ impl ServerSpan {
             events,
             dropped_events_count: self.dropped_events,
             status: Some(Status { message, code }),
-        })
+        };
+        Ok((span, tail))
     }
 
     /// What a client span started under this one takes from it (`call.rs`): the trace id, a new
@@ -602,9 +600,9 @@ impl ServerSpan {
     /// Queues the ended span (sampled: the only ones that record).
     fn queue(&self, py: Python<'_>) -> PyResult<()> {
         let exporter = self.home.get().exporter.get();
-        let span = self.otlp(py, exporter.limit())?;
-        let weight = span_weight(&span);
-        exporter.push_span(0, span, weight)
+        let (span, tail) = self.otlp(py, exporter.limit())?;
+        let weight = span_weight(&span) + tail.bytes().len();
+        exporter.push_span_with(0, span, tail, weight)
     }
 
     /// The exemplar's ids: the span's when its trace is exported (`sampling.ids_for_exemplar`).

@@ -3,7 +3,9 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
-use crate::proto::{AnyValue, ArrayValue, KeyValue, KeyValueList, Value};
+use crate::proto::{
+    encode_int_attribute, encode_text_attribute, AnyValue, ArrayValue, KeyValue, KeyValueList, Value,
+};
 
 /// Nesting deeper than this is written as the value's `str()` (a guard against hostile input).
 const MAX_DEPTH: usize = 8;
@@ -71,6 +73,43 @@ pub fn any_value(value: &Bound<'_, PyAny>, limit: Option<Limit>, depth: usize) -
         return Ok(None);
     };
     Ok(Some(AnyValue { value: Some(value) }))
+}
+
+/// Whether `text` is kept whole under `limit`.
+fn within(text: &str, limit: Option<Limit>) -> bool {
+    limit.is_none_or(|limit| text.len() <= limit.chars || text.chars().count() <= limit.chars)
+}
+
+/// Appends `key` = `value` as one `KeyValue`, field `tag` of its message, as prost encodes the
+/// `KeyValue` that `any_value` makes of it (nothing when it makes none). A text kept whole and
+/// an exact `int` are written straight from the Python object, without a `String` made.
+pub fn encode_attribute(
+    tag: u32,
+    key: &str,
+    value: &Bound<'_, PyAny>,
+    limit: Option<Limit>,
+    buf: &mut Vec<u8>,
+) -> PyResult<()> {
+    if let Ok(text) = value.cast::<PyString>() {
+        let text = text.to_str()?;
+        if within(text, limit) {
+            encode_text_attribute(tag, key, text, buf);
+            return Ok(());
+        }
+    } else if value.is_exact_instance_of::<PyInt>() {
+        if let Ok(int) = value.extract::<i64>() {
+            encode_int_attribute(tag, key, int, buf);
+            return Ok(());
+        }
+    }
+    if let Some(value) = any_value(value, limit, 0)? {
+        let pair = KeyValue {
+            key: key.to_owned(),
+            value: Some(value),
+        };
+        prost::encoding::message::encode(tag, &pair, buf);
+    }
+    Ok(())
 }
 
 pub fn key_values(dict: &Bound<'_, PyDict>, limit: Option<Limit>, depth: usize) -> PyResult<Vec<KeyValue>> {
