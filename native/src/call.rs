@@ -287,7 +287,7 @@ impl TimedCall {
                 message: String::new(),
                 code: 0,
             };
-            let span = call.span(
+            let (span, ids) = call.span(
                 ids,
                 HAS_IS_REMOTE,
                 child.trace_state.clone(),
@@ -296,7 +296,7 @@ impl TimedCall {
                 status,
                 Vec::new(),
             );
-            keep(call.push(span, 0), &mut failure);
+            keep(call.push(span, ids, 0), &mut failure);
         }
         let (trace_id, span_id) = if self.exemplar {
             (child.trace_id, child.span_id)

@@ -13,10 +13,12 @@ use std::fmt::Write;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::otlp::OtlpExporter;
-use crate::proto::{AnyValue, KeyValue, LogRecord, Value};
+use crate::otlp::{OtlpExporter, Tail};
+use crate::proto::{
+    encode_double_attribute, encode_int_attribute, encode_text_value, put_bytes_field, LogRecord,
+};
 use crate::stdout::LineBuffer;
-use crate::value::cut;
+use crate::value::encode_cut_attribute;
 
 /// `outputs` bits: the line goes to stdout, its record over OTLP.
 const STDOUT: u32 = 1;
@@ -170,53 +172,43 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn attribute(key: &str, value: Value) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue { value: Some(value) }),
-    }
-}
-
-/// The OTLP record `LogSink.prepared` describes for the same line.
+/// The OTLP record `LogSink.prepared` describes for the same line: its numbers in the
+/// `LogRecord`, its text (severity, body, attributes) and ids encoded straight into its tail.
 fn log_record(
     fields: &Fields<'_>,
-    message: String,
+    message: &str,
     exporter: &OtlpExporter,
     flags: u32,
-) -> PyResult<LogRecord> {
+) -> PyResult<(LogRecord, Tail)> {
     let status: i64 = fields
         .status
         .parse()
         .map_err(|_| PyValueError::new_err("a request's status must be a number"))?;
     let limit = exporter.limit();
-    let text = |value: &str| Value::String(cut(value.to_owned(), limit));
     let stamp = (fields.created * 1e9) as u64; // int(created * 1e9), as Python truncates
-    let (trace_id, span_id, flags) = if fields.has_span() {
-        (fields.trace_id, fields.span_id, flags)
+    let mut tail = Vec::with_capacity(192 + message.len() + fields.path.len() + fields.route.len());
+    put_bytes_field(3, fields.level.text.as_bytes(), &mut tail); // severity_text
+    encode_text_value(5, message, &mut tail); // body
+    encode_cut_attribute(6, "method", fields.method, limit, &mut tail);
+    encode_cut_attribute(6, "path", fields.path, limit, &mut tail);
+    encode_cut_attribute(6, "route", fields.route, limit, &mut tail);
+    encode_int_attribute(6, "status", status, &mut tail);
+    encode_double_attribute(6, "duration_ms", fields.duration_ms, &mut tail);
+    let flags = if fields.has_span() {
+        put_bytes_field(9, &fields.trace_id.to_be_bytes(), &mut tail);
+        put_bytes_field(10, &fields.span_id.to_be_bytes(), &mut tail);
+        flags
     } else {
-        (0, 0, 0)
+        0
     };
-    Ok(LogRecord {
+    let record = LogRecord {
         time_unix_nano: stamp,
         observed_time_unix_nano: stamp,
         severity_number: fields.level.number,
-        severity_text: fields.level.text.to_owned(),
-        body: Some(AnyValue {
-            value: Some(Value::String(message)),
-        }),
-        attributes: vec![
-            attribute("method", text(fields.method)),
-            attribute("path", text(fields.path)),
-            attribute("route", text(fields.route)),
-            attribute("status", Value::Int(status)),
-            attribute("duration_ms", Value::Double(fields.duration_ms)),
-        ],
-        dropped_attributes_count: 0,
         flags,
-        trace_id: crate::otlp::id_bytes(&trace_id.to_be_bytes()),
-        span_id: crate::otlp::id_bytes(&span_id.to_be_bytes()),
-        event_name: String::new(),
-    })
+        ..LogRecord::default()
+    };
+    Ok((record, Tail::Own(tail)))
 }
 
 /// Writes one request's line where `args` says: the JSON line into the process's line buffer
@@ -254,8 +246,8 @@ pub fn write_line(
     if outputs & OTLP != 0 {
         if let Some(exporter) = &config.exporter {
             let exporter = exporter.get();
-            let queued = log_record(&fields, message, exporter, *flags)
-                .and_then(|record| exporter.push_log(config.scope, record));
+            let queued = log_record(&fields, &message, exporter, *flags)
+                .and_then(|(record, tail)| exporter.push_log_with(config.scope, record, tail));
             if let Err(error) = queued {
                 failure.get_or_insert(error);
             }

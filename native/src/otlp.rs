@@ -13,9 +13,8 @@ use std::time::Duration;
 use crate::export::{tls_config, Config, Exporter, Weighed};
 use crate::metrics::Family;
 use crate::proto::{
-    field_head, field_len, AnyValue, Event, ExportLogsServiceRequest, ExportMetricsServiceRequest,
-    InstrumentationScope, LogRecord, Metric, Resource, ResourceLogs, ResourceMetrics, ScopeLogs,
-    ScopeMetrics, Span, Status,
+    field_head, field_len, put_span_ids, AnyValue, Event, ExportMetricsServiceRequest, InstrumentationScope,
+    LogRecord, Metric, Resource, ResourceMetrics, ScopeMetrics, Span, Status,
 };
 use crate::value::{any_value, key_values, weight, Limit};
 
@@ -29,7 +28,7 @@ enum Signal {
 enum Payload {
     /// A span, and its fields encoded apart from it.
     Span(Span, Tail),
-    Log(LogRecord),
+    Log(LogRecord, Tail),
     Metrics(Vec<Metric>),
 }
 
@@ -63,64 +62,102 @@ pub(crate) fn events_weight(events: &[Event]) -> usize {
         .sum()
 }
 
-/// Fields of a span encoded apart from it, written after its own (a message's fields may come
-/// in any order, and these are not in the `Span`): its kind's, shared by every call of a
-/// prepared client call (`PreparedSpan`), or its own attributes, encoded straight from the
-/// request's values (`ServerSpan`).
+/// Fields of a span or log record encoded apart from it, written after its own (a message's
+/// fields may come in any order, and these are not in the struct): its own, encoded straight
+/// from the request's values (a `ServerSpan`'s, a request line's record), or a prepared client
+/// call's ids followed by its kind's fields, shared by every call of that kind (`PreparedSpan`).
 pub(crate) enum Tail {
     None,
-    Shared(Arc<[u8]>),
     Own(Vec<u8>),
+    Shared(InlineFields, Arc<[u8]>),
+}
+
+/// A few short fields encoded in place (a span's ids: at most 38 bytes).
+pub(crate) struct InlineFields {
+    bytes: [u8; 40],
+    len: usize,
+}
+
+impl InlineFields {
+    /// The ids' fields of a span (`trace_id`, `span_id`, and `parent_span_id` when not 0).
+    pub(crate) fn ids(trace_id: u128, span_id: u64, parent_span_id: u64) -> Self {
+        let mut fields = Self {
+            bytes: [0; 40],
+            len: 0,
+        };
+        // Encoded into a stack buffer: no allocation (a `&mut [u8]` is a `BufMut`).
+        let mut out: &mut [u8] = &mut fields.bytes;
+        let start = out.len();
+        put_span_ids(trace_id, span_id, parent_span_id, &mut out);
+        fields.len = start - out.len();
+        fields
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 impl Tail {
-    pub(crate) fn bytes(&self) -> &[u8] {
+    pub(crate) fn len(&self) -> usize {
         match self {
-            Tail::None => &[],
-            Tail::Shared(bytes) => bytes,
-            Tail::Own(bytes) => bytes,
+            Tail::None => 0,
+            Tail::Own(bytes) => bytes.len(),
+            Tail::Shared(inline, shared) => inline.len + shared.len(),
+        }
+    }
+
+    fn write(&self, buf: &mut Vec<u8>) {
+        match self {
+            Tail::None => {}
+            Tail::Own(bytes) => buf.extend_from_slice(bytes),
+            Tail::Shared(inline, shared) => {
+                buf.extend_from_slice(inline.bytes());
+                buf.extend_from_slice(shared);
+            }
         }
     }
 }
 
-/// One scope's spans, and the length of their `ScopeSpans` message.
-type ScopeSpans<'a> = (&'a InstrumentationScope, &'a [(Span, Tail)], usize);
+/// One scope's items, and the length of their `ScopeSpans` (`ScopeLogs`) message.
+type ScopeItems<'a, M> = (&'a InstrumentationScope, &'a [(M, Tail)], usize);
 
-/// `ExportTraceServiceRequest { resource_spans: [{ resource, scope_spans }] }`, as prost would
-/// encode it, each span followed by its `Tail`.
-fn encode_traces(
+/// `ExportTraceServiceRequest { resource_spans: [{ resource, scope_spans: [{ scope, spans }] }] }`
+/// (`M`: `Span`), or the logs request's same shape (`M`: `LogRecord`), as prost would encode it,
+/// each item followed by its `Tail`.
+fn encode_envelope<M: Message>(
     resource: &Resource,
     scopes: &[InstrumentationScope],
-    spans: &[Vec<(Span, Tail)>],
+    items: &[Vec<(M, Tail)>],
 ) -> Vec<u8> {
-    let span_len = |(span, tail): &(Span, Tail)| span.encoded_len() + tail.bytes().len();
-    let scope_spans: Vec<ScopeSpans<'_>> = scopes
+    let item_len = |(item, tail): &(M, Tail)| item.encoded_len() + tail.len();
+    let scope_items: Vec<ScopeItems<'_, M>> = scopes
         .iter()
-        .zip(spans)
-        .filter(|(_, spans)| !spans.is_empty())
-        .map(|(scope, spans)| {
+        .zip(items)
+        .filter(|(_, items)| !items.is_empty())
+        .map(|(scope, items)| {
             let len = field_len(1, scope.encoded_len())
-                + spans.iter().map(|s| field_len(2, span_len(s))).sum::<usize>();
-            (scope, spans.as_slice(), len)
+                + items.iter().map(|i| field_len(2, item_len(i))).sum::<usize>();
+            (scope, items.as_slice(), len)
         })
         .collect();
-    let resource_spans = field_len(1, resource.encoded_len())
-        + scope_spans
+    let resource_items = field_len(1, resource.encoded_len())
+        + scope_items
             .iter()
             .map(|(_, _, len)| field_len(2, *len))
             .sum::<usize>();
-    let mut buf = Vec::with_capacity(field_len(1, resource_spans));
-    field_head(1, resource_spans, &mut buf);
+    let mut buf = Vec::with_capacity(field_len(1, resource_items));
+    field_head(1, resource_items, &mut buf);
     field_head(1, resource.encoded_len(), &mut buf);
     resource.encode_raw(&mut buf);
-    for (scope, spans, len) in scope_spans {
+    for (scope, items, len) in scope_items {
         field_head(2, len, &mut buf);
         field_head(1, scope.encoded_len(), &mut buf);
         scope.encode_raw(&mut buf);
-        for item in spans {
-            field_head(2, span_len(item), &mut buf);
+        for item in items {
+            field_head(2, item_len(item), &mut buf);
             item.0.encode_raw(&mut buf);
-            buf.extend_from_slice(item.1.bytes());
+            item.1.write(&mut buf);
         }
     }
     buf
@@ -128,34 +165,18 @@ fn encode_traces(
 
 fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], batch: Vec<Item>) -> Vec<u8> {
     let mut spans: Vec<Vec<(Span, Tail)>> = (0..scopes.len()).map(|_| Vec::new()).collect();
-    let mut logs: Vec<Vec<LogRecord>> = vec![Vec::new(); scopes.len()];
+    let mut logs: Vec<Vec<(LogRecord, Tail)>> = (0..scopes.len()).map(|_| Vec::new()).collect();
     let mut metrics: Vec<Vec<Metric>> = vec![Vec::new(); scopes.len()];
     for item in batch {
         match item.payload {
             Payload::Span(span, tail) => spans[item.scope].push((span, tail)),
-            Payload::Log(log) => logs[item.scope].push(log),
+            Payload::Log(log, tail) => logs[item.scope].push((log, tail)),
             Payload::Metrics(collected) => metrics[item.scope].extend(collected),
         }
     }
     match signal {
-        Signal::Traces => encode_traces(resource, scopes, &spans),
-        Signal::Logs => ExportLogsServiceRequest {
-            resource_logs: vec![ResourceLogs {
-                resource: Some(resource.clone()),
-                scope_logs: scopes
-                    .iter()
-                    .zip(logs)
-                    .filter(|(_, logs)| !logs.is_empty())
-                    .map(|(scope, log_records)| ScopeLogs {
-                        scope: Some(scope.clone()),
-                        log_records,
-                        schema_url: String::new(),
-                    })
-                    .collect(),
-                schema_url: String::new(),
-            }],
-        }
-        .encode_to_vec(),
+        Signal::Traces => encode_envelope(resource, scopes, &spans),
+        Signal::Logs => encode_envelope(resource, scopes, &logs),
         Signal::Metrics => ExportMetricsServiceRequest {
             resource_metrics: vec![ResourceMetrics {
                 resource: Some(resource.clone()),
@@ -330,15 +351,21 @@ impl OtlpExporter {
 
     /// Queues one log record built in the core (its scope checked, its weight counted).
     pub(crate) fn push_log(&self, scope: usize, record: LogRecord) -> PyResult<()> {
+        self.push_log_with(scope, record, Tail::None)
+    }
+
+    /// `push_log` for a record whose fields in `tail` it does not hold.
+    pub(crate) fn push_log_with(&self, scope: usize, record: LogRecord, tail: Tail) -> PyResult<()> {
         self.check(Signal::Logs, scope)?;
         let weight = 96
             + record.severity_text.len()
             + record.event_name.len()
             + weight(&record.attributes)
-            + record.body.as_ref().map_or(0, crate::value::any_weight);
+            + record.body.as_ref().map_or(0, crate::value::any_weight)
+            + tail.len();
         self.exporter.push(Item {
             scope,
-            payload: Payload::Log(record),
+            payload: Payload::Log(record, tail),
             weight,
         });
         Ok(())

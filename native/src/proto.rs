@@ -1,16 +1,35 @@
 //! The part of the OTLP protobuf schema the core writes (opentelemetry-proto v1: common, resource,
-//! trace). Field numbers are the schema's; prost derives the encoders, no protoc needed. A traces
-//! request's envelope (`ExportTraceServiceRequest`, `ResourceSpans`, `ScopeSpans`) is written by
-//! hand around the derived `Span` (`otlp::encode_traces`).
+//! trace, logs, metrics). Field numbers are the schema's; prost derives the encoders, no protoc
+//! needed. The traces and logs requests' envelopes (`ExportTraceServiceRequest`, `ResourceSpans`,
+//! `ScopeSpans`, and the logs' same three) are written by hand around the derived `Span` and
+//! `LogRecord`, each followed by fields encoded apart from it (`otlp::encode_envelope`).
 
 #![allow(clippy::derive_partial_eq_without_eq)]
 
+use prost::bytes::BufMut;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::{Message, Oneof};
 
 /// A length-delimited field's size: its key, its length and its `len` bytes.
 pub fn field_len(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+/// A bytes or string field: its key, length and bytes.
+pub fn put_bytes_field(tag: u32, bytes: &[u8], buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(bytes.len() as u64, buf);
+    buf.put_slice(bytes);
+}
+
+/// A span's ids as its fields `trace_id`, `span_id` and, when not 0, `parent_span_id` (at most
+/// 38 bytes).
+pub fn put_span_ids(trace_id: u128, span_id: u64, parent_span_id: u64, buf: &mut impl BufMut) {
+    put_bytes_field(1, &trace_id.to_be_bytes(), buf);
+    put_bytes_field(2, &span_id.to_be_bytes(), buf);
+    if parent_span_id != 0 {
+        put_bytes_field(4, &parent_span_id.to_be_bytes(), buf);
+    }
 }
 
 /// A length-delimited field's key and length, its `len` bytes to follow.
@@ -47,6 +66,26 @@ pub fn encode_text_attribute(tag: u32, key: &str, text: &str, buf: &mut Vec<u8>)
         },
         buf,
     );
+}
+
+/// `encode_key_value` for a floating-point value.
+pub fn encode_double_attribute(tag: u32, key: &str, double: f64, buf: &mut Vec<u8>) {
+    encode_key_value(
+        tag,
+        key,
+        key_len(4) + 8,
+        |buf| {
+            encode_key(4, WireType::SixtyFourBit, buf);
+            buf.put_f64_le(double);
+        },
+        buf,
+    );
+}
+
+/// An `AnyValue` holding `text`, as the message field `tag`.
+pub fn encode_text_value(tag: u32, text: &str, buf: &mut Vec<u8>) {
+    field_head(tag, field_len(1, text.len()), buf);
+    put_bytes_field(1, text.as_bytes(), buf);
 }
 
 /// `encode_key_value` for an integer value.
@@ -179,32 +218,6 @@ pub struct Status {
     pub message: String,
     #[prost(int32, tag = "3")]
     pub code: i32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ExportLogsServiceRequest {
-    #[prost(message, repeated, tag = "1")]
-    pub resource_logs: Vec<ResourceLogs>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ResourceLogs {
-    #[prost(message, optional, tag = "1")]
-    pub resource: Option<Resource>,
-    #[prost(message, repeated, tag = "2")]
-    pub scope_logs: Vec<ScopeLogs>,
-    #[prost(string, tag = "3")]
-    pub schema_url: String,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ScopeLogs {
-    #[prost(message, optional, tag = "1")]
-    pub scope: Option<InstrumentationScope>,
-    #[prost(message, repeated, tag = "2")]
-    pub log_records: Vec<LogRecord>,
-    #[prost(string, tag = "3")]
-    pub schema_url: String,
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -14,7 +14,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::line::{write_line, LineArgs};
 use crate::metrics::{record_request_in, Family};
-use crate::otlp::{events_weight, id_bytes, OtlpExporter, Tail};
+use crate::otlp::{events_weight, InlineFields, OtlpExporter, Tail};
 use crate::proto::{Event, Span, Status};
 use crate::value::{key_values, weight};
 
@@ -247,9 +247,9 @@ pub fn end_prepared(
             message: status_message,
             code: status_code,
         };
-        let mut span = call.span(ids, flags, trace_state, start, end, status, events);
+        let (mut span, ids) = call.span(ids, flags, trace_state, start, end, status, events);
         span.dropped_events_count = dropped_events;
-        keep(call.push(span, weight), &mut failure);
+        keep(call.push(span, ids, weight), &mut failure);
     }
     let overflowed = match &family {
         Some(family) => {
@@ -269,8 +269,8 @@ pub(crate) struct Ids {
 }
 
 impl PreparedSpan {
-    /// A span of this kind with the values of one call (its kind's own fields are added when it
-    /// is queued: `push`).
+    /// A span of this kind with the values of one call, and its ids' fields (they and its kind's
+    /// own fields are written after it: `push`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn span(
         &self,
@@ -281,12 +281,12 @@ impl PreparedSpan {
         end: u64,
         status: Status,
         events: Vec<Event>,
-    ) -> Span {
-        Span {
-            trace_id: ids.trace_id.to_be_bytes().to_vec(),
-            span_id: ids.span_id.to_be_bytes().to_vec(),
+    ) -> (Span, InlineFields) {
+        let span = Span {
+            trace_id: Vec::new(),
+            span_id: Vec::new(),
             trace_state,
-            parent_span_id: id_bytes(&ids.parent_span_id.to_be_bytes()),
+            parent_span_id: Vec::new(),
             flags,
             name: String::new(),
             kind: 0,
@@ -297,15 +297,19 @@ impl PreparedSpan {
             events,
             dropped_events_count: 0,
             status: Some(status),
-        }
+        };
+        (
+            span,
+            InlineFields::ids(ids.trace_id, ids.span_id, ids.parent_span_id),
+        )
     }
 
-    /// Queues `span` (made by `span`) on this kind's exporter; `extra` is what its per-call
-    /// parts keep alive beyond the kind's own weight (its events, say).
-    pub(crate) fn push(&self, span: Span, extra: usize) -> PyResult<()> {
+    /// Queues `span` and its `ids` (made by `span`) on this kind's exporter; `extra` is what its
+    /// per-call parts keep alive beyond the kind's own weight (its events, say).
+    pub(crate) fn push(&self, span: Span, ids: InlineFields, extra: usize) -> PyResult<()> {
         let weight = self.weight + span.trace_state.len() + extra;
         let weight = weight + span.status.as_ref().map_or(0, |status| status.message.len());
-        let fixed = Tail::Shared(Arc::clone(&self.fixed));
+        let fixed = Tail::Shared(ids, Arc::clone(&self.fixed));
         self.exporter
             .get()
             .push_span_with(self.scope, span, fixed, weight)

@@ -27,7 +27,7 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 use crate::line::own_span;
 use crate::metrics::Family;
 use crate::otlp::{id_bytes, span_weight, OtlpExporter, Tail};
-use crate::proto::{Event, Span, Status};
+use crate::proto::{put_bytes_field, put_span_ids, Event, Span, Status};
 use crate::request::{end_rest, keep, Log};
 use crate::value::{encode_attribute, key_values, Limit};
 
@@ -545,17 +545,17 @@ impl ServerSpan {
             }
             None => (0, false, String::new()),
         };
-        let span = Span {
-            trace_id: self.trace_id.to_be_bytes().to_vec(),
-            span_id: self.span_id.to_be_bytes().to_vec(),
+        let mut span = Span {
+            trace_id: Vec::new(),
+            span_id: Vec::new(),
             trace_state,
-            parent_span_id: id_bytes(&parent_span_id.to_be_bytes()),
+            parent_span_id: Vec::new(),
             flags: if remote {
                 HAS_IS_REMOTE | IS_REMOTE
             } else {
                 HAS_IS_REMOTE
             },
-            name: self.name.clone(),
+            name: String::new(),
             kind: SERVER,
             start_time_unix_nano: self.start_time,
             end_time_unix_nano: self.end_time.unwrap_or(self.start_time),
@@ -564,6 +564,23 @@ impl ServerSpan {
             events,
             dropped_events_count: self.dropped_events,
             status: Some(Status { message, code }),
+        };
+        let tail = match tail {
+            // The ids and the name join the attributes encoded apart: no `Vec` nor `String`.
+            Tail::Own(mut own) => {
+                put_span_ids(self.trace_id, self.span_id, parent_span_id, &mut own);
+                if !self.name.is_empty() {
+                    put_bytes_field(5, self.name.as_bytes(), &mut own);
+                }
+                Tail::Own(own)
+            }
+            other => {
+                span.trace_id = self.trace_id.to_be_bytes().to_vec();
+                span.span_id = self.span_id.to_be_bytes().to_vec();
+                span.parent_span_id = id_bytes(&parent_span_id.to_be_bytes());
+                span.name.clone_from(&self.name);
+                other
+            }
         };
         Ok((span, tail))
     }
@@ -601,7 +618,7 @@ impl ServerSpan {
     fn queue(&self, py: Python<'_>) -> PyResult<()> {
         let exporter = self.home.get().exporter.get();
         let (span, tail) = self.otlp(py, exporter.limit())?;
-        let weight = span_weight(&span) + tail.bytes().len();
+        let weight = span_weight(&span) + tail.len();
         exporter.push_span_with(0, span, tail, weight)
     }
 

@@ -80,6 +80,15 @@ fn within(text: &str, limit: Option<Limit>) -> bool {
     limit.is_none_or(|limit| text.len() <= limit.chars || text.chars().count() <= limit.chars)
 }
 
+/// `encode_text_attribute` for `text` cut at `limit` (a `String` made only when it is cut).
+pub fn encode_cut_attribute(tag: u32, key: &str, text: &str, limit: Option<Limit>, buf: &mut Vec<u8>) {
+    if within(text, limit) {
+        encode_text_attribute(tag, key, text, buf);
+    } else {
+        encode_text_attribute(tag, key, &cut(text.to_owned(), limit), buf);
+    }
+}
+
 /// Appends `key` = `value` as one `KeyValue`, field `tag` of its message, as prost encodes the
 /// `KeyValue` that `any_value` makes of it (nothing when it makes none). A text kept whole and
 /// an exact `int` are written straight from the Python object, without a `String` made.
