@@ -198,7 +198,7 @@ fn encode(signal: Signal, resource: &Resource, scopes: &[InstrumentationScope], 
 }
 
 /// An id's bytes, or none for 0: OTLP writes an absent parent or span as an empty field.
-pub(crate) fn id_bytes(bytes: &[u8]) -> Vec<u8> {
+fn id_bytes(bytes: &[u8]) -> Vec<u8> {
     if bytes.iter().all(|b| *b == 0) {
         Vec::new()
     } else {

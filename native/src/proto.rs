@@ -48,8 +48,7 @@ pub fn encode_key_value(
     buf: &mut Vec<u8>,
 ) {
     field_head(tag, field_len(1, key.len()) + field_len(2, value_len), buf);
-    field_head(1, key.len(), buf);
-    buf.extend_from_slice(key.as_bytes());
+    put_bytes_field(1, key.as_bytes(), buf);
     field_head(2, value_len, buf);
     value(buf);
 }
@@ -60,10 +59,7 @@ pub fn encode_text_attribute(tag: u32, key: &str, text: &str, buf: &mut Vec<u8>)
         tag,
         key,
         field_len(1, text.len()),
-        |buf| {
-            field_head(1, text.len(), buf);
-            buf.extend_from_slice(text.as_bytes());
-        },
+        |buf| put_bytes_field(1, text.as_bytes(), buf),
         buf,
     );
 }

@@ -15,7 +15,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use crate::line::{write_line, LineArgs};
 use crate::metrics::{record_request_in, Family};
 use crate::otlp::{events_weight, InlineFields, OtlpExporter, Tail};
-use crate::proto::{Event, Span, Status};
+use crate::proto::{put_bytes_field, Event, Span, Status};
 use crate::value::{key_values, weight};
 
 /// Keeps the first of several failures: every part is attempted even when one fails.
@@ -184,7 +184,7 @@ impl PreparedSpan {
         // the unspecified kind are defaults, so not written).
         let mut fixed = Vec::new();
         if !name.is_empty() {
-            prost::encoding::string::encode(5, &name, &mut fixed);
+            put_bytes_field(5, name.as_bytes(), &mut fixed);
         }
         if kind != 0 {
             prost::encoding::int32::encode(6, &kind, &mut fixed);

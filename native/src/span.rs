@@ -26,7 +26,7 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString, PyTuple};
 
 use crate::line::own_span;
 use crate::metrics::Family;
-use crate::otlp::{id_bytes, span_weight, OtlpExporter, Tail};
+use crate::otlp::{span_weight, OtlpExporter, Tail};
 use crate::proto::{put_bytes_field, put_span_ids, Event, Span, Status};
 use crate::request::{end_rest, keep, Log};
 use crate::value::{encode_attribute, key_values, Limit};
@@ -492,17 +492,17 @@ impl ServerSpan {
 
     /// The ended span in OTLP form, for the exporter's queue.
     fn otlp(&self, py: Python<'_>, limit: Option<Limit>) -> PyResult<(Span, Tail)> {
-        // The span's own attributes only (the usual case) are encoded straight from their
-        // values, the `Span` left without them.
-        let (attributes, dropped, tail) = if self.extra.is_none() {
-            let mut own = Vec::with_capacity(48 * self.own.len());
+        // The ids, the name and (the usual case: only the span's own) the attributes are encoded
+        // straight from their values into the tail, the `Span` left without them.
+        let mut tail = Vec::with_capacity(64 + 48 * self.own.len());
+        let (attributes, dropped) = if self.extra.is_none() {
             for (key, value) in &self.own {
-                encode_attribute(9, key, value.bind(py), limit, &mut own)?;
+                encode_attribute(9, key, value.bind(py), limit, &mut tail)?;
             }
-            (Vec::new(), 0, Tail::Own(own))
+            (Vec::new(), 0)
         } else {
             let (merged, dropped) = self.merged(py)?;
-            (key_values(&merged, limit, 0)?, dropped, Tail::None)
+            (key_values(&merged, limit, 0)?, dropped)
         };
         let mut events = Vec::new();
         if let Some(list) = &self.events {
@@ -533,22 +533,15 @@ impl ServerSpan {
                 (code, message)
             }
         };
-        let (parent_span_id, remote, trace_state) = match &self.parent {
-            Some(parent) => {
-                let state = match &parent.trace_state {
-                    Some(state) if state.bind(py).is_truthy()? => {
-                        state.bind(py).call_method0("to_header")?.extract::<String>()?
-                    }
-                    _ => String::new(),
-                };
-                (parent.span_id, parent.remote, state)
-            }
-            None => (0, false, String::new()),
-        };
-        let mut span = Span {
+        let (parent_span_id, remote) = self.parent.as_ref().map_or((0, false), |p| (p.span_id, p.remote));
+        put_span_ids(self.trace_id, self.span_id, parent_span_id, &mut tail);
+        if !self.name.is_empty() {
+            put_bytes_field(5, self.name.as_bytes(), &mut tail);
+        }
+        let span = Span {
             trace_id: Vec::new(),
             span_id: Vec::new(),
-            trace_state,
+            trace_state: self.trace_state_header(py)?,
             parent_span_id: Vec::new(),
             flags: if remote {
                 HAS_IS_REMOTE | IS_REMOTE
@@ -565,24 +558,18 @@ impl ServerSpan {
             dropped_events_count: self.dropped_events,
             status: Some(Status { message, code }),
         };
-        let tail = match tail {
-            // The ids and the name join the attributes encoded apart: no `Vec` nor `String`.
-            Tail::Own(mut own) => {
-                put_span_ids(self.trace_id, self.span_id, parent_span_id, &mut own);
-                if !self.name.is_empty() {
-                    put_bytes_field(5, self.name.as_bytes(), &mut own);
-                }
-                Tail::Own(own)
-            }
-            other => {
-                span.trace_id = self.trace_id.to_be_bytes().to_vec();
-                span.span_id = self.span_id.to_be_bytes().to_vec();
-                span.parent_span_id = id_bytes(&parent_span_id.to_be_bytes());
-                span.name.clone_from(&self.name);
-                other
-            }
-        };
-        Ok((span, tail))
+        Ok((span, Tail::Own(tail)))
+    }
+
+    /// The parent's trace state as its header (`key=value,...`; empty when it has none).
+    fn trace_state_header(&self, py: Python<'_>) -> PyResult<String> {
+        match self.parent.as_ref().and_then(|p| p.trace_state.as_ref()) {
+            Some(state) if state.bind(py).is_truthy()? => state
+                .bind(py)
+                .call_method0(intern!(py, "to_header"))?
+                .extract::<String>(),
+            _ => Ok(String::new()),
+        }
     }
 
     /// What a client span started under this one takes from it (`call.rs`): the trace id, a new
@@ -598,19 +585,12 @@ impl ServerSpan {
         } else {
             home.ids.span_id()
         };
-        let trace_state = match self.parent.as_ref().and_then(|p| p.trace_state.as_ref()) {
-            Some(state) if state.bind(py).is_truthy()? => state
-                .bind(py)
-                .call_method0(intern!(py, "to_header"))?
-                .extract::<String>()?,
-            _ => String::new(),
-        };
         Ok(Child {
             trace_id: self.trace_id,
             span_id,
             sampled: self.sampled,
             parent_span_id: self.span_id,
-            trace_state,
+            trace_state: self.trace_state_header(py)?,
         })
     }
 

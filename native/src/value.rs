@@ -100,12 +100,10 @@ pub fn encode_attribute(
     buf: &mut Vec<u8>,
 ) -> PyResult<()> {
     if let Ok(text) = value.cast::<PyString>() {
-        let text = text.to_str()?;
-        if within(text, limit) {
-            encode_text_attribute(tag, key, text, buf);
-            return Ok(());
-        }
-    } else if value.is_exact_instance_of::<PyInt>() {
+        encode_cut_attribute(tag, key, text.to_str()?, limit, buf);
+        return Ok(());
+    }
+    if value.is_exact_instance_of::<PyInt>() {
         if let Ok(int) = value.extract::<i64>() {
             encode_int_attribute(tag, key, int, buf);
             return Ok(());
